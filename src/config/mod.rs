@@ -1,0 +1,105 @@
+//! Loading and validating proxy.toml. Every problem found is reported as
+//! `file: key: reason`, all of them at once, so a user fixes a config in one pass.
+
+mod model;
+mod validate;
+
+pub use model::*;
+pub use validate::NodeAddress;
+
+use std::fmt;
+use std::path::Path;
+
+/// One problem in a config file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConfigIssue {
+    pub key: String,
+    pub reason: String,
+}
+
+/// All problems found in one file.
+#[derive(Debug, Clone)]
+pub struct ConfigError {
+    pub file: String,
+    pub issues: Vec<ConfigIssue>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, issue) in self.issues.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            if issue.key.is_empty() {
+                write!(f, "{}: {}", self.file, issue.reason)?;
+            } else {
+                write!(f, "{}: {}: {}", self.file, issue.key, issue.reason)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Config {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: file.clone(),
+            issues: vec![ConfigIssue {
+                key: String::new(),
+                reason: format!("cannot read file: {e}"),
+            }],
+        })?;
+        Self::parse(&text).map_err(|issues| ConfigError { file, issues })
+    }
+
+    /// Parses and validates config text.
+    pub fn parse(text: &str) -> Result<Config, Vec<ConfigIssue>> {
+        let table: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+            vec![ConfigIssue {
+                key: String::new(),
+                reason: format!("invalid TOML: {}", e.to_string().trim_end()),
+            }]
+        })?;
+        let mut issues = validate::unknown_keys(&table);
+        let config = match serde_path_to_error::deserialize::<_, Config>(toml::Value::Table(table)) {
+            Ok(config) => Some(config),
+            Err(e) => {
+                let key = e.path().to_string();
+                let reason = e.inner().to_string();
+                // Unknown keys were already reported with their full path.
+                if !reason.starts_with("unknown field") {
+                    issues.push(ConfigIssue {
+                        key: if key == "." { String::new() } else { key },
+                        reason,
+                    });
+                }
+                None
+            }
+        };
+        match config {
+            Some(config) => {
+                issues.extend(validate::semantics(&config));
+                if issues.is_empty() { Ok(config) } else { Err(issues) }
+            }
+            None => Err(issues),
+        }
+    }
+
+    /// The backend database of a project.
+    pub fn project_database<'a>(&'a self, name: &'a str) -> Option<&'a str> {
+        self.projects
+            .get(name)
+            .map(|p| p.database.as_deref().unwrap_or(name))
+    }
+
+    pub fn user(&self, name: &str) -> Option<&User> {
+        self.users.iter().find(|u| u.name == name)
+    }
+}
+
+#[cfg(test)]
+mod tests;

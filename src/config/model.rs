@@ -1,0 +1,250 @@
+//! The proxy.toml model. Field names are the user-facing contract (see README).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub proxy: ProxySettings,
+    #[serde(default)]
+    pub users: Vec<User>,
+    #[serde(default)]
+    pub projects: BTreeMap<String, Project>,
+    #[serde(default)]
+    pub failover: Failover,
+    #[serde(default)]
+    pub targets: BTreeMap<String, Target>,
+    #[serde(default)]
+    pub rules: Vec<Rule>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ProxySettings {
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    #[serde(default = "default_admin_listen")]
+    pub admin_listen: String,
+    #[serde(default)]
+    pub pool_mode: PoolMode,
+    #[serde(default = "default_state_file")]
+    pub state_file: String,
+    /// How long a client waits for a backend connection before it gets an error.
+    #[serde(default = "default_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    /// Idle backend connections are closed after this long.
+    #[serde(default = "default_server_idle_timeout_ms")]
+    pub server_idle_timeout_ms: u64,
+    /// Distinct statement texts whose routing decision is cached.
+    #[serde(default = "default_statement_cache_size")]
+    pub statement_cache_size: usize,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolMode {
+    #[default]
+    Transaction,
+    Session,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct User {
+    pub name: String,
+    pub password: String,
+    #[serde(default)]
+    pub admin: bool,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Project {
+    /// Backend database name; defaults to the project's name.
+    pub database: Option<String>,
+    #[serde(default)]
+    pub read_routing: ReadRouting,
+    #[serde(default)]
+    pub read_your_writes: bool,
+    #[serde(default)]
+    pub causal_wait_ms: u64,
+    #[serde(default = "default_lag_check_interval_ms")]
+    pub lag_check_interval_ms: u64,
+    #[serde(default = "default_pool_size")]
+    pub pool_size: u32,
+    #[serde(default)]
+    pub replicas: Vec<Replica>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+pub enum ReadRouting {
+    #[default]
+    #[serde(rename = "round-robin")]
+    RoundRobin,
+    #[serde(rename = "least-lag")]
+    LeastLag,
+    #[serde(rename = "random")]
+    Random,
+}
+
+impl ReadRouting {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReadRouting::RoundRobin => "round-robin",
+            ReadRouting::LeastLag => "least-lag",
+            ReadRouting::Random => "random",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Replica {
+    pub name: String,
+    pub role: Role,
+    pub uri: String,
+    #[serde(default = "default_lag_tolerance_ms")]
+    pub lag_tolerance_ms: u64,
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+pub enum Role {
+    #[serde(rename = "primary", alias = "master")]
+    Primary,
+    #[serde(rename = "replica", alias = "slave")]
+    Replica,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Primary => "primary",
+            Role::Replica => "replica",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Failover {
+    #[serde(default)]
+    pub mode: FailoverMode,
+    #[serde(default = "default_health_check_interval_ms")]
+    pub health_check_interval_ms: u64,
+    #[serde(default = "default_failure_threshold")]
+    pub failure_threshold: u32,
+    #[serde(default = "default_write_wait_ms")]
+    pub write_wait_ms: u64,
+}
+
+impl Default for Failover {
+    fn default() -> Self {
+        Self {
+            mode: FailoverMode::default(),
+            health_check_interval_ms: default_health_check_interval_ms(),
+            failure_threshold: default_failure_threshold(),
+            write_wait_ms: default_write_wait_ms(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum FailoverMode {
+    #[default]
+    Auto,
+    Manual,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Target {
+    pub kind: TargetKind,
+    pub uri: String,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum TargetKind {
+    Mongodb,
+    Postgres,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Rule {
+    pub name: String,
+    pub source: String,
+    pub target: String,
+    #[serde(default = "default_rule_mode")]
+    pub mode: String,
+    pub collections: Vec<String>,
+    #[serde(default)]
+    pub conflict_resolution: ConflictResolution,
+    #[serde(default = "default_interval_ms")]
+    pub interval_ms: u64,
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+pub enum ConflictResolution {
+    #[default]
+    #[serde(rename = "source-wins")]
+    SourceWins,
+    #[serde(rename = "target-wins")]
+    TargetWins,
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:6432".into()
+}
+fn default_admin_listen() -> String {
+    "127.0.0.1:9930".into()
+}
+fn default_state_file() -> String {
+    "replicator-state.json".into()
+}
+fn default_connect_timeout_ms() -> u64 {
+    5000
+}
+fn default_server_idle_timeout_ms() -> u64 {
+    600_000
+}
+fn default_statement_cache_size() -> usize {
+    10_000
+}
+fn default_lag_check_interval_ms() -> u64 {
+    500
+}
+fn default_pool_size() -> u32 {
+    20
+}
+fn default_lag_tolerance_ms() -> u64 {
+    5000
+}
+fn default_weight() -> u32 {
+    1
+}
+fn default_health_check_interval_ms() -> u64 {
+    1000
+}
+fn default_failure_threshold() -> u32 {
+    3
+}
+fn default_write_wait_ms() -> u64 {
+    10_000
+}
+fn default_rule_mode() -> String {
+    "cdc".into()
+}
+fn default_interval_ms() -> u64 {
+    30_000
+}
+fn default_true() -> bool {
+    true
+}

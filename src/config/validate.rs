@@ -1,0 +1,258 @@
+//! Checks on a parsed config: keys the model does not know, and rules between values
+//! (one primary per project, unique names, parseable URIs, rules that point somewhere).
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+
+use super::{Config, ConfigIssue, Role};
+
+/// Keys allowed at each level; anything else is an error, never silently ignored.
+const TOP: &[&str] = &["proxy", "users", "projects", "failover", "targets", "rules"];
+const PROXY: &[&str] = &[
+    "listen",
+    "admin_listen",
+    "pool_mode",
+    "state_file",
+    "connect_timeout_ms",
+    "server_idle_timeout_ms",
+    "statement_cache_size",
+];
+const USER: &[&str] = &["name", "password", "admin"];
+const PROJECT: &[&str] = &[
+    "database",
+    "read_routing",
+    "read_your_writes",
+    "causal_wait_ms",
+    "lag_check_interval_ms",
+    "pool_size",
+    "replicas",
+];
+const REPLICA: &[&str] = &["name", "role", "uri", "lag_tolerance_ms", "weight"];
+const FAILOVER: &[&str] = &[
+    "mode",
+    "health_check_interval_ms",
+    "failure_threshold",
+    "write_wait_ms",
+];
+const TARGET: &[&str] = &["kind", "uri"];
+const RULE: &[&str] = &[
+    "name",
+    "source",
+    "target",
+    "mode",
+    "collections",
+    "conflict_resolution",
+    "interval_ms",
+    "enabled",
+];
+
+/// The name clients use to reach the admin console; no project may take it.
+pub const ADMIN_DATABASE: &str = "replicator";
+
+fn issue(key: impl Into<String>, reason: impl Into<String>) -> ConfigIssue {
+    ConfigIssue {
+        key: key.into(),
+        reason: reason.into(),
+    }
+}
+
+fn check_table(table: &toml::Table, prefix: &str, allowed: &[&str], out: &mut Vec<ConfigIssue>) {
+    for key in table.keys() {
+        if !allowed.contains(&key.as_str()) {
+            out.push(issue(
+                format!("{prefix}{key}"),
+                format!("unknown key (expected one of: {})", allowed.join(", ")),
+            ));
+        }
+    }
+}
+
+fn each_table<'a>(value: Option<&'a toml::Value>) -> Vec<(usize, &'a toml::Table)> {
+    match value {
+        Some(toml::Value::Array(items)) => items
+            .iter()
+            .enumerate()
+            .filter_map(|(i, v)| v.as_table().map(|t| (i, t)))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+pub fn unknown_keys(root: &toml::Table) -> Vec<ConfigIssue> {
+    let mut out = Vec::new();
+    check_table(root, "", TOP, &mut out);
+    if let Some(t) = root.get("proxy").and_then(|v| v.as_table()) {
+        check_table(t, "proxy.", PROXY, &mut out);
+    }
+    if let Some(t) = root.get("failover").and_then(|v| v.as_table()) {
+        check_table(t, "failover.", FAILOVER, &mut out);
+    }
+    for (i, t) in each_table(root.get("users")) {
+        check_table(t, &format!("users[{i}]."), USER, &mut out);
+    }
+    for (i, t) in each_table(root.get("rules")) {
+        check_table(t, &format!("rules[{i}]."), RULE, &mut out);
+    }
+    if let Some(targets) = root.get("targets").and_then(|v| v.as_table()) {
+        for (name, t) in targets {
+            if let Some(t) = t.as_table() {
+                check_table(t, &format!("targets.{name}."), TARGET, &mut out);
+            }
+        }
+    }
+    if let Some(projects) = root.get("projects").and_then(|v| v.as_table()) {
+        for (name, p) in projects {
+            let Some(p) = p.as_table() else { continue };
+            check_table(p, &format!("projects.{name}."), PROJECT, &mut out);
+            for (i, r) in each_table(p.get("replicas")) {
+                check_table(r, &format!("projects.{name}.replicas[{i}]."), REPLICA, &mut out);
+            }
+        }
+    }
+    out
+}
+
+/// Where a node listens, taken from its `uri`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct NodeAddress {
+    pub host: String,
+    pub port: u16,
+    /// Database named in the URI, if any (the project's `database` wins when unset here).
+    pub dbname: Option<String>,
+}
+
+impl NodeAddress {
+    pub fn parse(uri: &str) -> Result<NodeAddress, String> {
+        let config: tokio_postgres::Config = uri.parse().map_err(|e| format!("invalid uri: {e}"))?;
+        let host = match config.get_hosts() {
+            [tokio_postgres::config::Host::Tcp(h)] => h.clone(),
+            [] => return Err("uri names no host".into()),
+            [_] => return Err("unix sockets are not supported; use a TCP host".into()),
+            _ => return Err("uri must name exactly one host".into()),
+        };
+        let port = match config.get_ports() {
+            [] => 5432,
+            [p] => *p,
+            _ => return Err("uri must name exactly one port".into()),
+        };
+        Ok(NodeAddress {
+            host,
+            port,
+            dbname: config.get_dbname().map(str::to_string),
+        })
+    }
+}
+
+impl std::fmt::Display for NodeAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.host, self.port)
+    }
+}
+
+pub fn semantics(config: &Config) -> Vec<ConfigIssue> {
+    let mut out = Vec::new();
+    if config.proxy.listen.parse::<SocketAddr>().is_err() {
+        out.push(issue("proxy.listen", "must be an address like 127.0.0.1:6432"));
+    }
+    if config.proxy.admin_listen.parse::<SocketAddr>().is_err() {
+        out.push(issue("proxy.admin_listen", "must be an address like 127.0.0.1:9930"));
+    }
+    if config.proxy.connect_timeout_ms == 0 {
+        out.push(issue("proxy.connect_timeout_ms", "must be greater than 0"));
+    }
+    if config.proxy.statement_cache_size == 0 {
+        out.push(issue("proxy.statement_cache_size", "must be greater than 0"));
+    }
+    if config.users.is_empty() {
+        out.push(issue("users", "at least one [[users]] entry is needed, or no client can log in"));
+    }
+    let mut user_names = HashSet::new();
+    for (i, user) in config.users.iter().enumerate() {
+        if user.name.is_empty() {
+            out.push(issue(format!("users[{i}].name"), "must not be empty"));
+        } else if !user_names.insert(user.name.as_str()) {
+            out.push(issue(format!("users[{i}].name"), format!("user \"{}\" is defined twice", user.name)));
+        }
+        if user.password.is_empty() {
+            out.push(issue(format!("users[{i}].password"), "must not be empty"));
+        } else if user.password.starts_with("SCRAM-SHA-256$")
+            && crate::protocol::auth::ScramVerifier::parse(&user.password).is_none()
+        {
+            out.push(issue(format!("users[{i}].password"), "looks like a SCRAM verifier but cannot be parsed"));
+        }
+    }
+    if config.projects.is_empty() {
+        out.push(issue("projects", "at least one [projects.NAME] is needed"));
+    }
+    for (name, project) in &config.projects {
+        let key = format!("projects.{name}");
+        if name == ADMIN_DATABASE {
+            out.push(issue(&key, format!("\"{ADMIN_DATABASE}\" is reserved for the admin console")));
+        }
+        if project.pool_size == 0 {
+            out.push(issue(format!("{key}.pool_size"), "must be greater than 0"));
+        }
+        if project.lag_check_interval_ms == 0 {
+            out.push(issue(format!("{key}.lag_check_interval_ms"), "must be greater than 0"));
+        }
+        let primaries = project.replicas.iter().filter(|r| r.role == Role::Primary).count();
+        if primaries != 1 {
+            out.push(issue(
+                format!("{key}.replicas"),
+                format!("needs exactly one replica with role = \"primary\" (found {primaries})"),
+            ));
+        }
+        let mut names = HashSet::new();
+        for (i, replica) in project.replicas.iter().enumerate() {
+            let rkey = format!("{key}.replicas[{i}]");
+            if replica.name.is_empty() {
+                out.push(issue(format!("{rkey}.name"), "must not be empty"));
+            } else if !names.insert(replica.name.as_str()) {
+                out.push(issue(format!("{rkey}.name"), format!("replica \"{}\" is defined twice", replica.name)));
+            }
+            if let Err(reason) = NodeAddress::parse(&replica.uri) {
+                out.push(issue(format!("{rkey}.uri"), reason));
+            }
+            if replica.weight == 0 {
+                out.push(issue(format!("{rkey}.weight"), "must be at least 1"));
+            }
+        }
+    }
+    if config.failover.failure_threshold == 0 {
+        out.push(issue("failover.failure_threshold", "must be at least 1"));
+    }
+    if config.failover.health_check_interval_ms == 0 {
+        out.push(issue("failover.health_check_interval_ms", "must be greater than 0"));
+    }
+    for (name, target) in &config.targets {
+        if target.uri.is_empty() {
+            out.push(issue(format!("targets.{name}.uri"), "must not be empty"));
+        }
+        if config.projects.contains_key(name) {
+            out.push(issue(format!("targets.{name}"), "a project has the same name; rule targets would be ambiguous"));
+        }
+    }
+    let mut rule_names = HashSet::new();
+    for (i, rule) in config.rules.iter().enumerate() {
+        let key = format!("rules[{i}]");
+        if !rule_names.insert(rule.name.as_str()) {
+            out.push(issue(format!("{key}.name"), format!("rule \"{}\" is defined twice", rule.name)));
+        }
+        if !config.projects.contains_key(&rule.source) {
+            out.push(issue(format!("{key}.source"), format!("rule \"{}\": no project named \"{}\"", rule.name, rule.source)));
+        }
+        if !config.targets.contains_key(&rule.target) && !config.projects.contains_key(&rule.target) {
+            out.push(issue(
+                format!("{key}.target"),
+                format!("rule \"{}\": no target or project named \"{}\"", rule.name, rule.target),
+            ));
+        }
+        if rule.mode != "cdc" {
+            out.push(issue(format!("{key}.mode"), format!("rule \"{}\": only \"cdc\" is supported", rule.name)));
+        }
+        if rule.collections.is_empty() {
+            out.push(issue(format!("{key}.collections"), format!("rule \"{}\": name at least one table", rule.name)));
+        }
+    }
+    out
+}

@@ -1,0 +1,23 @@
+//! PostgreSQL wire protocol: framing for both directions, the messages the proxy
+//! builds itself, and the authentication exchanges (client side and server side).
+
+pub mod auth;
+pub mod framing;
+pub mod messages;
+
+pub use framing::MessageReader;
+
+/// Largest message a client may send (a Bind with big parameters, a CopyData chunk).
+pub const MAX_CLIENT_MESSAGE: usize = 256 * 1024 * 1024;
+/// Servers may send anything Postgres itself allows (1 GB field plus framing).
+pub const MAX_SERVER_MESSAGE: usize = 1 << 31;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    #[error("connection closed by peer")]
+    Closed,
+    #[error("protocol violation: {0}")]
+    Violation(String),
+    #[error("i/o error: {0}")]
+    Io(#[from] std::io::Error),
+}

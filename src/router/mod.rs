@@ -1,0 +1,10 @@
+//! Statement classification (which kind of node may run a statement) and the choice of
+//! a node among the healthy ones.
+
+pub mod cache;
+pub mod classify;
+pub mod decision;
+pub mod functions;
+
+pub use cache::DecisionCache;
+pub use decision::{Decision, Route, SessionEffect, TxEffect};
