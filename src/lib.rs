@@ -2,5 +2,6 @@
 //! reads to replicas. See docs/architecture.md for how a statement flows through it.
 
 pub mod config;
+pub mod testbed;
 pub mod protocol;
 pub mod router;
