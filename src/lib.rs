@@ -1,7 +1,12 @@
 //! replicator: a PostgreSQL wire-protocol proxy that sends writes to the primary and
 //! reads to replicas. See docs/architecture.md for how a statement flows through it.
 
+pub mod cluster;
 pub mod config;
-pub mod testbed;
+pub mod pool;
 pub mod protocol;
 pub mod router;
+pub mod server;
+pub mod session;
+pub mod state;
+pub mod testbed;

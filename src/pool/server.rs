@@ -1,0 +1,257 @@
+//! One authenticated connection to a PostgreSQL server, used as raw bytes.
+//!
+//! tokio-postgres decodes every row, so the data path keeps its own connection type:
+//! the startup and authentication exchange is done here, after which the proxy only
+//! forwards frames. The connection remembers what the proxy has put on it (session
+//! settings, prepared statements) so that the next client can reuse it safely.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use postgres_protocol::authentication::sasl::{ChannelBinding, SCRAM_SHA_256, ScramSha256};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+
+use crate::config::NodeAddress;
+use crate::protocol::messages::{self as msg, ErrorFields, Fields};
+use crate::protocol::{MAX_SERVER_MESSAGE, MessageReader, ProtocolError};
+use crate::session::settings::Settings;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("cannot connect to {addr}: {source}")]
+    Connect { addr: String, source: std::io::Error },
+    #[error("connecting to {0} timed out")]
+    Timeout(String),
+    #[error("{addr} refused the login: {fields}")]
+    Auth { addr: String, fields: ErrorFields },
+    #[error("{addr}: {reason}")]
+    Unsupported { addr: String, reason: String },
+    #[error("{addr}: {source}")]
+    Protocol { addr: String, source: ProtocolError },
+}
+
+impl BackendError {
+    /// The SQLSTATE a client should see for this failure.
+    pub fn sqlstate(&self) -> &str {
+        match self {
+            BackendError::Auth { fields, .. } if !fields.code.is_empty() => &fields.code,
+            _ => "08006",
+        }
+    }
+}
+
+/// Login data for one node and one user.
+#[derive(Debug, Clone)]
+pub struct LoginInfo {
+    pub addr: NodeAddress,
+    pub database: String,
+    pub user: String,
+    /// Plain password or an md5 hash (`md5...`); a SCRAM verifier cannot log in.
+    pub password: String,
+}
+
+pub struct ServerConn {
+    pub reader: MessageReader<OwnedReadHalf>,
+    pub writer: OwnedWriteHalf,
+    pub addr: NodeAddress,
+    /// Key the server gave for CancelRequest.
+    pub pid: i32,
+    pub secret: i32,
+    /// Latest ParameterStatus values reported by the server.
+    pub params: Vec<(String, String)>,
+    /// Session settings the proxy has applied on top of the server's defaults.
+    pub settings: Settings,
+    /// Ids of proxy-named prepared statements that exist on this server.
+    pub prepared: HashSet<u64>,
+    /// Set when the connection can no longer be trusted; the pool then drops it.
+    pub broken: bool,
+    /// Holds session state of a previous client (pinned or session mode): reset first.
+    pub needs_reset: bool,
+}
+
+impl ServerConn {
+    pub async fn connect(login: &LoginInfo, timeout: Duration) -> Result<ServerConn, BackendError> {
+        match tokio::time::timeout(timeout, Self::connect_inner(login)).await {
+            Ok(result) => result,
+            Err(_) => Err(BackendError::Timeout(login.addr.to_string())),
+        }
+    }
+
+    async fn connect_inner(login: &LoginInfo) -> Result<ServerConn, BackendError> {
+        let addr = login.addr.to_string();
+        let stream = TcpStream::connect((login.addr.host.as_str(), login.addr.port))
+            .await
+            .map_err(|source| BackendError::Connect { addr: addr.clone(), source })?;
+        let _ = stream.set_nodelay(true);
+        let (read, write) = stream.into_split();
+        let mut conn = ServerConn {
+            reader: MessageReader::new(read, MAX_SERVER_MESSAGE),
+            writer: write,
+            addr: login.addr.clone(),
+            pid: 0,
+            secret: 0,
+            params: Vec::new(),
+            settings: Settings::default(),
+            prepared: HashSet::new(),
+            broken: false,
+            needs_reset: false,
+        };
+        let protocol = |source| BackendError::Protocol { addr: addr.clone(), source };
+        let mut buf = BytesMut::new();
+        msg::startup_message(
+            &mut buf,
+            &[("user", &login.user), ("database", &login.database)],
+        );
+        conn.send(&buf).await.map_err(protocol)?;
+        conn.authenticate(login).await?;
+        loop {
+            let frame = conn.reader.read_frame().await.map_err(protocol)?;
+            match frame[0] {
+                msg::PARAMETER_STATUS => conn.record_parameter(&frame),
+                msg::BACKEND_KEY_DATA => {
+                    let mut f = Fields::of_frame(&frame);
+                    conn.pid = f.i32().map_err(protocol)?;
+                    conn.secret = f.i32().map_err(protocol)?;
+                }
+                msg::READY_FOR_QUERY => return Ok(conn),
+                msg::ERROR_RESPONSE => {
+                    return Err(BackendError::Auth { addr, fields: msg::parse_error_fields(&frame) });
+                }
+                _ => {} // notices
+            }
+        }
+    }
+
+    async fn authenticate(&mut self, login: &LoginInfo) -> Result<(), BackendError> {
+        let addr = login.addr.to_string();
+        let protocol = |source| BackendError::Protocol { addr: addr.clone(), source };
+        let unsupported = |reason: &str| BackendError::Unsupported {
+            addr: addr.clone(),
+            reason: reason.to_string(),
+        };
+        let mut scram: Option<ScramSha256> = None;
+        loop {
+            let frame = self.reader.read_frame().await.map_err(protocol)?;
+            if frame[0] == msg::ERROR_RESPONSE {
+                return Err(BackendError::Auth { addr, fields: msg::parse_error_fields(&frame) });
+            }
+            if frame[0] != msg::AUTHENTICATION {
+                return Err(protocol(ProtocolError::Violation(format!(
+                    "expected authentication request, got '{}'",
+                    crate::protocol::framing::printable_tag(frame[0])
+                ))));
+            }
+            let mut fields = Fields::of_frame(&frame);
+            let code = fields.i32().map_err(protocol)?;
+            let mut out = BytesMut::new();
+            match code {
+                0 => return Ok(()),
+                3 => {
+                    if crate::protocol::auth::ScramVerifier::parse(&login.password).is_some()
+                        || crate::protocol::auth::is_md5_hash(&login.password)
+                    {
+                        return Err(unsupported("the server asks for the clear-text password, but only a hash is configured for this user"));
+                    }
+                    let mut pw = login.password.as_bytes().to_vec();
+                    pw.push(0);
+                    msg::password_message(&mut out, &pw);
+                }
+                5 => {
+                    let salt: [u8; 4] = fields
+                        .bytes(4)
+                        .map_err(protocol)?
+                        .try_into()
+                        .map_err(|_| protocol(ProtocolError::Violation("bad md5 salt".into())))?;
+                    let response = md5_response(&login.user, &login.password, salt)
+                        .ok_or_else(|| unsupported("the server asks for md5, but only a SCRAM verifier is configured for this user"))?;
+                    let mut pw = response.into_bytes();
+                    pw.push(0);
+                    msg::password_message(&mut out, &pw);
+                }
+                10 => {
+                    let mut mechanisms = Vec::new();
+                    while let Ok(m) = fields.cstr() {
+                        if m.is_empty() {
+                            break;
+                        }
+                        mechanisms.push(m.to_string());
+                    }
+                    if !mechanisms.iter().any(|m| m == SCRAM_SHA_256) {
+                        return Err(unsupported(&format!("no supported SASL mechanism in {mechanisms:?}")));
+                    }
+                    if crate::protocol::auth::ScramVerifier::parse(&login.password).is_some()
+                        || crate::protocol::auth::is_md5_hash(&login.password)
+                    {
+                        return Err(unsupported("the server asks for SCRAM, which needs the plain password in proxy.toml"));
+                    }
+                    let client = ScramSha256::new(login.password.as_bytes(), ChannelBinding::unsupported());
+                    msg::sasl_initial_response(&mut out, SCRAM_SHA_256, client.message());
+                    scram = Some(client);
+                }
+                11 => {
+                    let client = scram.as_mut().ok_or_else(|| unsupported("SASL continue without start"))?;
+                    client
+                        .update(fields.rest())
+                        .map_err(|e| protocol(ProtocolError::Violation(format!("SCRAM: {e}"))))?;
+                    msg::password_message(&mut out, client.message());
+                }
+                12 => {
+                    let client = scram.as_mut().ok_or_else(|| unsupported("SASL final without start"))?;
+                    client
+                        .finish(fields.rest())
+                        .map_err(|e| protocol(ProtocolError::Violation(format!("SCRAM server signature: {e}"))))?;
+                    continue;
+                }
+                other => return Err(unsupported(&format!("authentication method {other} is not supported"))),
+            }
+            self.send(&out).await.map_err(protocol)?;
+        }
+    }
+
+    pub async fn send(&mut self, bytes: &[u8]) -> Result<(), ProtocolError> {
+        self.writer.write_all(bytes).await?;
+        Ok(())
+    }
+
+    pub fn record_parameter(&mut self, frame: &[u8]) {
+        let mut f = Fields::of_frame(frame);
+        let (Ok(name), Ok(value)) = (f.cstr_bytes(), f.cstr_bytes()) else { return };
+        let name = String::from_utf8_lossy(name).into_owned();
+        let value = String::from_utf8_lossy(value).into_owned();
+        match self.params.iter_mut().find(|(n, _)| *n == name) {
+            Some(slot) => slot.1 = value,
+            None => self.params.push((name, value)),
+        }
+    }
+
+    /// Cheap liveness check for an idle connection: a closed socket or unsolicited
+    /// data (a FATAL from an administrator's shutdown) both mean it is unusable.
+    pub fn check_idle(&mut self) -> bool {
+        if self.broken || self.reader.buffered() > 0 {
+            return false;
+        }
+        let mut probe = [0u8; 1];
+        match self.reader.get_mut().try_read(&mut probe) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => true,
+            _ => false,
+        }
+    }
+}
+
+fn md5_response(user: &str, password: &str, salt: [u8; 4]) -> Option<String> {
+    if crate::protocol::auth::ScramVerifier::parse(password).is_some() {
+        return None;
+    }
+    if let Some(inner) = password.strip_prefix("md5").filter(|_| crate::protocol::auth::is_md5_hash(password)) {
+        use md5::Digest;
+        let mut h = md5::Md5::new();
+        h.update(inner.as_bytes());
+        h.update(salt);
+        let digest = h.finalize();
+        return Some(format!("md5{}", digest.iter().map(|b| format!("{b:02x}")).collect::<String>()));
+    }
+    Some(postgres_protocol::authentication::md5_hash(user.as_bytes(), password.as_bytes(), salt))
+}

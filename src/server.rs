@@ -1,0 +1,58 @@
+//! The client listener: accepts connections and runs one session task per client until
+//! shutdown is requested.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tracing::{error, info};
+
+use crate::config::Config;
+use crate::state::Shared;
+
+/// A running proxy: its address and the handle that stops it.
+pub struct Proxy {
+    pub shared: Arc<Shared>,
+    pub addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    /// Binds the client port and starts accepting. Returns once the port is open.
+    pub async fn start(config: Config, config_path: Option<std::path::PathBuf>) -> anyhow::Result<Proxy> {
+        let listener = TcpListener::bind(&config.proxy.listen)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.proxy.listen))?;
+        let addr = listener.local_addr()?;
+        let shared = Shared::new(config, config_path);
+        let (shutdown, mut stop) = watch::channel(false);
+        let accept_shared = shared.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    accepted = listener.accept() => match accepted {
+                        Ok((stream, peer)) => {
+                            tokio::spawn(crate::session::serve_client(accept_shared.clone(), stream, peer));
+                        }
+                        Err(e) => {
+                            // Out of file descriptors and the like: back off instead of spinning.
+                            error!("accept failed: {e}");
+                            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        }
+                    },
+                    _ = stop.changed() => break,
+                }
+            }
+        });
+        info!(%addr, "listening for Postgres clients");
+        Ok(Proxy { shared, addr, shutdown, task })
+    }
+
+    /// Stops accepting new clients. Sessions already running finish on their own.
+    pub async fn stop(self) {
+        let _ = self.shutdown.send(true);
+        let _ = self.task.await;
+    }
+}

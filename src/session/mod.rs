@@ -1,0 +1,949 @@
+//! One client connection: its state machine over the wire protocol.
+//!
+//! The client's messages are grouped into units (up to a Sync, a simple Query, a
+//! FunctionCall or a Flush). Each unit is routed once, sent to a server connection
+//! checked out from the chosen node's pool, and the server's answers are forwarded as
+//! they come. In transaction pooling the connection goes back to the pool when the
+//! server reports ReadyForQuery(Idle) and nothing else is in flight. One `select!` loop
+//! serves both directions, so COPY, pipelining and notifications need no special threads.
+
+pub mod cancel;
+mod expect;
+pub mod settings;
+pub mod startup;
+pub mod statements;
+pub mod users;
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tracing::{debug, info, warn};
+
+use crate::cluster::{Node, Project};
+use crate::config::{PoolMode, Role};
+use crate::pool::{BackendError, Pooled};
+use crate::protocol::messages::{self as msg, Fields};
+use crate::protocol::{MAX_CLIENT_MESSAGE, MessageReader, ProtocolError};
+use crate::router::{Decision, Route, SessionEffect};
+use crate::state::Shared;
+use cancel::{CancelSlot, CancelTarget};
+use expect::Expect;
+use settings::Settings;
+use startup::{Login, Refusal, Startup};
+use statements::PreparedStatement;
+use users::UserEntry;
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
+/// Client messages read ahead of the server before the proxy stops reading (backpressure).
+const MAX_PENDING: usize = 4096;
+/// A batch without Sync is sent on once it grows this long (JDBC batches, COPY-less bulk).
+const PARTIAL_UNIT: usize = 512;
+/// Proxy-named statements one server connection may accumulate before it is cleared.
+const MAX_PREPARED_PER_SERVER: usize = 2000;
+
+/// Why a session ended.
+enum End {
+    ClientGone,
+    ClientIo(std::io::Error),
+    Fatal { code: String, message: String },
+}
+
+impl End {
+    fn fatal(code: &str, message: impl Into<String>) -> End {
+        End::Fatal { code: code.to_string(), message: message.into() }
+    }
+}
+
+impl From<ProtocolError> for End {
+    fn from(e: ProtocolError) -> Self {
+        match e {
+            ProtocolError::Closed => End::ClientGone,
+            ProtocolError::Io(e) => End::ClientIo(e),
+            ProtocolError::Violation(m) => End::fatal("08P01", m),
+        }
+    }
+}
+
+/// Accepts one client: handshake, then the session loop, then cleanup.
+pub async fn serve_client(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
+    let _ = stream.set_nodelay(true);
+    let (read, mut writer) = stream.into_split();
+    let mut reader = MessageReader::new(read, MAX_CLIENT_MESSAGE);
+    let startup = tokio::time::timeout(HANDSHAKE_TIMEOUT, startup::handshake(&mut reader, &mut writer, &shared)).await;
+    let login = match startup {
+        Err(_) => {
+            warn!(%peer, "client did not finish the startup handshake in time");
+            refuse(&mut writer, "08P01", "timeout during startup").await;
+            return;
+        }
+        Ok(Err(Refusal { code, message })) => {
+            if code == "08P01" && message.contains("closed by peer") {
+                debug!(%peer, "client closed the connection during startup");
+            } else {
+                warn!(%peer, code, "login refused: {message}");
+                refuse(&mut writer, code, &message).await;
+            }
+            return;
+        }
+        Ok(Ok(Startup::Cancel { pid, secret })) => {
+            shared.cancels.cancel(pid, secret).await;
+            return;
+        }
+        Ok(Ok(Startup::Login(login))) => login,
+    };
+    let Some(project) = shared.topology.load().projects.get(&login.database).cloned() else {
+        let message = format!("database \"{}\" does not exist", login.database);
+        warn!(%peer, user = %login.user.name, "login refused: {message}");
+        refuse(&mut writer, "3D000", &message).await;
+        return;
+    };
+    let (key_pid, key_secret, cancel_slot) = shared.cancels.register();
+    info!(%peer, user = %login.user.name, project = %project.name, "client connected");
+    let mut session = Session::new(shared.clone(), reader, writer, login, project, cancel_slot, (key_pid, key_secret));
+    let end = session.run().await;
+    session.finish(end).await;
+    shared.cancels.unregister(key_pid, key_secret);
+}
+
+async fn refuse(writer: &mut OwnedWriteHalf, code: &str, message: &str) {
+    let mut buf = BytesMut::new();
+    msg::error_response(&mut buf, "FATAL", code, message);
+    let _ = writer.write_all(&buf).await;
+    let _ = writer.shutdown().await;
+}
+
+/// A server connection working for this client.
+struct Held {
+    node: Arc<Node>,
+    conn: Pooled,
+}
+
+struct Session {
+    shared: Arc<Shared>,
+    client: MessageReader<OwnedReadHalf>,
+    writer: OwnedWriteHalf,
+    /// Bytes waiting to go to the client / to the server.
+    client_out: BytesMut,
+    server_out: BytesMut,
+    user: Arc<UserEntry>,
+    project: Arc<Project>,
+    session_mode: bool,
+    key: (i32, i32),
+    cancel_slot: Arc<CancelSlot>,
+
+    /// Settings from the startup packet (what RESET returns to) and the current ones.
+    startup_settings: Settings,
+    settings: Settings,
+    /// Effects of statements inside the open transaction, applied at COMMIT.
+    tx_effects: Vec<SessionEffect>,
+    /// Effects of the extended-protocol group being sent (applied at its Sync).
+    group_effects: Vec<SessionEffect>,
+    statements: HashMap<String, Arc<PreparedStatement>>,
+    unnamed: Option<Arc<PreparedStatement>>,
+
+    server: Option<Held>,
+    pinned: Option<&'static str>,
+    pending: VecDeque<BytesMut>,
+    expect: VecDeque<Expect>,
+    tx_status: u8,
+    copy_in: bool,
+    /// Extended-protocol messages were sent since the last Sync.
+    mid_batch: bool,
+    group_error: bool,
+    saw_rollback: bool,
+    /// After a failure without a server, drop client messages up to Sync (as Postgres does).
+    skip_until_sync: bool,
+}
+
+enum Dispatch {
+    Done,
+    /// The unit needs another node than the one still answering earlier units.
+    Later(Vec<BytesMut>),
+}
+
+impl Session {
+    fn new(
+        shared: Arc<Shared>,
+        client: MessageReader<OwnedReadHalf>,
+        writer: OwnedWriteHalf,
+        login: Login,
+        project: Arc<Project>,
+        cancel_slot: Arc<CancelSlot>,
+        key: (i32, i32),
+    ) -> Session {
+        let startup_settings = settings::from_startup(&login.params);
+        let session_mode = shared.config.load().proxy.pool_mode == PoolMode::Session;
+        Session {
+            shared,
+            client,
+            writer,
+            client_out: BytesMut::with_capacity(16 * 1024),
+            server_out: BytesMut::with_capacity(4 * 1024),
+            user: login.user,
+            project,
+            session_mode,
+            key,
+            cancel_slot,
+            settings: startup_settings.clone(),
+            startup_settings,
+            tx_effects: Vec::new(),
+            group_effects: Vec::new(),
+            statements: HashMap::new(),
+            unnamed: None,
+            server: None,
+            pinned: None,
+            pending: VecDeque::new(),
+            expect: VecDeque::new(),
+            tx_status: b'I',
+            copy_in: false,
+            mid_batch: false,
+            group_error: false,
+            saw_rollback: false,
+            skip_until_sync: false,
+        }
+    }
+
+    /// The held server must stay with this client (its state lives there).
+    fn is_sticky(&self) -> bool {
+        self.session_mode || self.pinned.is_some() || self.tx_status != b'I' || self.mid_batch || self.copy_in
+    }
+
+    async fn run(&mut self) -> Result<(), End> {
+        self.greet().await?;
+        loop {
+            self.dispatch_pending().await?;
+            self.flush().await?;
+            enum Event {
+                Client(std::io::Result<usize>),
+                Server(std::io::Result<usize>),
+            }
+            let read_client = self.pending.len() < MAX_PENDING;
+            let client = &mut self.client;
+            let server = self.server.as_mut().map(|h| &mut h.conn.reader);
+            let event = match server {
+                Some(server) => tokio::select! {
+                    r = client.fill(), if read_client => Event::Client(r),
+                    r = server.fill() => Event::Server(r),
+                },
+                None => Event::Client(client.fill().await),
+            };
+            match event {
+                Event::Client(Ok(0)) => return Err(End::ClientGone),
+                Event::Client(Err(e)) => return Err(End::ClientIo(e)),
+                Event::Client(Ok(_)) => self.take_client_frames()?,
+                Event::Server(Ok(0)) => self.server_lost("server closed the connection")?,
+                Event::Server(Err(e)) => self.server_lost(&e.to_string())?,
+                Event::Server(Ok(_)) => self.take_server_frames()?,
+            }
+        }
+    }
+
+    async fn flush(&mut self) -> Result<(), End> {
+        if !self.server_out.is_empty() {
+            if let Some(held) = self.server.as_mut() {
+                if let Err(e) = held.conn.writer.write_all(&self.server_out).await {
+                    self.server_out.clear();
+                    self.server_lost(&format!("write failed: {e}"))?;
+                }
+            }
+            self.server_out.clear();
+        }
+        if !self.client_out.is_empty() {
+            self.writer.write_all(&self.client_out).await.map_err(End::ClientIo)?;
+            self.client_out.clear();
+        }
+        Ok(())
+    }
+
+    /// Finishes the login: ParameterStatus from a real server with the client's
+    /// settings applied, then BackendKeyData and ReadyForQuery.
+    async fn greet(&mut self) -> Result<(), End> {
+        let mut nodes: Vec<Arc<Node>> = self.project.primary().cloned().into_iter().collect();
+        nodes.extend(self.project.read_candidates());
+        let mut last_error = None;
+        for node in nodes {
+            match node.checkout(&self.user).await {
+                Ok(conn) => {
+                    self.attach(node, conn);
+                    last_error = None;
+                    break;
+                }
+                Err(e) => last_error = Some(e),
+            }
+        }
+        if let Some(e) = last_error.or_else(|| self.server.is_none().then(|| BackendError::Timeout("no node configured".into()))) {
+            return Err(End::fatal(e.sqlstate(), format!("no server of project \"{}\" is available: {e}", self.project.name)));
+        }
+        let sql = self.sync_sql();
+        let Some(held) = self.server.as_mut() else {
+            return Err(End::fatal("08006", "no server available"));
+        };
+        if !sql.is_empty() {
+            let mut buf = BytesMut::new();
+            msg::query(&mut buf, &sql);
+            held.conn.send(&buf).await.map_err(|e| End::fatal("08006", e.to_string()))?;
+            loop {
+                let frame = held.conn.reader.read_frame().await.map_err(|e| End::fatal("08006", e.to_string()))?;
+                match frame[0] {
+                    msg::PARAMETER_STATUS => held.conn.record_parameter(&frame),
+                    msg::ERROR_RESPONSE => {
+                        // An invalid startup parameter: Postgres refuses such a login too.
+                        let fields = msg::parse_error_fields(&frame);
+                        held.conn.settings.clear();
+                        held.conn.needs_reset = true;
+                        return Err(End::Fatal { code: fields.code, message: fields.message });
+                    }
+                    msg::READY_FOR_QUERY => break,
+                    _ => {}
+                }
+            }
+        }
+        for (name, value) in &held.conn.params {
+            msg::parameter_status(&mut self.client_out, name, value);
+        }
+        msg::backend_key_data(&mut self.client_out, self.key.0, self.key.1);
+        msg::ready_for_query(&mut self.client_out, b'I');
+        if !self.is_sticky() {
+            self.release();
+        }
+        Ok(())
+    }
+
+    fn attach(&mut self, node: Arc<Node>, conn: Pooled) {
+        self.cancel_slot.set(Some(CancelTarget { addr: conn.addr.clone(), pid: conn.pid, secret: conn.secret }));
+        self.server = Some(Held { node, conn });
+    }
+
+    fn release(&mut self) {
+        if let Some(mut held) = self.server.take() {
+            if held.conn.reader.buffered() > 0 {
+                // Unread bytes mean the proxy lost track of this connection's state.
+                warn!(node = %held.node.name, "server connection had unexpected data; discarding it");
+                held.conn.broken = true;
+            }
+            self.cancel_slot.set(None);
+        }
+    }
+
+    /// SQL that brings the held server's session state in line with this client's.
+    fn sync_sql(&mut self) -> String {
+        let Some(held) = self.server.as_mut() else { return String::new() };
+        let conn = &mut *held.conn;
+        let mut sql = String::new();
+        if conn.needs_reset {
+            sql.push_str("DISCARD ALL;");
+            conn.settings.clear();
+            conn.prepared.clear();
+            conn.needs_reset = false;
+        }
+        if conn.prepared.len() > MAX_PREPARED_PER_SERVER {
+            sql.push_str("DEALLOCATE ALL;");
+            conn.prepared.clear();
+        }
+        if !conn.settings.same_as(&self.settings) {
+            sql.push_str(&conn.settings.transition_sql(&self.settings));
+            conn.settings = self.settings.clone();
+        }
+        sql
+    }
+
+    // ---- client side ----
+
+    fn take_client_frames(&mut self) -> Result<(), End> {
+        while let Some(frame) = self.client.next_frame()? {
+            if self.copy_in {
+                // COPY FROM STDIN: data (and the Sync some drivers send with it) goes
+                // straight to the server until it reports the end of the copy.
+                self.server_out.extend_from_slice(&frame);
+                continue;
+            }
+            if frame[0] == msg::TERMINATE {
+                return Err(End::ClientGone);
+            }
+            self.pending.push_back(frame);
+        }
+        Ok(())
+    }
+
+    /// Number of pending messages that form the next complete unit.
+    fn next_unit_len(&self) -> Option<usize> {
+        let end = self.pending.iter().position(|f| {
+            matches!(f[0], msg::SYNC | msg::QUERY | msg::FUNCTION_CALL | msg::FLUSH)
+        });
+        match end {
+            Some(i) => Some(i + 1),
+            None if self.pending.len() >= PARTIAL_UNIT => Some(self.pending.len()),
+            None => None,
+        }
+    }
+
+    async fn dispatch_pending(&mut self) -> Result<(), End> {
+        loop {
+            if self.skip_until_sync {
+                while let Some(frame) = self.pending.pop_front() {
+                    if frame[0] == msg::SYNC || frame[0] == msg::QUERY {
+                        self.skip_until_sync = false;
+                        msg::ready_for_query(&mut self.client_out, b'I');
+                        if frame[0] == msg::QUERY {
+                            self.pending.push_front(frame);
+                        }
+                        break;
+                    }
+                }
+                if self.skip_until_sync {
+                    return Ok(());
+                }
+            }
+            let Some(len) = self.next_unit_len() else { return Ok(()) };
+            let unit: Vec<BytesMut> = self.pending.drain(..len).collect();
+            match self.dispatch(unit).await? {
+                Dispatch::Done => {}
+                Dispatch::Later(unit) => {
+                    for frame in unit.into_iter().rev() {
+                        self.pending.push_front(frame);
+                    }
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// The combined routing decision of a unit's statements.
+    fn unit_decision(&self, unit: &[BytesMut]) -> Decision {
+        let mut decision = Decision::replica();
+        let mut parsed_unnamed: Option<Arc<Decision>> = None;
+        for frame in unit {
+            let d = match frame[0] {
+                msg::QUERY => Some(self.decide(Fields::of_frame(frame).cstr_bytes().unwrap_or(b""))),
+                msg::PARSE => {
+                    let mut f = Fields::of_frame(frame);
+                    let name = f.cstr_bytes().unwrap_or(b"");
+                    let d = self.decide(f.cstr_bytes().unwrap_or(b""));
+                    if name.is_empty() {
+                        parsed_unnamed = Some(d.clone());
+                    }
+                    Some(d)
+                }
+                msg::BIND => {
+                    let mut f = Fields::of_frame(frame);
+                    let _portal = f.cstr_bytes();
+                    match f.cstr() {
+                        Ok("") => parsed_unnamed.clone().or_else(|| self.unnamed.as_ref().map(|s| s.decision.clone())),
+                        Ok(name) => self.statements.get(name).map(|s| s.decision.clone()),
+                        Err(_) => None,
+                    }
+                }
+                msg::FUNCTION_CALL => Some(Arc::new(Decision::primary())),
+                _ => None,
+            };
+            if let Some(d) = d {
+                decision.merge(&d);
+            }
+        }
+        decision
+    }
+
+    fn decide(&self, sql: &[u8]) -> Arc<Decision> {
+        match std::str::from_utf8(sql) {
+            Ok(text) => self.shared.cache.decide(text),
+            // Not UTF-8: nothing to classify with confidence; the primary runs anything.
+            Err(_) => Arc::new(Decision::primary()),
+        }
+    }
+
+    async fn dispatch(&mut self, unit: Vec<BytesMut>) -> Result<Dispatch, End> {
+        if unit.iter().all(|f| matches!(f[0], msg::COPY_DATA | msg::COPY_DONE | msg::COPY_FAIL)) {
+            // Leftovers of a COPY the server already ended; Postgres drops them too.
+            return Ok(Dispatch::Done);
+        }
+        let decision = self.unit_decision(&unit);
+        let mut route = decision.route;
+        if decision.pin.is_some() || self.pinned.is_some() {
+            route = Route::Primary;
+        }
+        match &self.server {
+            Some(held) if !self.is_sticky() && route == Route::Primary && held.node.role != Role::Primary => {
+                return Ok(Dispatch::Later(unit));
+            }
+            Some(_) => {}
+            None => {
+                if let Err(e) = self.acquire(route).await {
+                    self.unit_failed(&unit, e.sqlstate(), &format!("no server available for project \"{}\": {e}", self.project.name));
+                    return Ok(Dispatch::Done);
+                }
+            }
+        }
+        if let Some(reason) = decision.pin {
+            if self.pinned.is_none() {
+                info!(user = %self.user.name, project = %self.project.name, reason, "client pinned to its primary connection");
+                self.pinned = Some(reason);
+            }
+        }
+        if let Some(held) = &self.server {
+            let counter = if route == Route::Primary { &held.node.stats.writes } else { &held.node.stats.reads };
+            counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        let sql = self.sync_sql();
+        if !sql.is_empty() {
+            msg::query(&mut self.server_out, &sql);
+            self.expect.push_back(Expect::Injected);
+        }
+        let mut parsed_unnamed = false;
+        for frame in unit {
+            self.forward_client_frame(frame, &mut parsed_unnamed)?;
+        }
+        Ok(Dispatch::Done)
+    }
+
+    /// Checks out a server for `route`: reads try the replicas in strategy order, then
+    /// the primary, so a replica that is down costs the client nothing.
+    async fn acquire(&mut self, route: Route) -> Result<(), BackendError> {
+        let project = self.project.clone();
+        let mut nodes = if route == Route::Replica { project.read_candidates() } else { Vec::new() };
+        nodes.extend(project.primary().cloned());
+        let mut last_error = BackendError::Timeout("no node available".into());
+        for node in nodes {
+            match node.checkout(&self.user).await {
+                Ok(conn) => {
+                    self.attach(node, conn);
+                    return Ok(());
+                }
+                Err(e) => {
+                    warn!(node = %node.name, project = %project.name, "cannot get a server connection: {e}");
+                    last_error = e;
+                }
+            }
+        }
+        Err(last_error)
+    }
+
+    /// A unit could not be sent anywhere: answer it with an error, as the server would.
+    fn unit_failed(&mut self, unit: &[BytesMut], code: &str, message: &str) {
+        msg::error_response(&mut self.client_out, "ERROR", code, message);
+        match unit.last().map(|f| f[0]) {
+            Some(msg::SYNC | msg::QUERY | msg::FUNCTION_CALL) => msg::ready_for_query(&mut self.client_out, b'I'),
+            _ => self.skip_until_sync = true,
+        }
+    }
+
+    fn push_expect(&mut self, e: Expect) {
+        if let Expect::Synthetic(tag) = e {
+            if self.expect.is_empty() {
+                msg::empty_message(&mut self.client_out, tag);
+                return;
+            }
+        }
+        self.expect.push_back(e);
+    }
+
+    /// Makes sure the held server has `statement`, injecting a Parse if it does not.
+    fn ensure_prepared(&mut self, statement: &PreparedStatement) {
+        let Some(held) = self.server.as_mut() else { return };
+        if held.conn.prepared.insert(statement.id) {
+            msg::parse_with_name(&mut self.server_out, &statement.server_name, &statement.tail);
+            self.expect.push_back(Expect::InjectedParse { id: Some(statement.id) });
+        }
+    }
+
+    fn forward_client_frame(&mut self, frame: BytesMut, parsed_unnamed: &mut bool) -> Result<(), End> {
+        let tag = frame[0];
+        match tag {
+            msg::QUERY => {
+                let effects = self.decide(Fields::of_frame(&frame).cstr_bytes().unwrap_or(b"")).effects.clone();
+                self.server_out.extend_from_slice(&frame);
+                self.push_expect(Expect::Ready { effects });
+            }
+            msg::PARSE => {
+                let mut f = Fields::of_frame(&frame);
+                let name = f.cstr()?.to_string();
+                let tail = f.rest();
+                let query = Fields::new(tail).cstr_bytes()?;
+                let query = String::from_utf8_lossy(query);
+                let statement = self.shared.statements.register(tail, &query, &self.shared.cache);
+                if name.is_empty() {
+                    *parsed_unnamed = true;
+                    self.unnamed = Some(statement);
+                    self.server_out.extend_from_slice(&frame);
+                    self.push_expect(Expect::Parse);
+                } else {
+                    self.statements.insert(name, statement.clone());
+                    let fresh = self.server.as_mut().is_some_and(|h| h.conn.prepared.insert(statement.id));
+                    if fresh {
+                        msg::parse_with_name(&mut self.server_out, &statement.server_name, &statement.tail);
+                        self.push_expect(Expect::ParseNamed { id: statement.id });
+                    } else {
+                        self.push_expect(Expect::Synthetic(msg::PARSE_COMPLETE));
+                    }
+                }
+            }
+            msg::BIND => {
+                let mut f = Fields::of_frame(&frame);
+                let portal = f.cstr_bytes()?;
+                let name = f.cstr()?;
+                if name.is_empty() {
+                    if !*parsed_unnamed {
+                        if let Some(statement) = self.unnamed.clone() {
+                            // The unnamed statement may have been parsed on another server.
+                            msg::parse_with_name(&mut self.server_out, "", &statement.tail);
+                            self.expect.push_back(Expect::InjectedParse { id: None });
+                            *parsed_unnamed = true;
+                        }
+                    }
+                    if let Some(statement) = &self.unnamed {
+                        self.group_effects.extend(statement.decision.effects.iter().cloned());
+                    }
+                    self.server_out.extend_from_slice(&frame);
+                } else if let Some(statement) = self.statements.get(name).cloned() {
+                    self.ensure_prepared(&statement);
+                    self.group_effects.extend(statement.decision.effects.iter().cloned());
+                    let mut prefix = Vec::with_capacity(portal.len() + 1);
+                    prefix.extend_from_slice(portal);
+                    prefix.push(0);
+                    msg::with_replaced_name(&mut self.server_out, msg::BIND, &prefix, &statement.server_name, f.rest());
+                } else {
+                    // Unknown to us: the server answers with the proper error.
+                    self.server_out.extend_from_slice(&frame);
+                }
+                self.push_expect(Expect::Bind);
+            }
+            msg::DESCRIBE => {
+                let mut f = Fields::of_frame(&frame);
+                let kind = f.u8()?;
+                let name = f.cstr()?;
+                match (kind, self.statements.get(name).cloned()) {
+                    (b'S', Some(statement)) if !name.is_empty() => {
+                        self.ensure_prepared(&statement);
+                        msg::with_replaced_name(&mut self.server_out, msg::DESCRIBE, &[b'S'], &statement.server_name, &[]);
+                    }
+                    _ => self.server_out.extend_from_slice(&frame),
+                }
+                self.push_expect(Expect::Describe);
+            }
+            msg::CLOSE => {
+                let mut f = Fields::of_frame(&frame);
+                let kind = f.u8()?;
+                let name = f.cstr()?;
+                if kind == b'S' && !name.is_empty() {
+                    // Proxy-named statements stay on the servers for other clients.
+                    self.statements.remove(name);
+                    self.push_expect(Expect::Synthetic(msg::CLOSE_COMPLETE));
+                } else {
+                    self.server_out.extend_from_slice(&frame);
+                    self.push_expect(Expect::Close);
+                }
+            }
+            msg::EXECUTE => {
+                self.server_out.extend_from_slice(&frame);
+                self.push_expect(Expect::Execute);
+            }
+            msg::SYNC => {
+                self.server_out.extend_from_slice(&frame);
+                let effects = std::mem::take(&mut self.group_effects);
+                self.push_expect(Expect::Ready { effects });
+            }
+            msg::FLUSH => self.server_out.extend_from_slice(&frame),
+            msg::FUNCTION_CALL => {
+                self.server_out.extend_from_slice(&frame);
+                self.push_expect(Expect::FunctionCall);
+            }
+            msg::COPY_DATA | msg::COPY_DONE | msg::COPY_FAIL => {}
+            other => {
+                return Err(End::fatal(
+                    "08P01",
+                    format!("invalid frontend message type '{}'", crate::protocol::framing::printable_tag(other)),
+                ));
+            }
+        }
+        match tag {
+            msg::SYNC | msg::QUERY | msg::FUNCTION_CALL => self.mid_batch = false,
+            msg::PARSE | msg::BIND | msg::DESCRIBE | msg::CLOSE | msg::EXECUTE | msg::FLUSH => self.mid_batch = true,
+            _ => {}
+        }
+        Ok(())
+    }
+
+    // ---- server side ----
+
+    fn take_server_frames(&mut self) -> Result<(), End> {
+        loop {
+            let Some(held) = self.server.as_mut() else { return Ok(()) };
+            let frame = match held.conn.reader.next_frame() {
+                Ok(Some(frame)) => frame,
+                Ok(None) => return Ok(()),
+                Err(e) => return self.server_lost(&e.to_string()),
+            };
+            self.on_server_frame(frame)?;
+        }
+    }
+
+    /// Writes responses the proxy answers itself once they reach the front of the queue.
+    fn emit_synthetics(&mut self) {
+        while let Some(Expect::Synthetic(tag)) = self.expect.front() {
+            msg::empty_message(&mut self.client_out, *tag);
+            self.expect.pop_front();
+        }
+    }
+
+    fn on_server_frame(&mut self, frame: BytesMut) -> Result<(), End> {
+        let tag = frame[0];
+        let injected = matches!(self.expect.front(), Some(Expect::Injected));
+        match tag {
+            msg::NOTIFICATION => {
+                self.client_out.extend_from_slice(&frame);
+                return Ok(());
+            }
+            msg::NOTICE_RESPONSE => {
+                if !injected {
+                    self.client_out.extend_from_slice(&frame);
+                }
+                return Ok(());
+            }
+            msg::PARAMETER_STATUS => {
+                if let Some(held) = self.server.as_mut() {
+                    held.conn.record_parameter(&frame);
+                }
+                if !injected {
+                    self.client_out.extend_from_slice(&frame);
+                }
+                return Ok(());
+            }
+            _ => {}
+        }
+        self.emit_synthetics();
+        let Some(front) = self.expect.front() else {
+            return self.unsolicited(frame);
+        };
+        match front {
+            Expect::Injected => {
+                if tag == msg::ERROR_RESPONSE {
+                    let fields = msg::parse_error_fields(&frame);
+                    warn!(user = %self.user.name, "restoring session settings failed: {fields}");
+                    msg::notice_response(&mut self.client_out, "01000", &format!("replicator could not restore a session setting: {}", fields.message));
+                } else if tag == msg::READY_FOR_QUERY {
+                    self.expect.pop_front();
+                }
+                return Ok(());
+            }
+            Expect::InjectedParse { .. } if tag == msg::PARSE_COMPLETE => {
+                self.expect.pop_front();
+                return Ok(());
+            }
+            _ => {}
+        }
+        if tag == msg::ERROR_RESPONSE {
+            self.client_out.extend_from_slice(&frame);
+            self.group_error = true;
+            if !front.survives_error() {
+                self.abandon_group();
+            }
+            return Ok(());
+        }
+        self.client_out.extend_from_slice(&frame);
+        match tag {
+            msg::COPY_IN_RESPONSE => self.copy_in = true,
+            msg::COMMAND_COMPLETE => {
+                self.copy_in = false;
+                if msg::command_tag(&frame) == b"ROLLBACK" {
+                    self.saw_rollback = true;
+                }
+            }
+            _ => {}
+        }
+        if front.ends_with(tag) {
+            let entry = self.expect.pop_front();
+            self.emit_synthetics();
+            if tag == msg::READY_FOR_QUERY {
+                let status = frame.get(5).copied().unwrap_or(b'I');
+                let effects = match entry {
+                    Some(Expect::Ready { effects }) => effects,
+                    _ => Vec::new(),
+                };
+                self.on_ready(status, effects);
+            }
+        }
+        Ok(())
+    }
+
+    /// After an ErrorResponse the server skips extended-protocol messages up to Sync.
+    fn abandon_group(&mut self) {
+        self.copy_in = false;
+        while let Some(entry) = self.expect.front() {
+            if matches!(entry, Expect::Ready { .. }) {
+                break;
+            }
+            if let Some(Expect::ParseNamed { id } | Expect::InjectedParse { id: Some(id) }) = self.expect.pop_front() {
+                if let Some(held) = self.server.as_mut() {
+                    held.conn.prepared.remove(&id);
+                }
+            }
+        }
+    }
+
+    fn on_ready(&mut self, status: u8, effects: Vec<SessionEffect>) {
+        self.tx_status = status;
+        self.copy_in = false;
+        if !self.group_error {
+            for effect in &effects {
+                if *effect == SessionEffect::ForgetPrepared {
+                    if let Some(held) = self.server.as_mut() {
+                        held.conn.prepared.clear();
+                    }
+                }
+            }
+            self.tx_effects.extend(effects);
+        }
+        self.group_error = false;
+        if status == b'I' {
+            let effects = std::mem::take(&mut self.tx_effects);
+            if !self.saw_rollback {
+                self.apply_effects(&effects);
+            }
+        }
+        self.saw_rollback = false;
+        if status == b'I' && self.expect.is_empty() && !self.is_sticky() {
+            self.release();
+        }
+    }
+
+    /// Records committed SET/RESET effects on both the client and the server it ran on.
+    fn apply_effects(&mut self, effects: &[SessionEffect]) {
+        if effects.is_empty() {
+            return;
+        }
+        let mut server_settings = self.server.as_ref().map(|h| h.conn.settings.clone());
+        for effect in effects {
+            match effect {
+                SessionEffect::Set { name, value } => {
+                    self.settings.set(name, value);
+                    if let Some(s) = server_settings.as_mut() {
+                        s.set(name, value);
+                    }
+                }
+                SessionEffect::Reset { name } => {
+                    match self.startup_settings.get(name).map(str::to_string) {
+                        Some(v) => self.settings.set(name, &v),
+                        None => self.settings.remove(name),
+                    }
+                    if let Some(s) = server_settings.as_mut() {
+                        s.remove(name);
+                    }
+                }
+                SessionEffect::ResetAll => {
+                    self.settings = self.startup_settings.clone();
+                    if let Some(s) = server_settings.as_mut() {
+                        s.clear();
+                    }
+                }
+                SessionEffect::ForgetPrepared => {}
+            }
+        }
+        if let (Some(held), Some(s)) = (self.server.as_mut(), server_settings) {
+            held.conn.settings = s;
+        }
+    }
+
+    /// A server message nothing was waiting for: typically a FATAL before shutdown.
+    fn unsolicited(&mut self, frame: BytesMut) -> Result<(), End> {
+        let node = self.server.as_ref().map(|h| h.node.name.clone()).unwrap_or_default();
+        if frame[0] == msg::ERROR_RESPONSE {
+            let fields = msg::parse_error_fields(&frame);
+            warn!(%node, "server sent an error outside any request: {fields}");
+            if let Some(held) = self.server.as_mut() {
+                held.conn.broken = true;
+            }
+            if self.is_sticky() {
+                self.client_out.extend_from_slice(&frame);
+                return Err(End::fatal("08006", "server connection lost"));
+            }
+            self.release();
+            return Ok(());
+        }
+        warn!(%node, tag = %crate::protocol::framing::printable_tag(frame[0]), "unexpected server message; dropping the server connection");
+        if let Some(held) = self.server.as_mut() {
+            held.conn.broken = true;
+        }
+        self.release();
+        Ok(())
+    }
+
+    /// The server connection failed. Outside a transaction the client gets an error for
+    /// each request in flight and carries on; inside one the transaction cannot be
+    /// finished safely, so the client is disconnected with a clear message.
+    fn server_lost(&mut self, reason: &str) -> Result<(), End> {
+        let node = self.server.as_ref().map(|h| h.node.clone());
+        if let Some(held) = self.server.as_mut() {
+            held.conn.broken = true;
+            held.node.mark_down();
+        }
+        self.release();
+        let node_name = node.as_ref().map(|n| n.name.as_str()).unwrap_or("?");
+        warn!(node = node_name, user = %self.user.name, "server connection lost: {reason}");
+        if self.tx_status != b'I' || self.pinned.is_some() || self.session_mode {
+            return Err(End::fatal(
+                "08006",
+                format!("connection to server \"{node_name}\" was lost: {reason}; the transaction or session state on it is gone"),
+            ));
+        }
+        let message = format!("connection to server \"{node_name}\" was lost while running the statement: {reason}");
+        let mut answered = false;
+        while let Some(entry) = self.expect.pop_front() {
+            if let Expect::Ready { .. } | Expect::FunctionCall = entry {
+                msg::error_response(&mut self.client_out, "ERROR", "08006", &message);
+                msg::ready_for_query(&mut self.client_out, b'I');
+                answered = true;
+            }
+        }
+        if self.mid_batch || !answered {
+            msg::error_response(&mut self.client_out, "ERROR", "08006", &message);
+            self.skip_until_sync = self.mid_batch;
+        }
+        self.copy_in = false;
+        self.mid_batch = false;
+        self.group_error = false;
+        self.group_effects.clear();
+        self.tx_effects.clear();
+        Ok(())
+    }
+
+    /// Ends the session: tells the client why if it is still there, and leaves the
+    /// server connection clean for the next client (or discards it).
+    async fn finish(&mut self, end: Result<(), End>) {
+        match end {
+            Ok(()) | Err(End::ClientGone) => debug!(user = %self.user.name, "client disconnected"),
+            Err(End::ClientIo(e)) => debug!(user = %self.user.name, "client connection error: {e}"),
+            Err(End::Fatal { code, message }) => {
+                warn!(user = %self.user.name, code, "closing client connection: {message}");
+                msg::error_response(&mut self.client_out, "FATAL", &code, &message);
+            }
+        }
+        if !self.client_out.is_empty() {
+            let _ = self.writer.write_all(&self.client_out).await;
+        }
+        let _ = self.writer.shutdown().await;
+        if let Some(mut held) = self.server.take() {
+            let busy = !self.expect.is_empty() || self.tx_status != b'I' || self.copy_in || self.mid_batch;
+            if busy {
+                // Closing the socket makes the server roll back; cancel first so a long
+                // statement does not keep running until it next writes.
+                held.conn.broken = true;
+                let target = (held.conn.addr.clone(), held.conn.pid, held.conn.secret);
+                tokio::spawn(async move {
+                    let mut buf = BytesMut::new();
+                    msg::cancel_request(&mut buf, target.1, target.2);
+                    if let Ok(mut s) = TcpStream::connect((target.0.host.as_str(), target.0.port)).await {
+                        let _ = s.write_all(&buf).await;
+                    }
+                });
+            } else if self.pinned.is_some() || self.session_mode {
+                held.conn.needs_reset = true;
+            }
+        }
+        self.cancel_slot.set(None);
+    }
+}

@@ -1,0 +1,220 @@
+//! The first moments of a client connection: SSL/GSS negotiation (declined), cancel
+//! requests, the startup packet, and password authentication against `[[users]]`.
+
+use std::sync::Arc;
+
+use bytes::{Buf, BytesMut};
+use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+
+use crate::protocol::auth::{ScramServer, ScramVerifier, Secret, md5_response_matches};
+use crate::protocol::messages::{self as msg, Fields};
+use crate::protocol::{MessageReader, ProtocolError};
+use crate::session::users::UserEntry;
+use crate::state::Shared;
+
+pub enum Startup {
+    Login(Login),
+    Cancel { pid: i32, secret: i32 },
+}
+
+pub struct Login {
+    pub user: Arc<UserEntry>,
+    pub database: String,
+    /// Startup parameters as sent, minus `user` and `database`.
+    pub params: Vec<(String, String)>,
+}
+
+/// A failure that ends the connection, with what the client is told.
+#[derive(Debug)]
+pub struct Refusal {
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl Refusal {
+    fn new(code: &'static str, message: impl Into<String>) -> Self {
+        Self { code, message: message.into() }
+    }
+}
+
+impl From<ProtocolError> for Refusal {
+    fn from(e: ProtocolError) -> Self {
+        Refusal::new("08P01", e.to_string())
+    }
+}
+
+pub async fn handshake(
+    reader: &mut MessageReader<OwnedReadHalf>,
+    writer: &mut OwnedWriteHalf,
+    shared: &Shared,
+) -> Result<Startup, Refusal> {
+    let mut negotiations = 0;
+    let params = loop {
+        let mut packet = reader.read_startup_packet().await?;
+        let code = packet.get_u32();
+        match code {
+            msg::SSL_REQUEST | msg::GSSENC_REQUEST => {
+                negotiations += 1;
+                if negotiations > 2 {
+                    return Err(Refusal::new("08P01", "too many encryption negotiation requests"));
+                }
+                // No TLS/GSS yet: the client may continue in clear text or give up.
+                writer.write_all(b"N").await.map_err(ProtocolError::from)?;
+            }
+            msg::CANCEL_REQUEST => {
+                if packet.len() < 8 {
+                    return Err(Refusal::new("08P01", "malformed cancel request"));
+                }
+                let pid = packet.get_i32();
+                let secret = packet.get_i32();
+                return Ok(Startup::Cancel { pid, secret });
+            }
+            code if code >> 16 == 3 => {
+                let params = parse_params(&packet)?;
+                if code & 0xffff != 0 {
+                    negotiate_version(writer, &params).await?;
+                }
+                break params;
+            }
+            code => {
+                return Err(Refusal::new(
+                    "08P01",
+                    format!("unsupported frontend protocol {}.{}: server supports 3.0", code >> 16, code & 0xffff),
+                ));
+            }
+        }
+    };
+    let user_name = params
+        .iter()
+        .find(|(k, _)| k == "user")
+        .map(|(_, v)| v.clone())
+        .ok_or_else(|| Refusal::new("28000", "no PostgreSQL user name specified in startup packet"))?;
+    let database = params
+        .iter()
+        .find(|(k, _)| k == "database")
+        .map(|(_, v)| v.clone())
+        .filter(|d| !d.is_empty())
+        .unwrap_or_else(|| user_name.clone());
+    if params.iter().any(|(k, v)| k == "replication" && !matches!(v.as_str(), "false" | "0" | "off" | "no")) {
+        return Err(Refusal::new("0A000", "replication connections are not supported through the proxy"));
+    }
+    let user = shared.users.load().get(&user_name).cloned();
+    authenticate(reader, writer, &user_name, user.as_deref()).await?;
+    let user = user.ok_or_else(|| auth_failed(&user_name))?;
+    let params = params
+        .into_iter()
+        .filter(|(k, _)| k != "user" && k != "database" && !k.starts_with("_pq_"))
+        .collect();
+    Ok(Startup::Login(Login { user, database, params }))
+}
+
+fn parse_params(packet: &BytesMut) -> Result<Vec<(String, String)>, Refusal> {
+    let mut fields = Fields::new(packet);
+    let mut params = Vec::new();
+    loop {
+        let name = fields.cstr()?;
+        if name.is_empty() {
+            break;
+        }
+        let value = fields.cstr()?;
+        params.push((name.to_string(), value.to_string()));
+        if params.len() > 64 {
+            return Err(Refusal::new("08P01", "too many startup parameters"));
+        }
+    }
+    Ok(params)
+}
+
+/// Answers a 3.x (x > 0) client with NegotiateProtocolVersion: we speak 3.0.
+async fn negotiate_version(writer: &mut OwnedWriteHalf, params: &[(String, String)]) -> Result<(), Refusal> {
+    use bytes::BufMut;
+    let unknown: Vec<&str> = params.iter().filter(|(k, _)| k.starts_with("_pq_.")).map(|(k, _)| k.as_str()).collect();
+    let mut body = BytesMut::new();
+    body.put_i32(0);
+    body.put_i32(unknown.len() as i32);
+    for name in unknown {
+        body.put_slice(name.as_bytes());
+        body.put_u8(0);
+    }
+    let mut buf = BytesMut::new();
+    buf.put_u8(b'v');
+    buf.put_u32(body.len() as u32 + 4);
+    buf.put_slice(&body);
+    writer.write_all(&buf).await.map_err(ProtocolError::from)?;
+    Ok(())
+}
+
+fn auth_failed(user: &str) -> Refusal {
+    Refusal::new("28P01", format!("password authentication failed for user \"{user}\""))
+}
+
+async fn authenticate(
+    reader: &mut MessageReader<OwnedReadHalf>,
+    writer: &mut OwnedWriteHalf,
+    user_name: &str,
+    user: Option<&UserEntry>,
+) -> Result<(), Refusal> {
+    let mut out = BytesMut::new();
+    match user.map(|u| &u.secret) {
+        Some(Secret::Md5 { hash }) => {
+            let salt: [u8; 4] = rand::random();
+            msg::authentication(&mut out, 5, &salt);
+            writer.write_all(&out).await.map_err(ProtocolError::from)?;
+            let frame = read_password(reader).await?;
+            let mut f = Fields::of_frame(&frame);
+            let response = f.cstr_bytes()?;
+            if !md5_response_matches(hash, salt, response) {
+                return Err(auth_failed(user_name));
+            }
+        }
+        secret => {
+            // Unknown users go through the same exchange against a random verifier, so
+            // a client cannot tell a wrong name from a wrong password.
+            let verifier = match secret {
+                Some(Secret::Scram(v)) => v.clone(),
+                _ => ScramVerifier::random(),
+            };
+            msg::authentication(&mut out, 10, b"SCRAM-SHA-256\0\0");
+            writer.write_all(&out).await.map_err(ProtocolError::from)?;
+            let frame = read_password(reader).await?;
+            let mut f = Fields::of_frame(&frame);
+            let mechanism = f.cstr()?;
+            if mechanism != "SCRAM-SHA-256" {
+                return Err(Refusal::new("28000", format!("unsupported SASL mechanism \"{mechanism}\"")));
+            }
+            let len = f.i32()?;
+            let data = if len < 0 { &[][..] } else { f.bytes(len as usize)? };
+            let (server, first) = ScramServer::start(verifier, data)
+                .map_err(|e| Refusal::new("08P01", format!("malformed SCRAM message: {e:?}")))?;
+            out.clear();
+            msg::authentication(&mut out, 11, first.as_bytes());
+            writer.write_all(&out).await.map_err(ProtocolError::from)?;
+            let frame = read_password(reader).await?;
+            let final_message = server
+                .finish(Fields::of_frame(&frame).rest())
+                .map_err(|_| auth_failed(user_name))?;
+            if user.is_none() {
+                return Err(auth_failed(user_name));
+            }
+            out.clear();
+            msg::authentication(&mut out, 12, final_message.as_bytes());
+            writer.write_all(&out).await.map_err(ProtocolError::from)?;
+        }
+    }
+    out.clear();
+    msg::authentication(&mut out, 0, &[]);
+    writer.write_all(&out).await.map_err(ProtocolError::from)?;
+    Ok(())
+}
+
+async fn read_password(reader: &mut MessageReader<OwnedReadHalf>) -> Result<BytesMut, Refusal> {
+    let frame = reader.read_frame().await?;
+    if frame[0] != msg::PASSWORD {
+        return Err(Refusal::new(
+            "08P01",
+            format!("expected password response, got message '{}'", crate::protocol::framing::printable_tag(frame[0])),
+        ));
+    }
+    Ok(frame)
+}

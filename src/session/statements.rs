@@ -1,0 +1,74 @@
+//! Named prepared statements across pooled connections.
+//!
+//! A client's `Parse("s1", text)` is registered under a proxy-wide name derived from
+//! the text and parameter types (`__rp_<id>`), so identical statements from many
+//! clients share one server-side statement per connection. Each server connection
+//! records which ids it has; a Bind to a statement the connection lacks gets a Parse
+//! injected in front of it, whose ParseComplete the client never sees.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+
+use crate::router::{Decision, DecisionCache};
+
+pub struct PreparedStatement {
+    pub id: u64,
+    pub server_name: String,
+    /// The Parse payload after the statement name: `query\0 nparams oids...`.
+    pub tail: Bytes,
+    pub decision: Arc<Decision>,
+}
+
+/// Past this many distinct statements the registry starts over; statements already
+/// held by clients stay valid, only new registrations get new ids.
+const MAX_STATEMENTS: usize = 100_000;
+
+pub struct StatementRegistry {
+    by_tail: Mutex<HashMap<Bytes, Arc<PreparedStatement>>>,
+    next_id: AtomicU64,
+}
+
+impl Default for StatementRegistry {
+    fn default() -> Self {
+        Self {
+            by_tail: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+        }
+    }
+}
+
+impl StatementRegistry {
+    pub fn register(&self, tail: &[u8], query: &str, cache: &DecisionCache) -> Arc<PreparedStatement> {
+        let mut map = match self.by_tail.lock() {
+            Ok(m) => m,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if let Some(existing) = map.get(tail) {
+            return existing.clone();
+        }
+        if map.len() >= MAX_STATEMENTS {
+            map.clear();
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let tail = Bytes::copy_from_slice(tail);
+        let statement = Arc::new(PreparedStatement {
+            id,
+            server_name: format!("__rp_{id}"),
+            tail: tail.clone(),
+            decision: cache.decide(query),
+        });
+        map.insert(tail, statement.clone());
+        statement
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_tail.lock().map(|m| m.len()).unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}

@@ -1,0 +1,38 @@
+//! State shared by every session: the live config and topology (swapped atomically on
+//! reload), users, caches, and the cancel-key registry.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
+use crate::cluster::Topology;
+use crate::config::Config;
+use crate::router::DecisionCache;
+use crate::session::cancel::CancelRegistry;
+use crate::session::statements::StatementRegistry;
+use crate::session::users::{self, Users};
+
+pub struct Shared {
+    pub config_path: Option<PathBuf>,
+    pub config: ArcSwap<Config>,
+    pub users: ArcSwap<Users>,
+    pub topology: ArcSwap<Topology>,
+    pub cache: DecisionCache,
+    pub statements: StatementRegistry,
+    pub cancels: CancelRegistry,
+}
+
+impl Shared {
+    pub fn new(config: Config, config_path: Option<PathBuf>) -> Arc<Shared> {
+        Arc::new(Shared {
+            config_path,
+            users: ArcSwap::from_pointee(users::from_config(&config)),
+            topology: ArcSwap::from_pointee(Topology::from_config(&config)),
+            cache: DecisionCache::new(config.proxy.statement_cache_size),
+            statements: StatementRegistry::default(),
+            cancels: CancelRegistry::default(),
+            config: ArcSwap::from_pointee(config),
+        })
+    }
+}
