@@ -280,26 +280,27 @@ impl Session {
         if let Some(e) = last_error.or_else(|| self.server.is_none().then(|| BackendError::Timeout("no node configured".into()))) {
             return Err(End::fatal(e.sqlstate(), format!("no server of project \"{}\" is available: {e}", self.project.name)));
         }
-        let sql = self.sync_sql();
+        self.prepare_server();
         let Some(held) = self.server.as_mut() else {
             return Err(End::fatal("08006", "no server available"));
         };
-        if !sql.is_empty() {
-            let mut buf = BytesMut::new();
-            msg::query(&mut buf, &sql);
-            held.conn.send(&buf).await.map_err(|e| End::fatal("08006", e.to_string()))?;
-            loop {
+        if !self.server_out.is_empty() {
+            held.conn.send(&self.server_out).await.map_err(|e| End::fatal("08006", e.to_string()))?;
+            self.server_out.clear();
+            while !self.expect.is_empty() {
                 let frame = held.conn.reader.read_frame().await.map_err(|e| End::fatal("08006", e.to_string()))?;
                 match frame[0] {
                     msg::PARAMETER_STATUS => held.conn.record_parameter(&frame),
                     msg::ERROR_RESPONSE => {
                         // An invalid startup parameter: Postgres refuses such a login too.
                         let fields = msg::parse_error_fields(&frame);
-                        held.conn.settings.clear();
                         held.conn.needs_reset = true;
+                        self.expect.clear();
                         return Err(End::Fatal { code: fields.code, message: fields.message });
                     }
-                    msg::READY_FOR_QUERY => break,
+                    msg::READY_FOR_QUERY => {
+                        self.expect.pop_front();
+                    }
                     _ => {}
                 }
             }
@@ -331,13 +332,26 @@ impl Session {
         }
     }
 
+    /// Queues what brings the held server's session state in line with this client's;
+    /// the answers are swallowed.
+    fn prepare_server(&mut self) {
+        let sql = self.sync_sql();
+        if !sql.is_empty() {
+            msg::query(&mut self.server_out, &sql);
+            self.expect.push_back(Expect::Injected);
+        }
+    }
+
     /// SQL that brings the held server's session state in line with this client's.
     fn sync_sql(&mut self) -> String {
         let Some(held) = self.server.as_mut() else { return String::new() };
         let conn = &mut *held.conn;
         let mut sql = String::new();
         if conn.needs_reset {
-            sql.push_str("DISCARD ALL;");
+            // DISCARD ALL refuses to run inside the implicit transaction of a
+            // multi-statement query, so it goes alone.
+            msg::query(&mut self.server_out, "DISCARD ALL");
+            self.expect.push_back(Expect::Injected);
             conn.settings.clear();
             conn.prepared.clear();
             conn.needs_reset = false;
@@ -489,11 +503,7 @@ impl Session {
             let counter = if route == Route::Primary { &held.node.stats.writes } else { &held.node.stats.reads };
             counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
-        let sql = self.sync_sql();
-        if !sql.is_empty() {
-            msg::query(&mut self.server_out, &sql);
-            self.expect.push_back(Expect::Injected);
-        }
+        self.prepare_server();
         let mut parsed_unnamed = false;
         for frame in unit {
             self.forward_client_frame(frame, &mut parsed_unnamed)?;
