@@ -42,7 +42,10 @@ enum Command {
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .init();
 }
 
 fn main() -> ExitCode {
@@ -83,7 +86,10 @@ fn main() -> ExitCode {
 }
 
 fn run_async(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("cannot start the runtime: {e}");
@@ -127,20 +133,25 @@ async fn serve(config: Config, path: PathBuf) -> anyhow::Result<()> {
 async fn demo(listen: String) -> anyhow::Result<()> {
     // Ports of the example proxy.toml when free, so it works unchanged against the demo.
     let wanted = [15432u16, 15433, 15434];
-    let ports = if wanted.iter().all(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok()) {
+    let ports = if wanted
+        .iter()
+        .all(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok())
+    {
         wanted.to_vec()
     } else {
         Vec::new()
     };
     println!("starting a primary and two replicas (initdb + pg_basebackup)...");
     let cluster = tokio::task::spawn_blocking(move || {
-        Cluster::start(ClusterOptions { ports, ..ClusterOptions::default() })
+        Cluster::start(ClusterOptions {
+            ports,
+            ..ClusterOptions::default()
+        })
     })
     .await??;
     let toml = cluster.proxy_toml(&listen, "127.0.0.1:9930", "read_routing = \"round-robin\"");
-    let config = Config::parse(&toml).map_err(|issues| {
-        anyhow::anyhow!("demo config is invalid: {:?}", issues)
-    })?;
+    let config = Config::parse(&toml)
+        .map_err(|issues| anyhow::anyhow!("demo config is invalid: {:?}", issues))?;
     let proxy = Proxy::start(config, None).await?;
     let o = &cluster.options;
     println!();
@@ -150,8 +161,13 @@ async fn demo(listen: String) -> anyhow::Result<()> {
     }
     println!("  proxy     {}", proxy.addr);
     println!();
-    println!("connect:  psql 'postgresql://{}:{}@{}/{}'", o.user, o.password, proxy.addr, o.database);
-    println!("try:      SELECT inet_server_port(), pg_is_in_recovery();   -- reads land on replicas");
+    println!(
+        "connect:  psql 'postgresql://{}:{}@{}/{}'",
+        o.user, o.password, proxy.addr, o.database
+    );
+    println!(
+        "try:      SELECT inet_server_port(), pg_is_in_recovery();   -- reads land on replicas"
+    );
     println!("Ctrl-C stops the proxy and the cluster and removes its data.");
     wait_for_shutdown_signal().await;
     proxy.stop().await;

@@ -21,7 +21,10 @@ pub struct Proxy {
 
 impl Proxy {
     /// Binds the client port and starts accepting. Returns once the port is open.
-    pub async fn start(config: Config, config_path: Option<std::path::PathBuf>) -> anyhow::Result<Proxy> {
+    pub async fn start(
+        config: Config,
+        config_path: Option<std::path::PathBuf>,
+    ) -> anyhow::Result<Proxy> {
         let listener = TcpListener::bind(&config.proxy.listen)
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.proxy.listen))?;
@@ -47,7 +50,12 @@ impl Proxy {
             }
         });
         info!(%addr, "listening for Postgres clients");
-        Ok(Proxy { shared, addr, shutdown, task })
+        Ok(Proxy {
+            shared,
+            addr,
+            shutdown,
+            task,
+        })
     }
 
     /// Stops accepting new clients. Sessions already running finish on their own.

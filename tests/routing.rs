@@ -37,7 +37,10 @@ async fn reads_spread_over_replicas_and_writes_reach_the_primary() {
 
     create_table("rw_split", "id serial primary key, port int").await;
     let row = client
-        .query_one("INSERT INTO rw_split (port) VALUES (inet_server_port()) RETURNING port", &[])
+        .query_one(
+            "INSERT INTO rw_split (port) VALUES (inet_server_port()) RETURNING port",
+            &[],
+        )
         .await
         .unwrap();
     assert_eq!(row.get::<_, i32>(0) as u16, primary_port());
@@ -50,7 +53,11 @@ async fn reads_spread_over_replicas_and_writes_reach_the_primary() {
         let (port, replica) = who(&client, sql).await;
         assert_eq!((port, replica), (primary_port(), false), "{sql}");
     }
-    let (_, replica) = who(&client, "/* replicator: replica */ SELECT inet_server_port(), pg_is_in_recovery()").await;
+    let (_, replica) = who(
+        &client,
+        "/* replicator: replica */ SELECT inet_server_port(), pg_is_in_recovery()",
+    )
+    .await;
     assert!(replica);
 }
 
@@ -68,14 +75,20 @@ async fn a_transaction_stays_on_one_backend() {
     let first = who(&client, WHO).await;
     assert!(first.1, "BEGIN READ ONLY runs on a replica");
     for _ in 0..5 {
-        assert_eq!(who(&client, WHO).await, first, "same backend for the whole transaction");
+        assert_eq!(
+            who(&client, WHO).await,
+            first,
+            "same backend for the whole transaction"
+        );
     }
     client.batch_execute("COMMIT").await.unwrap();
 
     // The implicit transaction of a multi-statement simple query goes where its writes can run.
     create_table("rw_multi", "id int").await;
     let messages = client
-        .simple_query("INSERT INTO rw_multi VALUES (1); SELECT inet_server_port(), pg_is_in_recovery()")
+        .simple_query(
+            "INSERT INTO rw_multi VALUES (1); SELECT inet_server_port(), pg_is_in_recovery()",
+        )
         .await
         .unwrap();
     assert_eq!(simple_who(&messages), (primary_port(), false));
@@ -83,10 +96,15 @@ async fn a_transaction_stays_on_one_backend() {
     // A rolled back transaction leaves nothing behind and the client carries on.
     let mut tx_client = app_client(&proxy).await;
     let tx = tx_client.transaction().await.unwrap();
-    tx.execute("INSERT INTO rw_multi VALUES (2)", &[]).await.unwrap();
+    tx.execute("INSERT INTO rw_multi VALUES (2)", &[])
+        .await
+        .unwrap();
     tx.rollback().await.unwrap();
     let n: i64 = tx_client
-        .query_one("/* replicator: primary */ SELECT count(*) FROM rw_multi WHERE id = 2", &[])
+        .query_one(
+            "/* replicator: primary */ SELECT count(*) FROM rw_multi WHERE id = 2",
+            &[],
+        )
         .await
         .unwrap()
         .get(0);
@@ -98,7 +116,10 @@ async fn pipelined_statements_are_answered_in_order() {
     let proxy = start_proxy("", "").await;
     let client = app_client(&proxy).await;
     create_table("rw_pipeline", "id int").await;
-    let insert = client.prepare("INSERT INTO rw_pipeline VALUES ($1) RETURNING inet_server_port()").await.unwrap();
+    let insert = client
+        .prepare("INSERT INTO rw_pipeline VALUES ($1) RETURNING inet_server_port()")
+        .await
+        .unwrap();
     let read = client.prepare(WHO).await.unwrap();
     // tokio-postgres pipelines requests polled together: several Syncs in flight at once.
     let (a, b, c, d) = tokio::join!(
@@ -128,12 +149,21 @@ async fn prepared_statements_follow_the_client_across_backends() {
     let mut tasks = Vec::new();
     for (i, client) in clients.into_iter().enumerate() {
         tasks.push(tokio::spawn(async move {
-            let insert = client.prepare("INSERT INTO rw_prepared VALUES ($1, $2)").await.unwrap();
-            let select = client.prepare("SELECT v, pg_is_in_recovery() FROM rw_prepared WHERE id = $1").await.unwrap();
+            let insert = client
+                .prepare("INSERT INTO rw_prepared VALUES ($1, $2)")
+                .await
+                .unwrap();
+            let select = client
+                .prepare("SELECT v, pg_is_in_recovery() FROM rw_prepared WHERE id = $1")
+                .await
+                .unwrap();
             let who = client.prepare(WHO).await.unwrap();
             for j in 0..50 {
                 let id = (i * 1000 + j) as i32;
-                client.execute(&insert, &[&id, &format!("v{id}")]).await.unwrap();
+                client
+                    .execute(&insert, &[&id, &format!("v{id}")])
+                    .await
+                    .unwrap();
                 // Same statement objects, any backend: re-prepared where missing.
                 let (_, replica) = {
                     let row = client.query_one(&who, &[]).await.unwrap();
@@ -155,44 +185,94 @@ async fn settings_survive_transaction_pooling_and_stay_private() {
     let proxy = start_proxy("pool_size = 2", "").await;
     let a = app_client(&proxy).await;
     let b = app_client(&proxy).await;
-    a.batch_execute("SET application_name = 'client_a'").await.unwrap();
-    a.batch_execute("SET statement_timeout = '7s'").await.unwrap();
+    a.batch_execute("SET application_name = 'client_a'")
+        .await
+        .unwrap();
+    a.batch_execute("SET statement_timeout = '7s'")
+        .await
+        .unwrap();
     for _ in 0..8 {
-        let row = a.query_one("SELECT current_setting('application_name'), current_setting('statement_timeout')", &[]).await.unwrap();
+        let row = a
+            .query_one(
+                "SELECT current_setting('application_name'), current_setting('statement_timeout')",
+                &[],
+            )
+            .await
+            .unwrap();
         assert_eq!(row.get::<_, String>(0), "client_a");
         assert_eq!(row.get::<_, String>(1), "7s");
-        let row = b.query_one("SELECT current_setting('statement_timeout')", &[]).await.unwrap();
-        assert_eq!(row.get::<_, String>(0), "0", "b must not inherit a's settings");
+        let row = b
+            .query_one("SELECT current_setting('statement_timeout')", &[])
+            .await
+            .unwrap();
+        assert_eq!(
+            row.get::<_, String>(0),
+            "0",
+            "b must not inherit a's settings"
+        );
     }
     // A SET rolled back with its transaction does not stick.
-    a.batch_execute("BEGIN; SET statement_timeout = '9s'; ROLLBACK").await.unwrap();
-    let v: String = a.query_one("SHOW statement_timeout", &[]).await.unwrap().get(0);
+    a.batch_execute("BEGIN; SET statement_timeout = '9s'; ROLLBACK")
+        .await
+        .unwrap();
+    let v: String = a
+        .query_one("SHOW statement_timeout", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(v, "7s");
     a.batch_execute("RESET statement_timeout").await.unwrap();
     for _ in 0..4 {
-        let v: String = a.query_one("SHOW statement_timeout", &[]).await.unwrap().get(0);
+        let v: String = a
+            .query_one("SHOW statement_timeout", &[])
+            .await
+            .unwrap()
+            .get(0);
         assert_eq!(v, "0");
     }
     // A failed SET changes nothing.
-    assert!(a.batch_execute("SET statement_timeout = 'nonsense'").await.is_err());
-    let v: String = a.query_one("SHOW application_name", &[]).await.unwrap().get(0);
+    assert!(
+        a.batch_execute("SET statement_timeout = 'nonsense'")
+            .await
+            .is_err()
+    );
+    let v: String = a
+        .query_one("SHOW application_name", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(v, "client_a");
 }
 
 #[tokio::test]
 async fn startup_parameters_are_applied_and_reported() {
     let proxy = start_proxy("", "").await;
-    let url = format!("{}?application_name=from_startup&options=-c%20search_path%3Dpg_catalog", proxy_url(&proxy, "app", "secret", "app"));
+    let url = format!(
+        "{}?application_name=from_startup&options=-c%20search_path%3Dpg_catalog",
+        proxy_url(&proxy, "app", "secret", "app")
+    );
     let client = connect(&url).await.unwrap_or_else(|e| panic!("{e:?}"));
     for _ in 0..4 {
-        let row = client.query_one("SELECT current_setting('application_name'), current_setting('search_path')", &[]).await.unwrap();
+        let row = client
+            .query_one(
+                "SELECT current_setting('application_name'), current_setting('search_path')",
+                &[],
+            )
+            .await
+            .unwrap();
         assert_eq!(row.get::<_, String>(0), "from_startup");
         assert_eq!(row.get::<_, String>(1), "pg_catalog");
     }
     // An invalid startup setting is refused, as Postgres refuses it.
-    let bad = format!("{}?options=-c%20statement_timeout%3Dbanana", proxy_url(&proxy, "app", "secret", "app"));
+    let bad = format!(
+        "{}?options=-c%20statement_timeout%3Dbanana",
+        proxy_url(&proxy, "app", "secret", "app")
+    );
     let err = connect(&bad).await.err().expect("bad setting refused");
-    let message = err.as_db_error().map(|d| d.message().to_string()).unwrap_or_default();
+    let message = err
+        .as_db_error()
+        .map(|d| d.message().to_string())
+        .unwrap_or_default();
     assert!(message.contains("statement_timeout"), "{err:?}");
 }
 
@@ -200,10 +280,20 @@ async fn startup_parameters_are_applied_and_reported() {
 async fn session_state_that_cannot_move_pins_the_client() {
     let proxy = start_proxy("", "").await;
     let client = app_client(&proxy).await;
-    client.batch_execute("CREATE TEMP TABLE scratch (id int)").await.unwrap();
+    client
+        .batch_execute("CREATE TEMP TABLE scratch (id int)")
+        .await
+        .unwrap();
     for i in 0..5 {
-        client.execute("INSERT INTO scratch VALUES ($1)", &[&i]).await.unwrap();
-        let n: i64 = client.query_one("SELECT count(*) FROM scratch", &[]).await.unwrap().get(0);
+        client
+            .execute("INSERT INTO scratch VALUES ($1)", &[&i])
+            .await
+            .unwrap();
+        let n: i64 = client
+            .query_one("SELECT count(*) FROM scratch", &[])
+            .await
+            .unwrap()
+            .get(0);
         assert_eq!(n, i as i64 + 1);
     }
     // Pinned to the primary: even plain reads run there now.
@@ -212,10 +302,18 @@ async fn session_state_that_cannot_move_pins_the_client() {
     // Session advisory locks held by the pinned connection stay held.
     let other = app_client(&proxy).await;
     let locker = app_client(&proxy).await;
-    let got: bool = locker.query_one("SELECT pg_try_advisory_lock(4242)", &[]).await.unwrap().get(0);
+    let got: bool = locker
+        .query_one("SELECT pg_try_advisory_lock(4242)", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert!(got);
     for _ in 0..3 {
-        let again: bool = other.query_one("SELECT pg_try_advisory_lock(4242)", &[]).await.unwrap().get(0);
+        let again: bool = other
+            .query_one("SELECT pg_try_advisory_lock(4242)", &[])
+            .await
+            .unwrap()
+            .get(0);
         assert!(!again, "lock must still be held by the pinned client");
     }
     drop(locker);
@@ -224,7 +322,12 @@ async fn session_state_that_cannot_move_pins_the_client() {
     for _ in 0..50 {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         let fresh = app_client(&proxy).await;
-        if fresh.query_one("SELECT pg_try_advisory_lock(4242)", &[]).await.unwrap().get::<_, bool>(0) {
+        if fresh
+            .query_one("SELECT pg_try_advisory_lock(4242)", &[])
+            .await
+            .unwrap()
+            .get::<_, bool>(0)
+        {
             released = true;
             break;
         }
@@ -237,7 +340,9 @@ async fn listen_notify_reaches_a_pinned_client() {
     use futures_util::StreamExt;
     let proxy = start_proxy("", "").await;
     let url = proxy_url(&proxy, "app", "secret", "app");
-    let (client, mut connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+    let (client, mut connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let stream = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
     tokio::spawn(stream.for_each(move |m| {
@@ -249,7 +354,10 @@ async fn listen_notify_reaches_a_pinned_client() {
     client.batch_execute("LISTEN jobs").await.unwrap();
     let sender = app_client(&proxy).await;
     sender.batch_execute("NOTIFY jobs, 'hello'").await.unwrap();
-    let got = tokio::time::timeout(std::time::Duration::from_secs(5), rx.recv()).await.unwrap().unwrap();
+    let got = tokio::time::timeout(std::time::Duration::from_secs(5), rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(got, "hello");
 }
 

@@ -24,6 +24,7 @@ pub struct Node {
     connect_timeout: Duration,
     idle_timeout: Duration,
     pools: RwLock<HashMap<String, Pool>>,
+    last_error: pool::LastError,
     /// Milliseconds since `epoch` until which the node is considered down.
     down_until_ms: AtomicU64,
     epoch: Instant,
@@ -41,14 +42,19 @@ impl Node {
     /// Checks out a server connection for `user`, creating the user's pool on first use.
     pub async fn checkout(&self, user: &UserEntry) -> Result<Pooled, BackendError> {
         let pool = self.pool_for(user);
+        // An error from an earlier attempt must not be blamed on this one.
+        self.last_error.take();
         match pool.get_owned().await {
             Ok(conn) => {
                 self.down_until_ms.store(0, Ordering::Relaxed);
                 Ok(conn)
             }
             Err(e) => {
-                let err = pool::checkout_error(e, &self.name);
-                if !matches!(err, BackendError::Auth { .. } | BackendError::Unsupported { .. }) {
+                let err = pool::checkout_error(e, &self.name, &self.last_error);
+                if !matches!(
+                    err,
+                    BackendError::Auth { .. } | BackendError::Unsupported { .. }
+                ) {
                     self.mark_down();
                 }
                 self.stats.connect_errors.fetch_add(1, Ordering::Relaxed);
@@ -80,6 +86,7 @@ impl Node {
                     self.pool_size,
                     self.connect_timeout,
                     self.idle_timeout,
+                    self.last_error.clone(),
                 )
             })
             .clone()
@@ -87,7 +94,8 @@ impl Node {
 
     pub fn mark_down(&self) {
         let until = self.epoch.elapsed() + DOWN_BACKOFF;
-        self.down_until_ms.store(until.as_millis() as u64, Ordering::Relaxed);
+        self.down_until_ms
+            .store(until.as_millis() as u64, Ordering::Relaxed);
     }
 
     pub fn is_up(&self) -> bool {
@@ -180,7 +188,11 @@ impl Topology {
                     Some(Arc::new(Node {
                         name: r.name.clone(),
                         role: r.role,
-                        database: p.database.clone().or(addr.dbname.clone()).unwrap_or_else(|| database.clone()),
+                        database: p
+                            .database
+                            .clone()
+                            .or(addr.dbname.clone())
+                            .unwrap_or_else(|| database.clone()),
                         addr,
                         weight: r.weight,
                         lag_tolerance_ms: r.lag_tolerance_ms,
@@ -188,6 +200,7 @@ impl Topology {
                         connect_timeout: Duration::from_millis(config.proxy.connect_timeout_ms),
                         idle_timeout: Duration::from_millis(config.proxy.server_idle_timeout_ms),
                         pools: RwLock::new(HashMap::new()),
+                        last_error: pool::LastError::default(),
                         down_until_ms: AtomicU64::new(0),
                         epoch,
                         stats: NodeStats::default(),

@@ -65,7 +65,8 @@ impl Config {
             }]
         })?;
         let mut issues = validate::unknown_keys(&table);
-        let config = match serde_path_to_error::deserialize::<_, Config>(toml::Value::Table(table)) {
+        let config = match serde_path_to_error::deserialize::<_, Config>(toml::Value::Table(table))
+        {
             Ok(config) => Some(config),
             Err(e) => {
                 let key = e.path().to_string();
@@ -83,7 +84,11 @@ impl Config {
         match config {
             Some(config) => {
                 issues.extend(validate::semantics(&config));
-                if issues.is_empty() { Ok(config) } else { Err(issues) }
+                if issues.is_empty() {
+                    Ok(config)
+                } else {
+                    Err(issues)
+                }
             }
             None => Err(issues),
         }

@@ -33,8 +33,8 @@ fn minimal_config_gets_defaults_and_aliases() {
 
 #[test]
 fn unknown_keys_are_all_reported_with_their_path() {
-    let text = MINIMAL.replace("[proxy]", "[proxy]\nlisten_port = 1\n")
-        + "\n[failover]\nmod = \"auto\"\n";
+    let text =
+        MINIMAL.replace("[proxy]", "[proxy]\nlisten_port = 1\n") + "\n[failover]\nmod = \"auto\"\n";
     let text = text.replace("role = \"slave\"", "role = \"slave\"\nlag = 3");
     let issues = Config::parse(&text).unwrap_err();
     let keys: Vec<_> = issues.iter().map(|i| i.key.as_str()).collect();
@@ -67,7 +67,11 @@ fn rules_must_point_somewhere() {
     let text = MINIMAL.to_string()
         + "\n[[rules]]\nname = \"r\"\nsource = \"nope\"\ntarget = \"nowhere\"\ncollections = [\"t\"]\n";
     let issues = Config::parse(&text).unwrap_err();
-    assert!(issues.iter().any(|i| i.key == "rules[0].source" && i.reason.contains("rule \"r\"")));
+    assert!(
+        issues
+            .iter()
+            .any(|i| i.key == "rules[0].source" && i.reason.contains("rule \"r\""))
+    );
     assert!(issues.iter().any(|i| i.key == "rules[0].target"));
 }
 

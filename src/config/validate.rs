@@ -105,7 +105,12 @@ pub fn unknown_keys(root: &toml::Table) -> Vec<ConfigIssue> {
             let Some(p) = p.as_table() else { continue };
             check_table(p, &format!("projects.{name}."), PROJECT, &mut out);
             for (i, r) in each_table(p.get("replicas")) {
-                check_table(r, &format!("projects.{name}.replicas[{i}]."), REPLICA, &mut out);
+                check_table(
+                    r,
+                    &format!("projects.{name}.replicas[{i}]."),
+                    REPLICA,
+                    &mut out,
+                );
             }
         }
     }
@@ -123,7 +128,8 @@ pub struct NodeAddress {
 
 impl NodeAddress {
     pub fn parse(uri: &str) -> Result<NodeAddress, String> {
-        let config: tokio_postgres::Config = uri.parse().map_err(|e| format!("invalid uri: {e}"))?;
+        let config: tokio_postgres::Config =
+            uri.parse().map_err(|e| format!("invalid uri: {e}"))?;
         let host = match config.get_hosts() {
             [tokio_postgres::config::Host::Tcp(h)] => h.clone(),
             [] => return Err("uri names no host".into()),
@@ -152,33 +158,51 @@ impl std::fmt::Display for NodeAddress {
 pub fn semantics(config: &Config) -> Vec<ConfigIssue> {
     let mut out = Vec::new();
     if config.proxy.listen.parse::<SocketAddr>().is_err() {
-        out.push(issue("proxy.listen", "must be an address like 127.0.0.1:6432"));
+        out.push(issue(
+            "proxy.listen",
+            "must be an address like 127.0.0.1:6432",
+        ));
     }
     if config.proxy.admin_listen.parse::<SocketAddr>().is_err() {
-        out.push(issue("proxy.admin_listen", "must be an address like 127.0.0.1:9930"));
+        out.push(issue(
+            "proxy.admin_listen",
+            "must be an address like 127.0.0.1:9930",
+        ));
     }
     if config.proxy.connect_timeout_ms == 0 {
         out.push(issue("proxy.connect_timeout_ms", "must be greater than 0"));
     }
     if config.proxy.statement_cache_size == 0 {
-        out.push(issue("proxy.statement_cache_size", "must be greater than 0"));
+        out.push(issue(
+            "proxy.statement_cache_size",
+            "must be greater than 0",
+        ));
     }
     if config.users.is_empty() {
-        out.push(issue("users", "at least one [[users]] entry is needed, or no client can log in"));
+        out.push(issue(
+            "users",
+            "at least one [[users]] entry is needed, or no client can log in",
+        ));
     }
     let mut user_names = HashSet::new();
     for (i, user) in config.users.iter().enumerate() {
         if user.name.is_empty() {
             out.push(issue(format!("users[{i}].name"), "must not be empty"));
         } else if !user_names.insert(user.name.as_str()) {
-            out.push(issue(format!("users[{i}].name"), format!("user \"{}\" is defined twice", user.name)));
+            out.push(issue(
+                format!("users[{i}].name"),
+                format!("user \"{}\" is defined twice", user.name),
+            ));
         }
         if user.password.is_empty() {
             out.push(issue(format!("users[{i}].password"), "must not be empty"));
         } else if user.password.starts_with("SCRAM-SHA-256$")
             && crate::protocol::auth::ScramVerifier::parse(&user.password).is_none()
         {
-            out.push(issue(format!("users[{i}].password"), "looks like a SCRAM verifier but cannot be parsed"));
+            out.push(issue(
+                format!("users[{i}].password"),
+                "looks like a SCRAM verifier but cannot be parsed",
+            ));
         }
     }
     if config.projects.is_empty() {
@@ -187,15 +211,25 @@ pub fn semantics(config: &Config) -> Vec<ConfigIssue> {
     for (name, project) in &config.projects {
         let key = format!("projects.{name}");
         if name == ADMIN_DATABASE {
-            out.push(issue(&key, format!("\"{ADMIN_DATABASE}\" is reserved for the admin console")));
+            out.push(issue(
+                &key,
+                format!("\"{ADMIN_DATABASE}\" is reserved for the admin console"),
+            ));
         }
         if project.pool_size == 0 {
             out.push(issue(format!("{key}.pool_size"), "must be greater than 0"));
         }
         if project.lag_check_interval_ms == 0 {
-            out.push(issue(format!("{key}.lag_check_interval_ms"), "must be greater than 0"));
+            out.push(issue(
+                format!("{key}.lag_check_interval_ms"),
+                "must be greater than 0",
+            ));
         }
-        let primaries = project.replicas.iter().filter(|r| r.role == Role::Primary).count();
+        let primaries = project
+            .replicas
+            .iter()
+            .filter(|r| r.role == Role::Primary)
+            .count();
         if primaries != 1 {
             out.push(issue(
                 format!("{key}.replicas"),
@@ -208,7 +242,10 @@ pub fn semantics(config: &Config) -> Vec<ConfigIssue> {
             if replica.name.is_empty() {
                 out.push(issue(format!("{rkey}.name"), "must not be empty"));
             } else if !names.insert(replica.name.as_str()) {
-                out.push(issue(format!("{rkey}.name"), format!("replica \"{}\" is defined twice", replica.name)));
+                out.push(issue(
+                    format!("{rkey}.name"),
+                    format!("replica \"{}\" is defined twice", replica.name),
+                ));
             }
             if let Err(reason) = NodeAddress::parse(&replica.uri) {
                 out.push(issue(format!("{rkey}.uri"), reason));
@@ -222,36 +259,61 @@ pub fn semantics(config: &Config) -> Vec<ConfigIssue> {
         out.push(issue("failover.failure_threshold", "must be at least 1"));
     }
     if config.failover.health_check_interval_ms == 0 {
-        out.push(issue("failover.health_check_interval_ms", "must be greater than 0"));
+        out.push(issue(
+            "failover.health_check_interval_ms",
+            "must be greater than 0",
+        ));
     }
     for (name, target) in &config.targets {
         if target.uri.is_empty() {
             out.push(issue(format!("targets.{name}.uri"), "must not be empty"));
         }
         if config.projects.contains_key(name) {
-            out.push(issue(format!("targets.{name}"), "a project has the same name; rule targets would be ambiguous"));
+            out.push(issue(
+                format!("targets.{name}"),
+                "a project has the same name; rule targets would be ambiguous",
+            ));
         }
     }
     let mut rule_names = HashSet::new();
     for (i, rule) in config.rules.iter().enumerate() {
         let key = format!("rules[{i}]");
         if !rule_names.insert(rule.name.as_str()) {
-            out.push(issue(format!("{key}.name"), format!("rule \"{}\" is defined twice", rule.name)));
+            out.push(issue(
+                format!("{key}.name"),
+                format!("rule \"{}\" is defined twice", rule.name),
+            ));
         }
         if !config.projects.contains_key(&rule.source) {
-            out.push(issue(format!("{key}.source"), format!("rule \"{}\": no project named \"{}\"", rule.name, rule.source)));
+            out.push(issue(
+                format!("{key}.source"),
+                format!(
+                    "rule \"{}\": no project named \"{}\"",
+                    rule.name, rule.source
+                ),
+            ));
         }
-        if !config.targets.contains_key(&rule.target) && !config.projects.contains_key(&rule.target) {
+        if !config.targets.contains_key(&rule.target) && !config.projects.contains_key(&rule.target)
+        {
             out.push(issue(
                 format!("{key}.target"),
-                format!("rule \"{}\": no target or project named \"{}\"", rule.name, rule.target),
+                format!(
+                    "rule \"{}\": no target or project named \"{}\"",
+                    rule.name, rule.target
+                ),
             ));
         }
         if rule.mode != "cdc" {
-            out.push(issue(format!("{key}.mode"), format!("rule \"{}\": only \"cdc\" is supported", rule.name)));
+            out.push(issue(
+                format!("{key}.mode"),
+                format!("rule \"{}\": only \"cdc\" is supported", rule.name),
+            ));
         }
         if rule.collections.is_empty() {
-            out.push(issue(format!("{key}.collections"), format!("rule \"{}\": name at least one table", rule.name)));
+            out.push(issue(
+                format!("{key}.collections"),
+                format!("rule \"{}\": name at least one table", rule.name),
+            ));
         }
     }
     out

@@ -22,7 +22,10 @@ use crate::session::settings::Settings;
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
     #[error("cannot connect to {addr}: {source}")]
-    Connect { addr: String, source: std::io::Error },
+    Connect {
+        addr: String,
+        source: std::io::Error,
+    },
     #[error("connecting to {0} timed out")]
     Timeout(String),
     #[error("{addr} refused the login: {fields}")]
@@ -84,7 +87,10 @@ impl ServerConn {
         let addr = login.addr.to_string();
         let stream = TcpStream::connect((login.addr.host.as_str(), login.addr.port))
             .await
-            .map_err(|source| BackendError::Connect { addr: addr.clone(), source })?;
+            .map_err(|source| BackendError::Connect {
+                addr: addr.clone(),
+                source,
+            })?;
         let _ = stream.set_nodelay(true);
         let (read, write) = stream.into_split();
         let mut conn = ServerConn {
@@ -99,7 +105,10 @@ impl ServerConn {
             broken: false,
             needs_reset: false,
         };
-        let protocol = |source| BackendError::Protocol { addr: addr.clone(), source };
+        let protocol = |source| BackendError::Protocol {
+            addr: addr.clone(),
+            source,
+        };
         let mut buf = BytesMut::new();
         msg::startup_message(
             &mut buf,
@@ -118,7 +127,10 @@ impl ServerConn {
                 }
                 msg::READY_FOR_QUERY => return Ok(conn),
                 msg::ERROR_RESPONSE => {
-                    return Err(BackendError::Auth { addr, fields: msg::parse_error_fields(&frame) });
+                    return Err(BackendError::Auth {
+                        addr,
+                        fields: msg::parse_error_fields(&frame),
+                    });
                 }
                 _ => {} // notices
             }
@@ -127,7 +139,10 @@ impl ServerConn {
 
     async fn authenticate(&mut self, login: &LoginInfo) -> Result<(), BackendError> {
         let addr = login.addr.to_string();
-        let protocol = |source| BackendError::Protocol { addr: addr.clone(), source };
+        let protocol = |source| BackendError::Protocol {
+            addr: addr.clone(),
+            source,
+        };
         let unsupported = |reason: &str| BackendError::Unsupported {
             addr: addr.clone(),
             reason: reason.to_string(),
@@ -136,7 +151,10 @@ impl ServerConn {
         loop {
             let frame = self.reader.read_frame().await.map_err(protocol)?;
             if frame[0] == msg::ERROR_RESPONSE {
-                return Err(BackendError::Auth { addr, fields: msg::parse_error_fields(&frame) });
+                return Err(BackendError::Auth {
+                    addr,
+                    fields: msg::parse_error_fields(&frame),
+                });
             }
             if frame[0] != msg::AUTHENTICATION {
                 return Err(protocol(ProtocolError::Violation(format!(
@@ -153,18 +171,19 @@ impl ServerConn {
                     if crate::protocol::auth::ScramVerifier::parse(&login.password).is_some()
                         || crate::protocol::auth::is_md5_hash(&login.password)
                     {
-                        return Err(unsupported("the server asks for the clear-text password, but only a hash is configured for this user"));
+                        return Err(unsupported(
+                            "the server asks for the clear-text password, but only a hash is configured for this user",
+                        ));
                     }
                     let mut pw = login.password.as_bytes().to_vec();
                     pw.push(0);
                     msg::password_message(&mut out, &pw);
                 }
                 5 => {
-                    let salt: [u8; 4] = fields
-                        .bytes(4)
-                        .map_err(protocol)?
-                        .try_into()
-                        .map_err(|_| protocol(ProtocolError::Violation("bad md5 salt".into())))?;
+                    let salt: [u8; 4] =
+                        fields.bytes(4).map_err(protocol)?.try_into().map_err(|_| {
+                            protocol(ProtocolError::Violation("bad md5 salt".into()))
+                        })?;
                     let response = md5_response(&login.user, &login.password, salt)
                         .ok_or_else(|| unsupported("the server asks for md5, but only a SCRAM verifier is configured for this user"))?;
                     let mut pw = response.into_bytes();
@@ -180,32 +199,47 @@ impl ServerConn {
                         mechanisms.push(m.to_string());
                     }
                     if !mechanisms.iter().any(|m| m == SCRAM_SHA_256) {
-                        return Err(unsupported(&format!("no supported SASL mechanism in {mechanisms:?}")));
+                        return Err(unsupported(&format!(
+                            "no supported SASL mechanism in {mechanisms:?}"
+                        )));
                     }
                     if crate::protocol::auth::ScramVerifier::parse(&login.password).is_some()
                         || crate::protocol::auth::is_md5_hash(&login.password)
                     {
-                        return Err(unsupported("the server asks for SCRAM, which needs the plain password in proxy.toml"));
+                        return Err(unsupported(
+                            "the server asks for SCRAM, which needs the plain password in proxy.toml",
+                        ));
                     }
-                    let client = ScramSha256::new(login.password.as_bytes(), ChannelBinding::unsupported());
+                    let client =
+                        ScramSha256::new(login.password.as_bytes(), ChannelBinding::unsupported());
                     msg::sasl_initial_response(&mut out, SCRAM_SHA_256, client.message());
                     scram = Some(client);
                 }
                 11 => {
-                    let client = scram.as_mut().ok_or_else(|| unsupported("SASL continue without start"))?;
+                    let client = scram
+                        .as_mut()
+                        .ok_or_else(|| unsupported("SASL continue without start"))?;
                     client
                         .update(fields.rest())
                         .map_err(|e| protocol(ProtocolError::Violation(format!("SCRAM: {e}"))))?;
                     msg::password_message(&mut out, client.message());
                 }
                 12 => {
-                    let client = scram.as_mut().ok_or_else(|| unsupported("SASL final without start"))?;
-                    client
-                        .finish(fields.rest())
-                        .map_err(|e| protocol(ProtocolError::Violation(format!("SCRAM server signature: {e}"))))?;
+                    let client = scram
+                        .as_mut()
+                        .ok_or_else(|| unsupported("SASL final without start"))?;
+                    client.finish(fields.rest()).map_err(|e| {
+                        protocol(ProtocolError::Violation(format!(
+                            "SCRAM server signature: {e}"
+                        )))
+                    })?;
                     continue;
                 }
-                other => return Err(unsupported(&format!("authentication method {other} is not supported"))),
+                other => {
+                    return Err(unsupported(&format!(
+                        "authentication method {other} is not supported"
+                    )));
+                }
             }
             self.send(&out).await.map_err(protocol)?;
         }
@@ -218,7 +252,9 @@ impl ServerConn {
 
     pub fn record_parameter(&mut self, frame: &[u8]) {
         let mut f = Fields::of_frame(frame);
-        let (Ok(name), Ok(value)) = (f.cstr_bytes(), f.cstr_bytes()) else { return };
+        let (Ok(name), Ok(value)) = (f.cstr_bytes(), f.cstr_bytes()) else {
+            return;
+        };
         let name = String::from_utf8_lossy(name).into_owned();
         let value = String::from_utf8_lossy(value).into_owned();
         match self.params.iter_mut().find(|(n, _)| *n == name) {
@@ -245,13 +281,26 @@ fn md5_response(user: &str, password: &str, salt: [u8; 4]) -> Option<String> {
     if crate::protocol::auth::ScramVerifier::parse(password).is_some() {
         return None;
     }
-    if let Some(inner) = password.strip_prefix("md5").filter(|_| crate::protocol::auth::is_md5_hash(password)) {
+    if let Some(inner) = password
+        .strip_prefix("md5")
+        .filter(|_| crate::protocol::auth::is_md5_hash(password))
+    {
         use md5::Digest;
         let mut h = md5::Md5::new();
         h.update(inner.as_bytes());
         h.update(salt);
         let digest = h.finalize();
-        return Some(format!("md5{}", digest.iter().map(|b| format!("{b:02x}")).collect::<String>()));
+        return Some(format!(
+            "md5{}",
+            digest
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>()
+        ));
     }
-    Some(postgres_protocol::authentication::md5_hash(user.as_bytes(), password.as_bytes(), salt))
+    Some(postgres_protocol::authentication::md5_hash(
+        user.as_bytes(),
+        password.as_bytes(),
+        salt,
+    ))
 }

@@ -120,14 +120,22 @@ pub enum ScramError {
 
 impl ScramServer {
     /// Consumes the client-first-message and returns the server-first-message.
-    pub fn start(verifier: ScramVerifier, client_first: &[u8]) -> Result<(Self, String), ScramError> {
-        let text = std::str::from_utf8(client_first).map_err(|_| ScramError::Malformed("not UTF-8"))?;
+    pub fn start(
+        verifier: ScramVerifier,
+        client_first: &[u8],
+    ) -> Result<(Self, String), ScramError> {
+        let text =
+            std::str::from_utf8(client_first).map_err(|_| ScramError::Malformed("not UTF-8"))?;
         // gs2-header: "n,," or "y,," (no channel binding); "p=" would require TLS.
-        let (cbind, rest) = text.split_once(',').ok_or(ScramError::Malformed("missing gs2 header"))?;
+        let (cbind, rest) = text
+            .split_once(',')
+            .ok_or(ScramError::Malformed("missing gs2 header"))?;
         if cbind != "n" && cbind != "y" {
             return Err(ScramError::Malformed("channel binding is not supported"));
         }
-        let (authzid, bare) = rest.split_once(',').ok_or(ScramError::Malformed("missing gs2 header"))?;
+        let (authzid, bare) = rest
+            .split_once(',')
+            .ok_or(ScramError::Malformed("missing gs2 header"))?;
         let client_nonce = bare
             .split(',')
             .find_map(|attr| attr.strip_prefix("r="))
@@ -154,7 +162,8 @@ impl ScramServer {
 
     /// Checks the client-final-message; returns the server-final-message on success.
     pub fn finish(self, client_final: &[u8]) -> Result<String, ScramError> {
-        let text = std::str::from_utf8(client_final).map_err(|_| ScramError::Malformed("not UTF-8"))?;
+        let text =
+            std::str::from_utf8(client_final).map_err(|_| ScramError::Malformed("not UTF-8"))?;
         let (without_proof, proof) = text
             .rsplit_once(",p=")
             .ok_or(ScramError::Malformed("missing proof"))?;
@@ -174,13 +183,22 @@ impl ScramServer {
         if nonce != Some(self.nonce.as_str()) {
             return Err(ScramError::Malformed("nonce does not match"));
         }
-        let proof = B64.decode(proof).map_err(|_| ScramError::Malformed("proof is not base64"))?;
+        let proof = B64
+            .decode(proof)
+            .map_err(|_| ScramError::Malformed("proof is not base64"))?;
         if proof.len() != 32 {
             return Err(ScramError::WrongProof);
         }
-        let auth_message = format!("{},{},{}", self.client_first_bare, self.server_first, without_proof);
+        let auth_message = format!(
+            "{},{},{}",
+            self.client_first_bare, self.server_first, without_proof
+        );
         let client_signature = hmac(&self.verifier.stored_key, auth_message.as_bytes());
-        let client_key: Vec<u8> = proof.iter().zip(client_signature.iter()).map(|(p, s)| p ^ s).collect();
+        let client_key: Vec<u8> = proof
+            .iter()
+            .zip(client_signature.iter())
+            .map(|(p, s)| p ^ s)
+            .collect();
         let stored = Sha256::digest(&client_key);
         if !constant_time_eq(stored.as_slice(), &self.verifier.stored_key) {
             return Err(ScramError::WrongProof);
@@ -228,7 +246,11 @@ mod tests {
         let salt = [1, 2, 3, 4];
         let response = postgres_protocol::authentication::md5_hash(b"bob", b"pw", salt);
         assert!(md5_response_matches(&stored, salt, response.as_bytes()));
-        assert!(!md5_response_matches(&stored, [0, 0, 0, 0], response.as_bytes()));
+        assert!(!md5_response_matches(
+            &stored,
+            [0, 0, 0, 0],
+            response.as_bytes()
+        ));
     }
 
     #[test]

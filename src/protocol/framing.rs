@@ -38,6 +38,11 @@ impl<R: AsyncRead + Unpin> MessageReader<R> {
         self.buf.len()
     }
 
+    /// The bytes received but not yet returned as frames.
+    pub fn peek_buffered(&self) -> &[u8] {
+        &self.buf
+    }
+
     /// Returns the next complete tagged frame already in the buffer, if any.
     pub fn next_frame(&mut self) -> Result<Option<BytesMut>, ProtocolError> {
         if self.buf.len() < 5 {
@@ -128,16 +133,25 @@ mod tests {
         assert_eq!(&first[..], &data[..7]);
         let second = reader.read_frame().await.unwrap();
         assert_eq!(&second[..], b"S\0\0\0\x04");
-        assert!(matches!(reader.read_frame().await, Err(ProtocolError::Closed)));
+        assert!(matches!(
+            reader.read_frame().await,
+            Err(ProtocolError::Closed)
+        ));
     }
 
     #[tokio::test]
     async fn rejects_bad_lengths() {
         let data: &[u8] = &[b'Q', 0, 0, 0, 2];
         let mut reader = MessageReader::new(data, 1024);
-        assert!(matches!(reader.read_frame().await, Err(ProtocolError::Violation(_))));
+        assert!(matches!(
+            reader.read_frame().await,
+            Err(ProtocolError::Violation(_))
+        ));
         let big: &[u8] = &[b'Q', 0x7f, 0, 0, 0];
         let mut reader = MessageReader::new(big, 1024);
-        assert!(matches!(reader.read_frame().await, Err(ProtocolError::Violation(_))));
+        assert!(matches!(
+            reader.read_frame().await,
+            Err(ProtocolError::Violation(_))
+        ));
     }
 }

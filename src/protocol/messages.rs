@@ -304,7 +304,9 @@ pub fn parse_error_fields(frame: &[u8]) -> ErrorFields {
         if kind == 0 {
             break;
         }
-        let Ok(value) = fields.cstr_bytes() else { break };
+        let Ok(value) = fields.cstr_bytes() else {
+            break;
+        };
         let value = String::from_utf8_lossy(value).into_owned();
         match kind {
             b'V' => out.severity = value,

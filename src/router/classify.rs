@@ -57,7 +57,9 @@ fn classify_statement(statement: &Statement) -> Decision {
     match statement {
         Statement::Query(query) => classify_query(query),
         Statement::ShowVariable { .. } | Statement::ShowVariables { .. } => Decision::replica(),
-        Statement::Explain { statement, analyze, .. } => {
+        Statement::Explain {
+            statement, analyze, ..
+        } => {
             let inner = classify_statement(statement);
             // EXPLAIN without ANALYZE only plans, but a replica cannot plan every write
             // (e.g. on unlogged tables), so writes stay on the primary either way.
@@ -80,18 +82,31 @@ fn classify_statement(statement: &Statement) -> Decision {
             }
         }
         Statement::StartTransaction { modes, .. } => {
-            let read_only = modes
-                .iter()
-                .any(|m| matches!(m, TransactionMode::AccessMode(TransactionAccessMode::ReadOnly)));
+            let read_only = modes.iter().any(|m| {
+                matches!(
+                    m,
+                    TransactionMode::AccessMode(TransactionAccessMode::ReadOnly)
+                )
+            });
             // Hot standby refuses SERIALIZABLE, so such transactions need the primary.
             let serializable = modes.iter().any(|m| {
-                matches!(m, TransactionMode::IsolationLevel(TransactionIsolationLevel::Serializable))
+                matches!(
+                    m,
+                    TransactionMode::IsolationLevel(TransactionIsolationLevel::Serializable)
+                )
             });
-            let mut d = if read_only && !serializable { Decision::replica() } else { Decision::primary() };
+            let mut d = if read_only && !serializable {
+                Decision::replica()
+            } else {
+                Decision::primary()
+            };
             d.tx = TxEffect::Begin;
             d
         }
-        Statement::Commit { .. } | Statement::Rollback { savepoint: None, .. } => {
+        Statement::Commit { .. }
+        | Statement::Rollback {
+            savepoint: None, ..
+        } => {
             let mut d = Decision::replica();
             d.tx = TxEffect::End;
             d
@@ -145,7 +160,11 @@ fn classify_statement(statement: &Statement) -> Decision {
 
 impl Decision {
     fn with_route_of(other: &Decision) -> Decision {
-        if other.route == Route::Replica { Decision::replica() } else { Decision::primary() }
+        if other.route == Route::Replica {
+            Decision::replica()
+        } else {
+            Decision::primary()
+        }
     }
 }
 
@@ -230,13 +249,25 @@ fn check_set_expr(body: &SetExpr, decision: &mut Decision) {
 fn classify_set(set: &Set) -> Decision {
     let mut d = Decision::replica();
     match set {
-        Set::SingleAssignment { scope, variable, values, .. } => {
+        Set::SingleAssignment {
+            scope,
+            variable,
+            values,
+            ..
+        } => {
             if matches!(scope, Some(sqlparser::ast::ContextModifier::Local)) {
                 return d;
             }
             let name = parameter_name(variable);
-            let value = values.iter().map(|v| v.to_string()).collect::<Vec<_>>().join(", ");
-            if name == "transaction" || name.starts_with("transaction ") || name == "session characteristics" {
+            let value = values
+                .iter()
+                .map(|v| v.to_string())
+                .collect::<Vec<_>>()
+                .join(", ");
+            if name == "transaction"
+                || name.starts_with("transaction ")
+                || name == "session characteristics"
+            {
                 return d;
             }
             if value.eq_ignore_ascii_case("default") {
@@ -245,7 +276,10 @@ fn classify_set(set: &Set) -> Decision {
                 d.effects.push(SessionEffect::Set { name, value });
             }
         }
-        Set::SetTimeZone { local: false, value } => d.effects.push(SessionEffect::Set {
+        Set::SetTimeZone {
+            local: false,
+            value,
+        } => d.effects.push(SessionEffect::Set {
             name: "timezone".into(),
             value: value.to_string(),
         }),
@@ -254,14 +288,22 @@ fn classify_set(set: &Set) -> Decision {
             name: "client_encoding".into(),
             value: format!("'{}'", charset_name.value.replace('\'', "''")),
         }),
-        Set::SetRole { context_modifier, role_name } => {
-            if !matches!(context_modifier, Some(sqlparser::ast::ContextModifier::Local)) {
+        Set::SetRole {
+            context_modifier,
+            role_name,
+        } => {
+            if !matches!(
+                context_modifier,
+                Some(sqlparser::ast::ContextModifier::Local)
+            ) {
                 match role_name {
                     Some(role) => d.effects.push(SessionEffect::Set {
                         name: "role".into(),
                         value: role.to_string(),
                     }),
-                    None => d.effects.push(SessionEffect::Reset { name: "role".into() }),
+                    None => d.effects.push(SessionEffect::Reset {
+                        name: "role".into(),
+                    }),
                 }
             }
         }
@@ -294,7 +336,9 @@ fn classify_unparsed(sql: &str) -> Decision {
         Some("begin") | Some("start") => d.tx = TxEffect::Begin,
         Some("commit") | Some("end") | Some("abort") => d.tx = TxEffect::End,
         Some("rollback") if !sql.to_ascii_lowercase().contains(" to ") => d.tx = TxEffect::End,
-        Some("declare") if sql.to_ascii_lowercase().contains("with hold") => d.pin = Some("cursor WITH HOLD"),
+        Some("declare") if sql.to_ascii_lowercase().contains("with hold") => {
+            d.pin = Some("cursor WITH HOLD")
+        }
         _ => {}
     }
     d
@@ -317,7 +361,10 @@ fn lexical_pin(sql: &str) -> Option<&'static str> {
     }
     let words: Vec<&str> = lower.split_whitespace().take(3).collect();
     if words.first() == Some(&"create")
-        && words.iter().skip(1).any(|w| *w == "temp" || *w == "temporary")
+        && words
+            .iter()
+            .skip(1)
+            .any(|w| *w == "temp" || *w == "temporary")
     {
         return Some("temporary object");
     }

@@ -19,8 +19,13 @@ pub enum TxEffect {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SessionEffect {
     /// `SET name = value` (session scope). `value` is SQL text, ready to be re-sent.
-    Set { name: String, value: String },
-    Reset { name: String },
+    Set {
+        name: String,
+        value: String,
+    },
+    Reset {
+        name: String,
+    },
     ResetAll,
     /// `DEALLOCATE` / `DISCARD`: the backend's prepared statements are gone.
     ForgetPrepared,

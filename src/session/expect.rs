@@ -13,11 +13,15 @@ pub enum Expect {
     /// A simple query the proxy sent itself (session settings); all of it is swallowed.
     Injected,
     /// A Parse the proxy sent itself; its ParseComplete is swallowed.
-    InjectedParse { id: Option<u64> },
+    InjectedParse {
+        id: Option<u64>,
+    },
     /// A response the proxy writes itself when everything before it has been answered.
     Synthetic(u8),
     /// The client's own Parse of a proxy-named statement.
-    ParseNamed { id: u64 },
+    ParseNamed {
+        id: u64,
+    },
     Parse,
     Bind,
     Describe,
@@ -25,7 +29,9 @@ pub enum Expect {
     Close,
     /// Sync or simple Query: ends at ReadyForQuery; carries the session effects of the
     /// statements in its group, applied once the group succeeded.
-    Ready { effects: Vec<SessionEffect> },
+    Ready {
+        effects: Vec<SessionEffect>,
+    },
     FunctionCall,
 }
 
@@ -33,11 +39,18 @@ impl Expect {
     /// True if the server message `tag` is the last one answering this entry.
     pub fn ends_with(&self, tag: u8) -> bool {
         match self {
-            Expect::Injected | Expect::Ready { .. } | Expect::FunctionCall => tag == msg::READY_FOR_QUERY,
-            Expect::InjectedParse { .. } | Expect::ParseNamed { .. } | Expect::Parse => tag == msg::PARSE_COMPLETE,
+            Expect::Injected | Expect::Ready { .. } | Expect::FunctionCall => {
+                tag == msg::READY_FOR_QUERY
+            }
+            Expect::InjectedParse { .. } | Expect::ParseNamed { .. } | Expect::Parse => {
+                tag == msg::PARSE_COMPLETE
+            }
             Expect::Bind => tag == msg::BIND_COMPLETE,
             Expect::Describe => tag == msg::ROW_DESCRIPTION || tag == msg::NO_DATA,
-            Expect::Execute => matches!(tag, msg::COMMAND_COMPLETE | msg::EMPTY_QUERY | msg::PORTAL_SUSPENDED),
+            Expect::Execute => matches!(
+                tag,
+                msg::COMMAND_COMPLETE | msg::EMPTY_QUERY | msg::PORTAL_SUSPENDED
+            ),
             Expect::Close => tag == msg::CLOSE_COMPLETE,
             Expect::Synthetic(_) => false,
         }
@@ -46,6 +59,9 @@ impl Expect {
     /// Entries that end at ReadyForQuery still get it after an ErrorResponse; the other
     /// extended-protocol entries are abandoned by the server up to the next Sync.
     pub fn survives_error(&self) -> bool {
-        matches!(self, Expect::Injected | Expect::FunctionCall | Expect::Ready { .. })
+        matches!(
+            self,
+            Expect::Injected | Expect::FunctionCall | Expect::Ready { .. }
+        )
     }
 }

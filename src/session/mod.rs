@@ -56,7 +56,10 @@ enum End {
 
 impl End {
     fn fatal(code: &str, message: impl Into<String>) -> End {
-        End::Fatal { code: code.to_string(), message: message.into() }
+        End::Fatal {
+            code: code.to_string(),
+            message: message.into(),
+        }
     }
 }
 
@@ -75,7 +78,11 @@ pub async fn serve_client(shared: Arc<Shared>, stream: TcpStream, peer: SocketAd
     let _ = stream.set_nodelay(true);
     let (read, mut writer) = stream.into_split();
     let mut reader = MessageReader::new(read, MAX_CLIENT_MESSAGE);
-    let startup = tokio::time::timeout(HANDSHAKE_TIMEOUT, startup::handshake(&mut reader, &mut writer, &shared)).await;
+    let startup = tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        startup::handshake(&mut reader, &mut writer, &shared),
+    )
+    .await;
     let login = match startup {
         Err(_) => {
             warn!(%peer, "client did not finish the startup handshake in time");
@@ -97,7 +104,13 @@ pub async fn serve_client(shared: Arc<Shared>, stream: TcpStream, peer: SocketAd
         }
         Ok(Ok(Startup::Login(login))) => login,
     };
-    let Some(project) = shared.topology.load().projects.get(&login.database).cloned() else {
+    let Some(project) = shared
+        .topology
+        .load()
+        .projects
+        .get(&login.database)
+        .cloned()
+    else {
         let message = format!("database \"{}\" does not exist", login.database);
         warn!(%peer, user = %login.user.name, "login refused: {message}");
         refuse(&mut writer, "3D000", &message).await;
@@ -105,7 +118,15 @@ pub async fn serve_client(shared: Arc<Shared>, stream: TcpStream, peer: SocketAd
     };
     let (key_pid, key_secret, cancel_slot) = shared.cancels.register();
     info!(%peer, user = %login.user.name, project = %project.name, "client connected");
-    let mut session = Session::new(shared.clone(), reader, writer, login, project, cancel_slot, (key_pid, key_secret));
+    let mut session = Session::new(
+        shared.clone(),
+        reader,
+        writer,
+        login,
+        project,
+        cancel_slot,
+        (key_pid, key_secret),
+    );
     let end = session.run().await;
     session.finish(end).await;
     shared.cancels.unregister(key_pid, key_secret);
@@ -211,7 +232,11 @@ impl Session {
 
     /// The held server must stay with this client (its state lives there).
     fn is_sticky(&self) -> bool {
-        self.session_mode || self.pinned.is_some() || self.tx_status != b'I' || self.mid_batch || self.copy_in
+        self.session_mode
+            || self.pinned.is_some()
+            || self.tx_status != b'I'
+            || self.mid_batch
+            || self.copy_in
     }
 
     async fn run(&mut self) -> Result<(), End> {
@@ -255,7 +280,10 @@ impl Session {
             self.server_out.clear();
         }
         if !self.client_out.is_empty() {
-            self.writer.write_all(&self.client_out).await.map_err(End::ClientIo)?;
+            self.writer
+                .write_all(&self.client_out)
+                .await
+                .map_err(End::ClientIo)?;
             self.client_out.clear();
         }
         Ok(())
@@ -277,18 +305,36 @@ impl Session {
                 Err(e) => last_error = Some(e),
             }
         }
-        if let Some(e) = last_error.or_else(|| self.server.is_none().then(|| BackendError::Timeout("no node configured".into()))) {
-            return Err(End::fatal(e.sqlstate(), format!("no server of project \"{}\" is available: {e}", self.project.name)));
+        if let Some(e) = last_error.or_else(|| {
+            self.server
+                .is_none()
+                .then(|| BackendError::Timeout("no node configured".into()))
+        }) {
+            return Err(End::fatal(
+                e.sqlstate(),
+                format!(
+                    "no server of project \"{}\" is available: {e}",
+                    self.project.name
+                ),
+            ));
         }
         self.prepare_server();
         let Some(held) = self.server.as_mut() else {
             return Err(End::fatal("08006", "no server available"));
         };
         if !self.server_out.is_empty() {
-            held.conn.send(&self.server_out).await.map_err(|e| End::fatal("08006", e.to_string()))?;
+            held.conn
+                .send(&self.server_out)
+                .await
+                .map_err(|e| End::fatal("08006", e.to_string()))?;
             self.server_out.clear();
             while !self.expect.is_empty() {
-                let frame = held.conn.reader.read_frame().await.map_err(|e| End::fatal("08006", e.to_string()))?;
+                let frame = held
+                    .conn
+                    .reader
+                    .read_frame()
+                    .await
+                    .map_err(|e| End::fatal("08006", e.to_string()))?;
                 match frame[0] {
                     msg::PARAMETER_STATUS => held.conn.record_parameter(&frame),
                     msg::ERROR_RESPONSE => {
@@ -296,7 +342,10 @@ impl Session {
                         let fields = msg::parse_error_fields(&frame);
                         held.conn.needs_reset = true;
                         self.expect.clear();
-                        return Err(End::Fatal { code: fields.code, message: fields.message });
+                        return Err(End::Fatal {
+                            code: fields.code,
+                            message: fields.message,
+                        });
                     }
                     msg::READY_FOR_QUERY => {
                         self.expect.pop_front();
@@ -317,7 +366,11 @@ impl Session {
     }
 
     fn attach(&mut self, node: Arc<Node>, conn: Pooled) {
-        self.cancel_slot.set(Some(CancelTarget { addr: conn.addr.clone(), pid: conn.pid, secret: conn.secret }));
+        self.cancel_slot.set(Some(CancelTarget {
+            addr: conn.addr.clone(),
+            pid: conn.pid,
+            secret: conn.secret,
+        }));
         self.server = Some(Held { node, conn });
     }
 
@@ -325,7 +378,7 @@ impl Session {
         if let Some(mut held) = self.server.take() {
             if held.conn.reader.buffered() > 0 {
                 // Unread bytes mean the proxy lost track of this connection's state.
-                warn!(node = %held.node.name, "server connection had unexpected data; discarding it");
+                warn!(node = %held.node.name, buffered = ?&held.conn.reader.peek_buffered()[..held.conn.reader.buffered().min(40)], "server connection had unexpected data; discarding it");
                 held.conn.broken = true;
             }
             self.cancel_slot.set(None);
@@ -344,7 +397,9 @@ impl Session {
 
     /// SQL that brings the held server's session state in line with this client's.
     fn sync_sql(&mut self) -> String {
-        let Some(held) = self.server.as_mut() else { return String::new() };
+        let Some(held) = self.server.as_mut() else {
+            return String::new();
+        };
         let conn = &mut *held.conn;
         let mut sql = String::new();
         if conn.needs_reset {
@@ -372,13 +427,37 @@ impl Session {
     fn take_client_frames(&mut self) -> Result<(), End> {
         while let Some(frame) = self.client.next_frame()? {
             if self.copy_in {
-                // COPY FROM STDIN: data (and the Sync some drivers send with it) goes
-                // straight to the server until it reports the end of the copy.
+                // COPY FROM STDIN: data goes straight to the server; CopyDone or CopyFail
+                // ends it, and what follows is routed as usual.
+                if matches!(frame[0], msg::COPY_DONE | msg::COPY_FAIL) {
+                    self.copy_in = false;
+                }
                 self.server_out.extend_from_slice(&frame);
                 continue;
             }
-            if frame[0] == msg::TERMINATE {
-                return Err(End::ClientGone);
+            match frame[0] {
+                msg::TERMINATE => return Err(End::ClientGone),
+                msg::QUERY
+                | msg::PARSE
+                | msg::BIND
+                | msg::DESCRIBE
+                | msg::EXECUTE
+                | msg::CLOSE
+                | msg::SYNC
+                | msg::FLUSH
+                | msg::FUNCTION_CALL
+                | msg::COPY_DATA
+                | msg::COPY_DONE
+                | msg::COPY_FAIL => {}
+                other => {
+                    return Err(End::fatal(
+                        "08P01",
+                        format!(
+                            "invalid frontend message type '{}'",
+                            crate::protocol::framing::printable_tag(other)
+                        ),
+                    ));
+                }
             }
             self.pending.push_back(frame);
         }
@@ -388,7 +467,10 @@ impl Session {
     /// Number of pending messages that form the next complete unit.
     fn next_unit_len(&self) -> Option<usize> {
         let end = self.pending.iter().position(|f| {
-            matches!(f[0], msg::SYNC | msg::QUERY | msg::FUNCTION_CALL | msg::FLUSH)
+            matches!(
+                f[0],
+                msg::SYNC | msg::QUERY | msg::FUNCTION_CALL | msg::FLUSH
+            )
         });
         match end {
             Some(i) => Some(i + 1),
@@ -414,7 +496,9 @@ impl Session {
                     return Ok(());
                 }
             }
-            let Some(len) = self.next_unit_len() else { return Ok(()) };
+            let Some(len) = self.next_unit_len() else {
+                return Ok(());
+            };
             let unit: Vec<BytesMut> = self.pending.drain(..len).collect();
             match self.dispatch(unit).await? {
                 Dispatch::Done => {}
@@ -434,7 +518,9 @@ impl Session {
         let mut parsed_unnamed: Option<Arc<Decision>> = None;
         for frame in unit {
             let d = match frame[0] {
-                msg::QUERY => Some(self.decide(Fields::of_frame(frame).cstr_bytes().unwrap_or(b""))),
+                msg::QUERY => {
+                    Some(self.decide(Fields::of_frame(frame).cstr_bytes().unwrap_or(b"")))
+                }
                 msg::PARSE => {
                     let mut f = Fields::of_frame(frame);
                     let name = f.cstr_bytes().unwrap_or(b"");
@@ -448,7 +534,9 @@ impl Session {
                     let mut f = Fields::of_frame(frame);
                     let _portal = f.cstr_bytes();
                     match f.cstr() {
-                        Ok("") => parsed_unnamed.clone().or_else(|| self.unnamed.as_ref().map(|s| s.decision.clone())),
+                        Ok("") => parsed_unnamed
+                            .clone()
+                            .or_else(|| self.unnamed.as_ref().map(|s| s.decision.clone())),
                         Ok(name) => self.statements.get(name).map(|s| s.decision.clone()),
                         Err(_) => None,
                     }
@@ -472,7 +560,10 @@ impl Session {
     }
 
     async fn dispatch(&mut self, unit: Vec<BytesMut>) -> Result<Dispatch, End> {
-        if unit.iter().all(|f| matches!(f[0], msg::COPY_DATA | msg::COPY_DONE | msg::COPY_FAIL)) {
+        if unit
+            .iter()
+            .all(|f| matches!(f[0], msg::COPY_DATA | msg::COPY_DONE | msg::COPY_FAIL))
+        {
             // Leftovers of a COPY the server already ended; Postgres drops them too.
             return Ok(Dispatch::Done);
         }
@@ -482,13 +573,24 @@ impl Session {
             route = Route::Primary;
         }
         match &self.server {
-            Some(held) if !self.is_sticky() && route == Route::Primary && held.node.role != Role::Primary => {
+            Some(held)
+                if !self.is_sticky()
+                    && route == Route::Primary
+                    && held.node.role != Role::Primary =>
+            {
                 return Ok(Dispatch::Later(unit));
             }
             Some(_) => {}
             None => {
                 if let Err(e) = self.acquire(route).await {
-                    self.unit_failed(&unit, e.sqlstate(), &format!("no server available for project \"{}\": {e}", self.project.name));
+                    self.unit_failed(
+                        &unit,
+                        e.sqlstate(),
+                        &format!(
+                            "no server available for project \"{}\": {e}",
+                            self.project.name
+                        ),
+                    );
                     return Ok(Dispatch::Done);
                 }
             }
@@ -500,7 +602,11 @@ impl Session {
             }
         }
         if let Some(held) = &self.server {
-            let counter = if route == Route::Primary { &held.node.stats.writes } else { &held.node.stats.reads };
+            let counter = if route == Route::Primary {
+                &held.node.stats.writes
+            } else {
+                &held.node.stats.reads
+            };
             counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
         self.prepare_server();
@@ -515,7 +621,11 @@ impl Session {
     /// the primary, so a replica that is down costs the client nothing.
     async fn acquire(&mut self, route: Route) -> Result<(), BackendError> {
         let project = self.project.clone();
-        let mut nodes = if route == Route::Replica { project.read_candidates() } else { Vec::new() };
+        let mut nodes = if route == Route::Replica {
+            project.read_candidates()
+        } else {
+            Vec::new()
+        };
         nodes.extend(project.primary().cloned());
         let mut last_error = BackendError::Timeout("no node available".into());
         for node in nodes {
@@ -537,7 +647,9 @@ impl Session {
     fn unit_failed(&mut self, unit: &[BytesMut], code: &str, message: &str) {
         msg::error_response(&mut self.client_out, "ERROR", code, message);
         match unit.last().map(|f| f[0]) {
-            Some(msg::SYNC | msg::QUERY | msg::FUNCTION_CALL) => msg::ready_for_query(&mut self.client_out, b'I'),
+            Some(msg::SYNC | msg::QUERY | msg::FUNCTION_CALL) => {
+                msg::ready_for_query(&mut self.client_out, b'I')
+            }
             _ => self.skip_until_sync = true,
         }
     }
@@ -554,18 +666,33 @@ impl Session {
 
     /// Makes sure the held server has `statement`, injecting a Parse if it does not.
     fn ensure_prepared(&mut self, statement: &PreparedStatement) {
-        let Some(held) = self.server.as_mut() else { return };
+        let Some(held) = self.server.as_mut() else {
+            return;
+        };
         if held.conn.prepared.insert(statement.id) {
-            msg::parse_with_name(&mut self.server_out, &statement.server_name, &statement.tail);
-            self.expect.push_back(Expect::InjectedParse { id: Some(statement.id) });
+            msg::parse_with_name(
+                &mut self.server_out,
+                &statement.server_name,
+                &statement.tail,
+            );
+            self.expect.push_back(Expect::InjectedParse {
+                id: Some(statement.id),
+            });
         }
     }
 
-    fn forward_client_frame(&mut self, frame: BytesMut, parsed_unnamed: &mut bool) -> Result<(), End> {
+    fn forward_client_frame(
+        &mut self,
+        frame: BytesMut,
+        parsed_unnamed: &mut bool,
+    ) -> Result<(), End> {
         let tag = frame[0];
         match tag {
             msg::QUERY => {
-                let effects = self.decide(Fields::of_frame(&frame).cstr_bytes().unwrap_or(b"")).effects.clone();
+                let effects = self
+                    .decide(Fields::of_frame(&frame).cstr_bytes().unwrap_or(b""))
+                    .effects
+                    .clone();
                 self.server_out.extend_from_slice(&frame);
                 self.push_expect(Expect::Ready { effects });
             }
@@ -575,7 +702,10 @@ impl Session {
                 let tail = f.rest();
                 let query = Fields::new(tail).cstr_bytes()?;
                 let query = String::from_utf8_lossy(query);
-                let statement = self.shared.statements.register(tail, &query, &self.shared.cache);
+                let statement = self
+                    .shared
+                    .statements
+                    .register(tail, &query, &self.shared.cache);
                 if name.is_empty() {
                     *parsed_unnamed = true;
                     self.unnamed = Some(statement);
@@ -583,9 +713,16 @@ impl Session {
                     self.push_expect(Expect::Parse);
                 } else {
                     self.statements.insert(name, statement.clone());
-                    let fresh = self.server.as_mut().is_some_and(|h| h.conn.prepared.insert(statement.id));
+                    let fresh = self
+                        .server
+                        .as_mut()
+                        .is_some_and(|h| h.conn.prepared.insert(statement.id));
                     if fresh {
-                        msg::parse_with_name(&mut self.server_out, &statement.server_name, &statement.tail);
+                        msg::parse_with_name(
+                            &mut self.server_out,
+                            &statement.server_name,
+                            &statement.tail,
+                        );
                         self.push_expect(Expect::ParseNamed { id: statement.id });
                     } else {
                         self.push_expect(Expect::Synthetic(msg::PARSE_COMPLETE));
@@ -606,16 +743,24 @@ impl Session {
                         }
                     }
                     if let Some(statement) = &self.unnamed {
-                        self.group_effects.extend(statement.decision.effects.iter().cloned());
+                        self.group_effects
+                            .extend(statement.decision.effects.iter().cloned());
                     }
                     self.server_out.extend_from_slice(&frame);
                 } else if let Some(statement) = self.statements.get(name).cloned() {
                     self.ensure_prepared(&statement);
-                    self.group_effects.extend(statement.decision.effects.iter().cloned());
+                    self.group_effects
+                        .extend(statement.decision.effects.iter().cloned());
                     let mut prefix = Vec::with_capacity(portal.len() + 1);
                     prefix.extend_from_slice(portal);
                     prefix.push(0);
-                    msg::with_replaced_name(&mut self.server_out, msg::BIND, &prefix, &statement.server_name, f.rest());
+                    msg::with_replaced_name(
+                        &mut self.server_out,
+                        msg::BIND,
+                        &prefix,
+                        &statement.server_name,
+                        f.rest(),
+                    );
                 } else {
                     // Unknown to us: the server answers with the proper error.
                     self.server_out.extend_from_slice(&frame);
@@ -629,7 +774,13 @@ impl Session {
                 match (kind, self.statements.get(name).cloned()) {
                     (b'S', Some(statement)) if !name.is_empty() => {
                         self.ensure_prepared(&statement);
-                        msg::with_replaced_name(&mut self.server_out, msg::DESCRIBE, &[b'S'], &statement.server_name, &[]);
+                        msg::with_replaced_name(
+                            &mut self.server_out,
+                            msg::DESCRIBE,
+                            &[b'S'],
+                            &statement.server_name,
+                            &[],
+                        );
                     }
                     _ => self.server_out.extend_from_slice(&frame),
                 }
@@ -666,13 +817,18 @@ impl Session {
             other => {
                 return Err(End::fatal(
                     "08P01",
-                    format!("invalid frontend message type '{}'", crate::protocol::framing::printable_tag(other)),
+                    format!(
+                        "invalid frontend message type '{}'",
+                        crate::protocol::framing::printable_tag(other)
+                    ),
                 ));
             }
         }
         match tag {
             msg::SYNC | msg::QUERY | msg::FUNCTION_CALL => self.mid_batch = false,
-            msg::PARSE | msg::BIND | msg::DESCRIBE | msg::CLOSE | msg::EXECUTE | msg::FLUSH => self.mid_batch = true,
+            msg::PARSE | msg::BIND | msg::DESCRIBE | msg::CLOSE | msg::EXECUTE | msg::FLUSH => {
+                self.mid_batch = true
+            }
             _ => {}
         }
         Ok(())
@@ -682,7 +838,9 @@ impl Session {
 
     fn take_server_frames(&mut self) -> Result<(), End> {
         loop {
-            let Some(held) = self.server.as_mut() else { return Ok(()) };
+            let Some(held) = self.server.as_mut() else {
+                return Ok(());
+            };
             let frame = match held.conn.reader.next_frame() {
                 Ok(Some(frame)) => frame,
                 Ok(None) => return Ok(()),
@@ -734,7 +892,14 @@ impl Session {
                 if tag == msg::ERROR_RESPONSE {
                     let fields = msg::parse_error_fields(&frame);
                     warn!(user = %self.user.name, "restoring session settings failed: {fields}");
-                    msg::notice_response(&mut self.client_out, "01000", &format!("replicator could not restore a session setting: {}", fields.message));
+                    msg::notice_response(
+                        &mut self.client_out,
+                        "01000",
+                        &format!(
+                            "replicator could not restore a session setting: {}",
+                            fields.message
+                        ),
+                    );
                 } else if tag == msg::READY_FOR_QUERY {
                     self.expect.pop_front();
                 }
@@ -754,9 +919,26 @@ impl Session {
             }
             return Ok(());
         }
+        let ends = front.ends_with(tag);
+        let in_execute = matches!(front, Expect::Execute);
         self.client_out.extend_from_slice(&frame);
         match tag {
-            msg::COPY_IN_RESPONSE => self.copy_in = true,
+            msg::COPY_IN_RESPONSE => {
+                self.copy_in = true;
+                if in_execute {
+                    // Extended protocol: the server ignores the Sync sent with this
+                    // Execute; the client sends another after CopyDone, which is the one
+                    // that gets answered.
+                    if let Some(i) = self
+                        .expect
+                        .iter()
+                        .position(|e| matches!(e, Expect::Ready { .. }))
+                    {
+                        self.expect.remove(i);
+                    }
+                    self.mid_batch = true;
+                }
+            }
             msg::COMMAND_COMPLETE => {
                 self.copy_in = false;
                 if msg::command_tag(&frame) == b"ROLLBACK" {
@@ -765,7 +947,7 @@ impl Session {
             }
             _ => {}
         }
-        if front.ends_with(tag) {
+        if ends {
             let entry = self.expect.pop_front();
             self.emit_synthetics();
             if tag == msg::READY_FOR_QUERY {
@@ -787,7 +969,9 @@ impl Session {
             if matches!(entry, Expect::Ready { .. }) {
                 break;
             }
-            if let Some(Expect::ParseNamed { id } | Expect::InjectedParse { id: Some(id) }) = self.expect.pop_front() {
+            if let Some(Expect::ParseNamed { id } | Expect::InjectedParse { id: Some(id) }) =
+                self.expect.pop_front()
+            {
                 if let Some(held) = self.server.as_mut() {
                     held.conn.prepared.remove(&id);
                 }
@@ -860,7 +1044,11 @@ impl Session {
 
     /// A server message nothing was waiting for: typically a FATAL before shutdown.
     fn unsolicited(&mut self, frame: BytesMut) -> Result<(), End> {
-        let node = self.server.as_ref().map(|h| h.node.name.clone()).unwrap_or_default();
+        let node = self
+            .server
+            .as_ref()
+            .map(|h| h.node.name.clone())
+            .unwrap_or_default();
         if frame[0] == msg::ERROR_RESPONSE {
             let fields = msg::parse_error_fields(&frame);
             warn!(%node, "server sent an error outside any request: {fields}");
@@ -897,10 +1085,14 @@ impl Session {
         if self.tx_status != b'I' || self.pinned.is_some() || self.session_mode {
             return Err(End::fatal(
                 "08006",
-                format!("connection to server \"{node_name}\" was lost: {reason}; the transaction or session state on it is gone"),
+                format!(
+                    "connection to server \"{node_name}\" was lost: {reason}; the transaction or session state on it is gone"
+                ),
             ));
         }
-        let message = format!("connection to server \"{node_name}\" was lost while running the statement: {reason}");
+        let message = format!(
+            "connection to server \"{node_name}\" was lost while running the statement: {reason}"
+        );
         let mut answered = false;
         while let Some(entry) = self.expect.pop_front() {
             if let Expect::Ready { .. } | Expect::FunctionCall = entry {
@@ -937,7 +1129,8 @@ impl Session {
         }
         let _ = self.writer.shutdown().await;
         if let Some(mut held) = self.server.take() {
-            let busy = !self.expect.is_empty() || self.tx_status != b'I' || self.copy_in || self.mid_batch;
+            let busy =
+                !self.expect.is_empty() || self.tx_status != b'I' || self.copy_in || self.mid_batch;
             if busy {
                 // Closing the socket makes the server roll back; cancel first so a long
                 // statement does not keep running until it next writes.
@@ -946,7 +1139,9 @@ impl Session {
                 tokio::spawn(async move {
                     let mut buf = BytesMut::new();
                     msg::cancel_request(&mut buf, target.1, target.2);
-                    if let Ok(mut s) = TcpStream::connect((target.0.host.as_str(), target.0.port)).await {
+                    if let Ok(mut s) =
+                        TcpStream::connect((target.0.host.as_str(), target.0.port)).await
+                    {
                         let _ = s.write_all(&buf).await;
                     }
                 });

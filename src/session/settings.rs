@@ -79,7 +79,12 @@ impl Settings {
 
 /// Quotes a parameter name if it is not a plain identifier (e.g. `myapp.tenant`).
 fn quote_ident(name: &str) -> String {
-    if name.split('.').all(|part| !part.is_empty() && part.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')) {
+    if name.split('.').all(|part| {
+        !part.is_empty()
+            && part
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+    }) {
         name.to_string()
     } else {
         format!("\"{}\"", name.replace('"', "\"\""))
@@ -160,7 +165,10 @@ mod tests {
         let mut b = Settings::default();
         b.set("application_name", "'x'");
         b.set("TimeZone", "'UTC'");
-        assert_eq!(a.transition_sql(&b), "RESET search_path;SET timezone = 'UTC';");
+        assert_eq!(
+            a.transition_sql(&b),
+            "RESET search_path;SET timezone = 'UTC';"
+        );
         assert!(!a.same_as(&b));
         b.remove("timezone");
         b.set("search_path", "app");
@@ -172,7 +180,10 @@ mod tests {
     fn startup_options_are_parsed() {
         let params = vec![
             ("user".to_string(), "u".to_string()),
-            ("options".to_string(), "-c search_path=a\\ b --statement-timeout=5s".to_string()),
+            (
+                "options".to_string(),
+                "-c search_path=a\\ b --statement-timeout=5s".to_string(),
+            ),
             ("application_name".to_string(), "it's".to_string()),
         ];
         let s = from_startup(&params);

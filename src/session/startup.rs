@@ -34,7 +34,10 @@ pub struct Refusal {
 
 impl Refusal {
     fn new(code: &'static str, message: impl Into<String>) -> Self {
-        Self { code, message: message.into() }
+        Self {
+            code,
+            message: message.into(),
+        }
     }
 }
 
@@ -57,7 +60,10 @@ pub async fn handshake(
             msg::SSL_REQUEST | msg::GSSENC_REQUEST => {
                 negotiations += 1;
                 if negotiations > 2 {
-                    return Err(Refusal::new("08P01", "too many encryption negotiation requests"));
+                    return Err(Refusal::new(
+                        "08P01",
+                        "too many encryption negotiation requests",
+                    ));
                 }
                 // No TLS/GSS yet: the client may continue in clear text or give up.
                 writer.write_all(b"N").await.map_err(ProtocolError::from)?;
@@ -80,7 +86,11 @@ pub async fn handshake(
             code => {
                 return Err(Refusal::new(
                     "08P01",
-                    format!("unsupported frontend protocol {}.{}: server supports 3.0", code >> 16, code & 0xffff),
+                    format!(
+                        "unsupported frontend protocol {}.{}: server supports 3.0",
+                        code >> 16,
+                        code & 0xffff
+                    ),
                 ));
             }
         }
@@ -89,15 +99,26 @@ pub async fn handshake(
         .iter()
         .find(|(k, _)| k == "user")
         .map(|(_, v)| v.clone())
-        .ok_or_else(|| Refusal::new("28000", "no PostgreSQL user name specified in startup packet"))?;
+        .ok_or_else(|| {
+            Refusal::new(
+                "28000",
+                "no PostgreSQL user name specified in startup packet",
+            )
+        })?;
     let database = params
         .iter()
         .find(|(k, _)| k == "database")
         .map(|(_, v)| v.clone())
         .filter(|d| !d.is_empty())
         .unwrap_or_else(|| user_name.clone());
-    if params.iter().any(|(k, v)| k == "replication" && !matches!(v.as_str(), "false" | "0" | "off" | "no")) {
-        return Err(Refusal::new("0A000", "replication connections are not supported through the proxy"));
+    if params
+        .iter()
+        .any(|(k, v)| k == "replication" && !matches!(v.as_str(), "false" | "0" | "off" | "no"))
+    {
+        return Err(Refusal::new(
+            "0A000",
+            "replication connections are not supported through the proxy",
+        ));
     }
     let user = shared.users.load().get(&user_name).cloned();
     authenticate(reader, writer, &user_name, user.as_deref()).await?;
@@ -106,7 +127,11 @@ pub async fn handshake(
         .into_iter()
         .filter(|(k, _)| k != "user" && k != "database" && !k.starts_with("_pq_"))
         .collect();
-    Ok(Startup::Login(Login { user, database, params }))
+    Ok(Startup::Login(Login {
+        user,
+        database,
+        params,
+    }))
 }
 
 fn parse_params(packet: &BytesMut) -> Result<Vec<(String, String)>, Refusal> {
@@ -127,9 +152,16 @@ fn parse_params(packet: &BytesMut) -> Result<Vec<(String, String)>, Refusal> {
 }
 
 /// Answers a 3.x (x > 0) client with NegotiateProtocolVersion: we speak 3.0.
-async fn negotiate_version(writer: &mut OwnedWriteHalf, params: &[(String, String)]) -> Result<(), Refusal> {
+async fn negotiate_version(
+    writer: &mut OwnedWriteHalf,
+    params: &[(String, String)],
+) -> Result<(), Refusal> {
     use bytes::BufMut;
-    let unknown: Vec<&str> = params.iter().filter(|(k, _)| k.starts_with("_pq_.")).map(|(k, _)| k.as_str()).collect();
+    let unknown: Vec<&str> = params
+        .iter()
+        .filter(|(k, _)| k.starts_with("_pq_."))
+        .map(|(k, _)| k.as_str())
+        .collect();
     let mut body = BytesMut::new();
     body.put_i32(0);
     body.put_i32(unknown.len() as i32);
@@ -146,7 +178,10 @@ async fn negotiate_version(writer: &mut OwnedWriteHalf, params: &[(String, Strin
 }
 
 fn auth_failed(user: &str) -> Refusal {
-    Refusal::new("28P01", format!("password authentication failed for user \"{user}\""))
+    Refusal::new(
+        "28P01",
+        format!("password authentication failed for user \"{user}\""),
+    )
 }
 
 async fn authenticate(
@@ -181,10 +216,17 @@ async fn authenticate(
             let mut f = Fields::of_frame(&frame);
             let mechanism = f.cstr()?;
             if mechanism != "SCRAM-SHA-256" {
-                return Err(Refusal::new("28000", format!("unsupported SASL mechanism \"{mechanism}\"")));
+                return Err(Refusal::new(
+                    "28000",
+                    format!("unsupported SASL mechanism \"{mechanism}\""),
+                ));
             }
             let len = f.i32()?;
-            let data = if len < 0 { &[][..] } else { f.bytes(len as usize)? };
+            let data = if len < 0 {
+                &[][..]
+            } else {
+                f.bytes(len as usize)?
+            };
             let (server, first) = ScramServer::start(verifier, data)
                 .map_err(|e| Refusal::new("08P01", format!("malformed SCRAM message: {e:?}")))?;
             out.clear();
@@ -213,7 +255,10 @@ async fn read_password(reader: &mut MessageReader<OwnedReadHalf>) -> Result<Byte
     if frame[0] != msg::PASSWORD {
         return Err(Refusal::new(
             "08P01",
-            format!("expected password response, got message '{}'", crate::protocol::framing::printable_tag(frame[0])),
+            format!(
+                "expected password response, got message '{}'",
+                crate::protocol::framing::printable_tag(frame[0])
+            ),
         ));
     }
     Ok(frame)

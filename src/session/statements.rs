@@ -41,7 +41,12 @@ impl Default for StatementRegistry {
 }
 
 impl StatementRegistry {
-    pub fn register(&self, tail: &[u8], query: &str, cache: &DecisionCache) -> Arc<PreparedStatement> {
+    pub fn register(
+        &self,
+        tail: &[u8],
+        query: &str,
+        cache: &DecisionCache,
+    ) -> Arc<PreparedStatement> {
         let mut map = match self.by_tail.lock() {
             Ok(m) => m,
             Err(poisoned) => poisoned.into_inner(),

@@ -70,7 +70,8 @@ pub struct Cluster {
     pub options: ClusterOptions,
 }
 
-fn bindir() -> Result<PathBuf> {
+/// Folder of the PostgreSQL server binaries (initdb, pg_ctl, psql, pgbench...).
+pub fn bindir() -> Result<PathBuf> {
     if let Ok(out) = Command::new("pg_config").arg("--bindir").output() {
         let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
         if dir.join("initdb").exists() {
@@ -78,7 +79,12 @@ fn bindir() -> Result<PathBuf> {
         }
     }
     let mut candidates: Vec<PathBuf> = fs::read_dir("/usr/lib/postgresql")
-        .map(|entries| entries.filter_map(|e| e.ok()).map(|e| e.path().join("bin")).collect())
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok())
+                .map(|e| e.path().join("bin"))
+                .collect()
+        })
         .unwrap_or_default();
     candidates.retain(|p| p.join("initdb").exists());
     candidates.sort_by_key(|p| {
@@ -88,9 +94,11 @@ fn bindir() -> Result<PathBuf> {
             .and_then(|v| v.parse::<u32>().ok())
             .unwrap_or(0)
     });
-    candidates
-        .pop()
-        .ok_or_else(|| anyhow!("PostgreSQL server binaries not found (pg_config --bindir, /usr/lib/postgresql/*/bin)"))
+    candidates.pop().ok_or_else(|| {
+        anyhow!(
+            "PostgreSQL server binaries not found (pg_config --bindir, /usr/lib/postgresql/*/bin)"
+        )
+    })
 }
 
 /// The uid/gid to run servers as: `postgres` when we are root, nobody else otherwise.
@@ -104,7 +112,9 @@ fn server_identity() -> Result<Option<(u32, u32)>> {
         String::from_utf8_lossy(&out.stdout)
             .trim()
             .parse()
-            .map_err(|_| anyhow!("running as root needs a `postgres` system user to run PostgreSQL"))
+            .map_err(|_| {
+                anyhow!("running as root needs a `postgres` system user to run PostgreSQL")
+            })
     };
     Ok(Some((id("-u")?, id("-g")?)))
 }
@@ -127,7 +137,10 @@ fn pid_alive(pid: i32) -> bool {
 }
 
 extern "C" fn stop_live_nodes_at_exit() {
-    let nodes = LIVE_NODES.lock().map(|mut v| std::mem::take(&mut *v)).unwrap_or_default();
+    let nodes = LIVE_NODES
+        .lock()
+        .map(|mut v| std::mem::take(&mut *v))
+        .unwrap_or_default();
     for (bin, data_dir) in nodes {
         let _ = immediate_stop(&bin, &data_dir);
     }
@@ -156,7 +169,9 @@ fn postmaster_pid(data_dir: &Path) -> Option<i32> {
 
 /// Removes clusters whose creating process is gone (killed before it could clean up).
 fn reap_stale(base: &Path, bin: &Path) {
-    let Ok(entries) = fs::read_dir(base) else { return };
+    let Ok(entries) = fs::read_dir(base) else {
+        return;
+    };
     for entry in entries.filter_map(|e| e.ok()) {
         let name = entry.file_name().to_string_lossy().to_string();
         if !name.starts_with(DIR_PREFIX) {
@@ -185,7 +200,10 @@ impl Node {
         }
         cmd.current_dir(self.data_dir.parent().unwrap_or(Path::new("/")));
         cmd.env("PGPASSWORD", SUPERUSER_PASSWORD);
-        cmd.env_remove("PGDATABASE").env_remove("PGUSER").env_remove("PGHOST").env_remove("PGPORT");
+        cmd.env_remove("PGDATABASE")
+            .env_remove("PGUSER")
+            .env_remove("PGHOST")
+            .env_remove("PGPORT");
         cmd
     }
 
@@ -213,21 +231,44 @@ impl Node {
         let port = self.port.to_string();
         let out = self.run(
             "psql",
-            &["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h", &socket, "-p", &port, "-U", SUPERUSER, "-d", database, "-c", sql],
+            &[
+                "-X",
+                "-q",
+                "-A",
+                "-t",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-h",
+                &socket,
+                "-p",
+                &port,
+                "-U",
+                SUPERUSER,
+                "-d",
+                database,
+                "-c",
+                sql,
+            ],
         )?;
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
     }
 
     /// A libpq/tokio-postgres connection string straight to this node.
     pub fn url(&self, user: &str, password: &str, database: &str) -> String {
-        format!("postgresql://{user}:{password}@127.0.0.1:{}/{database}", self.port)
+        format!(
+            "postgresql://{user}:{password}@127.0.0.1:{}/{database}",
+            self.port
+        )
     }
 
     pub fn start(&self) -> Result<()> {
         let log = self.data_dir.with_extension("log");
         let data = self.data_dir.to_string_lossy().to_string();
         let log = log.to_string_lossy().to_string();
-        self.run("pg_ctl", &["-D", &data, "-l", &log, "-w", "-t", "60", "start"])?;
+        self.run(
+            "pg_ctl",
+            &["-D", &data, "-l", &log, "-w", "-t", "60", "start"],
+        )?;
         register_live(&self.bin, &self.data_dir);
         Ok(())
     }
@@ -303,7 +344,20 @@ impl Cluster {
         let data = primary.data_dir.to_string_lossy().to_string();
         primary.run(
             "initdb",
-            &["-D", &data, "-U", SUPERUSER, "--pwfile", &pwfile.to_string_lossy(), "--auth-local=trust", "--auth-host=scram-sha-256", "-E", "UTF8", "--locale=C", "--no-sync"],
+            &[
+                "-D",
+                &data,
+                "-U",
+                SUPERUSER,
+                "--pwfile",
+                &pwfile.to_string_lossy(),
+                "--auth-local=trust",
+                "--auth-host=scram-sha-256",
+                "-E",
+                "UTF8",
+                "--locale=C",
+                "--no-sync",
+            ],
         )?;
         let mut conf = vec![
             "listen_addresses = '127.0.0.1'".to_string(),
@@ -325,9 +379,15 @@ impl Cluster {
         ];
         conf.extend(options.extra_conf.iter().cloned());
         append(&primary.data_dir.join("postgresql.conf"), &conf.join("\n"))?;
-        append(&primary.data_dir.join("postgresql.conf"), &format!("port = {}", ports[0]))?;
+        append(
+            &primary.data_dir.join("postgresql.conf"),
+            &format!("port = {}", ports[0]),
+        )?;
         // Replication from loopback needs no password, so replicas' primary_conninfo stays simple.
-        prepend(&primary.data_dir.join("pg_hba.conf"), "host replication all 127.0.0.1/32 trust\nhost all trust_user 127.0.0.1/32 trust\nhost all md5_user 127.0.0.1/32 md5\nhost all plain_user 127.0.0.1/32 password\n")?;
+        prepend(
+            &primary.data_dir.join("pg_hba.conf"),
+            "host replication all 127.0.0.1/32 trust\nhost all trust_user 127.0.0.1/32 trust\nhost all md5_user 127.0.0.1/32 md5\nhost all plain_user 127.0.0.1/32 password\n",
+        )?;
         primary.start()?;
 
         let user = options.user.replace('"', "");
@@ -341,11 +401,14 @@ impl Cluster {
                  CREATE ROLE trust_user LOGIN;"
             ),
         )?;
-        primary.psql("postgres", &format!("CREATE DATABASE \"{}\" OWNER \"{user}\"", options.database.replace('"', "")))?;
         primary.psql(
-            &options.database,
-            "GRANT ALL ON SCHEMA public TO PUBLIC",
+            "postgres",
+            &format!(
+                "CREATE DATABASE \"{}\" OWNER \"{user}\"",
+                options.database.replace('"', "")
+            ),
         )?;
+        primary.psql(&options.database, "GRANT ALL ON SCHEMA public TO PUBLIC")?;
 
         let mut replicas = Vec::new();
         for i in 0..options.replicas {
@@ -353,13 +416,35 @@ impl Cluster {
             let rdata = replica.data_dir.to_string_lossy().to_string();
             replica.run(
                 "pg_basebackup",
-                &["-h", "127.0.0.1", "-p", &ports[0].to_string(), "-U", SUPERUSER, "-D", &rdata, "-R", "-X", "stream", "-c", "fast"],
+                &[
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &ports[0].to_string(),
+                    "-U",
+                    SUPERUSER,
+                    "-D",
+                    &rdata,
+                    "-R",
+                    "-X",
+                    "stream",
+                    "-c",
+                    "fast",
+                ],
             )?;
-            append(&replica.data_dir.join("postgresql.conf"), &format!("port = {}", ports[i + 1]))?;
+            append(
+                &replica.data_dir.join("postgresql.conf"),
+                &format!("port = {}", ports[i + 1]),
+            )?;
             replica.start()?;
             replicas.push(replica);
         }
-        let cluster = Cluster { dir, primary, replicas, options };
+        let cluster = Cluster {
+            dir,
+            primary,
+            replicas,
+            options,
+        };
         cluster.wait_streaming(Duration::from_secs(30))?;
         Ok(cluster)
     }
@@ -371,7 +456,10 @@ impl Cluster {
         loop {
             let streaming: usize = self
                 .primary
-                .psql("postgres", "SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming'")
+                .psql(
+                    "postgres",
+                    "SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming'",
+                )
                 .ok()
                 .and_then(|s| s.parse().ok())
                 .unwrap_or(0);
@@ -387,12 +475,17 @@ impl Cluster {
 
     /// Waits until every running replica has replayed the primary's current WAL position.
     pub fn wait_caught_up(&self, timeout: Duration) -> Result<()> {
-        let lsn = self.primary.psql("postgres", "SELECT pg_current_wal_lsn()")?;
+        let lsn = self
+            .primary
+            .psql("postgres", "SELECT pg_current_wal_lsn()")?;
         let deadline = Instant::now() + timeout;
         for replica in self.replicas.iter().filter(|r| r.is_running()) {
             loop {
                 let done = replica
-                    .psql("postgres", &format!("SELECT pg_last_wal_replay_lsn() >= '{lsn}'::pg_lsn"))
+                    .psql(
+                        "postgres",
+                        &format!("SELECT pg_last_wal_replay_lsn() >= '{lsn}'::pg_lsn"),
+                    )
                     .map(|s| s == "t")
                     .unwrap_or(false);
                 if done {
@@ -420,7 +513,9 @@ impl Cluster {
             o.database,
         );
         let mut nodes = vec![("master", "primary", &self.primary)];
-        let names: Vec<String> = (1..=self.replicas.len()).map(|i| format!("slave-{i}")).collect();
+        let names: Vec<String> = (1..=self.replicas.len())
+            .map(|i| format!("slave-{i}"))
+            .collect();
         for (i, r) in self.replicas.iter().enumerate() {
             nodes.push((names[i].as_str(), "replica", r));
         }
@@ -435,7 +530,9 @@ impl Cluster {
     }
 
     pub fn stop_all(&mut self) {
-        let nodes: Vec<Node> = std::iter::once(self.primary.clone()).chain(self.replicas.iter().cloned()).collect();
+        let nodes: Vec<Node> = std::iter::once(self.primary.clone())
+            .chain(self.replicas.iter().cloned())
+            .collect();
         for node in nodes {
             let _ = immediate_stop(&node.bin, &node.data_dir);
             if let Ok(mut live) = LIVE_NODES.lock() {

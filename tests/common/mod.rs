@@ -40,7 +40,15 @@ pub fn config_text(cluster: &Cluster, project_extra: &str, proxy_extra: &str) ->
 }
 
 pub async fn start_proxy_with(text: &str) -> Proxy {
-    let config = Config::parse(text).unwrap_or_else(|e| panic!("invalid test config: {e:?}\n{text}"));
+    // Proxy logs show up with the failing test's output (RUST_LOG=debug for more).
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_test_writer()
+        .try_init();
+    let config =
+        Config::parse(text).unwrap_or_else(|e| panic!("invalid test config: {e:?}\n{text}"));
     Proxy::start(config, None).await.expect("start proxy")
 }
 
@@ -49,7 +57,10 @@ pub async fn start_proxy(project_extra: &str, proxy_extra: &str) -> Proxy {
 }
 
 pub fn proxy_url(proxy: &Proxy, user: &str, password: &str, database: &str) -> String {
-    format!("postgresql://{user}:{password}@127.0.0.1:{}/{database}", proxy.addr.port())
+    format!(
+        "postgresql://{user}:{password}@127.0.0.1:{}/{database}",
+        proxy.addr.port()
+    )
 }
 
 pub async fn connect(url: &str) -> Result<Client, tokio_postgres::Error> {
@@ -61,15 +72,21 @@ pub async fn connect(url: &str) -> Result<Client, tokio_postgres::Error> {
 }
 
 pub async fn app_client(proxy: &Proxy) -> Client {
-    connect(&proxy_url(proxy, "app", "secret", "app")).await.expect("connect through proxy")
+    connect(&proxy_url(proxy, "app", "secret", "app"))
+        .await
+        .expect("connect through proxy")
 }
 
 /// A superuser connection straight to the primary, for setup and checks.
 pub async fn primary_client() -> Client {
     let c = cluster();
-    connect(&c.primary.url(replicator::testbed::SUPERUSER, replicator::testbed::SUPERUSER_PASSWORD, "app"))
-        .await
-        .expect("connect to primary")
+    connect(&c.primary.url(
+        replicator::testbed::SUPERUSER,
+        replicator::testbed::SUPERUSER_PASSWORD,
+        "app",
+    ))
+    .await
+    .expect("connect to primary")
 }
 
 pub fn replica_ports() -> Vec<u16> {
@@ -91,9 +108,13 @@ pub async fn create_table(name: &str, columns: &str) {
 }
 
 pub async fn wait_replicas() {
-    tokio::task::spawn_blocking(|| cluster().wait_caught_up(Duration::from_secs(20)).expect("replicas catch up"))
-        .await
-        .expect("join");
+    tokio::task::spawn_blocking(|| {
+        cluster()
+            .wait_caught_up(Duration::from_secs(20))
+            .expect("replicas catch up")
+    })
+    .await
+    .expect("join");
 }
 
 /// Port of the server that answered, and whether it is a replica.

@@ -64,7 +64,10 @@ fn transactions_are_recognised() {
     let ro = classify("BEGIN READ ONLY");
     assert_eq!(ro.tx, TxEffect::Begin);
     assert_eq!(ro.route, Route::Replica);
-    assert_eq!(classify("START TRANSACTION READ ONLY").route, Route::Replica);
+    assert_eq!(
+        classify("START TRANSACTION READ ONLY").route,
+        Route::Replica
+    );
     assert_eq!(classify("COMMIT").tx, TxEffect::End);
     assert_eq!(classify("ROLLBACK").tx, TxEffect::End);
     assert_eq!(classify("ROLLBACK TO SAVEPOINT a").tx, TxEffect::None);
@@ -95,30 +98,56 @@ fn session_state_that_cannot_move_pins() {
 fn set_statements_become_session_effects() {
     assert_eq!(
         classify("SET search_path TO app, public").effects,
-        vec![SessionEffect::Set { name: "search_path".into(), value: "app, public".into() }]
+        vec![SessionEffect::Set {
+            name: "search_path".into(),
+            value: "app, public".into()
+        }]
     );
     assert_eq!(
         classify("SET statement_timeout = '5s'").effects,
-        vec![SessionEffect::Set { name: "statement_timeout".into(), value: "'5s'".into() }]
+        vec![SessionEffect::Set {
+            name: "statement_timeout".into(),
+            value: "'5s'".into()
+        }]
     );
     assert_eq!(
         classify("SET TIME ZONE 'UTC'").effects,
-        vec![SessionEffect::Set { name: "timezone".into(), value: "'UTC'".into() }]
+        vec![SessionEffect::Set {
+            name: "timezone".into(),
+            value: "'UTC'".into()
+        }]
     );
-    assert!(classify("SET LOCAL statement_timeout = 1").effects.is_empty());
+    assert!(
+        classify("SET LOCAL statement_timeout = 1")
+            .effects
+            .is_empty()
+    );
     assert_eq!(classify("RESET ALL").effects, vec![SessionEffect::ResetAll]);
     assert_eq!(
         classify("RESET search_path").effects,
-        vec![SessionEffect::Reset { name: "search_path".into() }]
+        vec![SessionEffect::Reset {
+            name: "search_path".into()
+        }]
     );
-    assert!(classify("DISCARD ALL").effects.contains(&SessionEffect::ForgetPrepared));
-    assert!(classify("DEALLOCATE ALL").effects.contains(&SessionEffect::ForgetPrepared));
+    assert!(
+        classify("DISCARD ALL")
+            .effects
+            .contains(&SessionEffect::ForgetPrepared)
+    );
+    assert!(
+        classify("DEALLOCATE ALL")
+            .effects
+            .contains(&SessionEffect::ForgetPrepared)
+    );
 }
 
 #[test]
 fn hints_override_the_route() {
     assert_eq!(route("/* replicator: primary */ SELECT 1"), Route::Primary);
-    assert_eq!(route("  /*replicator:replica*/ SELECT my_func()"), Route::Replica);
+    assert_eq!(
+        route("  /*replicator:replica*/ SELECT my_func()"),
+        Route::Replica
+    );
     assert_eq!(route("/* other comment */ SELECT 1"), Route::Replica);
     assert!(classify("/* replicator: primary */ SELECT 1").hinted);
 }

@@ -1,0 +1,444 @@
+//! The wire protocol at its edges: COPY, large results, errors, cancel, authentication,
+//! unreachable nodes, and malformed input that must never hang or crash the proxy.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use bytes::{BufMut, BytesMut};
+use common::*;
+use futures_util::{SinkExt, StreamExt, pin_mut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+#[tokio::test]
+async fn copy_in_and_out_pass_through_intact() {
+    let proxy = start_proxy("", "").await;
+    let client = app_client(&proxy).await;
+    create_table("proto_copy", "id int, payload text").await;
+    let sink = client.copy_in("COPY proto_copy FROM STDIN").await.unwrap();
+    pin_mut!(sink);
+    let mut expected = 0i64;
+    for chunk in 0..20 {
+        let mut buf = BytesMut::new();
+        for i in 0..1000 {
+            let id = chunk * 1000 + i;
+            expected += id as i64;
+            buf.put_slice(format!("{id}\trow-{id}-{}\n", "x".repeat(50)).as_bytes());
+        }
+        sink.send(buf.freeze()).await.unwrap();
+    }
+    assert_eq!(sink.finish().await.unwrap(), 20_000);
+
+    let stream = client
+        .copy_out("/* replicator: primary */ COPY proto_copy TO STDOUT")
+        .await
+        .unwrap();
+    pin_mut!(stream);
+    let mut data = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        data.extend_from_slice(&chunk.unwrap());
+    }
+    let text = String::from_utf8(data).unwrap();
+    let sum: i64 = text
+        .lines()
+        .map(|l| l.split('\t').next().unwrap().parse::<i64>().unwrap())
+        .sum();
+    assert_eq!(text.lines().count(), 20_000);
+    assert_eq!(sum, expected);
+
+    // COPY through the simple protocol with psql, both directions.
+    let url = proxy_url(&proxy, "app", "secret", "app");
+    let out = tokio::process::Command::new(replicator::testbed::bindir().unwrap().join("psql"))
+        .args([
+            &url,
+            "-X",
+            "-q",
+            "-c",
+            "COPY (SELECT g, md5(g::text) FROM generate_series(1, 5000) g) TO STDOUT",
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 5000);
+
+    // A failing COPY leaves the connection usable.
+    let sink = client.copy_in("COPY proto_copy FROM STDIN").await.unwrap();
+    pin_mut!(sink);
+    sink.send(bytes::Bytes::from_static(b"not-a-number\tx\n"))
+        .await
+        .unwrap();
+    assert!(sink.finish().await.is_err());
+    assert_eq!(
+        client
+            .query_one("SELECT 1", &[])
+            .await
+            .unwrap()
+            .get::<_, i32>(0),
+        1
+    );
+}
+
+#[tokio::test]
+async fn large_results_and_errors_mid_stream() {
+    let proxy = start_proxy("", "").await;
+    let client = app_client(&proxy).await;
+    let rows = client
+        .query(
+            "SELECT g, repeat('y', 100) FROM generate_series(1, 200000) g",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 200_000);
+    assert_eq!(rows[199_999].get::<_, i32>(0), 200_000);
+    let big: String = client
+        .query_one("SELECT repeat('z', 8000000)", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(big.len(), 8_000_000);
+
+    // The error arrives after thousands of rows were already sent.
+    let err = client
+        .query(
+            "SELECT 1 / (5000 - g) FROM generate_series(1, 10000) g",
+            &[],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        Some(&tokio_postgres::error::SqlState::DIVISION_BY_ZERO)
+    );
+    let err = client
+        .simple_query("SELECT 1 / (5000 - g) FROM generate_series(1, 10000) g")
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        Some(&tokio_postgres::error::SqlState::DIVISION_BY_ZERO)
+    );
+    // Errors in the middle of a transaction abort it, and ROLLBACK recovers.
+    client.batch_execute("BEGIN").await.unwrap();
+    assert!(
+        client
+            .batch_execute("SELECT * FROM no_such_table")
+            .await
+            .is_err()
+    );
+    let err = client.query_one("SELECT 1", &[]).await.unwrap_err();
+    assert_eq!(
+        err.code(),
+        Some(&tokio_postgres::error::SqlState::IN_FAILED_SQL_TRANSACTION)
+    );
+    client.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(
+        client
+            .query_one("SELECT 2", &[])
+            .await
+            .unwrap()
+            .get::<_, i32>(0),
+        2
+    );
+}
+
+#[tokio::test]
+async fn cancel_reaches_the_running_statement() {
+    let proxy = start_proxy("", "").await;
+    let client = app_client(&proxy).await;
+    let token = client.cancel_token();
+    let started = Instant::now();
+    let canceller = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        token.cancel_query(tokio_postgres::NoTls).await.unwrap();
+    });
+    let err = client.query("SELECT pg_sleep(20)", &[]).await.unwrap_err();
+    canceller.await.unwrap();
+    assert_eq!(
+        err.code(),
+        Some(&tokio_postgres::error::SqlState::QUERY_CANCELED)
+    );
+    assert!(started.elapsed() < Duration::from_secs(10));
+    // Same through psql's libpq in a transaction on the primary.
+    client.batch_execute("BEGIN").await.unwrap();
+    let token = client.cancel_token();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let _ = token.cancel_query(tokio_postgres::NoTls).await;
+    });
+    let err = client
+        .batch_execute("SELECT pg_sleep(20)")
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        Some(&tokio_postgres::error::SqlState::QUERY_CANCELED)
+    );
+    client.batch_execute("ROLLBACK").await.unwrap();
+}
+
+#[tokio::test]
+async fn authentication_failures_get_the_right_sqlstate() {
+    let proxy = start_proxy("", "").await;
+    let cases = [
+        (proxy_url(&proxy, "app", "wrong", "app"), "28P01"),
+        (proxy_url(&proxy, "nobody", "secret", "app"), "28P01"),
+        (
+            proxy_url(&proxy, "app", "secret", "no_such_project"),
+            "3D000",
+        ),
+    ];
+    for (url, code) in cases {
+        let err = connect(&url)
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("{url} must fail"));
+        assert_eq!(err.code().map(|c| c.code()), Some(code), "{url}: {err:?}");
+    }
+}
+
+#[tokio::test]
+async fn md5_clients_and_every_backend_auth_method() {
+    // A user configured with an md5 hash logs in to the proxy with md5.
+    let md5 = postgres_protocol::password::md5(b"secret", "md5_user");
+    let text = config_text(cluster(), "", "").replace(
+        "name = \"md5_user\"\npassword = \"secret\"",
+        &format!("name = \"md5_user\"\npassword = \"{md5}\""),
+    );
+    let proxy = start_proxy_with(&text).await;
+    // Backends: app uses SCRAM, md5_user md5, plain_user clear text, trust_user trust.
+    for user in ["app", "md5_user", "plain_user", "trust_user"] {
+        let client = connect(&proxy_url(&proxy, user, "secret", "app"))
+            .await
+            .unwrap_or_else(|e| panic!("{user}: {e:?}"));
+        let who: String = client
+            .query_one("SELECT current_user::text", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(who, user);
+        let (_, replica) = common::who(&client, WHO).await;
+        assert!(replica);
+    }
+    let err = connect(&proxy_url(&proxy, "md5_user", "bad", "app"))
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(err.code().map(|c| c.code()), Some("28P01"));
+}
+
+#[tokio::test]
+async fn unreachable_nodes_cost_reads_nothing_and_writes_a_clear_error() {
+    let dead = replicator::testbed::free_port().unwrap();
+    let c = cluster();
+    // One live replica and one that refuses connections.
+    let text = format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nconnect_timeout_ms = 1000\n\n\
+         [[users]]\nname = \"app\"\npassword = \"secret\"\n\n\
+         [projects.app]\n\
+         [[projects.app.replicas]]\nname = \"master\"\nrole = \"primary\"\nuri = \"postgresql://127.0.0.1:{}/app\"\n\
+         [[projects.app.replicas]]\nname = \"dead\"\nrole = \"replica\"\nuri = \"postgresql://127.0.0.1:{dead}/app\"\n\
+         [[projects.app.replicas]]\nname = \"live\"\nrole = \"replica\"\nuri = \"postgresql://127.0.0.1:{}/app\"\n\n\
+         [projects.gone]\n\
+         [[projects.gone.replicas]]\nname = \"master\"\nrole = \"primary\"\nuri = \"postgresql://127.0.0.1:{dead}/app\"\n",
+        c.primary.port, c.replicas[0].port
+    );
+    let proxy = start_proxy_with(&text).await;
+    let client = app_client(&proxy).await;
+    for _ in 0..10 {
+        let (port, replica) = who(&client, WHO).await;
+        assert_eq!((port, replica), (c.replicas[0].port, true));
+    }
+    let started = Instant::now();
+    let err = connect(&proxy_url(&proxy, "app", "secret", "gone"))
+        .await
+        .err()
+        .expect("no node");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "error within the connect timeout"
+    );
+    assert_eq!(err.code().map(|c| c.code()), Some("08006"), "{err:?}");
+    let message = err.as_db_error().unwrap().message().to_string();
+    assert!(
+        message.contains("gone") && message.contains(&dead.to_string()),
+        "{message}"
+    );
+}
+
+/// Reads everything the proxy sends until it closes, failing if it takes too long.
+async fn read_until_closed(stream: &mut TcpStream) -> Vec<u8> {
+    let mut out = Vec::new();
+    let result = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut out)).await;
+    assert!(result.is_ok(), "proxy left the client hanging");
+    out
+}
+
+fn startup_packet(user: &str, database: &str) -> Vec<u8> {
+    let mut body = BytesMut::new();
+    body.put_u32(196_608);
+    for (k, v) in [("user", user), ("database", database)] {
+        body.put_slice(k.as_bytes());
+        body.put_u8(0);
+        body.put_slice(v.as_bytes());
+        body.put_u8(0);
+    }
+    body.put_u8(0);
+    let mut packet = Vec::new();
+    packet.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+    packet.extend_from_slice(&body);
+    packet
+}
+
+fn error_code(bytes: &[u8]) -> Option<String> {
+    let at = bytes.iter().position(|b| *b == b'E')?;
+    let body = &bytes[at + 5..];
+    let mut i = 0;
+    while i < body.len() && body[i] != 0 {
+        let kind = body[i];
+        let end = body[i + 1..].iter().position(|b| *b == 0)? + i + 1;
+        if kind == b'C' {
+            return Some(String::from_utf8_lossy(&body[i + 1..end]).into_owned());
+        }
+        i = end + 1;
+    }
+    None
+}
+
+#[tokio::test]
+async fn malformed_input_gets_an_error_and_a_closed_socket() {
+    let proxy = start_proxy("", "").await;
+    let addr = proxy.addr;
+    let garbage: Vec<Vec<u8>> = vec![
+        vec![0, 0, 0, 3],                              // impossible length
+        vec![0, 0, 0, 8, 0, 2, 0, 0],                  // protocol 2.0
+        vec![0x7f, 0xff, 0xff, 0xff],                  // absurd length
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(), // wrong protocol entirely
+        {
+            // startup packet whose parameters are not NUL-terminated
+            let mut p = vec![0, 0, 0, 12];
+            p.extend_from_slice(&196_608u32.to_be_bytes());
+            p.extend_from_slice(b"user");
+            p
+        },
+    ];
+    for bytes in garbage {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        stream.write_all(&bytes).await.unwrap();
+        let _ = stream.shutdown().await;
+        let reply = read_until_closed(&mut stream).await;
+        if !reply.is_empty() {
+            assert_eq!(
+                error_code(&reply).as_deref(),
+                Some("08P01"),
+                "{bytes:?} -> {reply:?}"
+            );
+        }
+    }
+    // SSL request: answered 'N', then a normal login can follow.
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f])
+        .await
+        .unwrap();
+    let mut answer = [0u8; 1];
+    stream.read_exact(&mut answer).await.unwrap();
+    assert_eq!(&answer, b"N");
+    // Then a password message where a SASL response is expected: violation.
+    stream
+        .write_all(&startup_packet("app", "app"))
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 64];
+    let n = stream.read(&mut buf).await.unwrap();
+    assert_eq!(
+        buf[0],
+        b'R',
+        "authentication request expected, got {:?}",
+        &buf[..n]
+    );
+    stream.write_all(&[b'Q', 0, 0, 0, 5, 0]).await.unwrap();
+    let reply = read_until_closed(&mut stream).await;
+    assert_eq!(error_code(&reply).as_deref(), Some("08P01"));
+
+    // After login: a message with a bad length, and an unknown message type.
+    for bad in [vec![b'Q', 0, 0, 0, 1], vec![b'!', 0, 0, 0, 4]] {
+        let client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut stream = login_raw(client).await;
+        stream.write_all(&bad).await.unwrap();
+        let reply = read_until_closed(&mut stream).await;
+        assert_eq!(
+            error_code(&reply).as_deref(),
+            Some("08P01"),
+            "{bad:?} -> {reply:?}"
+        );
+    }
+    // A client that connects and says nothing is not a problem for anyone else.
+    let _idle = TcpStream::connect(addr).await.unwrap();
+    let client = app_client(&proxy).await;
+    assert_eq!(
+        client
+            .query_one("SELECT 1", &[])
+            .await
+            .unwrap()
+            .get::<_, i32>(0),
+        1
+    );
+}
+
+/// Logs in over a raw socket with SCRAM, returning the socket after ReadyForQuery.
+async fn login_raw(mut stream: TcpStream) -> TcpStream {
+    use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+    stream
+        .write_all(&startup_packet("app", "app"))
+        .await
+        .unwrap();
+    let mut scram = ScramSha256::new(b"secret", ChannelBinding::unrequested());
+    let mut buf = BytesMut::new();
+    loop {
+        while buf.len() < 5
+            || buf.len() < 1 + u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize
+        {
+            let n = stream.read_buf(&mut buf).await.unwrap();
+            assert!(n > 0, "closed during login");
+        }
+        let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+        let frame = buf.split_to(len + 1);
+        match frame[0] {
+            b'R' => {
+                let code = i32::from_be_bytes([frame[5], frame[6], frame[7], frame[8]]);
+                let mut out = BytesMut::new();
+                match code {
+                    10 => {
+                        let m = scram.message();
+                        out.put_u8(b'p');
+                        out.put_u32((4 + 14 + 4 + m.len()) as u32);
+                        out.put_slice(b"SCRAM-SHA-256\0");
+                        out.put_i32(m.len() as i32);
+                        out.put_slice(m);
+                    }
+                    11 => {
+                        scram.update(&frame[9..]).unwrap();
+                        let m = scram.message();
+                        out.put_u8(b'p');
+                        out.put_u32((4 + m.len()) as u32);
+                        out.put_slice(m);
+                    }
+                    _ => {}
+                }
+                if !out.is_empty() {
+                    stream.write_all(&out).await.unwrap();
+                }
+            }
+            b'Z' => return stream,
+            b'E' => panic!("login failed"),
+            _ => {}
+        }
+    }
+}
