@@ -258,8 +258,7 @@ async fn unreachable_nodes_cost_reads_nothing_and_writes_a_clear_error() {
     let started = Instant::now();
     let err = connect(&proxy_url(&proxy, "app", "secret", "gone"))
         .await
-        .err()
-        .expect("no node");
+        .expect_err("no node");
     assert!(
         started.elapsed() < Duration::from_secs(5),
         "error within the connect timeout"

@@ -268,7 +268,7 @@ async fn startup_parameters_are_applied_and_reported() {
         "{}?options=-c%20statement_timeout%3Dbanana",
         proxy_url(&proxy, "app", "secret", "app")
     );
-    let err = connect(&bad).await.err().expect("bad setting refused");
+    let err = connect(&bad).await.expect_err("bad setting refused");
     let message = err
         .as_db_error()
         .map(|d| d.message().to_string())

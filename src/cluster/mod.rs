@@ -64,10 +64,10 @@ impl Node {
     }
 
     fn pool_for(&self, user: &UserEntry) -> Pool {
-        if let Ok(pools) = self.pools.read() {
-            if let Some(pool) = pools.get(&user.name) {
-                return pool.clone();
-            }
+        if let Ok(pools) = self.pools.read()
+            && let Some(pool) = pools.get(&user.name)
+        {
+            return pool.clone();
         }
         let mut pools = match self.pools.write() {
             Ok(p) => p,

@@ -67,7 +67,7 @@ fn check_table(table: &toml::Table, prefix: &str, allowed: &[&str], out: &mut Ve
     }
 }
 
-fn each_table<'a>(value: Option<&'a toml::Value>) -> Vec<(usize, &'a toml::Table)> {
+fn each_table(value: Option<&toml::Value>) -> Vec<(usize, &toml::Table)> {
     match value {
         Some(toml::Value::Array(items)) => items
             .iter()

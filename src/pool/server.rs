@@ -270,10 +270,10 @@ impl ServerConn {
             return false;
         }
         let mut probe = [0u8; 1];
-        match self.reader.get_mut().try_read(&mut probe) {
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => true,
-            _ => false,
-        }
+        matches!(
+            self.reader.get_mut().try_read(&mut probe),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock
+        )
     }
 }
 

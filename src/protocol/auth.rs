@@ -47,7 +47,7 @@ impl ScramVerifier {
     pub fn from_password(password: &str) -> Self {
         let verifier = postgres_protocol::password::scram_sha_256(password.as_bytes());
         // The library produces the exact format `parse` reads.
-        Self::parse(&verifier).unwrap_or_else(|| Self::random())
+        Self::parse(&verifier).unwrap_or_else(Self::random)
     }
 
     /// A verifier no password matches, used for unknown users so that the exchange looks

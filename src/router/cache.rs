@@ -28,11 +28,11 @@ impl DecisionCache {
     }
 
     pub fn decide(&self, sql: &str) -> Arc<Decision> {
-        if let Ok(map) = self.map.read() {
-            if let Some(decision) = map.get(sql) {
-                self.hits.fetch_add(1, Ordering::Relaxed);
-                return decision.clone();
-            }
+        if let Ok(map) = self.map.read()
+            && let Some(decision) = map.get(sql)
+        {
+            self.hits.fetch_add(1, Ordering::Relaxed);
+            return decision.clone();
         }
         self.misses.fetch_add(1, Ordering::Relaxed);
         let decision = Arc::new(classify(sql));

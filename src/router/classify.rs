@@ -207,10 +207,8 @@ fn classify_query(query: &Query) -> Decision {
                     decision.route = Route::Primary;
                 }
             }
-            Expr::Subquery(q) | Expr::Exists { subquery: q, .. } => {
-                if !q.locks.is_empty() {
-                    decision.route = Route::Primary;
-                }
+            Expr::Subquery(q) | Expr::Exists { subquery: q, .. } if !q.locks.is_empty() => {
+                decision.route = Route::Primary;
             }
             _ => {}
         }

@@ -271,11 +271,11 @@ impl Session {
 
     async fn flush(&mut self) -> Result<(), End> {
         if !self.server_out.is_empty() {
-            if let Some(held) = self.server.as_mut() {
-                if let Err(e) = held.conn.writer.write_all(&self.server_out).await {
-                    self.server_out.clear();
-                    self.server_lost(&format!("write failed: {e}"))?;
-                }
+            if let Some(held) = self.server.as_mut()
+                && let Err(e) = held.conn.writer.write_all(&self.server_out).await
+            {
+                self.server_out.clear();
+                self.server_lost(&format!("write failed: {e}"))?;
             }
             self.server_out.clear();
         }
@@ -595,11 +595,11 @@ impl Session {
                 }
             }
         }
-        if let Some(reason) = decision.pin {
-            if self.pinned.is_none() {
-                info!(user = %self.user.name, project = %self.project.name, reason, "client pinned to its primary connection");
-                self.pinned = Some(reason);
-            }
+        if let Some(reason) = decision.pin
+            && self.pinned.is_none()
+        {
+            info!(user = %self.user.name, project = %self.project.name, reason, "client pinned to its primary connection");
+            self.pinned = Some(reason);
         }
         if let Some(held) = &self.server {
             let counter = if route == Route::Primary {
@@ -655,11 +655,11 @@ impl Session {
     }
 
     fn push_expect(&mut self, e: Expect) {
-        if let Expect::Synthetic(tag) = e {
-            if self.expect.is_empty() {
-                msg::empty_message(&mut self.client_out, tag);
-                return;
-            }
+        if let Expect::Synthetic(tag) = e
+            && self.expect.is_empty()
+        {
+            msg::empty_message(&mut self.client_out, tag);
+            return;
         }
         self.expect.push_back(e);
     }
@@ -734,13 +734,11 @@ impl Session {
                 let portal = f.cstr_bytes()?;
                 let name = f.cstr()?;
                 if name.is_empty() {
-                    if !*parsed_unnamed {
-                        if let Some(statement) = self.unnamed.clone() {
-                            // The unnamed statement may have been parsed on another server.
-                            msg::parse_with_name(&mut self.server_out, "", &statement.tail);
-                            self.expect.push_back(Expect::InjectedParse { id: None });
-                            *parsed_unnamed = true;
-                        }
+                    if !*parsed_unnamed && let Some(statement) = self.unnamed.clone() {
+                        // The unnamed statement may have been parsed on another server.
+                        msg::parse_with_name(&mut self.server_out, "", &statement.tail);
+                        self.expect.push_back(Expect::InjectedParse { id: None });
+                        *parsed_unnamed = true;
                     }
                     if let Some(statement) = &self.unnamed {
                         self.group_effects
@@ -777,7 +775,7 @@ impl Session {
                         msg::with_replaced_name(
                             &mut self.server_out,
                             msg::DESCRIBE,
-                            &[b'S'],
+                            b"S",
                             &statement.server_name,
                             &[],
                         );
@@ -971,10 +969,9 @@ impl Session {
             }
             if let Some(Expect::ParseNamed { id } | Expect::InjectedParse { id: Some(id) }) =
                 self.expect.pop_front()
+                && let Some(held) = self.server.as_mut()
             {
-                if let Some(held) = self.server.as_mut() {
-                    held.conn.prepared.remove(&id);
-                }
+                held.conn.prepared.remove(&id);
             }
         }
     }
@@ -984,10 +981,10 @@ impl Session {
         self.copy_in = false;
         if !self.group_error {
             for effect in &effects {
-                if *effect == SessionEffect::ForgetPrepared {
-                    if let Some(held) = self.server.as_mut() {
-                        held.conn.prepared.clear();
-                    }
+                if *effect == SessionEffect::ForgetPrepared
+                    && let Some(held) = self.server.as_mut()
+                {
+                    held.conn.prepared.clear();
                 }
             }
             self.tx_effects.extend(effects);

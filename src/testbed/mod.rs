@@ -303,10 +303,10 @@ fn register_live(bin: &Path, data_dir: &Path) {
         // SAFETY: registering a plain extern "C" function.
         unsafe { libc::atexit(stop_live_nodes_at_exit) };
     });
-    if let Ok(mut live) = LIVE_NODES.lock() {
-        if !live.iter().any(|(_, d)| d == data_dir) {
-            live.push((bin.to_path_buf(), data_dir.to_path_buf()));
-        }
+    if let Ok(mut live) = LIVE_NODES.lock()
+        && !live.iter().any(|(_, d)| d == data_dir)
+    {
+        live.push((bin.to_path_buf(), data_dir.to_path_buf()));
     }
 }
 
