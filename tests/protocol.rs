@@ -441,3 +441,98 @@ async fn login_raw(mut stream: TcpStream) -> TcpStream {
         }
     }
 }
+
+#[tokio::test]
+async fn broken_server_connections_are_replaced() {
+    let proxy = start_proxy("", "").await;
+    let client = app_client(&proxy).await;
+    // Warm the pools, then kill every server connection of `app` behind the proxy's back.
+    for _ in 0..6 {
+        who(&client, WHO).await;
+    }
+    client
+        .batch_execute("/* replicator: primary */ SELECT 1")
+        .await
+        .unwrap();
+    let c = cluster();
+    let nodes: Vec<_> = std::iter::once(&c.primary)
+        .chain(c.replicas.iter())
+        .cloned()
+        .collect();
+    tokio::task::spawn_blocking(move || {
+        for node in nodes {
+            node.psql(
+                "postgres",
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = 'app'",
+            )
+            .unwrap();
+        }
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The client's own connection to the proxy survives; every statement still works.
+    for _ in 0..6 {
+        let (_, replica) = who(&client, WHO).await;
+        assert!(replica);
+    }
+    let fresh = app_client(&proxy).await;
+    fresh
+        .batch_execute("/* replicator: primary */ SELECT 1")
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_server_dying_mid_statement_costs_only_that_statement() {
+    let proxy = start_proxy("", "").await;
+    let client = app_client(&proxy).await;
+    let killer = primary_client().await;
+    let kill = |killer: tokio_postgres::Client| async move {
+        // Wait until the statement runs, then terminate its server process.
+        for _ in 0..100 {
+            let n = killer
+                .execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query LIKE '%pg_sleep(30)%' AND pid <> pg_backend_pid()", &[])
+                .await
+                .unwrap();
+            if n > 0 {
+                return killer;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("statement never started");
+    };
+    // Outside a transaction: an error for that statement, then business as usual.
+    let killing = tokio::spawn(kill(killer));
+    let err = client
+        .simple_query("/* replicator: primary */ SELECT pg_sleep(30)")
+        .await
+        .unwrap_err();
+    assert!(err.as_db_error().is_some(), "{err:?}");
+    let killer = killing.await.unwrap();
+    assert_eq!(
+        client
+            .query_one("SELECT 3", &[])
+            .await
+            .unwrap()
+            .get::<_, i32>(0),
+        3
+    );
+
+    // Inside a transaction: the client is told and disconnected, never left hanging.
+    client.batch_execute("BEGIN").await.unwrap();
+    let killing = tokio::spawn(kill(killer));
+    let started = Instant::now();
+    let err = client
+        .simple_query("SELECT pg_sleep(30)")
+        .await
+        .unwrap_err();
+    killing.await.unwrap();
+    assert!(started.elapsed() < Duration::from_secs(20));
+    assert!(err.as_db_error().is_some() || err.is_closed(), "{err:?}");
+    let next = client.simple_query("COMMIT").await;
+    assert!(
+        next.is_err(),
+        "COMMIT must not pretend to succeed after the transaction was lost"
+    );
+}

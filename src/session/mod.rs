@@ -573,10 +573,12 @@ impl Session {
             route = Route::Primary;
         }
         match &self.server {
+            // Still answering earlier units: queue behind them if this unit needs another
+            // node, or if that server is going away (it sent a FATAL error).
             Some(held)
                 if !self.is_sticky()
-                    && route == Route::Primary
-                    && held.node.role != Role::Primary =>
+                    && (held.conn.broken
+                        || (route == Route::Primary && held.node.role != Role::Primary)) =>
             {
                 return Ok(Dispatch::Later(unit));
             }
@@ -910,9 +912,10 @@ impl Session {
             _ => {}
         }
         if tag == msg::ERROR_RESPONSE {
-            self.client_out.extend_from_slice(&frame);
+            let survives = front.survives_error();
+            self.forward_error(&frame);
             self.group_error = true;
-            if !front.survives_error() {
+            if !survives {
                 self.abandon_group();
             }
             return Ok(());
@@ -958,6 +961,23 @@ impl Session {
             }
         }
         Ok(())
+    }
+
+    /// Forwards a server error. A FATAL one means the server is about to close this
+    /// connection; when the client's session does not depend on that server it carries
+    /// on elsewhere, so it gets the error as a plain ERROR.
+    fn forward_error(&mut self, frame: &[u8]) {
+        let fields = msg::parse_error_fields(frame);
+        if fields.severity == "FATAL" || fields.severity == "PANIC" {
+            if let Some(held) = self.server.as_mut() {
+                held.conn.broken = true;
+            }
+            if self.tx_status == b'I' && self.pinned.is_none() && !self.session_mode {
+                msg::error_response(&mut self.client_out, "ERROR", &fields.code, &fields.message);
+                return;
+            }
+        }
+        self.client_out.extend_from_slice(frame);
     }
 
     /// After an ErrorResponse the server skips extended-protocol messages up to Sync.
@@ -1093,7 +1113,10 @@ impl Session {
         let mut answered = false;
         while let Some(entry) = self.expect.pop_front() {
             if let Expect::Ready { .. } | Expect::FunctionCall = entry {
-                msg::error_response(&mut self.client_out, "ERROR", "08006", &message);
+                // The request in progress may already have its error (the server's FATAL).
+                if answered || !self.group_error {
+                    msg::error_response(&mut self.client_out, "ERROR", "08006", &message);
+                }
                 msg::ready_for_query(&mut self.client_out, b'I');
                 answered = true;
             }

@@ -1,0 +1,94 @@
+//! The command line as a user meets it: `check` names every problem, `serve` refuses a
+//! broken config with the same message.
+
+use std::process::Command;
+
+fn replicator(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_replicator"))
+        .args(args)
+        .output()
+        .expect("run replicator")
+}
+
+#[test]
+fn check_accepts_the_example_config() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/proxy.toml");
+    let out = replicator(&["check", "--config", example]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ok"));
+}
+
+#[test]
+fn check_and_serve_name_every_problem_with_file_and_key() {
+    let dir = std::env::temp_dir().join(format!("replicator-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("bad.toml");
+    std::fs::write(
+        &path,
+        r#"
+[proxy]
+listen = "nowhere"
+colour = "blue"
+
+[[users]]
+name = "app"
+password = "secret"
+
+[projects.shop]
+read_routing = "fastest"
+
+[[projects.shop.replicas]]
+name = "a"
+role = "replica"
+uri = "postgresql://127.0.0.1:5432/shop"
+"#,
+    )
+    .unwrap();
+    let file = path.to_string_lossy().to_string();
+    let out = replicator(&["check", "--config", &file]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("{file}: proxy.colour: unknown key")),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("{file}: projects.shop.read_routing:")),
+        "{stderr}"
+    );
+
+    // Fix the type error: the semantic problems are all reported together.
+    std::fs::write(
+        &path,
+        std::fs::read_to_string(&path)
+            .unwrap()
+            .replace("\"fastest\"", "\"random\"")
+            .replace("colour = \"blue\"\n", ""),
+    )
+    .unwrap();
+    let out = replicator(&["check", "--config", &file]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("{file}: proxy.listen: must be an address")),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!(
+            "{file}: projects.shop.replicas: needs exactly one replica with role = \"primary\""
+        )),
+        "{stderr}"
+    );
+
+    let out = replicator(&["serve", "--config", &file]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("proxy.listen"));
+
+    let out = replicator(&["check", "--config", "/no/such/file.toml"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/no/such/file.toml: cannot read file"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
