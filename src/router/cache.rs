@@ -1,26 +1,39 @@
-//! Routing decisions cached by statement text, so each distinct text is parsed once.
+//! Routing decisions cached by statement shape (text with literals replaced), so each
+//! distinct statement is parsed once, even when applications inline their values.
 //!
-//! Drivers send the same few statement texts over and over; sqlparser costs tens of
-//! microseconds per statement, a hash lookup well under one.
+//! sqlparser costs 10-50 µs per statement; a shape scan plus a hash lookup well under
+//! one. A decision that carries values (a `SET` and its value) cannot be shared between
+//! texts of the same shape; such texts are cached by their exact text instead.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use super::classify::classify;
 use super::decision::Decision;
+use super::fingerprint::shape_into;
+
+/// Per shape: the shared decision, or `None` when the exact text must be used.
+type ShapeMap = HashMap<Box<str>, Option<Arc<Decision>>>;
 
 pub struct DecisionCache {
-    map: RwLock<HashMap<Box<str>, Arc<Decision>>>,
+    by_shape: RwLock<ShapeMap>,
+    by_text: RwLock<HashMap<Box<str>, Arc<Decision>>>,
     capacity: usize,
     hits: AtomicU64,
     misses: AtomicU64,
 }
 
+thread_local! {
+    static SHAPE_BUF: RefCell<String> = const { RefCell::new(String::new()) };
+}
+
 impl DecisionCache {
     pub fn new(capacity: usize) -> Self {
         Self {
-            map: RwLock::new(HashMap::new()),
+            by_shape: RwLock::new(HashMap::new()),
+            by_text: RwLock::new(HashMap::new()),
             capacity: capacity.max(1),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
@@ -28,34 +41,56 @@ impl DecisionCache {
     }
 
     pub fn decide(&self, sql: &str) -> Arc<Decision> {
-        if let Ok(map) = self.map.read()
-            && let Some(decision) = map.get(sql)
-        {
-            self.hits.fetch_add(1, Ordering::Relaxed);
-            return decision.clone();
+        SHAPE_BUF.with(|buf| {
+            let mut shape = buf.borrow_mut();
+            shape_into(sql, &mut shape);
+            self.decide_shaped(sql, &shape)
+        })
+    }
+
+    fn decide_shaped(&self, sql: &str, shape: &str) -> Arc<Decision> {
+        let by_shape = self.by_shape.read().ok().and_then(|m| m.get(shape).cloned());
+        match by_shape {
+            Some(Some(decision)) => {
+                self.hits.fetch_add(1, Ordering::Relaxed);
+                return decision;
+            }
+            Some(None) => {
+                if let Some(decision) = self.by_text.read().ok().and_then(|m| m.get(sql).cloned()) {
+                    self.hits.fetch_add(1, Ordering::Relaxed);
+                    return decision;
+                }
+            }
+            None => {}
         }
         self.misses.fetch_add(1, Ordering::Relaxed);
         let decision = Arc::new(classify(sql));
-        if let Ok(mut map) = self.map.write() {
-            // Applications with unbounded distinct texts (literals inlined) would grow
-            // the map forever; starting over is simple and keeps memory bounded.
+        let shareable = decision.effects.is_empty();
+        if let Ok(mut map) = self.by_shape.write() {
+            // Unbounded distinct shapes would grow the map forever; starting over is
+            // simple and keeps memory bounded.
             if map.len() >= self.capacity {
                 map.clear();
             }
-            map.insert(sql.into(), decision.clone());
+            map.insert(shape.into(), shareable.then(|| decision.clone()));
+        }
+        if !shareable {
+            if let Ok(mut map) = self.by_text.write() {
+                if map.len() >= self.capacity {
+                    map.clear();
+                }
+                map.insert(sql.into(), decision.clone());
+            }
         }
         decision
     }
 
     pub fn stats(&self) -> (u64, u64) {
-        (
-            self.hits.load(Ordering::Relaxed),
-            self.misses.load(Ordering::Relaxed),
-        )
+        (self.hits.load(Ordering::Relaxed), self.misses.load(Ordering::Relaxed))
     }
 
     pub fn len(&self) -> usize {
-        self.map.read().map(|m| m.len()).unwrap_or(0)
+        self.by_shape.read().map(|m| m.len()).unwrap_or(0)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -66,15 +101,27 @@ impl DecisionCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::router::SessionEffect;
 
     #[test]
-    fn second_lookup_is_a_hit_and_capacity_is_bounded() {
+    fn texts_of_one_shape_share_a_decision_and_capacity_is_bounded() {
         let cache = DecisionCache::new(2);
-        cache.decide("SELECT 1");
-        cache.decide("SELECT 1");
+        cache.decide("SELECT * FROM t WHERE id = 1");
+        cache.decide("SELECT * FROM t WHERE id = 2");
         assert_eq!(cache.stats(), (1, 1));
-        cache.decide("SELECT 2");
-        cache.decide("SELECT 3");
+        cache.decide("SELECT 2 FROM a");
+        cache.decide("SELECT 3 FROM b");
         assert!(cache.len() <= 2);
+    }
+
+    #[test]
+    fn decisions_with_values_are_never_shared_between_texts() {
+        let cache = DecisionCache::new(100);
+        let a = cache.decide("SET application_name = 'a'");
+        let b = cache.decide("SET application_name = 'b'");
+        assert_eq!(a.effects, vec![SessionEffect::Set { name: "application_name".into(), value: "'a'".into() }]);
+        assert_eq!(b.effects, vec![SessionEffect::Set { name: "application_name".into(), value: "'b'".into() }]);
+        let again = cache.decide("SET application_name = 'a'");
+        assert_eq!(again.effects, a.effects);
     }
 }

@@ -4,6 +4,7 @@
 pub mod cache;
 pub mod classify;
 pub mod decision;
+pub mod fingerprint;
 pub mod functions;
 
 pub use cache::DecisionCache;

@@ -1,0 +1,131 @@
+#!/usr/bin/env bash
+# End-to-end throughput: pgbench against the primary directly, through PgBouncer
+# (transaction pooling) and through replicator, interleaved in one run so that machine
+# noise hits all three alike. Prints medians and each target's ratio to direct.
+#
+#   benches/pgbench.sh                 # defaults: 3 rounds of 10 s per cell
+#   ROUNDS=5 DURATION=20 benches/pgbench.sh
+#
+# Needs the PostgreSQL server binaries and pgbench; PgBouncer is used when installed
+# (Debian: apt-get install pgbouncer) and skipped otherwise. Every server runs in its own
+# session (setsid), so the kernel's autogroup scheduling gives each its own CPU share
+# instead of lumping the proxy together with pgbench.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+ROUNDS=${ROUNDS:-3}
+DURATION=${DURATION:-10}
+CLIENTS=${CLIENTS:-8}
+SCALE=${SCALE:-10}
+PROXY_PORT=${PROXY_PORT:-16432}
+BOUNCER_PORT=${BOUNCER_PORT:-16433}
+WORK=$(mktemp -d /tmp/replicator-bench.XXXXXX)
+chmod 755 "$WORK"
+RESULTS="$WORK/results.tsv"
+export PGPASSWORD=secret
+
+BIN=target/release/replicator
+cargo build --release --quiet
+PGBIN=$( (pg_config --bindir 2>/dev/null; ls -d /usr/lib/postgresql/*/bin 2>/dev/null) | while read -r d; do [ -x "$d/pgbench" ] && echo "$d"; done | tail -1)
+PGBENCH="$PGBIN/pgbench"
+
+cleanup() {
+  [ -n "${BOUNCER_PID:-}" ] && kill "$BOUNCER_PID" 2>/dev/null || true
+  [ -n "${DEMO_PID:-}" ] && kill -INT "$DEMO_PID" 2>/dev/null && sleep 2 || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+# Cluster + proxy (the demo: a primary, two streaming replicas, replicator in front).
+setsid "$BIN" demo --listen "127.0.0.1:$PROXY_PORT" > "$WORK/demo.log" 2>&1 &
+DEMO_PID=$!
+for _ in $(seq 1 120); do grep -q "^connect:" "$WORK/demo.log" && break; sleep 0.5; done
+grep -q "^connect:" "$WORK/demo.log" || { cat "$WORK/demo.log"; echo "demo did not start"; exit 1; }
+PRIMARY_PORT=$(awk '/^  primary/ {split($2, a, ":"); print a[2]}' "$WORK/demo.log")
+
+"$PGBENCH" -h 127.0.0.1 -p "$PRIMARY_PORT" -U app -i -q -s "$SCALE" app > "$WORK/init.log" 2>&1
+sleep 2 # let the replicas replay the initial load
+
+TARGETS="direct:$PRIMARY_PORT replicator:$PROXY_PORT"
+if command -v pgbouncer > /dev/null; then
+  cat > "$WORK/pgbouncer.ini" <<INI
+[databases]
+app = host=127.0.0.1 port=$PRIMARY_PORT dbname=app
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = $BOUNCER_PORT
+unix_socket_dir =
+auth_type = scram-sha-256
+auth_file = $WORK/userlist.txt
+pool_mode = transaction
+default_pool_size = 20
+max_client_conn = 500
+logfile = $WORK/pgbouncer.log
+pidfile = $WORK/pgbouncer.pid
+INI
+  echo '"app" "secret"' > "$WORK/userlist.txt"
+  as_user=()
+  [ "$(id -u)" = 0 ] && { chown -R postgres "$WORK"; as_user=(-u postgres); }
+  setsid pgbouncer -d "${as_user[@]}" "$WORK/pgbouncer.ini"
+  for _ in $(seq 1 50); do [ -s "$WORK/pgbouncer.pid" ] && break; sleep 0.1; done
+  BOUNCER_PID=$(cat "$WORK/pgbouncer.pid")
+  TARGETS="direct:$PRIMARY_PORT pgbouncer:$BOUNCER_PORT replicator:$PROXY_PORT"
+fi
+
+# workload name | pgbench arguments
+WORKLOADS=(
+  "select-only simple c$CLIENTS|-S -M simple -c $CLIENTS -j 2"
+  "select-only extended c$CLIENTS|-S -M extended -c $CLIENTS -j 2"
+  "select-only prepared c$CLIENTS|-S -M prepared -c $CLIENTS -j 2"
+  "tpc-b simple c$CLIENTS|-M simple -c $CLIENTS -j 2"
+  "tpc-b extended c$CLIENTS|-M extended -c $CLIENTS -j 2"
+  "tpc-b prepared c$CLIENTS|-M prepared -c $CLIENTS -j 2"
+  "select-only simple c1|-S -M simple -c 1"
+)
+
+: > "$RESULTS"
+for round in $(seq 1 "$ROUNDS"); do
+  for w in "${WORKLOADS[@]}"; do
+    name=${w%%|*}; args=${w#*|}
+    for t in $TARGETS; do
+      target=${t%%:*}; port=${t#*:}
+      # shellcheck disable=SC2086
+      out=$("$PGBENCH" -h 127.0.0.1 -p "$port" -U app -n -T "$DURATION" $args app 2>&1 || true)
+      tps=$(echo "$out" | awk '/^tps = / {print $3}')
+      lat=$(echo "$out" | awk '/^latency average = / {print $4}')
+      failed=$(echo "$out" | awk '/number of failed transactions:/ {print $5}')
+      if [ -z "$tps" ] || { [ -n "$failed" ] && [ "$failed" != "0" ]; }; then tps=fail; lat=fail; fi
+      printf '%s\t%s\t%s\t%s\t%s\n' "$round" "$name" "$target" "$tps" "$lat" >> "$RESULTS"
+      echo "round $round  $name  $target  tps=$tps  latency_ms=$lat" >&2
+    done
+  done
+done
+
+python3 - "$RESULTS" "$ROUNDS" "$DURATION" <<'PY'
+import sys, statistics, collections
+rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
+cells = collections.defaultdict(list)
+order, targets = [], []
+for _, w, t, tps, lat in rows:
+    if w not in order: order.append(w)
+    if t not in targets: targets.append(t)
+    cells[(w, t)].append((tps, lat))
+def med(vals, i):
+    nums = [float(v[i]) for v in vals if v[i] != "fail"]
+    return statistics.median(nums) if len(nums) == len(vals) and nums else None
+print(f"\nmedians of {sys.argv[2]} interleaved rounds of {sys.argv[3]} s each; ratio = tps / direct tps\n")
+head = f"| workload | " + " | ".join(f"{t} tps | {t} lat ms | {t} ratio" for t in targets) + " |"
+print(head)
+print("|" + "---|" * (1 + 3 * len(targets)))
+for w in order:
+    direct = med(cells[(w, "direct")], 3 - 3)  # tps index 0
+    parts = []
+    for t in targets:
+        tps, lat = med(cells[(w, t)], 0), med(cells[(w, t)], 1)
+        if tps is None:
+            parts += ["fail", "-", "-"]
+        else:
+            ratio = f"{tps / direct:.2f}x" if direct else "-"
+            parts += [f"{tps:.0f}", f"{lat:.3f}", ratio]
+    print(f"| {w} | " + " | ".join(parts) + " |")
+PY

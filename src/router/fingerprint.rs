@@ -1,0 +1,142 @@
+//! The shape of a statement: its text with literal values replaced by `?`.
+//!
+//! Applications that inline values (`WHERE id = 42`) send a new text for every
+//! statement; keyed by exact text, the decision cache would miss every time and
+//! sqlparser would run on the data path. Literals never change where a statement may
+//! run, so the cache is keyed by shape. (Statements whose decision carries a value, such
+//! as `SET x = 'v'`, are cached by exact text instead; see `cache.rs`.)
+
+/// Writes the shape of `sql` into `out` (cleared first).
+pub fn shape_into(sql: &str, out: &mut String) {
+    out.clear();
+    let bytes = sql.as_bytes();
+    let mut i = 0;
+    let mut last_copied = 0;
+    // Copies the untouched text before a literal, then the placeholder.
+    let mut replace = |out: &mut String, start: usize, end: usize, last: &mut usize| {
+        out.push_str(&sql[*last..start]);
+        out.push('?');
+        *last = end;
+    };
+    while i < bytes.len() {
+        let b = bytes[i];
+        match b {
+            b'\'' => {
+                // Standard string: '' is an escaped quote. E'...' also allows \' escapes.
+                let escapes = i > 0 && matches!(bytes[i - 1], b'e' | b'E') && !is_ident(bytes.get(i.wrapping_sub(2)).copied());
+                let start = i;
+                i += 1;
+                while i < bytes.len() {
+                    match bytes[i] {
+                        b'\\' if escapes => i += 2,
+                        b'\'' if bytes.get(i + 1) == Some(&b'\'') => i += 2,
+                        b'\'' => {
+                            i += 1;
+                            break;
+                        }
+                        _ => i += 1,
+                    }
+                }
+                let end = i.min(bytes.len());
+                replace(out, start, end, &mut last_copied);
+            }
+            b'"' => {
+                // Quoted identifier: part of the shape.
+                i += 1;
+                while i < bytes.len() {
+                    if bytes[i] == b'"' {
+                        if bytes.get(i + 1) == Some(&b'"') {
+                            i += 2;
+                            continue;
+                        }
+                        i += 1;
+                        break;
+                    }
+                    i += 1;
+                }
+            }
+            b'-' if bytes.get(i + 1) == Some(&b'-') => {
+                while i < bytes.len() && bytes[i] != b'\n' {
+                    i += 1;
+                }
+            }
+            b'/' if bytes.get(i + 1) == Some(&b'*') => {
+                // Comments stay: routing hints live in them.
+                i += 2;
+                while i < bytes.len() && !(bytes[i] == b'*' && bytes.get(i + 1) == Some(&b'/')) {
+                    i += 1;
+                }
+                i = (i + 2).min(bytes.len());
+            }
+            b'$' => {
+                // $1 is a parameter (shape); $tag$...$tag$ is a string (literal).
+                let start = i;
+                let mut j = i + 1;
+                while j < bytes.len() && is_ident(Some(bytes[j])) && !bytes[j].is_ascii_digit() {
+                    j += 1;
+                }
+                if j < bytes.len() && bytes[j] == b'$' {
+                    let tag = &sql[start..=j];
+                    match sql[j + 1..].find(tag) {
+                        Some(pos) => {
+                            let end = j + 1 + pos + tag.len();
+                            replace(out, start, end, &mut last_copied);
+                            i = end;
+                        }
+                        None => i = bytes.len(),
+                    }
+                } else {
+                    i = j.max(i + 1);
+                    while i < bytes.len() && bytes[i].is_ascii_digit() {
+                        i += 1;
+                    }
+                }
+            }
+            b'0'..=b'9' if !is_ident(i.checked_sub(1).map(|p| bytes[p])) => {
+                let start = i;
+                while i < bytes.len() && (bytes[i].is_ascii_alphanumeric() || bytes[i] == b'.' || bytes[i] == b'_') {
+                    // exponent sign: 1e-5
+                    if matches!(bytes[i], b'e' | b'E') && matches!(bytes.get(i + 1), Some(b'+' | b'-')) {
+                        i += 1;
+                    }
+                    i += 1;
+                }
+                replace(out, start, i, &mut last_copied);
+            }
+            _ => i += 1,
+        }
+    }
+    out.push_str(&sql[last_copied.min(sql.len())..]);
+}
+
+fn is_ident(b: Option<u8>) -> bool {
+    matches!(b, Some(b) if b.is_ascii_alphanumeric() || b == b'_' || b >= 0x80)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shape(sql: &str) -> String {
+        let mut s = String::new();
+        shape_into(sql, &mut s);
+        s
+    }
+
+    #[test]
+    fn literals_become_placeholders() {
+        assert_eq!(shape("SELECT abalance FROM t WHERE aid = 42;"), "SELECT abalance FROM t WHERE aid = ?;");
+        assert_eq!(shape("SELECT 'it''s', E'a\\'b', 1.5e-3, x1, $1"), "SELECT ?, E?, ?, x1, $1");
+        assert_eq!(shape("SELECT $$ text $$, $f$ a $f$"), "SELECT ?, ?");
+        assert_eq!(shape("/* replicator: primary */ SELECT 1"), "/* replicator: primary */ SELECT ?");
+        assert_eq!(shape("SELECT \"col 1\" FROM \"t\"\"x\""), "SELECT \"col 1\" FROM \"t\"\"x\"");
+        assert_eq!(shape("SELECT 1 -- 2\n, 3"), "SELECT ? -- 2\n, ?");
+    }
+
+    #[test]
+    fn unterminated_input_does_not_panic() {
+        for sql in ["'abc", "$tag$ abc", "\"abc", "/* abc", "E'\\", "SELECT 1e", "é'x'"] {
+            shape(sql);
+        }
+    }
+}
