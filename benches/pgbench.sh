@@ -94,7 +94,7 @@ for round in $(seq 1 "$ROUNDS"); do
       tps=$(echo "$out" | awk '/^tps = / {print $3}')
       lat=$(echo "$out" | awk '/^latency average = / {print $4}')
       failed=$(echo "$out" | awk '/number of failed transactions:/ {print $5}')
-      if [ -z "$tps" ] || { [ -n "$failed" ] && [ "$failed" != "0" ]; }; then tps=fail; lat=fail; fi
+      if [ -z "$tps" ] || { [ -n "$failed" ] && [ "$failed" != "0" ]; } || echo "$out" | grep -q "aborted"; then tps=fail; lat=fail; fi
       printf '%s\t%s\t%s\t%s\t%s\n' "$round" "$name" "$target" "$tps" "$lat" >> "$RESULTS"
       echo "round $round  $name  $target  tps=$tps  latency_ms=$lat" >&2
     done

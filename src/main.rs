@@ -76,20 +76,30 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            run_async(serve(loaded, config))
+            run_async(loaded.proxy.worker_threads(), serve(loaded, config))
         }
         Command::Demo { listen } => {
             init_logging();
-            run_async(demo(listen))
+            run_async(1, demo(listen))
         }
     }
 }
 
-fn run_async(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+/// Runs the proxy's event loop. One worker is a single-threaded runtime (the fastest
+/// choice on small machines, where the proxy shares the cores with Postgres); more
+/// workers use tokio's multi-threaded scheduler.
+fn run_async(
+    workers: usize,
+    fut: impl std::future::Future<Output = anyhow::Result<()>>,
+) -> ExitCode {
+    let mut builder = if workers <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(workers);
+        b
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("cannot start the runtime: {e}");

@@ -37,9 +37,25 @@ pub struct ProxySettings {
     /// Idle backend connections are closed after this long.
     #[serde(default = "default_server_idle_timeout_ms")]
     pub server_idle_timeout_ms: u64,
-    /// Distinct statement texts whose routing decision is cached.
+    /// Distinct statement shapes whose routing decision is cached.
     #[serde(default = "default_statement_cache_size")]
     pub statement_cache_size: usize,
+    /// Threads serving clients: 1 (default) is a single-threaded event loop; 0 means
+    /// one per CPU core.
+    #[serde(default = "default_workers")]
+    pub workers: usize,
+}
+
+impl ProxySettings {
+    pub fn worker_threads(&self) -> usize {
+        if self.workers == 0 {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        } else {
+            self.workers
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
@@ -217,6 +233,9 @@ fn default_server_idle_timeout_ms() -> u64 {
 }
 fn default_statement_cache_size() -> usize {
     10_000
+}
+fn default_workers() -> usize {
+    1
 }
 fn default_lag_check_interval_ms() -> u64 {
     500

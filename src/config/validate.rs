@@ -16,6 +16,7 @@ const PROXY: &[&str] = &[
     "connect_timeout_ms",
     "server_idle_timeout_ms",
     "statement_cache_size",
+    "workers",
 ];
 const USER: &[&str] = &["name", "password", "admin"];
 const PROJECT: &[&str] = &[

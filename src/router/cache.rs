@@ -49,7 +49,11 @@ impl DecisionCache {
     }
 
     fn decide_shaped(&self, sql: &str, shape: &str) -> Arc<Decision> {
-        let by_shape = self.by_shape.read().ok().and_then(|m| m.get(shape).cloned());
+        let by_shape = self
+            .by_shape
+            .read()
+            .ok()
+            .and_then(|m| m.get(shape).cloned());
         match by_shape {
             Some(Some(decision)) => {
                 self.hits.fetch_add(1, Ordering::Relaxed);
@@ -86,7 +90,10 @@ impl DecisionCache {
     }
 
     pub fn stats(&self) -> (u64, u64) {
-        (self.hits.load(Ordering::Relaxed), self.misses.load(Ordering::Relaxed))
+        (
+            self.hits.load(Ordering::Relaxed),
+            self.misses.load(Ordering::Relaxed),
+        )
     }
 
     pub fn len(&self) -> usize {
@@ -119,8 +126,20 @@ mod tests {
         let cache = DecisionCache::new(100);
         let a = cache.decide("SET application_name = 'a'");
         let b = cache.decide("SET application_name = 'b'");
-        assert_eq!(a.effects, vec![SessionEffect::Set { name: "application_name".into(), value: "'a'".into() }]);
-        assert_eq!(b.effects, vec![SessionEffect::Set { name: "application_name".into(), value: "'b'".into() }]);
+        assert_eq!(
+            a.effects,
+            vec![SessionEffect::Set {
+                name: "application_name".into(),
+                value: "'a'".into()
+            }]
+        );
+        assert_eq!(
+            b.effects,
+            vec![SessionEffect::Set {
+                name: "application_name".into(),
+                value: "'b'".into()
+            }]
+        );
         let again = cache.decide("SET application_name = 'a'");
         assert_eq!(again.effects, a.effects);
     }

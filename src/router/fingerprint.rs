@@ -23,7 +23,9 @@ pub fn shape_into(sql: &str, out: &mut String) {
         match b {
             b'\'' => {
                 // Standard string: '' is an escaped quote. E'...' also allows \' escapes.
-                let escapes = i > 0 && matches!(bytes[i - 1], b'e' | b'E') && !is_ident(bytes.get(i.wrapping_sub(2)).copied());
+                let escapes = i > 0
+                    && matches!(bytes[i - 1], b'e' | b'E')
+                    && !is_ident(bytes.get(i.wrapping_sub(2)).copied());
                 let start = i;
                 i += 1;
                 while i < bytes.len() {
@@ -94,9 +96,13 @@ pub fn shape_into(sql: &str, out: &mut String) {
             }
             b'0'..=b'9' if !is_ident(i.checked_sub(1).map(|p| bytes[p])) => {
                 let start = i;
-                while i < bytes.len() && (bytes[i].is_ascii_alphanumeric() || bytes[i] == b'.' || bytes[i] == b'_') {
+                while i < bytes.len()
+                    && (bytes[i].is_ascii_alphanumeric() || bytes[i] == b'.' || bytes[i] == b'_')
+                {
                     // exponent sign: 1e-5
-                    if matches!(bytes[i], b'e' | b'E') && matches!(bytes.get(i + 1), Some(b'+' | b'-')) {
+                    if matches!(bytes[i], b'e' | b'E')
+                        && matches!(bytes.get(i + 1), Some(b'+' | b'-'))
+                    {
                         i += 1;
                     }
                     i += 1;
@@ -125,17 +131,37 @@ mod tests {
 
     #[test]
     fn literals_become_placeholders() {
-        assert_eq!(shape("SELECT abalance FROM t WHERE aid = 42;"), "SELECT abalance FROM t WHERE aid = ?;");
-        assert_eq!(shape("SELECT 'it''s', E'a\\'b', 1.5e-3, x1, $1"), "SELECT ?, E?, ?, x1, $1");
+        assert_eq!(
+            shape("SELECT abalance FROM t WHERE aid = 42;"),
+            "SELECT abalance FROM t WHERE aid = ?;"
+        );
+        assert_eq!(
+            shape("SELECT 'it''s', E'a\\'b', 1.5e-3, x1, $1"),
+            "SELECT ?, E?, ?, x1, $1"
+        );
         assert_eq!(shape("SELECT $$ text $$, $f$ a $f$"), "SELECT ?, ?");
-        assert_eq!(shape("/* replicator: primary */ SELECT 1"), "/* replicator: primary */ SELECT ?");
-        assert_eq!(shape("SELECT \"col 1\" FROM \"t\"\"x\""), "SELECT \"col 1\" FROM \"t\"\"x\"");
+        assert_eq!(
+            shape("/* replicator: primary */ SELECT 1"),
+            "/* replicator: primary */ SELECT ?"
+        );
+        assert_eq!(
+            shape("SELECT \"col 1\" FROM \"t\"\"x\""),
+            "SELECT \"col 1\" FROM \"t\"\"x\""
+        );
         assert_eq!(shape("SELECT 1 -- 2\n, 3"), "SELECT ? -- 2\n, ?");
     }
 
     #[test]
     fn unterminated_input_does_not_panic() {
-        for sql in ["'abc", "$tag$ abc", "\"abc", "/* abc", "E'\\", "SELECT 1e", "é'x'"] {
+        for sql in [
+            "'abc",
+            "$tag$ abc",
+            "\"abc",
+            "/* abc",
+            "E'\\",
+            "SELECT 1e",
+            "é'x'",
+        ] {
             shape(sql);
         }
     }
