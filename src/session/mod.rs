@@ -513,13 +513,17 @@ impl Session {
     }
 
     /// The combined routing decision of a unit's statements.
-    fn unit_decision(&self, unit: &[BytesMut]) -> Decision {
+    /// Also returns the session effects of the unit's simple Query, if it has one.
+    fn unit_decision(&self, unit: &[BytesMut]) -> (Decision, Vec<SessionEffect>) {
         let mut decision = Decision::replica();
+        let mut query_effects = Vec::new();
         let mut parsed_unnamed: Option<Arc<Decision>> = None;
         for frame in unit {
             let d = match frame[0] {
                 msg::QUERY => {
-                    Some(self.decide(Fields::of_frame(frame).cstr_bytes().unwrap_or(b"")))
+                    let d = self.decide(Fields::of_frame(frame).cstr_bytes().unwrap_or(b""));
+                    query_effects.clone_from(&d.effects);
+                    Some(d)
                 }
                 msg::PARSE => {
                     let mut f = Fields::of_frame(frame);
@@ -548,7 +552,7 @@ impl Session {
                 decision.merge(&d);
             }
         }
-        decision
+        (decision, query_effects)
     }
 
     fn decide(&self, sql: &[u8]) -> Arc<Decision> {
@@ -567,7 +571,7 @@ impl Session {
             // Leftovers of a COPY the server already ended; Postgres drops them too.
             return Ok(Dispatch::Done);
         }
-        let decision = self.unit_decision(&unit);
+        let (decision, mut query_effects) = self.unit_decision(&unit);
         let mut route = decision.route;
         if decision.pin.is_some() || self.pinned.is_some() {
             route = Route::Primary;
@@ -614,7 +618,7 @@ impl Session {
         self.prepare_server();
         let mut parsed_unnamed = false;
         for frame in unit {
-            self.forward_client_frame(frame, &mut parsed_unnamed)?;
+            self.forward_client_frame(frame, &mut parsed_unnamed, &mut query_effects)?;
         }
         Ok(Dispatch::Done)
     }
@@ -687,14 +691,12 @@ impl Session {
         &mut self,
         frame: BytesMut,
         parsed_unnamed: &mut bool,
+        query_effects: &mut Vec<SessionEffect>,
     ) -> Result<(), End> {
         let tag = frame[0];
         match tag {
             msg::QUERY => {
-                let effects = self
-                    .decide(Fields::of_frame(&frame).cstr_bytes().unwrap_or(b""))
-                    .effects
-                    .clone();
+                let effects = std::mem::take(query_effects);
                 self.server_out.extend_from_slice(&frame);
                 self.push_expect(Expect::Ready { effects });
             }
