@@ -78,13 +78,11 @@ impl DecisionCache {
             }
             map.insert(shape.into(), shareable.then(|| decision.clone()));
         }
-        if !shareable {
-            if let Ok(mut map) = self.by_text.write() {
-                if map.len() >= self.capacity {
-                    map.clear();
-                }
-                map.insert(sql.into(), decision.clone());
+        if !shareable && let Ok(mut map) = self.by_text.write() {
+            if map.len() >= self.capacity {
+                map.clear();
             }
+            map.insert(sql.into(), decision.clone());
         }
         decision
     }

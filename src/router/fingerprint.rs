@@ -13,7 +13,7 @@ pub fn shape_into(sql: &str, out: &mut String) {
     let mut i = 0;
     let mut last_copied = 0;
     // Copies the untouched text before a literal, then the placeholder.
-    let mut replace = |out: &mut String, start: usize, end: usize, last: &mut usize| {
+    let replace = |out: &mut String, start: usize, end: usize, last: &mut usize| {
         out.push_str(&sql[*last..start]);
         out.push('?');
         *last = end;
