@@ -1,0 +1,93 @@
+//! Clients other than tokio-postgres: libpq's pgbench in every protocol mode, and
+//! node-postgres, a JavaScript implementation of the protocol with its own habits
+//! (unnamed statements per query, named statements by the application).
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Stdio;
+
+use common::*;
+use replicator::testbed::{SUPERUSER, SUPERUSER_PASSWORD, bindir};
+
+#[tokio::test]
+async fn pgbench_runs_clean_in_every_mode() {
+    let proxy = start_proxy("", "").await;
+    let c = cluster();
+    let pgbench = bindir().unwrap().join("pgbench");
+    let init = tokio::process::Command::new(&pgbench)
+        .args(["-i", "-q", "-s", "1", &c.primary.url(SUPERUSER, SUPERUSER_PASSWORD, "app")])
+        .output()
+        .await
+        .unwrap();
+    assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
+    primary_client()
+        .await
+        .batch_execute("GRANT ALL ON pgbench_accounts, pgbench_branches, pgbench_tellers, pgbench_history TO app")
+        .await
+        .unwrap();
+    wait_replicas().await;
+    let url = proxy_url(&proxy, "app", "secret", "app");
+    for mode in ["simple", "extended", "prepared"] {
+        for script in [&["-S"][..], &[][..]] {
+            let mut args = vec!["-n", "-c", "4", "-j", "2", "-t", "200", "-M", mode];
+            args.extend_from_slice(script);
+            args.push(&url);
+            let out = tokio::process::Command::new(&pgbench).args(&args).output().await.unwrap();
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(out.status.success(), "pgbench {args:?}: {stderr}{stdout}");
+            assert!(stdout.contains("number of failed transactions: 0 "), "{args:?}: {stdout}");
+            assert!(stdout.contains("number of transactions actually processed: 800/800"), "{args:?}: {stdout}");
+            assert!(!stderr.contains("aborted"), "{args:?}: {stderr}");
+        }
+    }
+}
+
+/// Installs node-postgres once per target folder.
+async fn node_pg_dir() -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("node-drivers");
+    if !dir.join("node_modules/pg/package.json").exists() {
+        std::fs::create_dir_all(&dir).unwrap();
+        let out = tokio::process::Command::new("npm")
+            .args(["install", "--no-save", "--no-audit", "--no-fund", "--prefix"])
+            .arg(&dir)
+            .arg("pg@8")
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .expect("npm is needed for the node-postgres driver test");
+        assert!(out.status.success(), "npm install pg: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    dir
+}
+
+#[tokio::test]
+async fn node_postgres_works_through_the_proxy() {
+    let proxy = start_proxy("", "").await;
+    create_table("node_driver", "id int").await;
+    let dir = node_pg_dir().await;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/drivers/node_pg.js");
+    let out = tokio::process::Command::new("node")
+        .arg(script)
+        .env("NODE_PATH", dir.join("node_modules"))
+        .env("PROXY_URL", proxy_url(&proxy, "app", "secret", "app"))
+        .output()
+        .await
+        .expect("node is needed for the node-postgres driver test");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "node: {}{stdout}", String::from_utf8_lossy(&out.stderr));
+    for fact in [
+        "\"simpleOnReplica\":true",
+        "\"paramValue\":42",
+        "\"paramOnReplica\":true",
+        "\"namedOk\":true",
+        "\"txCount\":1",
+        "\"txOnReplica\":false",
+        "\"errorCode\":\"22012\"",
+        "\"afterError\":1",
+        "\"settingKept\":true",
+    ] {
+        assert!(stdout.contains(fact), "missing {fact} in {stdout}");
+    }
+}
