@@ -92,3 +92,81 @@ uri = "postgresql://127.0.0.1:5432/shop"
     assert!(String::from_utf8_lossy(&out.stderr).contains("/no/such/file.toml: cannot read file"));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `replicator demo`: a cluster and the proxy come up, the printed connection string
+/// works, and Ctrl-C (SIGINT) stops everything and removes the data.
+#[test]
+fn demo_serves_and_cleans_up_on_ctrl_c() {
+    use std::io::{BufRead, BufReader};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_replicator"))
+        .args(["demo", "--listen", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start demo");
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    let mut url = None;
+    let mut primary_port = None;
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        if let Some(rest) = line.trim().strip_prefix("primary") {
+            primary_port = rest.trim().rsplit(':').next().map(str::to_string);
+        }
+        if let Some(rest) = line.strip_prefix("connect:") {
+            url = Some(
+                rest.trim()
+                    .trim_start_matches("psql")
+                    .trim()
+                    .trim_matches('\'')
+                    .to_string(),
+            );
+            break;
+        }
+    }
+    let url = url.expect("demo printed a connection string");
+    let psql = replicator::testbed::bindir().unwrap().join("psql");
+    let out = Command::new(&psql)
+        .args([
+            url.as_str(),
+            "-X",
+            "-A",
+            "-t",
+            "-c",
+            "SELECT pg_is_in_recovery()",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "t",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // SAFETY: plain signal to our child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let status = child.wait().unwrap();
+    assert!(status.success(), "demo exit: {status:?}");
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    assert!(rest.iter().any(|l| l.contains("stopped")), "{rest:?}");
+    // The primary no longer answers.
+    let port = primary_port.expect("demo printed the primary");
+    let out = Command::new(&psql)
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-U",
+            "app",
+            "-d",
+            "app",
+            "-c",
+            "SELECT 1",
+        ])
+        .env("PGPASSWORD", "secret")
+        .env("PGCONNECT_TIMEOUT", "2")
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "primary still running after Ctrl-C");
+}

@@ -16,11 +16,21 @@ async fn pgbench_runs_clean_in_every_mode() {
     let c = cluster();
     let pgbench = bindir().unwrap().join("pgbench");
     let init = tokio::process::Command::new(&pgbench)
-        .args(["-i", "-q", "-s", "1", &c.primary.url(SUPERUSER, SUPERUSER_PASSWORD, "app")])
+        .args([
+            "-i",
+            "-q",
+            "-s",
+            "1",
+            &c.primary.url(SUPERUSER, SUPERUSER_PASSWORD, "app"),
+        ])
         .output()
         .await
         .unwrap();
-    assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
     primary_client()
         .await
         .batch_execute("GRANT ALL ON pgbench_accounts, pgbench_branches, pgbench_tellers, pgbench_history TO app")
@@ -33,12 +43,22 @@ async fn pgbench_runs_clean_in_every_mode() {
             let mut args = vec!["-n", "-c", "4", "-j", "2", "-t", "200", "-M", mode];
             args.extend_from_slice(script);
             args.push(&url);
-            let out = tokio::process::Command::new(&pgbench).args(&args).output().await.unwrap();
+            let out = tokio::process::Command::new(&pgbench)
+                .args(&args)
+                .output()
+                .await
+                .unwrap();
             let stdout = String::from_utf8_lossy(&out.stdout);
             let stderr = String::from_utf8_lossy(&out.stderr);
             assert!(out.status.success(), "pgbench {args:?}: {stderr}{stdout}");
-            assert!(stdout.contains("number of failed transactions: 0 "), "{args:?}: {stdout}");
-            assert!(stdout.contains("number of transactions actually processed: 800/800"), "{args:?}: {stdout}");
+            assert!(
+                stdout.contains("number of failed transactions: 0 "),
+                "{args:?}: {stdout}"
+            );
+            assert!(
+                stdout.contains("number of transactions actually processed: 800/800"),
+                "{args:?}: {stdout}"
+            );
             assert!(!stderr.contains("aborted"), "{args:?}: {stderr}");
         }
     }
@@ -50,14 +70,24 @@ async fn node_pg_dir() -> PathBuf {
     if !dir.join("node_modules/pg/package.json").exists() {
         std::fs::create_dir_all(&dir).unwrap();
         let out = tokio::process::Command::new("npm")
-            .args(["install", "--no-save", "--no-audit", "--no-fund", "--prefix"])
+            .args([
+                "install",
+                "--no-save",
+                "--no-audit",
+                "--no-fund",
+                "--prefix",
+            ])
             .arg(&dir)
             .arg("pg@8")
             .stdin(Stdio::null())
             .output()
             .await
             .expect("npm is needed for the node-postgres driver test");
-        assert!(out.status.success(), "npm install pg: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "npm install pg: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     dir
 }
@@ -76,7 +106,11 @@ async fn node_postgres_works_through_the_proxy() {
         .await
         .expect("node is needed for the node-postgres driver test");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "node: {}{stdout}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "node: {}{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     for fact in [
         "\"simpleOnReplica\":true",
         "\"paramValue\":42",
