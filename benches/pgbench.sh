@@ -31,6 +31,7 @@ PGBENCH="$PGBIN/pgbench"
 
 cleanup() {
   [ -n "${BOUNCER_PID:-}" ] && kill "$BOUNCER_PID" 2>/dev/null || true
+  [ -n "${SOLO_PID:-}" ] && kill "$SOLO_PID" 2>/dev/null || true
   [ -n "${DEMO_PID:-}" ] && kill -INT "$DEMO_PID" 2>/dev/null && sleep 2 || true
   rm -rf "$WORK"
 }
@@ -46,7 +47,29 @@ PRIMARY_PORT=$(awk '/^  primary/ {split($2, a, ":"); print a[2]}' "$WORK/demo.lo
 "$PGBENCH" -h 127.0.0.1 -p "$PRIMARY_PORT" -U app -i -q -s "$SCALE" app > "$WORK/init.log" 2>&1
 sleep 2 # let the replicas replay the initial load
 
-TARGETS="direct:$PRIMARY_PORT replicator:$PROXY_PORT"
+# A second replicator whose project has only the primary: the proxy's own overhead,
+# without the effect of running reads on hot standbys that share these cores.
+SOLO_PORT=$((PROXY_PORT + 2))
+cat > "$WORK/primary-only.toml" <<TOML
+[proxy]
+listen = "127.0.0.1:$SOLO_PORT"
+admin_listen = "127.0.0.1:$((PROXY_PORT + 3))"
+state_file = "$WORK/state.json"
+[[users]]
+name = "app"
+password = "secret"
+[projects.app]
+[[projects.app.replicas]]
+name = "master"
+role = "primary"
+uri = "postgresql://127.0.0.1:$PRIMARY_PORT/app"
+TOML
+setsid "$BIN" serve --config "$WORK/primary-only.toml" > "$WORK/solo.log" 2>&1 &
+SOLO_PID=$!
+sleep 0.5
+
+PROXIES="replicator:$PROXY_PORT replicator-primary-only:$SOLO_PORT"
+TARGETS="direct:$PRIMARY_PORT $PROXIES"
 if command -v pgbouncer > /dev/null; then
   cat > "$WORK/pgbouncer.ini" <<INI
 [databases]
@@ -69,7 +92,7 @@ INI
   setsid pgbouncer -d "${as_user[@]}" "$WORK/pgbouncer.ini"
   for _ in $(seq 1 50); do [ -s "$WORK/pgbouncer.pid" ] && break; sleep 0.1; done
   BOUNCER_PID=$(cat "$WORK/pgbouncer.pid")
-  TARGETS="direct:$PRIMARY_PORT pgbouncer:$BOUNCER_PORT replicator:$PROXY_PORT"
+  TARGETS="direct:$PRIMARY_PORT pgbouncer:$BOUNCER_PORT $PROXIES"
 fi
 
 # workload name | pgbench arguments
