@@ -281,22 +281,8 @@ fn md5_response(user: &str, password: &str, salt: [u8; 4]) -> Option<String> {
     if crate::protocol::auth::ScramVerifier::parse(password).is_some() {
         return None;
     }
-    if let Some(inner) = password
-        .strip_prefix("md5")
-        .filter(|_| crate::protocol::auth::is_md5_hash(password))
-    {
-        use md5::Digest;
-        let mut h = md5::Md5::new();
-        h.update(inner.as_bytes());
-        h.update(salt);
-        let digest = h.finalize();
-        return Some(format!(
-            "md5{}",
-            digest
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect::<String>()
-        ));
+    if crate::protocol::auth::is_md5_hash(password) {
+        return crate::protocol::auth::md5_salted_response(password, salt);
     }
     Some(postgres_protocol::authentication::md5_hash(
         user.as_bytes(),

@@ -82,17 +82,21 @@ pub fn is_md5_hash(s: &str) -> bool {
     s.len() == 35 && s.starts_with("md5") && s[3..].bytes().all(|b| b.is_ascii_hexdigit())
 }
 
-/// Checks a client's md5 response: `"md5" + md5(stored_hash_hex_without_prefix || salt)`.
-pub fn md5_response_matches(stored_hash: &str, salt: [u8; 4], response: &[u8]) -> bool {
-    let Some(inner) = stored_hash.strip_prefix("md5") else {
-        return false;
-    };
+/// The md5 password response for a stored hash (`md5` + hex): `"md5" + md5(hex || salt)`.
+/// The client computes it from its password; the proxy computes it from the hash, both
+/// to check a client and to log in to a server on a client's behalf.
+pub fn md5_salted_response(stored_hash: &str, salt: [u8; 4]) -> Option<String> {
+    let inner = stored_hash.strip_prefix("md5")?;
     let mut hasher = md5::Md5::new();
     md5::Digest::update(&mut hasher, inner.as_bytes());
     md5::Digest::update(&mut hasher, salt);
-    let digest = md5::Digest::finalize(hasher);
-    let expected = format!("md5{}", hex(&digest));
-    constant_time_eq(expected.as_bytes(), response)
+    Some(format!("md5{}", hex(&md5::Digest::finalize(hasher))))
+}
+
+/// Checks a client's md5 response against the stored hash.
+pub fn md5_response_matches(stored_hash: &str, salt: [u8; 4], response: &[u8]) -> bool {
+    md5_salted_response(stored_hash, salt)
+        .is_some_and(|expected| constant_time_eq(expected.as_bytes(), response))
 }
 
 fn hex(bytes: &[u8]) -> String {

@@ -132,6 +132,16 @@ pub async fn serve_client(shared: Arc<Shared>, stream: TcpStream, peer: SocketAd
     shared.cancels.unregister(key_pid, key_secret);
 }
 
+fn invalid_message(tag: u8) -> End {
+    End::fatal(
+        "08P01",
+        format!(
+            "invalid frontend message type '{}'",
+            crate::protocol::framing::printable_tag(tag)
+        ),
+    )
+}
+
 async fn refuse(writer: &mut OwnedWriteHalf, code: &str, message: &str) {
     let mut buf = BytesMut::new();
     msg::error_response(&mut buf, "FATAL", code, message);
@@ -449,15 +459,7 @@ impl Session {
                 | msg::COPY_DATA
                 | msg::COPY_DONE
                 | msg::COPY_FAIL => {}
-                other => {
-                    return Err(End::fatal(
-                        "08P01",
-                        format!(
-                            "invalid frontend message type '{}'",
-                            crate::protocol::framing::printable_tag(other)
-                        ),
-                    ));
-                }
+                other => return Err(invalid_message(other)),
             }
             self.pending.push_back(frame);
         }
@@ -816,15 +818,7 @@ impl Session {
                 self.push_expect(Expect::FunctionCall);
             }
             msg::COPY_DATA | msg::COPY_DONE | msg::COPY_FAIL => {}
-            other => {
-                return Err(End::fatal(
-                    "08P01",
-                    format!(
-                        "invalid frontend message type '{}'",
-                        crate::protocol::framing::printable_tag(other)
-                    ),
-                ));
-            }
+            other => return Err(invalid_message(other)),
         }
         match tag {
             msg::SYNC | msg::QUERY | msg::FUNCTION_CALL => self.mid_batch = false,
