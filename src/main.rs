@@ -133,10 +133,11 @@ async fn wait_for_shutdown_signal() {
 }
 
 async fn serve(config: Config, path: PathBuf) -> anyhow::Result<()> {
+    let grace = std::time::Duration::from_millis(config.proxy.shutdown_timeout_ms);
     let proxy = Proxy::start(config, Some(path)).await?;
     wait_for_shutdown_signal().await;
-    tracing::info!("shutting down");
-    proxy.stop().await;
+    tracing::info!("shutting down: closing idle clients, letting open transactions finish");
+    proxy.stop(grace).await;
     Ok(())
 }
 
@@ -180,7 +181,7 @@ async fn demo(listen: String) -> anyhow::Result<()> {
     );
     println!("Ctrl-C stops the proxy and the cluster and removes its data.");
     wait_for_shutdown_signal().await;
-    proxy.stop().await;
+    proxy.stop(std::time::Duration::from_secs(2)).await;
     drop(cluster);
     println!("stopped.");
     Ok(())

@@ -4,8 +4,8 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use std::sync::atomic::Ordering;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
 use tracing::{error, info};
 
 use crate::config::Config;
@@ -15,7 +15,6 @@ use crate::state::Shared;
 pub struct Proxy {
     pub shared: Arc<Shared>,
     pub addr: SocketAddr,
-    shutdown: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -30,7 +29,7 @@ impl Proxy {
             .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.proxy.listen))?;
         let addr = listener.local_addr()?;
         let shared = Shared::new(config, config_path);
-        let (shutdown, mut stop) = watch::channel(false);
+        let mut stop = shared.shutdown.subscribe();
         let accept_shared = shared.clone();
         let task = tokio::spawn(async move {
             loop {
@@ -50,17 +49,29 @@ impl Proxy {
             }
         });
         info!(%addr, "listening for Postgres clients");
-        Ok(Proxy {
-            shared,
-            addr,
-            shutdown,
-            task,
-        })
+        Ok(Proxy { shared, addr, task })
     }
 
-    /// Stops accepting new clients. Sessions already running finish on their own.
-    pub async fn stop(self) {
-        let _ = self.shutdown.send(true);
+    /// Graceful shutdown: stops accepting, closes idle clients at once (FATAL 57P01),
+    /// lets clients inside a transaction finish it, and returns when every client is
+    /// gone or `grace` has passed.
+    pub async fn stop(self, grace: std::time::Duration) {
+        let _ = self.shared.shutdown.send(true);
         let _ = self.task.await;
+        let deadline = tokio::time::Instant::now() + grace;
+        loop {
+            let active = self.shared.active_clients.load(Ordering::Relaxed);
+            if active == 0 {
+                break;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                tracing::warn!(
+                    active,
+                    "shutdown grace period over; closing remaining clients"
+                );
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
     }
 }

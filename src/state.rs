@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
 
 use arc_swap::ArcSwap;
 
@@ -21,6 +22,10 @@ pub struct Shared {
     pub cache: DecisionCache,
     pub statements: StatementRegistry,
     pub cancels: CancelRegistry,
+    /// Flips to true when the proxy starts shutting down; sessions watch it.
+    pub shutdown: tokio::sync::watch::Sender<bool>,
+    /// Client sessions currently running.
+    pub active_clients: AtomicUsize,
 }
 
 impl Shared {
@@ -32,6 +37,8 @@ impl Shared {
             cache: DecisionCache::new(config.proxy.statement_cache_size),
             statements: StatementRegistry::default(),
             cancels: CancelRegistry::default(),
+            shutdown: tokio::sync::watch::Sender::new(false),
+            active_clients: AtomicUsize::new(0),
             config: ArcSwap::from_pointee(config),
         })
     }

@@ -370,3 +370,43 @@ async fn session_pool_mode_keeps_one_backend() {
         assert_eq!(who(&client, WHO).await, first);
     }
 }
+
+#[tokio::test]
+async fn shutdown_closes_idle_clients_and_lets_transactions_finish() {
+    let proxy = start_proxy("", "").await;
+    create_table("rw_shutdown", "id int").await;
+    let idle = app_client(&proxy).await;
+    let busy = app_client(&proxy).await;
+    busy.batch_execute("BEGIN").await.unwrap();
+    busy.execute("INSERT INTO rw_shutdown VALUES (1)", &[])
+        .await
+        .unwrap();
+    let addr = proxy.addr;
+    let stopping = tokio::spawn(proxy.stop(std::time::Duration::from_secs(20)));
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // The idle client was told and closed.
+    assert!(idle.simple_query("SELECT 1").await.is_err());
+    assert!(idle.is_closed());
+    // New clients are refused.
+    assert!(
+        connect(&format!("postgresql://app:secret@{addr}/app"))
+            .await
+            .is_err()
+    );
+    // The client inside a transaction finishes it; the proxy then lets it go.
+    busy.execute("INSERT INTO rw_shutdown VALUES (2)", &[])
+        .await
+        .unwrap();
+    busy.batch_execute("COMMIT").await.unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(10), stopping)
+        .await
+        .expect("stop returns")
+        .unwrap();
+    let n: i64 = primary_client()
+        .await
+        .query_one("SELECT count(*) FROM rw_shutdown", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 2, "the transaction committed during shutdown");
+}

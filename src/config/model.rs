@@ -44,6 +44,9 @@ pub struct ProxySettings {
     /// one per CPU core.
     #[serde(default = "default_workers")]
     pub workers: usize,
+    /// On SIGTERM/SIGINT, how long clients inside a transaction may take to finish it.
+    #[serde(default = "default_shutdown_timeout_ms")]
+    pub shutdown_timeout_ms: u64,
 }
 
 impl ProxySettings {
@@ -232,6 +235,9 @@ fn default_server_idle_timeout_ms() -> u64 {
     600_000
 }
 fn default_statement_cache_size() -> usize {
+    10_000
+}
+fn default_shutdown_timeout_ms() -> u64 {
     10_000
 }
 fn default_workers() -> usize {

@@ -17,6 +17,7 @@ const PROXY: &[&str] = &[
     "server_idle_timeout_ms",
     "statement_cache_size",
     "workers",
+    "shutdown_timeout_ms",
 ];
 const USER: &[&str] = &["name", "password", "admin"];
 const PROJECT: &[&str] = &[

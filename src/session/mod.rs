@@ -117,6 +117,9 @@ pub async fn serve_client(shared: Arc<Shared>, stream: TcpStream, peer: SocketAd
         return;
     };
     let (key_pid, key_secret, cancel_slot) = shared.cancels.register();
+    shared
+        .active_clients
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     info!(%peer, user = %login.user.name, project = %project.name, "client connected");
     let mut session = Session::new(
         shared.clone(),
@@ -130,6 +133,9 @@ pub async fn serve_client(shared: Arc<Shared>, stream: TcpStream, peer: SocketAd
     let end = session.run().await;
     session.finish(end).await;
     shared.cancels.unregister(key_pid, key_secret);
+    shared
+        .active_clients
+        .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
 }
 
 fn invalid_message(tag: u8) -> End {
@@ -180,6 +186,7 @@ struct Session {
 
     server: Option<Held>,
     pinned: Option<&'static str>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
     pending: VecDeque<BytesMut>,
     expect: VecDeque<Expect>,
     tx_status: u8,
@@ -210,6 +217,7 @@ impl Session {
     ) -> Session {
         let startup_settings = settings::from_startup(&login.params);
         let session_mode = shared.config.load().proxy.pool_mode == PoolMode::Session;
+        let shutdown = shared.shutdown.subscribe();
         Session {
             shared,
             client,
@@ -229,6 +237,7 @@ impl Session {
             unnamed: None,
             server: None,
             pinned: None,
+            shutdown,
             pending: VecDeque::new(),
             expect: VecDeque::new(),
             tx_status: b'I',
@@ -257,16 +266,23 @@ impl Session {
             enum Event {
                 Client(std::io::Result<usize>),
                 Server(std::io::Result<usize>),
+                Shutdown,
             }
             let read_client = self.pending.len() < MAX_PENDING;
+            let stopping = *self.shutdown.borrow();
             let client = &mut self.client;
+            let shutdown = &mut self.shutdown;
             let server = self.server.as_mut().map(|h| &mut h.conn.reader);
             let event = match server {
                 Some(server) => tokio::select! {
                     r = client.fill(), if read_client => Event::Client(r),
                     r = server.fill() => Event::Server(r),
+                    _ = shutdown.changed(), if !stopping => Event::Shutdown,
                 },
-                None => Event::Client(client.fill().await),
+                None => tokio::select! {
+                    r = client.fill() => Event::Client(r),
+                    _ = shutdown.changed(), if !stopping => Event::Shutdown,
+                },
             };
             match event {
                 Event::Client(Ok(0)) => return Err(End::ClientGone),
@@ -275,6 +291,21 @@ impl Session {
                 Event::Server(Ok(0)) => self.server_lost("server closed the connection")?,
                 Event::Server(Err(e)) => self.server_lost(&e.to_string())?,
                 Event::Server(Ok(_)) => self.take_server_frames()?,
+                Event::Shutdown => {}
+            }
+            // Shutting down: a client leaves as soon as it holds no server (between
+            // transactions); one inside a transaction may finish it first.
+            let between_transactions = self.tx_status == b'I'
+                && self.expect.is_empty()
+                && !self.mid_batch
+                && !self.copy_in
+                && self.pending.is_empty();
+            if *self.shutdown.borrow() && between_transactions {
+                self.flush().await?;
+                return Err(End::fatal(
+                    "57P01",
+                    "terminating connection: the proxy is shutting down",
+                ));
             }
         }
     }
