@@ -148,37 +148,68 @@ async fn large_results_and_errors_mid_stream() {
     );
 }
 
+/// Waits until a statement containing `marker` runs on some node, then cancels it.
+async fn cancel_when_running(token: tokio_postgres::CancelToken, marker: &'static str) {
+    let c = cluster();
+    let urls: Vec<String> = std::iter::once(&c.primary)
+        .chain(c.replicas.iter())
+        .map(|n| {
+            n.url(
+                replicator::testbed::SUPERUSER,
+                replicator::testbed::SUPERUSER_PASSWORD,
+                "app",
+            )
+        })
+        .collect();
+    let mut watchers = Vec::new();
+    for url in &urls {
+        watchers.push(connect(url).await.unwrap());
+    }
+    let sql = format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' AND query LIKE '%{marker}%' AND pid <> pg_backend_pid()"
+    );
+    for _ in 0..400 {
+        for w in &watchers {
+            let n: i64 = w.query_one(sql.as_str(), &[]).await.unwrap().get(0);
+            if n > 0 {
+                token.cancel_query(tokio_postgres::NoTls).await.unwrap();
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("statement {marker} never started");
+}
+
 #[tokio::test]
 async fn cancel_reaches_the_running_statement() {
     let proxy = start_proxy("", "").await;
     let client = app_client(&proxy).await;
-    let token = client.cancel_token();
     let started = Instant::now();
-    let canceller = tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        token.cancel_query(tokio_postgres::NoTls).await.unwrap();
-    });
-    let err = client.query("SELECT pg_sleep(20)", &[]).await.unwrap_err();
+    let canceller = tokio::spawn(cancel_when_running(client.cancel_token(), "pg_sleep(20.1)"));
+    let err = client
+        .query("SELECT pg_sleep(20.1)", &[])
+        .await
+        .unwrap_err();
     canceller.await.unwrap();
     assert_eq!(
         err.code(),
-        Some(&tokio_postgres::error::SqlState::QUERY_CANCELED)
+        Some(&tokio_postgres::error::SqlState::QUERY_CANCELED),
+        "{err:?}"
     );
     assert!(started.elapsed() < Duration::from_secs(10));
-    // Same through psql's libpq in a transaction on the primary.
+    // Inside a transaction on the primary, through the simple protocol.
     client.batch_execute("BEGIN").await.unwrap();
-    let token = client.cancel_token();
-    tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let _ = token.cancel_query(tokio_postgres::NoTls).await;
-    });
+    let canceller = tokio::spawn(cancel_when_running(client.cancel_token(), "pg_sleep(20.2)"));
     let err = client
-        .batch_execute("SELECT pg_sleep(20)")
+        .batch_execute("SELECT pg_sleep(20.2)")
         .await
         .unwrap_err();
+    canceller.await.unwrap();
     assert_eq!(
         err.code(),
-        Some(&tokio_postgres::error::SqlState::QUERY_CANCELED)
+        Some(&tokio_postgres::error::SqlState::QUERY_CANCELED),
+        "{err:?}"
     );
     client.batch_execute("ROLLBACK").await.unwrap();
 }

@@ -383,10 +383,15 @@ async fn shutdown_closes_idle_clients_and_lets_transactions_finish() {
         .unwrap();
     let addr = proxy.addr;
     let stopping = tokio::spawn(proxy.stop(std::time::Duration::from_secs(20)));
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-    // The idle client was told and closed.
-    assert!(idle.simple_query("SELECT 1").await.is_err());
+    // The idle client is told and closed.
+    for _ in 0..200 {
+        if idle.is_closed() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
     assert!(idle.is_closed());
+    assert!(idle.simple_query("SELECT 1").await.is_err());
     // New clients are refused.
     assert!(
         connect(&format!("postgresql://app:secret@{addr}/app"))
