@@ -112,18 +112,12 @@ async fn large_results_and_errors_mid_stream() {
         )
         .await
         .unwrap_err();
-    assert_eq!(
-        err.code(),
-        Some(&tokio_postgres::error::SqlState::DIVISION_BY_ZERO)
-    );
+    assert_sqlstate(&err, tokio_postgres::error::SqlState::DIVISION_BY_ZERO);
     let err = client
         .simple_query("SELECT 1 / (5000 - g) FROM generate_series(1, 10000) g")
         .await
         .unwrap_err();
-    assert_eq!(
-        err.code(),
-        Some(&tokio_postgres::error::SqlState::DIVISION_BY_ZERO)
-    );
+    assert_sqlstate(&err, tokio_postgres::error::SqlState::DIVISION_BY_ZERO);
     // Errors in the middle of a transaction abort it, and ROLLBACK recovers.
     client.batch_execute("BEGIN").await.unwrap();
     assert!(
@@ -133,9 +127,9 @@ async fn large_results_and_errors_mid_stream() {
             .is_err()
     );
     let err = client.query_one("SELECT 1", &[]).await.unwrap_err();
-    assert_eq!(
-        err.code(),
-        Some(&tokio_postgres::error::SqlState::IN_FAILED_SQL_TRANSACTION)
+    assert_sqlstate(
+        &err,
+        tokio_postgres::error::SqlState::IN_FAILED_SQL_TRANSACTION,
     );
     client.batch_execute("ROLLBACK").await.unwrap();
     assert_eq!(
@@ -192,11 +186,7 @@ async fn cancel_reaches_the_running_statement() {
         .await
         .unwrap_err();
     canceller.await.unwrap();
-    assert_eq!(
-        err.code(),
-        Some(&tokio_postgres::error::SqlState::QUERY_CANCELED),
-        "{err:?}"
-    );
+    assert_sqlstate(&err, tokio_postgres::error::SqlState::QUERY_CANCELED);
     assert!(started.elapsed() < Duration::from_secs(10));
     // Inside a transaction on the primary, through the simple protocol.
     client.batch_execute("BEGIN").await.unwrap();
@@ -206,11 +196,7 @@ async fn cancel_reaches_the_running_statement() {
         .await
         .unwrap_err();
     canceller.await.unwrap();
-    assert_eq!(
-        err.code(),
-        Some(&tokio_postgres::error::SqlState::QUERY_CANCELED),
-        "{err:?}"
-    );
+    assert_sqlstate(&err, tokio_postgres::error::SqlState::QUERY_CANCELED);
     client.batch_execute("ROLLBACK").await.unwrap();
 }
 

@@ -335,22 +335,7 @@ impl Session {
     async fn greet(&mut self) -> Result<(), End> {
         let mut nodes: Vec<Arc<Node>> = self.project.primary().cloned().into_iter().collect();
         nodes.extend(self.project.read_candidates());
-        let mut last_error = None;
-        for node in nodes {
-            match node.checkout(&self.user).await {
-                Ok(conn) => {
-                    self.attach(node, conn);
-                    last_error = None;
-                    break;
-                }
-                Err(e) => last_error = Some(e),
-            }
-        }
-        if let Some(e) = last_error.or_else(|| {
-            self.server
-                .is_none()
-                .then(|| BackendError::Timeout("no node configured".into()))
-        }) {
+        if let Err(e) = self.attach_first(nodes).await {
             return Err(End::fatal(
                 e.sqlstate(),
                 format!(
@@ -659,13 +644,17 @@ impl Session {
     /// Checks out a server for `route`: reads try the replicas in strategy order, then
     /// the primary, so a replica that is down costs the client nothing.
     async fn acquire(&mut self, route: Route) -> Result<(), BackendError> {
-        let project = self.project.clone();
         let mut nodes = if route == Route::Replica {
-            project.read_candidates()
+            self.project.read_candidates()
         } else {
             Vec::new()
         };
-        nodes.extend(project.primary().cloned());
+        nodes.extend(self.project.primary().cloned());
+        self.attach_first(nodes).await
+    }
+
+    /// Attaches a server from the first of `nodes` that yields one.
+    async fn attach_first(&mut self, nodes: Vec<Arc<Node>>) -> Result<(), BackendError> {
         let mut last_error = BackendError::Timeout("no node available".into());
         for node in nodes {
             match node.checkout(&self.user).await {
@@ -674,7 +663,7 @@ impl Session {
                     return Ok(());
                 }
                 Err(e) => {
-                    warn!(node = %node.name, project = %project.name, "cannot get a server connection: {e}");
+                    warn!(node = %node.name, project = %self.project.name, "cannot get a server connection: {e}");
                     last_error = e;
                 }
             }

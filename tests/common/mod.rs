@@ -126,3 +126,8 @@ pub async fn who(client: &Client, sql: &str) -> (u16, bool) {
 }
 
 pub const WHO: &str = "SELECT inet_server_port(), pg_is_in_recovery()";
+
+/// Fails with the whole error when it does not carry the expected SQLSTATE.
+pub fn assert_sqlstate(err: &tokio_postgres::Error, expected: tokio_postgres::error::SqlState) {
+    assert_eq!(err.code(), Some(&expected), "{err:?}");
+}
