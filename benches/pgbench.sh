@@ -5,6 +5,7 @@
 #
 #   benches/pgbench.sh                 # defaults: 3 rounds of 10 s per cell
 #   ROUNDS=5 DURATION=20 benches/pgbench.sh
+#   ONLY='c1$' benches/pgbench.sh     # only the workloads whose name matches
 #
 # Needs the PostgreSQL server binaries and pgbench; PgBouncer is used when installed
 # (Debian: apt-get install pgbouncer) and skipped otherwise. Every server runs in its own
@@ -17,6 +18,7 @@ ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-10}
 CLIENTS=${CLIENTS:-8}
 SCALE=${SCALE:-10}
+ONLY=${ONLY:-.}   # regular expression: run only the workloads whose name matches
 PROXY_PORT=${PROXY_PORT:-16432}
 BOUNCER_PORT=${BOUNCER_PORT:-16433}
 WORK=$(mktemp -d /tmp/replicator-bench.XXXXXX)
@@ -110,6 +112,7 @@ WORKLOADS=(
 for round in $(seq 1 "$ROUNDS"); do
   for w in "${WORKLOADS[@]}"; do
     name=${w%%|*}; args=${w#*|}
+    [[ "$name" =~ $ONLY ]] || continue
     for t in $TARGETS; do
       target=${t%%:*}; port=${t#*:}
       # shellcheck disable=SC2086

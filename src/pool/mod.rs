@@ -84,6 +84,10 @@ pub fn build_pool(
         .retry_connection(false)
         .test_on_check_out(true)
         .idle_timeout(Some(idle_timeout))
+        // Most recently used first: a lightly loaded pool keeps hitting the same warm
+        // server processes (as PgBouncer does), and the surplus ones reach the idle
+        // timeout and close instead of being kept alive by rotation.
+        .queue_strategy(bb8::QueueStrategy::Lifo)
         .build_unchecked(BackendManager {
             login,
             connect_timeout,
