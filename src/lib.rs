@@ -1,6 +1,7 @@
 //! replicator: a PostgreSQL wire-protocol proxy that sends writes to the primary and
 //! reads to replicas. See docs/architecture.md for how a statement flows through it.
 
+pub mod admin;
 pub mod cluster;
 pub mod config;
 pub mod pool;

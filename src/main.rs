@@ -1,4 +1,5 @@
-//! The `replicator` command line: run the proxy, check a config, or start a demo cluster.
+//! The `replicator` command line: run the proxy, check a config, start a demo cluster,
+//! or ask a running proxy for its status.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -36,6 +37,21 @@ enum Command {
         /// Address the proxy listens on.
         #[arg(long, default_value = "127.0.0.1:6432")]
         listen: String,
+        /// Address of the HTTP admin endpoints (/status, /metrics, /health).
+        #[arg(long, default_value = "127.0.0.1:9930")]
+        admin_listen: String,
+    },
+    /// Print the replica table of a running proxy (from its HTTP /status endpoint).
+    Status {
+        /// Config file of the running proxy: its admin_listen is where to ask.
+        #[arg(long, short, default_value = "proxy.toml")]
+        config: PathBuf,
+        /// Ask this admin address instead of the config's admin_listen.
+        #[arg(long, value_name = "HOST:PORT")]
+        admin: Option<String>,
+        /// Print the full JSON status instead of the table.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -78,9 +94,36 @@ fn main() -> ExitCode {
             };
             run_async(loaded.proxy.worker_threads(), serve(loaded, config))
         }
-        Command::Demo { listen } => {
+        Command::Demo {
+            listen,
+            admin_listen,
+        } => {
             init_logging();
-            run_async(1, demo(listen))
+            run_async(1, demo(listen, admin_listen))
+        }
+        Command::Status {
+            config,
+            admin,
+            json,
+        } => {
+            let admin = match admin {
+                Some(a) => a,
+                None => match Config::load(&config) {
+                    Ok(c) if !c.proxy.admin_listen.is_empty() => c.proxy.admin_listen,
+                    Ok(_) => {
+                        eprintln!(
+                            "{}: proxy.admin_listen is empty; pass --admin HOST:PORT",
+                            config.display()
+                        );
+                        return ExitCode::FAILURE;
+                    }
+                    Err(e) => {
+                        eprintln!("{e}");
+                        return ExitCode::FAILURE;
+                    }
+                },
+            };
+            run_async(1, status(admin, json))
         }
     }
 }
@@ -141,7 +184,36 @@ async fn serve(config: Config, path: PathBuf) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn demo(listen: String) -> anyhow::Result<()> {
+async fn status(admin: String, json: bool) -> anyhow::Result<()> {
+    use replicator::admin::{http, status};
+    let (code, body) = http::get(&admin, "/status").await?;
+    if code != 200 {
+        anyhow::bail!("{admin}/status answered {code}: {body}");
+    }
+    if json {
+        println!("{body}");
+        return Ok(());
+    }
+    let parsed: status::Status = serde_json::from_str(&body)
+        .map_err(|e| anyhow::anyhow!("unexpected /status answer from {admin}: {e}"))?;
+    print!(
+        "{}",
+        status::render_table(&status::REPLICA_COLUMNS, &status::replica_rows(&parsed))
+    );
+    for p in &parsed.projects {
+        println!(
+            "project {}: read_routing={} read_your_writes={} fallback_reads={} causal_primary_reads={}",
+            p.name, p.read_routing, p.read_your_writes, p.fallback_reads, p.causal_primary_reads
+        );
+    }
+    println!(
+        "clients: {}  uptime: {} s",
+        parsed.clients, parsed.uptime_seconds
+    );
+    Ok(())
+}
+
+async fn demo(listen: String, admin_listen: String) -> anyhow::Result<()> {
     // Ports of the example proxy.toml when free, so it works unchanged against the demo.
     let wanted = [15432u16, 15433, 15434];
     let ports = if wanted
@@ -160,7 +232,7 @@ async fn demo(listen: String) -> anyhow::Result<()> {
         })
     })
     .await??;
-    let toml = cluster.proxy_toml(&listen, "127.0.0.1:9930", "read_routing = \"round-robin\"");
+    let toml = cluster.proxy_toml(&listen, &admin_listen, "read_routing = \"round-robin\"");
     let config = Config::parse(&toml)
         .map_err(|issues| anyhow::anyhow!("demo config is invalid: {:?}", issues))?;
     let proxy = Proxy::start(config, None).await?;
@@ -171,6 +243,9 @@ async fn demo(listen: String) -> anyhow::Result<()> {
         println!("  replica   127.0.0.1:{}", r.port);
     }
     println!("  proxy     {}", proxy.addr);
+    if let Some(admin) = proxy.admin_addr {
+        println!("  admin     http://{admin}/status  /metrics  /health");
+    }
     println!();
     println!(
         "connect:  psql 'postgresql://{}:{}@{}/{}'",
@@ -178,6 +253,10 @@ async fn demo(listen: String) -> anyhow::Result<()> {
     );
     println!(
         "try:      SELECT inet_server_port(), pg_is_in_recovery();   -- reads land on replicas"
+    );
+    println!(
+        "admin:    psql 'postgresql://{}:{}@{}/replicator' -c 'SHOW REPLICAS'",
+        o.user, o.password, proxy.addr
     );
     println!("Ctrl-C stops the proxy and the cluster and removes its data.");
     wait_for_shutdown_signal().await;

@@ -15,6 +15,8 @@ use crate::state::Shared;
 pub struct Proxy {
     pub shared: Arc<Shared>,
     pub addr: SocketAddr,
+    /// Where the HTTP admin endpoints listen (`None` when `admin_listen` is empty).
+    pub admin_addr: Option<SocketAddr>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -28,7 +30,21 @@ impl Proxy {
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.proxy.listen))?;
         let addr = listener.local_addr()?;
+        let credentials = crate::cluster::monitor::Credentials::from_config(&config);
         let shared = Shared::new(config, config_path);
+        for project in shared.topology.load().projects.values() {
+            crate::cluster::monitor::spawn(
+                project,
+                credentials.clone(),
+                shared.shutdown.subscribe(),
+            );
+        }
+        let admin_listen = shared.config.load().proxy.admin_listen.clone();
+        let admin_addr = if admin_listen.is_empty() {
+            None
+        } else {
+            Some(crate::admin::http::start(shared.clone(), &admin_listen).await?)
+        };
         let mut stop = shared.shutdown.subscribe();
         let accept_shared = shared.clone();
         let task = tokio::spawn(async move {
@@ -49,7 +65,12 @@ impl Proxy {
             }
         });
         info!(%addr, "listening for Postgres clients");
-        Ok(Proxy { shared, addr, task })
+        Ok(Proxy {
+            shared,
+            addr,
+            admin_addr,
+            task,
+        })
     }
 
     /// Graceful shutdown: stops accepting, closes idle clients at once (FATAL 57P01),

@@ -11,6 +11,7 @@ use crate::cluster::Topology;
 use crate::config::Config;
 use crate::router::DecisionCache;
 use crate::session::cancel::CancelRegistry;
+use crate::session::clients::ClientRegistry;
 use crate::session::statements::StatementRegistry;
 use crate::session::users::{self, Users};
 
@@ -26,6 +27,9 @@ pub struct Shared {
     pub shutdown: tokio::sync::watch::Sender<bool>,
     /// Client sessions currently running.
     pub active_clients: AtomicUsize,
+    pub clients: ClientRegistry,
+    /// When the proxy started (uptime in status).
+    pub started_at: std::time::SystemTime,
 }
 
 impl Shared {
@@ -39,6 +43,8 @@ impl Shared {
             cancels: CancelRegistry::default(),
             shutdown: tokio::sync::watch::Sender::new(false),
             active_clients: AtomicUsize::new(0),
+            clients: ClientRegistry::default(),
+            started_at: std::time::SystemTime::now(),
             config: ArcSwap::from_pointee(config),
         })
     }

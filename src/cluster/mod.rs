@@ -1,14 +1,22 @@
 //! The live topology: per project, its nodes (primary and replicas), their pools and
 //! health, and the choice of a node for a read.
 
+pub mod health;
+pub mod monitor;
+pub mod stats;
+
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
+
+use tracing::{info, warn};
 
 use crate::config::{Config, NodeAddress, ReadRouting, Role};
 use crate::pool::{self, BackendError, LoginInfo, Pool, Pooled};
 use crate::session::users::UserEntry;
+pub use health::{Health, NodeState};
+pub use stats::NodeStats;
 
 /// How long a node that refused a connection is skipped for reads before it is tried again.
 const DOWN_BACKOFF: Duration = Duration::from_millis(1000);
@@ -29,13 +37,7 @@ pub struct Node {
     down_until_ms: AtomicU64,
     epoch: Instant,
     pub stats: NodeStats,
-}
-
-#[derive(Default)]
-pub struct NodeStats {
-    pub reads: AtomicU64,
-    pub writes: AtomicU64,
-    pub connect_errors: AtomicU64,
+    pub health: Health,
 }
 
 impl Node {
@@ -102,6 +104,24 @@ impl Node {
         self.down_until_ms.load(Ordering::Relaxed) <= self.epoch.elapsed().as_millis() as u64
     }
 
+    pub fn pool_size(&self) -> u32 {
+        self.pool_size
+    }
+
+    /// May get reads now: the monitor has it up (or has not checked yet) and no recent
+    /// connection attempt failed.
+    pub fn serves_reads(&self) -> bool {
+        self.health.state().serves_reads() && self.is_up()
+    }
+
+    /// (user, connections, idle) per pool.
+    /// Sum over this node's pools: (connections, idle).
+    pub fn connection_counts(&self) -> (u32, u32) {
+        self.pool_states()
+            .iter()
+            .fold((0, 0), |(c, i), (_, pc, pi)| (c + pc, i + pi))
+    }
+
     /// (user, connections, idle) per pool.
     pub fn pool_states(&self) -> Vec<(String, u32, u32)> {
         self.pools
@@ -122,9 +142,18 @@ impl Node {
 pub struct Project {
     pub name: String,
     pub database: String,
-    pub read_routing: ReadRouting,
+    read_routing: AtomicU8,
+    pub read_your_writes: bool,
+    pub causal_wait: Duration,
+    pub lag_check_interval: Duration,
     pub nodes: Vec<Arc<Node>>,
     rr: AtomicUsize,
+    /// Reads that found no replica to run on and went to the primary.
+    pub fallback_reads: AtomicU64,
+    /// Reads sent to the primary because no replica had replayed the client's writes.
+    pub causal_primary_reads: AtomicU64,
+    /// A "no replica available" episode is going on (logged once, when it starts).
+    no_replica: AtomicBool,
 }
 
 impl Project {
@@ -132,41 +161,108 @@ impl Project {
         self.nodes.iter().find(|n| n.role == Role::Primary)
     }
 
-    /// Replicas eligible for reads right now, in the order the strategy prefers them.
-    /// The caller tries them in turn and falls back to the primary.
-    pub fn read_candidates(&self) -> Vec<Arc<Node>> {
-        let up: Vec<&Arc<Node>> = self
+    pub fn has_replicas(&self) -> bool {
+        self.nodes.iter().any(|n| n.role == Role::Replica)
+    }
+
+    pub fn read_routing(&self) -> ReadRouting {
+        match self.read_routing.load(Ordering::Relaxed) {
+            1 => ReadRouting::LeastLag,
+            2 => ReadRouting::Random,
+            _ => ReadRouting::RoundRobin,
+        }
+    }
+
+    pub fn set_read_routing(&self, routing: ReadRouting) {
+        self.read_routing
+            .store(routing_code(routing), Ordering::Relaxed);
+    }
+
+    /// Replicas eligible for reads right now, in the order the strategy prefers them;
+    /// the caller tries them in turn and falls back to the primary. With `min_lsn`
+    /// (read-your-writes) only replicas known to have replayed that far qualify.
+    pub fn read_candidates(&self, min_lsn: u64) -> Vec<Arc<Node>> {
+        let healthy: Vec<&Arc<Node>> = self
             .nodes
             .iter()
-            .filter(|n| n.role == Role::Replica && n.is_up())
+            .filter(|n| n.role == Role::Replica && n.serves_reads())
             .collect();
-        if up.is_empty() {
+        self.note_availability(!healthy.is_empty());
+        let eligible: Vec<&Arc<Node>> = if min_lsn == 0 {
+            healthy
+        } else {
+            healthy
+                .into_iter()
+                .filter(|n| n.health.lsn() >= min_lsn)
+                .collect()
+        };
+        if eligible.is_empty() {
             return Vec::new();
         }
-        let total: u64 = up.iter().map(|n| n.weight as u64).sum();
-        let ticket = match self.read_routing {
-            ReadRouting::Random => rand::random_range(0..total.max(1)),
-            // least-lag needs the lag monitor; until a node reports lag it behaves as round-robin.
-            ReadRouting::RoundRobin | ReadRouting::LeastLag => {
-                self.rr.fetch_add(1, Ordering::Relaxed) as u64 % total.max(1)
-            }
+        let total: u64 = eligible.iter().map(|n| n.weight as u64).sum::<u64>().max(1);
+        let first = match self.read_routing() {
+            ReadRouting::LeastLag => return self.least_lag_order(eligible),
+            ReadRouting::Random => weighted_index(&eligible, rand::random_range(0..total)),
+            ReadRouting::RoundRobin => weighted_index(
+                &eligible,
+                self.rr.fetch_add(1, Ordering::Relaxed) as u64 % total,
+            ),
         };
-        // Weighted pick: walk the cumulative weights to the ticket.
-        let mut acc = 0u64;
-        let mut first = 0;
-        for (i, n) in up.iter().enumerate() {
-            acc += n.weight as u64;
-            if ticket < acc {
-                first = i;
-                break;
-            }
-        }
-        let mut ordered = Vec::with_capacity(up.len());
-        for i in 0..up.len() {
-            ordered.push(up[(first + i) % up.len()].clone());
+        let mut ordered = Vec::with_capacity(eligible.len());
+        for i in 0..eligible.len() {
+            ordered.push(eligible[(first + i) % eligible.len()].clone());
         }
         ordered
     }
+
+    /// Freshest first (lag in ms, then bytes); replicas equally fresh take turns.
+    fn least_lag_order(&self, mut nodes: Vec<&Arc<Node>>) -> Vec<Arc<Node>> {
+        let key = |n: &Arc<Node>| (n.health.lag_ms(), n.health.lag_bytes());
+        nodes.sort_by_key(|n| key(n));
+        let best = key(nodes[0]);
+        let tied = nodes.iter().take_while(|n| key(n) == best).count();
+        let turn = self.rr.fetch_add(1, Ordering::Relaxed) % tied;
+        nodes[..tied].rotate_left(turn);
+        nodes.into_iter().cloned().collect()
+    }
+
+    /// Counts a read that goes to the primary for want of a replica, and logs when such
+    /// an episode starts and ends rather than once per query.
+    fn note_availability(&self, any_replica: bool) {
+        if !self.has_replicas() {
+            return;
+        }
+        if any_replica {
+            if self.no_replica.swap(false, Ordering::Relaxed) {
+                info!(project = %self.name, "replicas are available again; reads leave the primary");
+            }
+        } else {
+            self.fallback_reads.fetch_add(1, Ordering::Relaxed);
+            if !self.no_replica.swap(true, Ordering::Relaxed) {
+                warn!(project = %self.name, "no replica is healthy and within its lag tolerance; reads go to the primary");
+            }
+        }
+    }
+}
+
+fn routing_code(routing: ReadRouting) -> u8 {
+    match routing {
+        ReadRouting::RoundRobin => 0,
+        ReadRouting::LeastLag => 1,
+        ReadRouting::Random => 2,
+    }
+}
+
+/// The index whose cumulative weight range holds `ticket`.
+fn weighted_index(nodes: &[&Arc<Node>], ticket: u64) -> usize {
+    let mut acc = 0u64;
+    for (i, n) in nodes.iter().enumerate() {
+        acc += n.weight as u64;
+        if ticket < acc {
+            return i;
+        }
+    }
+    0
 }
 
 pub struct Topology {
@@ -204,6 +300,7 @@ impl Topology {
                         down_until_ms: AtomicU64::new(0),
                         epoch,
                         stats: NodeStats::default(),
+                        health: Health::default(),
                     }))
                 })
                 .collect();
@@ -212,9 +309,15 @@ impl Topology {
                 Arc::new(Project {
                     name: name.clone(),
                     database,
-                    read_routing: p.read_routing,
+                    read_routing: AtomicU8::new(routing_code(p.read_routing)),
+                    read_your_writes: p.read_your_writes,
+                    causal_wait: Duration::from_millis(p.causal_wait_ms),
+                    lag_check_interval: Duration::from_millis(p.lag_check_interval_ms.max(10)),
                     nodes,
                     rr: AtomicUsize::new(0),
+                    fallback_reads: AtomicU64::new(0),
+                    causal_primary_reads: AtomicU64::new(0),
+                    no_replica: AtomicBool::new(false),
                 }),
             );
         }

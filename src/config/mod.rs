@@ -5,7 +5,7 @@ mod model;
 mod validate;
 
 pub use model::*;
-pub use validate::NodeAddress;
+pub use validate::{ADMIN_DATABASE, NodeAddress};
 
 use std::fmt;
 use std::path::Path;

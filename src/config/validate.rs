@@ -165,10 +165,12 @@ pub fn semantics(config: &Config) -> Vec<ConfigIssue> {
             "must be an address like 127.0.0.1:6432",
         ));
     }
-    if config.proxy.admin_listen.parse::<SocketAddr>().is_err() {
+    if !config.proxy.admin_listen.is_empty()
+        && config.proxy.admin_listen.parse::<SocketAddr>().is_err()
+    {
         out.push(issue(
             "proxy.admin_listen",
-            "must be an address like 127.0.0.1:9930",
+            "must be an address like 127.0.0.1:9930 (or \"\" for no HTTP endpoints)",
         ));
     }
     if config.proxy.connect_timeout_ms == 0 {

@@ -250,6 +250,33 @@ impl ServerConn {
         Ok(())
     }
 
+    /// Runs a simple query whose answer is one value (a replay position) on an idle
+    /// connection. Any surprise leaves the connection marked broken.
+    pub async fn query_value(&mut self, sql: &str) -> Result<Option<String>, ProtocolError> {
+        let mut out = bytes::BytesMut::new();
+        crate::protocol::messages::query(&mut out, sql);
+        self.broken = true;
+        self.send(&out).await?;
+        let mut value = None;
+        loop {
+            let frame = self.reader.read_frame().await?;
+            match frame[0] {
+                crate::protocol::messages::DATA_ROW => {
+                    value = crate::protocol::messages::first_column(&frame)
+                        .map(|v| String::from_utf8_lossy(v).into_owned());
+                }
+                crate::protocol::messages::ERROR_RESPONSE => {
+                    let fields = crate::protocol::messages::parse_error_fields(&frame);
+                    tracing::debug!("control query failed: {fields}");
+                }
+                crate::protocol::messages::READY_FOR_QUERY => break,
+                _ => {}
+            }
+        }
+        self.broken = false;
+        Ok(value)
+    }
+
     pub fn record_parameter(&mut self, frame: &[u8]) {
         let mut f = Fields::of_frame(frame);
         let (Ok(name), Ok(value)) = (f.cstr_bytes(), f.cstr_bytes()) else {

@@ -38,6 +38,7 @@ pub const EMPTY_QUERY: u8 = b'I';
 pub const PORTAL_SUSPENDED: u8 = b's';
 pub const NO_DATA: u8 = b'n';
 pub const ROW_DESCRIPTION: u8 = b'T';
+pub const DATA_ROW: u8 = b'D';
 pub const PARAMETER_DESCRIPTION: u8 = b't';
 pub const COPY_IN_RESPONSE: u8 = b'G';
 pub const COPY_OUT_RESPONSE: u8 = b'H';
@@ -329,6 +330,20 @@ impl std::fmt::Display for ErrorFields {
 pub fn command_tag(frame: &[u8]) -> &[u8] {
     let payload = frame.get(5..).unwrap_or(&[]);
     payload.strip_suffix(&[0]).unwrap_or(payload)
+}
+
+/// The first column of a DataRow, `None` when it is NULL or the frame is malformed.
+pub fn first_column(frame: &[u8]) -> Option<&[u8]> {
+    let body = frame.get(5..)?;
+    let columns = u16::from_be_bytes([*body.first()?, *body.get(1)?]);
+    if columns == 0 {
+        return None;
+    }
+    let len = i32::from_be_bytes(body.get(2..6)?.try_into().ok()?);
+    if len < 0 {
+        return None;
+    }
+    body.get(6..6 + len as usize)
 }
 
 #[cfg(test)]

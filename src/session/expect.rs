@@ -33,13 +33,16 @@ pub enum Expect {
         effects: Vec<SessionEffect>,
     },
     FunctionCall,
+    /// The proxy's own query for the WAL position after a client's write committed
+    /// (read-your-writes); all of it is swallowed.
+    CommitLsn,
 }
 
 impl Expect {
     /// True if the server message `tag` is the last one answering this entry.
     pub fn ends_with(&self, tag: u8) -> bool {
         match self {
-            Expect::Injected | Expect::Ready { .. } | Expect::FunctionCall => {
+            Expect::Injected | Expect::CommitLsn | Expect::Ready { .. } | Expect::FunctionCall => {
                 tag == msg::READY_FOR_QUERY
             }
             Expect::InjectedParse { .. } | Expect::ParseNamed { .. } | Expect::Parse => {
@@ -58,10 +61,15 @@ impl Expect {
 
     /// Entries that end at ReadyForQuery still get it after an ErrorResponse; the other
     /// extended-protocol entries are abandoned by the server up to the next Sync.
+    /// Answers to this entry are the proxy's business, not the client's.
+    pub fn is_injected(&self) -> bool {
+        matches!(self, Expect::Injected | Expect::CommitLsn)
+    }
+
     pub fn survives_error(&self) -> bool {
         matches!(
             self,
-            Expect::Injected | Expect::FunctionCall | Expect::Ready { .. }
+            Expect::Injected | Expect::CommitLsn | Expect::FunctionCall | Expect::Ready { .. }
         )
     }
 }

@@ -8,6 +8,7 @@
 //! serves both directions, so COPY, pipelining and notifications need no special threads.
 
 pub mod cancel;
+pub mod clients;
 mod expect;
 pub mod settings;
 pub mod startup;
@@ -17,7 +18,7 @@ pub mod users;
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
@@ -25,14 +26,15 @@ use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tracing::{debug, info, warn};
 
-use crate::cluster::{Node, Project};
+use crate::cluster::{Node, Project, health};
 use crate::config::{PoolMode, Role};
 use crate::pool::{BackendError, Pooled};
 use crate::protocol::messages::{self as msg, Fields};
 use crate::protocol::{MAX_CLIENT_MESSAGE, MessageReader, ProtocolError};
-use crate::router::{Decision, Route, SessionEffect};
+use crate::router::{Decision, Route, SessionEffect, TxEffect};
 use crate::state::Shared;
 use cancel::{CancelSlot, CancelTarget};
+use clients::{ClientInfo, ClientState};
 use expect::Expect;
 use settings::Settings;
 use startup::{Login, Refusal, Startup};
@@ -46,6 +48,13 @@ const MAX_PENDING: usize = 4096;
 const PARTIAL_UNIT: usize = 512;
 /// Proxy-named statements one server connection may accumulate before it is cleared.
 const MAX_PREPARED_PER_SERVER: usize = 2000;
+/// How often one read is sent again elsewhere after its server failed before answering.
+const MAX_READ_REPLAYS: u8 = 2;
+/// Where the WAL ends right after a client's write committed: an upper bound of that
+/// commit's position, which is what read-your-writes needs.
+const COMMIT_LSN_SQL: &str = "SELECT pg_current_wal_insert_lsn()";
+/// How often a read waiting for a replica to catch up (causal_wait_ms) asks it again.
+const CAUSAL_POLL: Duration = Duration::from_millis(1);
 
 /// Why a session ended.
 enum End {
@@ -104,6 +113,10 @@ pub async fn serve_client(shared: Arc<Shared>, stream: TcpStream, peer: SocketAd
         }
         Ok(Ok(Startup::Login(login))) => login,
     };
+    if login.database == crate::config::ADMIN_DATABASE {
+        crate::admin::console::serve(shared, reader, writer, login, peer).await;
+        return;
+    }
     let Some(project) = shared
         .topology
         .load()
@@ -121,17 +134,24 @@ pub async fn serve_client(shared: Arc<Shared>, stream: TcpStream, peer: SocketAd
         .active_clients
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     info!(%peer, user = %login.user.name, project = %project.name, "client connected");
+    let info = shared
+        .clients
+        .register(&login.user.name, &project.name, peer);
     let mut session = Session::new(
         shared.clone(),
         reader,
         writer,
         login,
         project,
-        cancel_slot,
-        (key_pid, key_secret),
+        Registration {
+            cancel_slot,
+            key: (key_pid, key_secret),
+            info: info.clone(),
+        },
     );
     let end = session.run().await;
     session.finish(end).await;
+    shared.clients.unregister(info.id);
     shared.cancels.unregister(key_pid, key_secret);
     shared
         .active_clients
@@ -197,6 +217,30 @@ struct Session {
     saw_rollback: bool,
     /// After a failure without a server, drop client messages up to Sync (as Postgres does).
     skip_until_sync: bool,
+
+    /// Read-your-writes is on for this client (and can matter: the project has replicas).
+    ryw: bool,
+    /// Replicas must have replayed this far to serve this client's reads (0: any).
+    min_lsn: u64,
+    /// A write went to the primary since the last time the server was idle.
+    wrote: bool,
+    /// The WAL position the pending CommitLsn query returned.
+    commit_lsn: Option<u64>,
+    /// When the request now running on the server was sent (latency histogram).
+    started: Option<Instant>,
+    /// A read not answered yet, kept to be sent again if its server fails first.
+    replay: Option<Vec<BytesMut>>,
+    replays: u8,
+    /// This client's entry in the registry behind SHOW CLIENTS.
+    info: Arc<ClientInfo>,
+}
+
+/// How other parts of the proxy find this session: its cancel key and its entry in
+/// the client registry.
+struct Registration {
+    cancel_slot: Arc<CancelSlot>,
+    key: (i32, i32),
+    info: Arc<ClientInfo>,
 }
 
 enum Dispatch {
@@ -212,13 +256,18 @@ impl Session {
         writer: OwnedWriteHalf,
         login: Login,
         project: Arc<Project>,
-        cancel_slot: Arc<CancelSlot>,
-        key: (i32, i32),
+        registration: Registration,
     ) -> Session {
+        let Registration {
+            cancel_slot,
+            key,
+            info,
+        } = registration;
         let startup_settings = settings::from_startup(&login.params);
         let session_mode = shared.config.load().proxy.pool_mode == PoolMode::Session;
         let shutdown = shared.shutdown.subscribe();
-        Session {
+        let ryw = project.read_your_writes && project.has_replicas() && !session_mode;
+        let mut session = Session {
             shared,
             client,
             writer,
@@ -246,7 +295,17 @@ impl Session {
             group_error: false,
             saw_rollback: false,
             skip_until_sync: false,
-        }
+            ryw: false,
+            min_lsn: 0,
+            wrote: false,
+            commit_lsn: None,
+            started: None,
+            replay: None,
+            replays: 0,
+            info,
+        };
+        session.ryw = ryw;
+        session
     }
 
     /// The held server must stay with this client (its state lives there).
@@ -334,7 +393,7 @@ impl Session {
     /// settings applied, then BackendKeyData and ReadyForQuery.
     async fn greet(&mut self) -> Result<(), End> {
         let mut nodes: Vec<Arc<Node>> = self.project.primary().cloned().into_iter().collect();
-        nodes.extend(self.project.read_candidates());
+        nodes.extend(self.project.read_candidates(0));
         if let Err(e) = self.attach_first(nodes).await {
             return Err(End::fatal(
                 e.sqlstate(),
@@ -597,16 +656,20 @@ impl Session {
         match &self.server {
             // Still answering earlier units: queue behind them if this unit needs another
             // node, or if that server is going away (it sent a FATAL error).
+            // A read right after a write waits for that write's commit position, so
+            // that it can be routed by it rather than pile onto the primary.
             Some(held)
                 if !self.is_sticky()
                     && (held.conn.broken
-                        || (route == Route::Primary && held.node.role != Role::Primary)) =>
+                        || (route == Route::Primary && held.node.role != Role::Primary)
+                        || (route == Route::Replica
+                            && self.expect.iter().any(|e| matches!(e, Expect::CommitLsn)))) =>
             {
                 return Ok(Dispatch::Later(unit));
             }
             Some(_) => {}
             None => {
-                if let Err(e) = self.acquire(route).await {
+                if let Err(e) = self.acquire(route, decision.hinted).await {
                     self.unit_failed(
                         &unit,
                         e.sqlstate(),
@@ -624,7 +687,9 @@ impl Session {
         {
             info!(user = %self.user.name, project = %self.project.name, reason, "client pinned to its primary connection");
             self.pinned = Some(reason);
+            self.info.set_pinned(reason);
         }
+        let fresh_server = self.expect.is_empty();
         if let Some(held) = &self.server {
             let counter = if route == Route::Primary {
                 &held.node.stats.writes
@@ -632,25 +697,92 @@ impl Session {
                 &held.node.stats.reads
             };
             counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if self.ryw
+                && self.pinned.is_none()
+                && route == Route::Primary
+                && held.node.role == Role::Primary
+            {
+                self.wrote = true;
+            }
         }
+        if self.started.is_none() {
+            self.started = Some(Instant::now());
+        }
+        self.info.set_state(ClientState::Active);
+        self.info
+            .statements
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.prepare_server();
         let mut parsed_unnamed = false;
-        for frame in unit {
+        let answered_before = self.client_out.len();
+        for frame in &unit {
             self.forward_client_frame(frame, &mut parsed_unnamed, &mut query_effects)?;
         }
+        // A read that the server has not started answering can be sent again elsewhere
+        // if that server fails: nothing of it reached the client, and it changed nothing.
+        let replayable = fresh_server
+            && route == Route::Replica
+            && decision.tx == TxEffect::None
+            && !self.is_sticky()
+            && self.replays < MAX_READ_REPLAYS
+            && self.client_out.len() == answered_before
+            && matches!(unit.last().map(|f| f[0]), Some(msg::SYNC | msg::QUERY));
+        self.replay = replayable.then_some(unit);
         Ok(Dispatch::Done)
     }
 
     /// Checks out a server for `route`: reads try the replicas in strategy order, then
     /// the primary, so a replica that is down costs the client nothing.
-    async fn acquire(&mut self, route: Route) -> Result<(), BackendError> {
-        let mut nodes = if route == Route::Replica {
-            self.project.read_candidates()
-        } else {
-            Vec::new()
-        };
+    async fn acquire(&mut self, route: Route, hinted: bool) -> Result<(), BackendError> {
+        let mut nodes = Vec::new();
+        if route == Route::Replica {
+            // A read hinted to a replica is the user's choice over read-your-writes.
+            let min_lsn = if self.ryw && !hinted { self.min_lsn } else { 0 };
+            nodes = self.project.read_candidates(min_lsn);
+            if nodes.is_empty() && min_lsn > 0 {
+                if !self.project.causal_wait.is_zero() && self.wait_for_replica(min_lsn).await {
+                    return Ok(());
+                }
+                self.project
+                    .causal_primary_reads
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
         nodes.extend(self.project.primary().cloned());
         self.attach_first(nodes).await
+    }
+
+    /// Read-your-writes with `causal_wait_ms`: no replica is known to have replayed the
+    /// client's last commit, so ask the freshest one directly until it has, or until
+    /// the wait is over. True if a caught-up replica is now attached.
+    async fn wait_for_replica(&mut self, min_lsn: u64) -> bool {
+        let Some(node) = self
+            .project
+            .read_candidates(0)
+            .into_iter()
+            .max_by_key(|n| n.health.lsn())
+        else {
+            return false;
+        };
+        let deadline = Instant::now() + self.project.causal_wait;
+        let Ok(mut conn) = node.checkout(&self.user).await else {
+            return false;
+        };
+        loop {
+            let replayed = match conn.query_value("SELECT pg_last_wal_replay_lsn()").await {
+                Ok(Some(text)) => health::parse_lsn(&text).unwrap_or(0),
+                _ => return false,
+            };
+            node.health.advance_lsn(replayed);
+            if replayed >= min_lsn {
+                self.attach(node, conn);
+                return true;
+            }
+            if Instant::now() + CAUSAL_POLL > deadline {
+                return false;
+            }
+            tokio::time::sleep(CAUSAL_POLL).await;
+        }
     }
 
     /// Attaches a server from the first of `nodes` that yields one.
@@ -711,7 +843,7 @@ impl Session {
 
     fn forward_client_frame(
         &mut self,
-        frame: BytesMut,
+        frame: &[u8],
         parsed_unnamed: &mut bool,
         query_effects: &mut Vec<SessionEffect>,
     ) -> Result<(), End> {
@@ -719,11 +851,11 @@ impl Session {
         match tag {
             msg::QUERY => {
                 let effects = std::mem::take(query_effects);
-                self.server_out.extend_from_slice(&frame);
+                self.server_out.extend_from_slice(frame);
                 self.push_expect(Expect::Ready { effects });
             }
             msg::PARSE => {
-                let mut f = Fields::of_frame(&frame);
+                let mut f = Fields::of_frame(frame);
                 let name = f.cstr()?.to_string();
                 let tail = f.rest();
                 let query = Fields::new(tail).cstr_bytes()?;
@@ -735,7 +867,7 @@ impl Session {
                 if name.is_empty() {
                     *parsed_unnamed = true;
                     self.unnamed = Some(statement);
-                    self.server_out.extend_from_slice(&frame);
+                    self.server_out.extend_from_slice(frame);
                     self.push_expect(Expect::Parse);
                 } else {
                     self.statements.insert(name, statement.clone());
@@ -756,7 +888,7 @@ impl Session {
                 }
             }
             msg::BIND => {
-                let mut f = Fields::of_frame(&frame);
+                let mut f = Fields::of_frame(frame);
                 let portal = f.cstr_bytes()?;
                 let name = f.cstr()?;
                 if name.is_empty() {
@@ -770,7 +902,7 @@ impl Session {
                         self.group_effects
                             .extend(statement.decision.effects.iter().cloned());
                     }
-                    self.server_out.extend_from_slice(&frame);
+                    self.server_out.extend_from_slice(frame);
                 } else if let Some(statement) = self.statements.get(name).cloned() {
                     self.ensure_prepared(&statement);
                     self.group_effects
@@ -787,12 +919,12 @@ impl Session {
                     );
                 } else {
                     // Unknown to us: the server answers with the proper error.
-                    self.server_out.extend_from_slice(&frame);
+                    self.server_out.extend_from_slice(frame);
                 }
                 self.push_expect(Expect::Bind);
             }
             msg::DESCRIBE => {
-                let mut f = Fields::of_frame(&frame);
+                let mut f = Fields::of_frame(frame);
                 let kind = f.u8()?;
                 let name = f.cstr()?;
                 match (kind, self.statements.get(name).cloned()) {
@@ -806,12 +938,12 @@ impl Session {
                             &[],
                         );
                     }
-                    _ => self.server_out.extend_from_slice(&frame),
+                    _ => self.server_out.extend_from_slice(frame),
                 }
                 self.push_expect(Expect::Describe);
             }
             msg::CLOSE => {
-                let mut f = Fields::of_frame(&frame);
+                let mut f = Fields::of_frame(frame);
                 let kind = f.u8()?;
                 let name = f.cstr()?;
                 if kind == b'S' && !name.is_empty() {
@@ -819,22 +951,22 @@ impl Session {
                     self.statements.remove(name);
                     self.push_expect(Expect::Synthetic(msg::CLOSE_COMPLETE));
                 } else {
-                    self.server_out.extend_from_slice(&frame);
+                    self.server_out.extend_from_slice(frame);
                     self.push_expect(Expect::Close);
                 }
             }
             msg::EXECUTE => {
-                self.server_out.extend_from_slice(&frame);
+                self.server_out.extend_from_slice(frame);
                 self.push_expect(Expect::Execute);
             }
             msg::SYNC => {
-                self.server_out.extend_from_slice(&frame);
+                self.server_out.extend_from_slice(frame);
                 let effects = std::mem::take(&mut self.group_effects);
                 self.push_expect(Expect::Ready { effects });
             }
-            msg::FLUSH => self.server_out.extend_from_slice(&frame),
+            msg::FLUSH => self.server_out.extend_from_slice(frame),
             msg::FUNCTION_CALL => {
-                self.server_out.extend_from_slice(&frame);
+                self.server_out.extend_from_slice(frame);
                 self.push_expect(Expect::FunctionCall);
             }
             msg::COPY_DATA | msg::COPY_DONE | msg::COPY_FAIL => {}
@@ -876,7 +1008,7 @@ impl Session {
 
     fn on_server_frame(&mut self, frame: BytesMut) -> Result<(), End> {
         let tag = frame[0];
-        let injected = matches!(self.expect.front(), Some(Expect::Injected));
+        let injected = self.expect.front().is_some_and(Expect::is_injected);
         match tag {
             msg::NOTIFICATION => {
                 self.client_out.extend_from_slice(&frame);
@@ -884,6 +1016,7 @@ impl Session {
             }
             msg::NOTICE_RESPONSE => {
                 if !injected {
+                    self.replay = None;
                     self.client_out.extend_from_slice(&frame);
                 }
                 return Ok(());
@@ -893,6 +1026,7 @@ impl Session {
                     held.conn.record_parameter(&frame);
                 }
                 if !injected {
+                    self.replay = None;
                     self.client_out.extend_from_slice(&frame);
                 }
                 return Ok(());
@@ -921,12 +1055,43 @@ impl Session {
                 }
                 return Ok(());
             }
+            Expect::CommitLsn => {
+                match tag {
+                    msg::DATA_ROW => {
+                        self.commit_lsn = msg::first_column(&frame)
+                            .and_then(|v| std::str::from_utf8(v).ok())
+                            .and_then(health::parse_lsn);
+                    }
+                    msg::READY_FOR_QUERY => {
+                        self.expect.pop_front();
+                        // Valid only if it ran outside a transaction, i.e. after the
+                        // commit; otherwise the next idle ReadyForQuery asks again.
+                        let status = frame.get(5).copied().unwrap_or(b'I');
+                        match self.commit_lsn.take() {
+                            Some(lsn) if status == b'I' => self.min_lsn = self.min_lsn.max(lsn),
+                            _ => self.wrote = true,
+                        }
+                        self.tx_status = status;
+                        self.release_if_idle();
+                    }
+                    _ => {}
+                }
+                return Ok(());
+            }
             Expect::InjectedParse { .. } if tag == msg::PARSE_COMPLETE => {
                 self.expect.pop_front();
                 return Ok(());
             }
             _ => {}
         }
+        if tag == msg::ERROR_RESPONSE && self.replay.is_some() {
+            let fields = msg::parse_error_fields(&frame);
+            if fields.severity == "FATAL" || fields.severity == "PANIC" {
+                // The server is going away before answering a read: try another node.
+                return self.server_lost(&fields.to_string());
+            }
+        }
+        self.replay = None;
         if tag == msg::ERROR_RESPONSE {
             let survives = front.survives_error();
             self.forward_error(&frame);
@@ -1015,6 +1180,22 @@ impl Session {
     fn on_ready(&mut self, status: u8, effects: Vec<SessionEffect>) {
         self.tx_status = status;
         self.copy_in = false;
+        self.replays = 0;
+        self.info.set_state(if status == b'I' {
+            ClientState::Idle
+        } else {
+            ClientState::InTransaction
+        });
+        if let (Some(started), Some(held)) = (self.started.take(), self.server.as_ref()) {
+            held.node.stats.latency.observe(started.elapsed());
+        }
+        if status == b'I' && self.wrote {
+            // Learn where this commit put the WAL before the server goes back to the
+            // pool; the client already has its answer and is not kept waiting.
+            self.wrote = false;
+            msg::query(&mut self.server_out, COMMIT_LSN_SQL);
+            self.expect.push_back(Expect::CommitLsn);
+        }
         if !self.group_error {
             for effect in &effects {
                 if *effect == SessionEffect::ForgetPrepared
@@ -1033,7 +1214,12 @@ impl Session {
             }
         }
         self.saw_rollback = false;
-        if status == b'I' && self.expect.is_empty() && !self.is_sticky() {
+        self.release_if_idle();
+    }
+
+    /// Transaction pooling: the server goes back to the pool once nothing is in flight.
+    fn release_if_idle(&mut self) {
+        if self.tx_status == b'I' && self.expect.is_empty() && !self.is_sticky() {
             self.release();
         }
     }
@@ -1114,6 +1300,22 @@ impl Session {
         }
         self.release();
         let node_name = node.as_ref().map(|n| n.name.as_str()).unwrap_or("?");
+        self.started = None;
+        if let Some(unit) = self.replay.take() {
+            // A read its server never answered: the client sees nothing of this, the
+            // read runs again on another node (this one is now marked down).
+            info!(node = node_name, user = %self.user.name, "server failed before answering a read ({reason}); running it elsewhere");
+            self.replays += 1;
+            self.expect.clear();
+            self.mid_batch = false;
+            self.copy_in = false;
+            self.group_error = false;
+            self.group_effects.clear();
+            for frame in unit.into_iter().rev() {
+                self.pending.push_front(frame);
+            }
+            return Ok(());
+        }
         warn!(node = node_name, user = %self.user.name, "server connection lost: {reason}");
         if self.tx_status != b'I' || self.pinned.is_some() || self.session_mode {
             return Err(End::fatal(

@@ -1,0 +1,366 @@
+//! Admin commands (`SHOW REPLICAS`, `SET READ_ROUTING ...`): parsing and execution,
+//! independent of the surface that received them.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::SystemTime;
+
+use super::status::{self, Status};
+use crate::config::{Config, ReadRouting};
+use crate::state::Shared;
+
+pub enum Reply {
+    Rows {
+        columns: Vec<&'static str>,
+        rows: Vec<Vec<Option<String>>>,
+        tag: &'static str,
+    },
+    Done {
+        tag: String,
+    },
+}
+
+#[derive(Debug)]
+pub struct CommandError {
+    pub code: &'static str,
+    pub message: String,
+}
+
+fn error(code: &'static str, message: impl Into<String>) -> CommandError {
+    CommandError {
+        code,
+        message: message.into(),
+    }
+}
+
+pub const HELP: &[(&str, &str)] = &[
+    (
+        "SHOW REPLICAS",
+        "every node: role, state, lag, connections, queries routed",
+    ),
+    ("SHOW POOLS", "server connection pools per node and user"),
+    ("SHOW CLIENTS", "connected clients"),
+    (
+        "SHOW STATS",
+        "per project: queries, reads, writes, fallbacks, latency",
+    ),
+    (
+        "SHOW CONFIG",
+        "the running configuration (passwords hidden)",
+    ),
+    (
+        "SET READ_ROUTING <project> <strategy>",
+        "round-robin | least-lag | random",
+    ),
+    ("SHOW HELP", "this list"),
+];
+
+/// Splits a simple query into statements at `;` outside quotes.
+pub fn split_statements(text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut current = String::new();
+    let mut quote: Option<char> = None;
+    for c in text.chars() {
+        match (quote, c) {
+            (None, ';') => {
+                out.push(std::mem::take(&mut current));
+                continue;
+            }
+            (None, '\'' | '"') => quote = Some(c),
+            (Some(q), c) if c == q => quote = None,
+            _ => {}
+        }
+        current.push(c);
+    }
+    out.push(current);
+    out.into_iter()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+/// Words of a command; single-quoted words keep their spaces (a URI with options).
+pub fn words(statement: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut current = String::new();
+    let mut quoted = false;
+    let mut had_quote = false;
+    for c in statement.chars() {
+        match c {
+            '\'' => {
+                quoted = !quoted;
+                had_quote = true;
+            }
+            c if c.is_whitespace() && !quoted => {
+                if !current.is_empty() || had_quote {
+                    out.push(std::mem::take(&mut current));
+                }
+                had_quote = false;
+            }
+            c => current.push(c),
+        }
+    }
+    if !current.is_empty() || had_quote {
+        out.push(current);
+    }
+    out
+}
+
+pub async fn execute(shared: &Arc<Shared>, statement: &str) -> Result<Reply, CommandError> {
+    let words = words(statement);
+    let upper: Vec<String> = words.iter().map(|w| w.to_ascii_uppercase()).collect();
+    let key: Vec<&str> = upper.iter().map(String::as_str).collect();
+    match key.as_slice() {
+        ["SHOW", "REPLICAS"] => Ok(show_replicas(shared)),
+        ["SHOW", "POOLS"] => Ok(show_pools(shared)),
+        ["SHOW", "CLIENTS"] => Ok(show_clients(shared)),
+        ["SHOW", "STATS"] => Ok(show_stats(shared)),
+        ["SHOW", "CONFIG"] => Ok(show_config(shared)),
+        ["SHOW", "HELP"] | ["HELP"] => Ok(rows(
+            vec!["command", "description"],
+            HELP.iter()
+                .map(|(c, d)| vec![c.to_string(), d.to_string()])
+                .collect(),
+        )),
+        ["SET", "READ_ROUTING", _, _] => {
+            set_read_routing(shared, &words[2], &words[3])?;
+            Ok(Reply::Done { tag: "SET".into() })
+        }
+        _ => Err(error(
+            "42601",
+            format!(
+                "unknown admin command \"{statement}\"; available: {}",
+                HELP.iter().map(|(c, _)| *c).collect::<Vec<_>>().join(", ")
+            ),
+        )),
+    }
+}
+
+fn rows(columns: Vec<&'static str>, rows: Vec<Vec<String>>) -> Reply {
+    Reply::Rows {
+        columns,
+        rows: rows
+            .into_iter()
+            .map(|r| r.into_iter().map(Some).collect())
+            .collect(),
+        tag: "SELECT",
+    }
+}
+
+fn show_replicas(shared: &Shared) -> Reply {
+    let status = Status::collect(shared);
+    rows(
+        status::REPLICA_COLUMNS.to_vec(),
+        status::replica_rows(&status),
+    )
+}
+
+fn show_pools(shared: &Shared) -> Reply {
+    let status = Status::collect(shared);
+    let mut out = Vec::new();
+    for p in &status.projects {
+        for n in &p.nodes {
+            for pool in &n.pools {
+                out.push(vec![
+                    p.name.clone(),
+                    n.name.clone(),
+                    pool.user.clone(),
+                    pool.active.to_string(),
+                    pool.idle.to_string(),
+                    pool.connections.to_string(),
+                    pool.size.to_string(),
+                ]);
+            }
+        }
+    }
+    rows(
+        vec![
+            "project",
+            "node",
+            "user",
+            "active",
+            "idle",
+            "connections",
+            "pool_size",
+        ],
+        out,
+    )
+}
+
+fn show_clients(shared: &Shared) -> Reply {
+    let now = SystemTime::now();
+    let out = shared
+        .clients
+        .snapshot()
+        .iter()
+        .map(|c| {
+            vec![
+                c.id.to_string(),
+                c.user.clone(),
+                c.project.clone(),
+                c.peer.to_string(),
+                c.state().as_str().to_string(),
+                c.pinned().unwrap_or("").to_string(),
+                c.statements.load(Ordering::Relaxed).to_string(),
+                now.duration_since(c.connected_at)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0)
+                    .to_string(),
+            ]
+        })
+        .collect();
+    rows(
+        vec![
+            "id",
+            "user",
+            "project",
+            "address",
+            "state",
+            "pinned",
+            "statements",
+            "connected_seconds",
+        ],
+        out,
+    )
+}
+
+fn show_stats(shared: &Shared) -> Reply {
+    let status = Status::collect(shared);
+    let out = status
+        .projects
+        .iter()
+        .map(|p| {
+            let reads: u64 = p.nodes.iter().map(|n| n.reads).sum();
+            let writes: u64 = p.nodes.iter().map(|n| n.writes).sum();
+            let replica_reads: u64 = p
+                .nodes
+                .iter()
+                .filter(|n| n.role == "replica")
+                .map(|n| n.reads)
+                .sum();
+            vec![
+                p.name.clone(),
+                p.read_routing.clone(),
+                p.read_your_writes.to_string(),
+                reads.to_string(),
+                replica_reads.to_string(),
+                writes.to_string(),
+                p.fallback_reads.to_string(),
+                p.causal_primary_reads.to_string(),
+            ]
+        })
+        .collect();
+    rows(
+        vec![
+            "project",
+            "read_routing",
+            "read_your_writes",
+            "reads",
+            "reads_on_replicas",
+            "writes",
+            "fallback_reads",
+            "causal_primary_reads",
+        ],
+        out,
+    )
+}
+
+fn show_config(shared: &Shared) -> Reply {
+    let config = shared.config.load();
+    let mut out = Vec::new();
+    if let Ok(value) = toml::Value::try_from(&**config) {
+        flatten("", &value, &mut out);
+    }
+    rows(vec!["key", "value"], out)
+}
+
+/// Dotted keys with their values; passwords never leave the proxy.
+fn flatten(prefix: &str, value: &toml::Value, out: &mut Vec<Vec<String>>) {
+    match value {
+        toml::Value::Table(table) => {
+            for (k, v) in table {
+                let key = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                flatten(&key, v, out);
+            }
+        }
+        toml::Value::Array(items) if items.iter().all(|i| i.is_table()) && !items.is_empty() => {
+            for (i, item) in items.iter().enumerate() {
+                flatten(&format!("{prefix}[{i}]"), item, out);
+            }
+        }
+        toml::Value::String(s) => {
+            let shown = if prefix.ends_with(".password") {
+                "********".to_string()
+            } else {
+                s.clone()
+            };
+            out.push(vec![prefix.to_string(), shown]);
+        }
+        other => out.push(vec![prefix.to_string(), other.to_string()]),
+    }
+}
+
+/// Changes a project's read routing in the running proxy (and in the live config,
+/// so that SHOW CONFIG and /status agree).
+pub fn set_read_routing(
+    shared: &Shared,
+    project: &str,
+    strategy: &str,
+) -> Result<(), CommandError> {
+    let routing = parse_routing(strategy)?;
+    let topology = shared.topology.load();
+    let Some(live) = topology.projects.get(project) else {
+        return Err(error(
+            "42704",
+            format!("project \"{project}\" does not exist"),
+        ));
+    };
+    live.set_read_routing(routing);
+    shared.config.rcu(|config| {
+        let mut next: Config = (**config).clone();
+        if let Some(p) = next.projects.get_mut(project) {
+            p.read_routing = routing;
+        }
+        next
+    });
+    tracing::info!(project, strategy = routing.as_str(), "read routing changed");
+    Ok(())
+}
+
+fn parse_routing(strategy: &str) -> Result<ReadRouting, CommandError> {
+    match strategy.to_ascii_lowercase().as_str() {
+        "round-robin" => Ok(ReadRouting::RoundRobin),
+        "least-lag" => Ok(ReadRouting::LeastLag),
+        "random" => Ok(ReadRouting::Random),
+        other => Err(error(
+            "22023",
+            format!("unknown read routing \"{other}\"; use round-robin, least-lag or random"),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statements_split_outside_quotes() {
+        assert_eq!(
+            split_statements("SHOW POOLS; ADD REPLICA p r replica 'host=a;b' ;"),
+            vec!["SHOW POOLS", "ADD REPLICA p r replica 'host=a;b'"]
+        );
+        assert!(split_statements(" ; ").is_empty());
+    }
+
+    #[test]
+    fn quoted_words_keep_spaces() {
+        assert_eq!(
+            words("ADD REPLICA app r2 replica 'host=x port=5'"),
+            vec!["ADD", "REPLICA", "app", "r2", "replica", "host=x port=5"]
+        );
+    }
+}

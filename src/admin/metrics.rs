@@ -1,0 +1,214 @@
+//! `GET /metrics`: the Prometheus text format, rendered at scrape time from the
+//! counters the data path and the monitor keep (atomics), through prometheus-client's
+//! encoder. Nothing here runs per statement.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Registry;
+
+use crate::cluster::NodeState;
+use crate::state::Shared;
+
+#[derive(Debug)]
+struct ProxyCollector {
+    shared: Weak<Shared>,
+}
+
+type Labels = Vec<(&'static str, String)>;
+
+pub fn render(shared: &Arc<Shared>) -> String {
+    let mut registry = Registry::with_prefix("replicator");
+    registry.register_collector(Box::new(ProxyCollector {
+        shared: Arc::downgrade(shared),
+    }));
+    let mut text = String::new();
+    if let Err(e) = prometheus_client::encoding::prometheus_text::encode(&mut text, &registry) {
+        tracing::warn!("metrics encoding failed: {e}");
+    }
+    text
+}
+
+fn counter(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    samples: &[(Labels, u64)],
+) -> Result<(), std::fmt::Error> {
+    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for (labels, value) in samples {
+        ConstCounter::new(*value).encode(family.encode_family(labels)?)?;
+    }
+    Ok(())
+}
+
+fn gauge(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    samples: &[(Labels, i64)],
+) -> Result<(), std::fmt::Error> {
+    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for (labels, value) in samples {
+        ConstGauge::new(*value).encode(family.encode_family(labels)?)?;
+    }
+    Ok(())
+}
+
+impl Collector for ProxyCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Some(shared) = self.shared.upgrade() else {
+            return Ok(());
+        };
+        let topology = shared.topology.load();
+        let mut queries = Vec::new();
+        let mut connect_errors = Vec::new();
+        let mut failed_checks = Vec::new();
+        let mut lag_ms = Vec::new();
+        let mut lag_bytes = Vec::new();
+        let mut up = Vec::new();
+        let mut in_rotation = Vec::new();
+        let mut pool = Vec::new();
+        let mut fallback = Vec::new();
+        let mut causal = Vec::new();
+        let mut histograms = Vec::new();
+        for project in topology.projects.values() {
+            let p = || ("project", project.name.clone());
+            fallback.push((vec![p()], project.fallback_reads.load(Ordering::Relaxed)));
+            causal.push((
+                vec![p()],
+                project.causal_primary_reads.load(Ordering::Relaxed),
+            ));
+            for node in &project.nodes {
+                let labels: Labels = vec![
+                    p(),
+                    ("node", node.name.clone()),
+                    ("role", node.role.as_str().to_string()),
+                ];
+                let with = |k: &'static str, v: &str| {
+                    let mut l = labels.clone();
+                    l.push((k, v.to_string()));
+                    l
+                };
+                queries.push((
+                    with("kind", "read"),
+                    node.stats.reads.load(Ordering::Relaxed),
+                ));
+                queries.push((
+                    with("kind", "write"),
+                    node.stats.writes.load(Ordering::Relaxed),
+                ));
+                connect_errors.push((
+                    labels.clone(),
+                    node.stats.connect_errors.load(Ordering::Relaxed),
+                ));
+                failed_checks.push((labels.clone(), node.health.checks_failed()));
+                lag_ms.push((labels.clone(), node.health.lag_ms() as i64));
+                lag_bytes.push((labels.clone(), node.health.lag_bytes() as i64));
+                let state = node.health.state();
+                up.push((
+                    labels.clone(),
+                    i64::from(state != NodeState::Down && node.is_up()),
+                ));
+                in_rotation.push((labels.clone(), i64::from(node.serves_reads())));
+                for (user, connections, idle) in node.pool_states() {
+                    let mut l = labels.clone();
+                    l.push(("user", user));
+                    let mut active = l.clone();
+                    active.push(("state", "active".into()));
+                    l.push(("state", "idle".into()));
+                    pool.push((active, connections.saturating_sub(idle) as i64));
+                    pool.push((l, idle as i64));
+                }
+                histograms.push((labels, node.clone()));
+            }
+        }
+        counter(
+            &mut encoder,
+            "queries",
+            "Requests routed, per node and kind (read or write).",
+            &queries,
+        )?;
+        counter(
+            &mut encoder,
+            "fallback_reads",
+            "Reads sent to the primary because no replica was healthy and within its lag tolerance.",
+            &fallback,
+        )?;
+        counter(
+            &mut encoder,
+            "causal_primary_reads",
+            "Reads sent to the primary because no replica had replayed the client's last write.",
+            &causal,
+        )?;
+        counter(
+            &mut encoder,
+            "connect_errors",
+            "Failed attempts to open a server connection.",
+            &connect_errors,
+        )?;
+        counter(
+            &mut encoder,
+            "failed_health_checks",
+            "Health checks that failed or timed out.",
+            &failed_checks,
+        )?;
+        gauge(
+            &mut encoder,
+            "replica_lag_milliseconds",
+            "How far behind the primary a node is, in time.",
+            &lag_ms,
+        )?;
+        gauge(
+            &mut encoder,
+            "replica_lag_bytes",
+            "How far behind the primary a node is, in WAL bytes.",
+            &lag_bytes,
+        )?;
+        gauge(
+            &mut encoder,
+            "node_up",
+            "1 if the node answers its health checks.",
+            &up,
+        )?;
+        gauge(
+            &mut encoder,
+            "node_serves_reads",
+            "1 if the node is in the read rotation now.",
+            &in_rotation,
+        )?;
+        gauge(
+            &mut encoder,
+            "pool_connections",
+            "Server connections per node, user and state (active or idle).",
+            &pool,
+        )?;
+        gauge(
+            &mut encoder,
+            "clients",
+            "Connected clients.",
+            &[(vec![], shared.active_clients.load(Ordering::Relaxed) as i64)],
+        )?;
+        let mut family = encoder.encode_descriptor(
+            "query_duration_seconds",
+            "Time from sending a request to a server until its ReadyForQuery.",
+            None,
+            MetricType::Histogram,
+        )?;
+        for (labels, node) in &histograms {
+            let latency = &node.stats.latency;
+            family.encode_family(labels)?.encode_histogram::<Labels>(
+                latency.sum_seconds(),
+                latency.count(),
+                &latency.cumulative_buckets(),
+                None,
+            )?;
+        }
+        Ok(())
+    }
+}

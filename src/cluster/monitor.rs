@@ -1,0 +1,288 @@
+//! The lag and health monitor: one task per project on the control plane. Every
+//! `lag_check_interval_ms` it asks every node, concurrently and with a timeout, for its
+//! WAL position (the primary's current one, each replica's replay position), turns the
+//! differences into lag in bytes and milliseconds, and moves each node between up,
+//! lagging and down. Sessions only read the results (atomics), so a slow or dead node
+//! never blocks the data path.
+
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
+use tracing::{debug, info, warn};
+
+use super::health::{self, NodeState, Observation, WalHistory};
+use super::{Node, Project};
+use crate::config::Role;
+
+/// Who the monitor logs in as.
+#[derive(Clone)]
+pub struct Credentials {
+    pub user: String,
+    pub password: String,
+}
+
+impl Credentials {
+    /// The control plane logs in as the first admin user with a plain-text password in
+    /// proxy.toml, else the first such user (a SCRAM verifier or md5 hash cannot log in
+    /// to a server with tokio-postgres).
+    pub fn from_config(config: &crate::config::Config) -> Option<Credentials> {
+        let plain = |u: &&crate::config::User| {
+            crate::protocol::auth::ScramVerifier::parse(&u.password).is_none()
+                && !crate::protocol::auth::is_md5_hash(&u.password)
+        };
+        let user = config
+            .users
+            .iter()
+            .filter(plain)
+            .find(|u| u.admin)
+            .or_else(|| config.users.iter().find(plain))?;
+        Some(Credentials {
+            user: user.name.clone(),
+            password: user.password.clone(),
+        })
+    }
+}
+
+/// Runs the monitor of `project` until the project leaves the topology or the proxy
+/// shuts down.
+pub fn spawn(
+    project: &Arc<Project>,
+    credentials: Option<Credentials>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    let weak = Arc::downgrade(project);
+    let interval = project.lag_check_interval;
+    let name = project.name.clone();
+    let Some(credentials) = credentials else {
+        warn!(project = %name, "no user with a plain-text password in proxy.toml: lag and health monitoring is off for this project");
+        return;
+    };
+    tokio::spawn(async move {
+        let mut monitor = Monitor::new(weak, credentials, interval);
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {}
+                _ = shutdown.changed() => break,
+            }
+            if !monitor.tick().await {
+                break;
+            }
+        }
+        debug!(project = %name, "monitor stopped");
+    });
+}
+
+struct Probe {
+    node: Weak<Node>,
+    client: Option<Client>,
+    good_streak: u32,
+}
+
+/// One answer from a node: is it in recovery, and its WAL position.
+struct Position {
+    in_recovery: bool,
+    lsn: u64,
+}
+
+struct Monitor {
+    project: Weak<Project>,
+    credentials: Credentials,
+    timeout: Duration,
+    probes: Vec<Probe>,
+    history: WalHistory,
+}
+
+impl Monitor {
+    fn new(project: Weak<Project>, credentials: Credentials, interval: Duration) -> Monitor {
+        let probes = project
+            .upgrade()
+            .map(|p| {
+                p.nodes
+                    .iter()
+                    .map(|n| Probe {
+                        node: Arc::downgrade(n),
+                        client: None,
+                        good_streak: 0,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        Monitor {
+            project,
+            credentials,
+            timeout: health::check_timeout(interval),
+            probes,
+            history: WalHistory::default(),
+        }
+    }
+
+    /// One round of checks. False once the project is gone.
+    async fn tick(&mut self) -> bool {
+        let Some(project) = self.project.upgrade() else {
+            return false;
+        };
+        let credentials = &self.credentials;
+        let timeout = self.timeout;
+        let results = futures_util::future::join_all(
+            self.probes
+                .iter_mut()
+                .map(|probe| probe.check(credentials, timeout)),
+        )
+        .await;
+        let now = Instant::now();
+        // The primary first: replica lag is measured against what it reported.
+        for (probe, result) in self.probes.iter().zip(&results) {
+            if let (Some(node), Ok(position)) = (probe.node.upgrade(), result)
+                && node.role == Role::Primary
+            {
+                if position.in_recovery {
+                    warn!(project = %project.name, node = %node.name, "the configured primary is in recovery (a standby)");
+                } else {
+                    self.history.record(now, position.lsn);
+                }
+            }
+        }
+        for (probe, result) in self.probes.iter_mut().zip(results) {
+            let Some(node) = probe.node.upgrade() else {
+                continue;
+            };
+            let observation = match result {
+                Ok(position) => {
+                    node.health.advance_lsn(position.lsn);
+                    node.health.clear_error();
+                    if node.role == Role::Replica {
+                        let (ms, bytes) = self.history.lag(now, node.health.lsn());
+                        node.health.set_lag(ms, bytes);
+                    }
+                    Observation::Reachable {
+                        lag_ms: node.health.lag_ms(),
+                    }
+                }
+                Err(error) => {
+                    node.health.record_failure(error);
+                    Observation::Unreachable
+                }
+            };
+            let tolerance = match node.role {
+                Role::Primary => u64::MAX,
+                Role::Replica => node.lag_tolerance_ms,
+            };
+            let before = node.health.state();
+            let after = health::next_state(before, observation, tolerance, &mut probe.good_streak);
+            if before != after {
+                node.health.set_state(after);
+                report_change(&project.name, &node, before, after);
+            }
+        }
+        true
+    }
+}
+
+fn report_change(project: &str, node: &Node, before: NodeState, after: NodeState) {
+    let (from, to) = (before.as_str(), after.as_str());
+    let lag_ms = node.health.lag_ms();
+    match after {
+        NodeState::Up if before == NodeState::Unknown => {
+            debug!(project, node = %node.name, "node is up")
+        }
+        NodeState::Up => {
+            info!(project, node = %node.name, from, to, lag_ms, "node is back in the rotation")
+        }
+        NodeState::Lagging => warn!(
+            project, node = %node.name, from, to, lag_ms,
+            tolerance_ms = node.lag_tolerance_ms,
+            "replica is behind its lag tolerance; it gets no reads until it catches up"
+        ),
+        NodeState::Down => warn!(
+            project, node = %node.name, from, to,
+            error = node.health.last_error().unwrap_or_default(),
+            "node failed its health check"
+        ),
+        NodeState::Unknown => {}
+    }
+}
+
+impl Probe {
+    async fn check(
+        &mut self,
+        credentials: &Credentials,
+        timeout: Duration,
+    ) -> Result<Position, String> {
+        let Some(node) = self.node.upgrade() else {
+            return Err("node removed".into());
+        };
+        match tokio::time::timeout(timeout, self.query(&node, credentials, timeout)).await {
+            Ok(Ok(position)) => Ok(position),
+            Ok(Err(e)) => {
+                self.client = None;
+                Err(e)
+            }
+            Err(_) => {
+                self.client = None;
+                Err(format!("no answer within {} ms", timeout.as_millis()))
+            }
+        }
+    }
+
+    async fn query(
+        &mut self,
+        node: &Node,
+        credentials: &Credentials,
+        timeout: Duration,
+    ) -> Result<Position, String> {
+        if self.client.as_ref().is_none_or(|c| c.is_closed()) {
+            self.client = Some(connect(node, credentials, timeout).await?);
+        }
+        let Some(client) = self.client.as_ref() else {
+            return Err("no connection".into());
+        };
+        let messages = client
+            .simple_query(
+                "SELECT pg_is_in_recovery(), CASE WHEN pg_is_in_recovery() \
+                 THEN coalesce(pg_last_wal_replay_lsn(), pg_last_wal_receive_lsn(), '0/0') \
+                 ELSE pg_current_wal_lsn() END",
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        for message in messages {
+            if let SimpleQueryMessage::Row(row) = message {
+                let in_recovery = row.get(0) == Some("t");
+                let lsn = row
+                    .get(1)
+                    .and_then(health::parse_lsn)
+                    .ok_or("unreadable WAL position")?;
+                return Ok(Position { in_recovery, lsn });
+            }
+        }
+        Err("empty answer".into())
+    }
+}
+
+async fn connect(
+    node: &Node,
+    credentials: &Credentials,
+    timeout: Duration,
+) -> Result<Client, String> {
+    let mut config = tokio_postgres::Config::new();
+    config
+        .host(&node.addr.host)
+        .port(node.addr.port)
+        .user(&credentials.user)
+        .password(&credentials.password)
+        .dbname(&node.database)
+        .application_name("replicator-monitor")
+        .connect_timeout(timeout);
+    let (client, connection) = config
+        .connect(NoTls)
+        .await
+        .map_err(|e| format!("cannot connect to {}: {e}", node.addr))?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            debug!("monitor connection ended: {e}");
+        }
+    });
+    Ok(client)
+}

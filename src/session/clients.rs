@@ -1,0 +1,99 @@
+//! Who is connected: one entry per client session, for `SHOW CLIENTS` and `/status`.
+//! Sessions update their own entry with relaxed atomic stores (no locks on the data
+//! path); the registry's lock is taken only when a client connects or leaves.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::SystemTime;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum ClientState {
+    Idle = 0,
+    Active = 1,
+    InTransaction = 2,
+}
+
+impl ClientState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClientState::Idle => "idle",
+            ClientState::Active => "active",
+            ClientState::InTransaction => "idle in transaction",
+        }
+    }
+}
+
+pub struct ClientInfo {
+    pub id: u64,
+    pub user: String,
+    pub project: String,
+    pub peer: SocketAddr,
+    pub connected_at: SystemTime,
+    state: AtomicU8,
+    pub statements: AtomicU64,
+    pinned: OnceLock<&'static str>,
+}
+
+impl ClientInfo {
+    pub fn state(&self) -> ClientState {
+        match self.state.load(Ordering::Relaxed) {
+            1 => ClientState::Active,
+            2 => ClientState::InTransaction,
+            _ => ClientState::Idle,
+        }
+    }
+
+    pub fn set_state(&self, state: ClientState) {
+        self.state.store(state as u8, Ordering::Relaxed);
+    }
+
+    pub fn pinned(&self) -> Option<&'static str> {
+        self.pinned.get().copied()
+    }
+
+    pub fn set_pinned(&self, reason: &'static str) {
+        let _ = self.pinned.set(reason);
+    }
+}
+
+#[derive(Default)]
+pub struct ClientRegistry {
+    next_id: AtomicU64,
+    clients: Mutex<BTreeMap<u64, Arc<ClientInfo>>>,
+}
+
+impl ClientRegistry {
+    pub fn register(&self, user: &str, project: &str, peer: SocketAddr) -> Arc<ClientInfo> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
+        let info = Arc::new(ClientInfo {
+            id,
+            user: user.to_string(),
+            project: project.to_string(),
+            peer,
+            connected_at: SystemTime::now(),
+            state: AtomicU8::new(ClientState::Idle as u8),
+            statements: AtomicU64::new(0),
+            pinned: OnceLock::new(),
+        });
+        if let Ok(mut clients) = self.clients.lock() {
+            clients.insert(id, info.clone());
+        }
+        info
+    }
+
+    pub fn unregister(&self, id: u64) {
+        if let Ok(mut clients) = self.clients.lock() {
+            clients.remove(&id);
+        }
+    }
+
+    pub fn snapshot(&self) -> Vec<Arc<ClientInfo>> {
+        self.clients
+            .lock()
+            .map(|c| c.values().cloned().collect())
+            .unwrap_or_default()
+    }
+}
