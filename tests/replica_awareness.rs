@@ -23,8 +23,10 @@ async fn own_cluster() -> Cluster {
 
 /// A proxy in front of `cluster`; every replica gets `replica_extra` (e.g. a tolerance).
 async fn proxy_for(cluster: &Cluster, project_extra: &str, replica_extra: &str) -> Proxy {
-    let text = config_text(cluster, project_extra, "")
-        .replace("role = \"replica\"\n", &format!("role = \"replica\"\n{replica_extra}\n"));
+    let text = config_text(cluster, project_extra, "").replace(
+        "role = \"replica\"\n",
+        &format!("role = \"replica\"\n{replica_extra}\n"),
+    );
     start_proxy_with(&text).await
 }
 
@@ -44,14 +46,22 @@ fn node<'a>(status: &'a Status, name: &str) -> &'a NodeStatus {
 }
 
 /// Polls /status until `check` holds for it, or fails after `timeout` with the last one.
-async fn wait_status(proxy: &Proxy, timeout: Duration, what: &str, check: impl Fn(&Status) -> bool) -> Status {
+async fn wait_status(
+    proxy: &Proxy,
+    timeout: Duration,
+    what: &str,
+    check: impl Fn(&Status) -> bool,
+) -> Status {
     let deadline = Instant::now() + timeout;
     loop {
         let s = status(proxy).await;
         if check(&s) {
             return s;
         }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}: {s:#?}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}: {s:#?}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -80,7 +90,12 @@ async fn read_ports(client: &tokio_postgres::Client, n: usize) -> Vec<u16> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn paused_replica_shows_lag_leaves_the_rotation_and_comes_back() {
     let cluster = own_cluster().await;
-    let proxy = proxy_for(&cluster, "lag_check_interval_ms = 100", "lag_tolerance_ms = 400").await;
+    let proxy = proxy_for(
+        &cluster,
+        "lag_check_interval_ms = 100",
+        "lag_tolerance_ms = 400",
+    )
+    .await;
     let paused = &cluster.replicas[0];
     let other = &cluster.replicas[1];
     let primary = cluster_client(&cluster).await;
@@ -99,7 +114,10 @@ async fn paused_replica_shows_lag_leaves_the_rotation_and_comes_back() {
         let writing = writing.clone();
         tokio::spawn(async move {
             while writing.load(Ordering::Relaxed) {
-                primary.execute("INSERT INTO ticks DEFAULT VALUES", &[]).await.unwrap();
+                primary
+                    .execute("INSERT INTO ticks DEFAULT VALUES", &[])
+                    .await
+                    .unwrap();
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             primary
@@ -173,11 +191,16 @@ async fn least_lag_prefers_the_fresher_replica() {
     // Both fresh: least-lag takes turns between equals.
     let client = app_client(&proxy).await;
     let ports = read_ports(&client, 10).await;
-    assert!(ports.contains(&stale.port) && ports.contains(&fresh.port), "{ports:?}");
+    assert!(
+        ports.contains(&stale.port) && ports.contains(&fresh.port),
+        "{ports:?}"
+    );
 
     superuser_sql(stale, "SELECT pg_wal_replay_pause()").await;
     primary
-        .batch_execute("CREATE TABLE least_lag_marker (x int); INSERT INTO least_lag_marker VALUES (1);")
+        .batch_execute(
+            "CREATE TABLE least_lag_marker (x int); INSERT INTO least_lag_marker VALUES (1);",
+        )
         .await
         .unwrap();
     wait_status(&proxy, Duration::from_secs(10), "slave-2 behind", |s| {
@@ -221,7 +244,7 @@ async fn a_stopped_and_restarted_replica_costs_readers_no_errors() {
                 match r {
                     Ok(()) => reads.fetch_add(1, Ordering::Relaxed),
                     Err(e) => {
-                        first_error.get_or_insert(e.to_string());
+                        first_error.get_or_insert(format!("{e:?}"));
                         errors.fetch_add(1, Ordering::Relaxed)
                     }
                 };
@@ -231,7 +254,10 @@ async fn a_stopped_and_restarted_replica_costs_readers_no_errors() {
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let stopper = victim.clone();
-    tokio::task::spawn_blocking(move || stopper.stop()).await.unwrap().unwrap();
+    tokio::task::spawn_blocking(move || stopper.stop())
+        .await
+        .unwrap()
+        .unwrap();
     wait_status(&proxy, Duration::from_secs(5), "slave-1 down", |s| {
         node(s, "slave-1").state == "down"
     })
@@ -241,7 +267,10 @@ async fn a_stopped_and_restarted_replica_costs_readers_no_errors() {
     assert!(ports.iter().all(|p| *p == survivor), "{ports:?}");
 
     let starter = victim.clone();
-    tokio::task::spawn_blocking(move || starter.start()).await.unwrap().unwrap();
+    tokio::task::spawn_blocking(move || starter.start())
+        .await
+        .unwrap()
+        .unwrap();
     wait_status(&proxy, Duration::from_secs(20), "slave-1 back", |s| {
         node(s, "slave-1").state == "up"
     })
@@ -287,13 +316,19 @@ async fn write_then_read(proxy: &Proxy, table: &str, pairs: usize) -> (usize, us
         .await
         .unwrap();
     let select = client
-        .prepare(&format!("SELECT v, pg_is_in_recovery() FROM {table} WHERE id = $1"))
+        .prepare(&format!(
+            "SELECT v, pg_is_in_recovery() FROM {table} WHERE id = $1"
+        ))
         .await
         .unwrap();
     let mut misses = 0;
     let mut on_replicas = 0;
     for i in 0..pairs {
-        let id: i32 = client.query_one(&insert, &[&(i as i32)]).await.unwrap().get(0);
+        let id: i32 = client
+            .query_one(&insert, &[&(i as i32)])
+            .await
+            .unwrap()
+            .get(0);
         let rows = client.query(&select, &[&id]).await.unwrap();
         match rows.first() {
             Some(row) => {
@@ -334,7 +369,10 @@ async fn read_your_writes_never_misses_a_committed_write() {
             break;
         }
     }
-    assert!(missed_without > 0, "expected stale reads without read_your_writes");
+    assert!(
+        missed_without > 0,
+        "expected stale reads without read_your_writes"
+    );
 
     let on = proxy_for(
         &cluster,
@@ -343,7 +381,10 @@ async fn read_your_writes_never_misses_a_committed_write() {
     )
     .await;
     let (misses, _) = write_then_read(&on, "ryw", 10_000).await;
-    assert_eq!(misses, 0, "read-your-writes let a client miss its own write");
+    assert_eq!(
+        misses, 0,
+        "read-your-writes let a client miss its own write"
+    );
 
     // A client that never writes keeps the full replica spread.
     let reader = app_client(&on).await;
@@ -362,5 +403,8 @@ async fn read_your_writes_never_misses_a_committed_write() {
     .await;
     let (misses, on_replicas) = write_then_read(&waiting, "ryw", 300).await;
     assert_eq!(misses, 0);
-    assert!(on_replicas > 0, "causal wait should let replicas serve these reads");
+    assert!(
+        on_replicas > 0,
+        "causal wait should let replicas serve these reads"
+    );
 }

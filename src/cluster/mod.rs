@@ -31,8 +31,8 @@ pub struct Node {
     pool_size: u32,
     connect_timeout: Duration,
     idle_timeout: Duration,
-    pools: RwLock<HashMap<String, Pool>>,
-    last_error: pool::LastError,
+    /// Per user: the pool and the connect failures its waiting sessions hear about.
+    pools: RwLock<HashMap<String, (Pool, pool::ConnectErrors)>>,
     /// Milliseconds since `epoch` until which the node is considered down.
     down_until_ms: AtomicU64,
     epoch: Instant,
@@ -42,21 +42,33 @@ pub struct Node {
 
 impl Node {
     /// Checks out a server connection for `user`, creating the user's pool on first use.
+    /// Fails as soon as a connection attempt to this node fails, rather than waiting
+    /// for the connect timeout.
     pub async fn checkout(&self, user: &UserEntry) -> Result<Pooled, BackendError> {
-        let pool = self.pool_for(user);
-        // An error from an earlier attempt must not be blamed on this one.
-        self.last_error.take();
-        match pool.get_owned().await {
+        let (pool, errors) = self.pool_for(user);
+        let failure = errors.next_failure();
+        tokio::pin!(failure);
+        failure.as_mut().enable();
+        let result = tokio::select! {
+            got = pool.get_owned() => got.map_err(|e| pool::checkout_error(e, &self.name)),
+            _ = &mut failure => Err(errors.latest().unwrap_or_else(|| {
+                BackendError::Timeout(format!("{}: connection attempt failed", self.name))
+            })),
+        };
+        match result {
             Ok(conn) => {
                 self.down_until_ms.store(0, Ordering::Relaxed);
                 Ok(conn)
             }
-            Err(e) => {
-                let err = pool::checkout_error(e, &self.name, &self.last_error);
-                if !matches!(
-                    err,
-                    BackendError::Auth { .. } | BackendError::Unsupported { .. }
-                ) {
+            Err(err) => {
+                // A refused login is about the user, not the node; except "cannot
+                // connect now" (57P03: starting up or shutting down).
+                let node_fault = match &err {
+                    BackendError::Auth { fields, .. } => fields.code == "57P03",
+                    BackendError::Unsupported { .. } => false,
+                    _ => true,
+                };
+                if node_fault {
                     self.mark_down();
                 }
                 self.stats.connect_errors.fetch_add(1, Ordering::Relaxed);
@@ -65,7 +77,7 @@ impl Node {
         }
     }
 
-    fn pool_for(&self, user: &UserEntry) -> Pool {
+    fn pool_for(&self, user: &UserEntry) -> (Pool, pool::ConnectErrors) {
         if let Ok(pools) = self.pools.read()
             && let Some(pool) = pools.get(&user.name)
         {
@@ -78,7 +90,8 @@ impl Node {
         pools
             .entry(user.name.clone())
             .or_insert_with(|| {
-                pool::build_pool(
+                let errors = pool::ConnectErrors::default();
+                let pool = pool::build_pool(
                     LoginInfo {
                         addr: self.addr.clone(),
                         database: self.database.clone(),
@@ -88,8 +101,9 @@ impl Node {
                     self.pool_size,
                     self.connect_timeout,
                     self.idle_timeout,
-                    self.last_error.clone(),
-                )
+                    errors.clone(),
+                );
+                (pool, errors)
             })
             .clone()
     }
@@ -130,7 +144,7 @@ impl Node {
                 pools
                     .iter()
                     .map(|(user, p)| {
-                        let s = p.state();
+                        let s = p.0.state();
                         (user.clone(), s.connections, s.idle_connections)
                     })
                     .collect()
@@ -181,7 +195,10 @@ impl Project {
     /// Replicas eligible for reads right now, in the order the strategy prefers them;
     /// the caller tries them in turn and falls back to the primary. With `min_lsn`
     /// (read-your-writes) only replicas known to have replayed that far qualify.
-    pub fn read_candidates(&self, min_lsn: u64) -> Vec<Arc<Node>> {
+    /// `advance` moves the round-robin turn on: requests that run no statement (a
+    /// driver's Parse/Describe before the Execute) leave it, so that they do not
+    /// make every other read skip a replica.
+    pub fn read_candidates(&self, min_lsn: u64, advance: bool) -> Vec<Arc<Node>> {
         let healthy: Vec<&Arc<Node>> = self
             .nodes
             .iter()
@@ -201,12 +218,11 @@ impl Project {
         }
         let total: u64 = eligible.iter().map(|n| n.weight as u64).sum::<u64>().max(1);
         let first = match self.read_routing() {
-            ReadRouting::LeastLag => return self.least_lag_order(eligible),
+            ReadRouting::LeastLag => return self.least_lag_order(eligible, advance),
             ReadRouting::Random => weighted_index(&eligible, rand::random_range(0..total)),
-            ReadRouting::RoundRobin => weighted_index(
-                &eligible,
-                self.rr.fetch_add(1, Ordering::Relaxed) as u64 % total,
-            ),
+            ReadRouting::RoundRobin => {
+                weighted_index(&eligible, self.next_turn(advance) as u64 % total)
+            }
         };
         let mut ordered = Vec::with_capacity(eligible.len());
         for i in 0..eligible.len() {
@@ -216,12 +232,20 @@ impl Project {
     }
 
     /// Freshest first (lag in ms, then bytes); replicas equally fresh take turns.
-    fn least_lag_order(&self, mut nodes: Vec<&Arc<Node>>) -> Vec<Arc<Node>> {
+    fn next_turn(&self, advance: bool) -> usize {
+        if advance {
+            self.rr.fetch_add(1, Ordering::Relaxed)
+        } else {
+            self.rr.load(Ordering::Relaxed)
+        }
+    }
+
+    fn least_lag_order(&self, mut nodes: Vec<&Arc<Node>>, advance: bool) -> Vec<Arc<Node>> {
         let key = |n: &Arc<Node>| (n.health.lag_ms(), n.health.lag_bytes());
         nodes.sort_by_key(|n| key(n));
         let best = key(nodes[0]);
         let tied = nodes.iter().take_while(|n| key(n) == best).count();
-        let turn = self.rr.fetch_add(1, Ordering::Relaxed) % tied;
+        let turn = self.next_turn(advance) % tied;
         nodes[..tied].rotate_left(turn);
         nodes.into_iter().cloned().collect()
     }
@@ -296,7 +320,6 @@ impl Topology {
                         connect_timeout: Duration::from_millis(config.proxy.connect_timeout_ms),
                         idle_timeout: Duration::from_millis(config.proxy.server_idle_timeout_ms),
                         pools: RwLock::new(HashMap::new()),
-                        last_error: pool::LastError::default(),
                         down_until_ms: AtomicU64::new(0),
                         epoch,
                         stats: NodeStats::default(),

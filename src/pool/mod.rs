@@ -10,6 +10,7 @@ pub use server::{BackendError, LoginInfo, ServerConn};
 pub struct BackendManager {
     pub login: LoginInfo,
     pub connect_timeout: Duration,
+    pub errors: ConnectErrors,
 }
 
 impl bb8::ManageConnection for BackendManager {
@@ -20,6 +21,7 @@ impl bb8::ManageConnection for BackendManager {
         let conn = ServerConn::connect(&self.login, self.connect_timeout).await;
         if let Err(e) = &conn {
             tracing::warn!(node = %self.login.addr, user = %self.login.user, "backend connection failed: {e}");
+            self.errors.report(e);
         }
         conn
     }
@@ -44,22 +46,48 @@ impl bb8::ManageConnection for BackendManager {
 pub type Pool = bb8::Pool<BackendManager>;
 pub type Pooled = bb8::PooledConnection<'static, BackendManager>;
 
-/// Keeps the latest connect error of a node: bb8 hands connect errors to a sink, not to
-/// the waiting caller, who would otherwise only learn that it timed out.
+/// Connect failures of one node, announced to the sessions waiting for a connection:
+/// bb8 hands connect errors to a sink and lets the waiting caller sit until its
+/// timeout, whereas a refused connection should send the read elsewhere at once.
 #[derive(Debug, Clone, Default)]
-pub struct LastError(Arc<Mutex<Option<BackendError>>>);
+pub struct ConnectErrors(Arc<ConnectErrorsInner>);
 
-impl LastError {
-    pub fn take(&self) -> Option<BackendError> {
-        self.0.lock().ok().and_then(|mut e| e.take())
+#[derive(Debug, Default)]
+struct ConnectErrorsInner {
+    last: Mutex<Option<BackendError>>,
+    notify: tokio::sync::Notify,
+}
+
+impl ConnectErrors {
+    pub fn report(&self, error: &BackendError) {
+        if let Ok(mut slot) = self.0.last.lock() {
+            *slot = Some(error.duplicate());
+        }
+        self.0.notify.notify_waiters();
+    }
+
+    pub fn latest(&self) -> Option<BackendError> {
+        self.0
+            .last
+            .lock()
+            .ok()
+            .and_then(|e| e.as_ref().map(BackendError::duplicate))
+    }
+
+    /// Resolves at the next connect failure reported after this call.
+    pub fn next_failure(&self) -> tokio::sync::futures::Notified<'_> {
+        self.0.notify.notified()
     }
 }
 
-impl bb8::ErrorSink<BackendError> for LastError {
+/// bb8 also reports connections that failed their check-out test here; those are
+/// replaced transparently, so they are only logged.
+#[derive(Debug, Clone)]
+struct LogSink;
+
+impl bb8::ErrorSink<BackendError> for LogSink {
     fn sink(&self, error: BackendError) {
-        if let Ok(mut slot) = self.0.lock() {
-            *slot = Some(error);
-        }
+        tracing::debug!("pooled server connection discarded: {error}");
     }
 
     fn boxed_clone(&self) -> Box<dyn bb8::ErrorSink<BackendError>> {
@@ -72,10 +100,10 @@ pub fn build_pool(
     size: u32,
     connect_timeout: Duration,
     idle_timeout: Duration,
-    errors: LastError,
+    errors: ConnectErrors,
 ) -> Pool {
     bb8::Pool::builder()
-        .error_sink(Box::new(errors))
+        .error_sink(Box::new(LogSink))
         .max_size(size.max(1))
         .min_idle(None)
         .connection_timeout(connect_timeout)
@@ -91,20 +119,16 @@ pub fn build_pool(
         .build_unchecked(BackendManager {
             login,
             connect_timeout,
+            errors,
         })
 }
 
-/// Turns a bb8 failure into the error the client sees: the connect error behind a
-/// timeout when there was one, else a plain timeout (all connections busy).
-pub fn checkout_error(
-    e: bb8::RunError<BackendError>,
-    node: &str,
-    errors: &LastError,
-) -> BackendError {
+/// Turns a bb8 failure into the error the client sees.
+pub fn checkout_error(e: bb8::RunError<BackendError>, node: &str) -> BackendError {
     match e {
         bb8::RunError::User(e) => e,
-        bb8::RunError::TimedOut => errors.take().unwrap_or_else(|| {
+        bb8::RunError::TimedOut => {
             BackendError::Timeout(format!("{node}: every pooled connection stayed busy"))
-        }),
+        }
     }
 }

@@ -44,6 +44,29 @@ impl BackendError {
             _ => "08006",
         }
     }
+
+    /// A copy for another waiter (io errors are not `Clone`; kind and text survive).
+    pub fn duplicate(&self) -> BackendError {
+        match self {
+            BackendError::Connect { addr, source } => BackendError::Connect {
+                addr: addr.clone(),
+                source: std::io::Error::new(source.kind(), source.to_string()),
+            },
+            BackendError::Timeout(what) => BackendError::Timeout(what.clone()),
+            BackendError::Auth { addr, fields } => BackendError::Auth {
+                addr: addr.clone(),
+                fields: fields.clone(),
+            },
+            BackendError::Unsupported { addr, reason } => BackendError::Unsupported {
+                addr: addr.clone(),
+                reason: reason.clone(),
+            },
+            BackendError::Protocol { addr, source } => BackendError::Connect {
+                addr: addr.clone(),
+                source: std::io::Error::other(source.to_string()),
+            },
+        }
+    }
 }
 
 /// Login data for one node and one user.

@@ -228,11 +228,19 @@ struct Session {
     commit_lsn: Option<u64>,
     /// When the request now running on the server was sent (latency histogram).
     started: Option<Instant>,
-    /// A read not answered yet, kept to be sent again if its server fails first.
-    replay: Option<Vec<BytesMut>>,
+    /// Reads in flight whose answers have not reached the client's socket yet, kept
+    /// to be sent again elsewhere if their server fails first.
+    replay: Option<Replay>,
     replays: u8,
     /// This client's entry in the registry behind SHOW CLIENTS.
     info: Arc<ClientInfo>,
+}
+
+struct Replay {
+    frames: Vec<BytesMut>,
+    /// Length of `client_out` before the first answer to these frames: what a replay
+    /// takes back.
+    client_mark: usize,
 }
 
 /// How other parts of the proxy find this session: its cancel key and its entry in
@@ -322,6 +330,10 @@ impl Session {
         loop {
             self.dispatch_pending().await?;
             self.flush().await?;
+            if self.server.is_none() && !self.skip_until_sync && self.next_unit_len().is_some() {
+                // A failed write to the server sent a read back to the queue.
+                continue;
+            }
             enum Event {
                 Client(std::io::Result<usize>),
                 Server(std::io::Result<usize>),
@@ -380,6 +392,15 @@ impl Session {
             self.server_out.clear();
         }
         if !self.client_out.is_empty() {
+            // Once answers to the reads in flight reach the client, they can no longer
+            // be replayed elsewhere.
+            if let Some(replay) = self.replay.as_mut() {
+                if self.client_out.len() > replay.client_mark {
+                    self.replay = None;
+                } else {
+                    replay.client_mark = 0;
+                }
+            }
             self.writer
                 .write_all(&self.client_out)
                 .await
@@ -393,7 +414,7 @@ impl Session {
     /// settings applied, then BackendKeyData and ReadyForQuery.
     async fn greet(&mut self) -> Result<(), End> {
         let mut nodes: Vec<Arc<Node>> = self.project.primary().cloned().into_iter().collect();
-        nodes.extend(self.project.read_candidates(0));
+        nodes.extend(self.project.read_candidates(0, false));
         if let Err(e) = self.attach_first(nodes).await {
             return Err(End::fatal(
                 e.sqlstate(),
@@ -669,7 +690,10 @@ impl Session {
             }
             Some(_) => {}
             None => {
-                if let Err(e) = self.acquire(route, decision.hinted).await {
+                let executes = unit
+                    .iter()
+                    .any(|f| matches!(f[0], msg::QUERY | msg::EXECUTE | msg::FUNCTION_CALL));
+                if let Err(e) = self.acquire(route, decision.hinted, executes).await {
                     self.unit_failed(
                         &unit,
                         e.sqlstate(),
@@ -718,27 +742,51 @@ impl Session {
         for frame in &unit {
             self.forward_client_frame(frame, &mut parsed_unnamed, &mut query_effects)?;
         }
+        // Answers the proxy gives itself wait for the server's first answer, unless the
+        // server owes nothing.
+        if self
+            .expect
+            .iter()
+            .all(|e| matches!(e, Expect::Synthetic(_)))
+        {
+            self.emit_synthetics();
+        }
         // A read that the server has not started answering can be sent again elsewhere
         // if that server fails: nothing of it reached the client, and it changed nothing.
-        let replayable = fresh_server
-            && route == Route::Replica
+        // Pipelined reads (a driver's Close, then its next query) are kept together
+        // while none of them has been answered.
+        let replayable = route == Route::Replica
             && decision.tx == TxEffect::None
             && !self.is_sticky()
             && self.replays < MAX_READ_REPLAYS
             && self.client_out.len() == answered_before
             && matches!(unit.last().map(|f| f[0]), Some(msg::SYNC | msg::QUERY));
-        self.replay = replayable.then_some(unit);
+        match (fresh_server, replayable, self.replay.as_mut()) {
+            (true, true, _) => {
+                self.replay = Some(Replay {
+                    frames: unit,
+                    client_mark: answered_before,
+                })
+            }
+            (false, true, Some(earlier)) => earlier.frames.extend(unit),
+            _ => self.replay = None,
+        }
         Ok(Dispatch::Done)
     }
 
     /// Checks out a server for `route`: reads try the replicas in strategy order, then
     /// the primary, so a replica that is down costs the client nothing.
-    async fn acquire(&mut self, route: Route, hinted: bool) -> Result<(), BackendError> {
+    async fn acquire(
+        &mut self,
+        route: Route,
+        hinted: bool,
+        executes: bool,
+    ) -> Result<(), BackendError> {
         let mut nodes = Vec::new();
         if route == Route::Replica {
             // A read hinted to a replica is the user's choice over read-your-writes.
             let min_lsn = if self.ryw && !hinted { self.min_lsn } else { 0 };
-            nodes = self.project.read_candidates(min_lsn);
+            nodes = self.project.read_candidates(min_lsn, executes);
             if nodes.is_empty() && min_lsn > 0 {
                 if !self.project.causal_wait.is_zero() && self.wait_for_replica(min_lsn).await {
                     return Ok(());
@@ -758,7 +806,7 @@ impl Session {
     async fn wait_for_replica(&mut self, min_lsn: u64) -> bool {
         let Some(node) = self
             .project
-            .read_candidates(0)
+            .read_candidates(0, false)
             .into_iter()
             .max_by_key(|n| n.health.lsn())
         else {
@@ -815,12 +863,6 @@ impl Session {
     }
 
     fn push_expect(&mut self, e: Expect) {
-        if let Expect::Synthetic(tag) = e
-            && self.expect.is_empty()
-        {
-            msg::empty_message(&mut self.client_out, tag);
-            return;
-        }
         self.expect.push_back(e);
     }
 
@@ -1016,7 +1058,6 @@ impl Session {
             }
             msg::NOTICE_RESPONSE => {
                 if !injected {
-                    self.replay = None;
                     self.client_out.extend_from_slice(&frame);
                 }
                 return Ok(());
@@ -1026,7 +1067,6 @@ impl Session {
                     held.conn.record_parameter(&frame);
                 }
                 if !injected {
-                    self.replay = None;
                     self.client_out.extend_from_slice(&frame);
                 }
                 return Ok(());
@@ -1091,7 +1131,6 @@ impl Session {
                 return self.server_lost(&fields.to_string());
             }
         }
-        self.replay = None;
         if tag == msg::ERROR_RESPONSE {
             let survives = front.survives_error();
             self.forward_error(&frame);
@@ -1301,7 +1340,13 @@ impl Session {
         self.release();
         let node_name = node.as_ref().map(|n| n.name.as_str()).unwrap_or("?");
         self.started = None;
-        if let Some(unit) = self.replay.take() {
+        if let Some(Replay {
+            frames: unit,
+            client_mark,
+        }) = self.replay.take()
+        {
+            // What the failed server had answered never left the proxy; take it back.
+            self.client_out.truncate(client_mark);
             // A read its server never answered: the client sees nothing of this, the
             // read runs again on another node (this one is now marked down).
             info!(node = node_name, user = %self.user.name, "server failed before answering a read ({reason}); running it elsewhere");
