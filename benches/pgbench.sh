@@ -34,6 +34,7 @@ PGBENCH="$PGBIN/pgbench"
 cleanup() {
   [ -n "${BOUNCER_PID:-}" ] && kill "$BOUNCER_PID" 2>/dev/null || true
   [ -n "${SOLO_PID:-}" ] && kill "$SOLO_PID" 2>/dev/null || true
+  [ -n "${RYW_PID:-}" ] && kill "$RYW_PID" 2>/dev/null || true
   [ -n "${DEMO_PID:-}" ] && kill -INT "$DEMO_PID" 2>/dev/null && sleep 2 || true
   rm -rf "$WORK"
 }
@@ -68,9 +69,27 @@ uri = "postgresql://127.0.0.1:$PRIMARY_PORT/app"
 TOML
 setsid "$BIN" serve --config "$WORK/primary-only.toml" > "$WORK/solo.log" 2>&1 &
 SOLO_PID=$!
+
+# A third one with read-your-writes on: what the guarantee costs, against the demo
+# proxy (same replicas, same strategy, without it).
+RYW_PORT=$((PROXY_PORT + 4))
+{
+  printf '[proxy]\nlisten = "127.0.0.1:%s"\nadmin_listen = "127.0.0.1:%s"\nstate_file = "%s"\n' \
+    "$RYW_PORT" "$((PROXY_PORT + 5))" "$WORK/state-ryw.json"
+  printf '[[users]]\nname = "app"\npassword = "secret"\n'
+  printf '[projects.app]\nread_your_writes = true\n'
+  printf '[[projects.app.replicas]]\nname = "master"\nrole = "primary"\nuri = "postgresql://127.0.0.1:%s/app"\n' "$PRIMARY_PORT"
+  i=0
+  for port in $(awk '/^  replica/ {split($2, a, ":"); print a[2]}' "$WORK/demo.log"); do
+    i=$((i + 1))
+    printf '[[projects.app.replicas]]\nname = "replica-%s"\nrole = "replica"\nuri = "postgresql://127.0.0.1:%s/app"\n' "$i" "$port"
+  done
+} > "$WORK/ryw.toml"
+setsid "$BIN" serve --config "$WORK/ryw.toml" > "$WORK/ryw.log" 2>&1 &
+RYW_PID=$!
 sleep 0.5
 
-PROXIES="replicator:$PROXY_PORT replicator-primary-only:$SOLO_PORT"
+PROXIES="replicator:$PROXY_PORT replicator-primary-only:$SOLO_PORT replicator-ryw:$RYW_PORT"
 TARGETS="direct:$PRIMARY_PORT $PROXIES"
 if command -v pgbouncer > /dev/null; then
   cat > "$WORK/pgbouncer.ini" <<INI
@@ -106,7 +125,17 @@ WORKLOADS=(
   "tpc-b extended c$CLIENTS|-M extended -c $CLIENTS -j 2"
   "tpc-b prepared c$CLIENTS|-M prepared -c $CLIENTS -j 2"
   "select-only simple c1|-S -M simple -c 1"
+  "write-then-read extended c$CLIENTS|-f $WORK/write-then-read.sql -D scale=$SCALE -M extended -c $CLIENTS -j 2"
 )
+
+# Each client updates an account and reads it back at once: the pattern
+# read-your-writes exists for.
+cat > "$WORK/write-then-read.sql" <<'SQL'
+\set aid random(1, 100000 * :scale)
+\set delta random(-5000, 5000)
+UPDATE pgbench_accounts SET abalance = abalance + :delta WHERE aid = :aid;
+SELECT abalance FROM pgbench_accounts WHERE aid = :aid;
+SQL
 
 : > "$RESULTS"
 for round in $(seq 1 "$ROUNDS"); do
