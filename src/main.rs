@@ -41,6 +41,18 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:9930")]
         admin_listen: String,
     },
+    /// Promote a replica of a running proxy's project: a planned switchover with no loss
+    /// when the primary is healthy, a failover to that replica when it is not.
+    Promote {
+        project: String,
+        replica: String,
+        /// Config file of the running proxy: its admin_listen is where to ask.
+        #[arg(long, short, default_value = "proxy.toml")]
+        config: PathBuf,
+        /// Ask this admin address instead of the config's admin_listen.
+        #[arg(long, value_name = "HOST:PORT")]
+        admin: Option<String>,
+    },
     /// Print the replica table of a running proxy (from its HTTP /status endpoint).
     Status {
         /// Config file of the running proxy: its admin_listen is where to ask.
@@ -105,26 +117,25 @@ fn main() -> ExitCode {
             config,
             admin,
             json,
-        } => {
-            let admin = match admin {
-                Some(a) => a,
-                None => match Config::load(&config) {
-                    Ok(c) if !c.proxy.admin_listen.is_empty() => c.proxy.admin_listen,
-                    Ok(_) => {
-                        eprintln!(
-                            "{}: proxy.admin_listen is empty; pass --admin HOST:PORT",
-                            config.display()
-                        );
-                        return ExitCode::FAILURE;
-                    }
-                    Err(e) => {
-                        eprintln!("{e}");
-                        return ExitCode::FAILURE;
-                    }
-                },
-            };
-            run_async(1, status(admin, json))
-        }
+        } => match admin_address(admin, &config) {
+            Ok(admin) => run_async(1, status(admin, json)),
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Promote {
+            project,
+            replica,
+            config,
+            admin,
+        } => match admin_address(admin, &config) {
+            Ok(admin) => run_async(1, promote(admin, project, replica)),
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::FAILURE
+            }
+        },
     }
 }
 
@@ -184,6 +195,31 @@ async fn serve(config: Config, path: PathBuf) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Where a running proxy's HTTP admin endpoints are: `--admin`, else the config's.
+fn admin_address(admin: Option<String>, config: &std::path::Path) -> Result<String, String> {
+    if let Some(a) = admin {
+        return Ok(a);
+    }
+    match Config::load(config) {
+        Ok(c) if !c.proxy.admin_listen.is_empty() => Ok(c.proxy.admin_listen),
+        Ok(_) => Err(format!(
+            "{}: proxy.admin_listen is empty; pass --admin HOST:PORT",
+            config.display()
+        )),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+async fn promote(admin: String, project: String, replica: String) -> anyhow::Result<()> {
+    let (code, body) =
+        replicator::admin::http::post_to(&admin, &format!("/promote/{project}/{replica}")).await?;
+    if code != 200 {
+        anyhow::bail!("{}", body.trim());
+    }
+    print!("{body}");
+    Ok(())
+}
+
 async fn status(admin: String, json: bool) -> anyhow::Result<()> {
     use replicator::admin::{http, status};
     let (code, body) = http::get(&admin, "/status").await?;
@@ -202,8 +238,23 @@ async fn status(admin: String, json: bool) -> anyhow::Result<()> {
     );
     for p in &parsed.projects {
         println!(
-            "project {}: read_routing={} read_your_writes={} fallback_reads={} causal_primary_reads={}",
-            p.name, p.read_routing, p.read_your_writes, p.fallback_reads, p.causal_primary_reads
+            "project {}: primary={} read_routing={} read_your_writes={} fallback_reads={} causal_primary_reads={}",
+            p.name,
+            p.primary.as_deref().unwrap_or("none"),
+            p.read_routing,
+            p.read_your_writes,
+            p.fallback_reads,
+            p.causal_primary_reads
+        );
+        println!(
+            "  failover ({}): {}{}",
+            p.failover.mode,
+            p.failover.state,
+            p.failover
+                .last_event
+                .as_ref()
+                .map(|e| format!("; last: {e}"))
+                .unwrap_or_default()
         );
     }
     println!(

@@ -52,6 +52,14 @@ pub const HELP: &[(&str, &str)] = &[
         "SET READ_ROUTING <project> <strategy>",
         "round-robin | least-lag | random",
     ),
+    (
+        "PROMOTE <project> <replica>",
+        "switchover (primary healthy) or failover to that replica",
+    ),
+    (
+        "SHOW FAILOVER",
+        "per project: primary, failover mode, state, last event",
+    ),
     ("SHOW HELP", "this list"),
 ];
 
@@ -122,6 +130,15 @@ pub async fn execute(shared: &Arc<Shared>, statement: &str) -> Result<Reply, Com
                 .map(|(c, d)| vec![c.to_string(), d.to_string()])
                 .collect(),
         )),
+        ["SHOW", "FAILOVER"] => Ok(show_failover(shared)),
+        ["PROMOTE", _, _] => {
+            let message = promote(shared, &words[1], &words[2]).await?;
+            Ok(Reply::Rows {
+                columns: vec!["result"],
+                rows: vec![vec![Some(message)]],
+                tag: "SELECT",
+            })
+        }
         ["SET", "READ_ROUTING", _, _] => {
             set_read_routing(shared, &words[2], &words[3])?;
             Ok(Reply::Done { tag: "SET".into() })
@@ -134,6 +151,55 @@ pub async fn execute(shared: &Arc<Shared>, statement: &str) -> Result<Reply, Com
             ),
         )),
     }
+}
+
+/// Promotes `replica` of `project` (see `cluster::failover::promote_on_request`).
+pub async fn promote(
+    shared: &Shared,
+    project: &str,
+    replica: &str,
+) -> Result<String, CommandError> {
+    let topology = shared.topology.load();
+    let Some(live) = topology.projects.get(project).cloned() else {
+        return Err(error(
+            "42704",
+            format!("project \"{project}\" does not exist"),
+        ));
+    };
+    crate::cluster::failover::promote_on_request(&live, replica)
+        .await
+        .map_err(|e| error("55000", format!("PROMOTE {project} {replica}: {e}")))
+}
+
+fn show_failover(shared: &Shared) -> Reply {
+    let status = Status::collect(shared);
+    let out = status
+        .projects
+        .iter()
+        .map(|p| {
+            vec![
+                p.name.clone(),
+                p.primary.clone().unwrap_or_default(),
+                p.failover.mode.clone(),
+                p.failover.state.clone(),
+                p.failover.last_event.clone().unwrap_or_default(),
+                p.failover.automatic.to_string(),
+                p.failover.manual.to_string(),
+            ]
+        })
+        .collect();
+    rows(
+        vec![
+            "project",
+            "primary",
+            "mode",
+            "state",
+            "last_event",
+            "automatic",
+            "manual",
+        ],
+        out,
+    )
 }
 
 fn rows(columns: Vec<&'static str>, rows: Vec<Vec<String>>) -> Reply {

@@ -40,7 +40,7 @@ pub async fn start(shared: Arc<Shared>, addr: &str) -> anyhow::Result<SocketAddr
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |req| {
                     let shared = shared.clone();
-                    async move { Ok::<_, Infallible>(route(&shared, req)) }
+                    async move { Ok::<_, Infallible>(route(&shared, req).await) }
                 });
                 if let Err(e) = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), service)
@@ -55,9 +55,12 @@ pub async fn start(shared: Arc<Shared>, addr: &str) -> anyhow::Result<SocketAddr
     Ok(bound)
 }
 
-fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    if req.method() == Method::POST {
+        return post(shared, req.uri().path()).await;
+    }
     if req.method() != Method::GET {
-        return text(StatusCode::METHOD_NOT_ALLOWED, "only GET is supported\n");
+        return text(StatusCode::METHOD_NOT_ALLOWED, "GET or POST only\n");
     }
     match req.uri().path() {
         "/status" => {
@@ -76,6 +79,23 @@ fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Full<Bytes>> 
         _ => text(
             StatusCode::NOT_FOUND,
             "not found; try /status, /metrics or /health\n",
+        ),
+    }
+}
+
+/// Changes: `POST /promote/<project>/<replica>`.
+async fn post(shared: &Arc<Shared>, path: &str) -> Response<Full<Bytes>> {
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match parts.as_slice() {
+        ["promote", project, replica] => {
+            match super::commands::promote(shared, project, replica).await {
+                Ok(message) => text(StatusCode::OK, &format!("{message}\n")),
+                Err(e) => text(StatusCode::CONFLICT, &format!("{}\n", e.message)),
+            }
+        }
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found; POST /promote/<project>/<replica>\n",
         ),
     }
 }
@@ -123,6 +143,15 @@ fn respond(code: StatusCode, content_type: &str, body: String) -> Response<Full<
 
 /// `GET path` against a running proxy's admin address (the CLI's `status`).
 pub async fn get(addr: &str, path: &str) -> anyhow::Result<(u16, String)> {
+    request(addr, Method::GET, path).await
+}
+
+/// `POST path` (the CLI's `promote`).
+pub async fn post_to(addr: &str, path: &str) -> anyhow::Result<(u16, String)> {
+    request(addr, Method::POST, path).await
+}
+
+async fn request(addr: &str, method: Method, path: &str) -> anyhow::Result<(u16, String)> {
     use http_body_util::BodyExt;
     let stream = tokio::net::TcpStream::connect(addr)
         .await
@@ -133,6 +162,7 @@ pub async fn get(addr: &str, path: &str) -> anyhow::Result<(u16, String)> {
         let _ = connection.await;
     });
     let request = Request::builder()
+        .method(method)
         .uri(path)
         .header(hyper::header::HOST, addr)
         .body(Full::new(Bytes::new()))?;

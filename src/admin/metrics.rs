@@ -77,6 +77,9 @@ impl Collector for ProxyCollector {
         let mut fallback = Vec::new();
         let mut causal = Vec::new();
         let mut histograms = Vec::new();
+        let mut failovers = Vec::new();
+        let mut failover_ms = Vec::new();
+        let mut paused = Vec::new();
         for project in topology.projects.values() {
             let p = || ("project", project.name.clone());
             fallback.push((vec![p()], project.fallback_reads.load(Ordering::Relaxed)));
@@ -84,11 +87,25 @@ impl Collector for ProxyCollector {
                 vec![p()],
                 project.causal_primary_reads.load(Ordering::Relaxed),
             ));
+            let f = &project.failover;
+            failovers.push((
+                vec![p(), ("kind", "automatic".to_string())],
+                f.automatic.load(Ordering::Relaxed),
+            ));
+            failovers.push((
+                vec![p(), ("kind", "manual".to_string())],
+                f.manual.load(Ordering::Relaxed),
+            ));
+            failover_ms.push((vec![p()], f.last_duration_ms.load(Ordering::Relaxed) as i64));
+            paused.push((
+                vec![p()],
+                i64::from(f.writes_paused.load(Ordering::Relaxed)),
+            ));
             for node in &project.nodes {
                 let labels: Labels = vec![
                     p(),
                     ("node", node.name.clone()),
-                    ("role", node.role.as_str().to_string()),
+                    ("role", node.role().as_str().to_string()),
                 ];
                 let with = |k: &'static str, v: &str| {
                     let mut l = labels.clone();
@@ -187,6 +204,24 @@ impl Collector for ProxyCollector {
             "pool_connections",
             "Server connections per node, user and state (active or idle).",
             &pool,
+        )?;
+        counter(
+            &mut encoder,
+            "failovers",
+            "Promotions of a replica: automatic failovers and requested ones (PROMOTE).",
+            &failovers,
+        )?;
+        gauge(
+            &mut encoder,
+            "failover_last_duration_milliseconds",
+            "Time the last promotion took, from the decision to traffic moving.",
+            &failover_ms,
+        )?;
+        gauge(
+            &mut encoder,
+            "writes_paused",
+            "1 while a planned switchover holds new writes back.",
+            &paused,
         )?;
         gauge(
             &mut encoder,

@@ -29,7 +29,22 @@ pub struct ProjectStatus {
     pub fallback_reads: u64,
     /// Reads that went to the primary because no replica had the client's last write.
     pub causal_primary_reads: u64,
+    /// The node taking writes now (after a failover, not necessarily proxy.toml's).
+    pub primary: Option<String>,
+    pub failover: FailoverView,
     pub nodes: Vec<NodeStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FailoverView {
+    pub mode: String,
+    /// What the failover logic thinks now ("primary healthy", "no eligible replica: ...").
+    pub state: String,
+    pub last_event: Option<String>,
+    pub automatic: u64,
+    pub manual: u64,
+    pub last_duration_ms: u64,
+    pub writes_paused: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -91,6 +106,23 @@ fn project(p: &Project) -> ProjectStatus {
         causal_wait_ms: p.causal_wait.as_millis() as u64,
         fallback_reads: p.fallback_reads.load(Ordering::Relaxed),
         causal_primary_reads: p.causal_primary_reads.load(Ordering::Relaxed),
+        primary: p.primary().map(|n| n.name.clone()),
+        failover: {
+            let f = &p.failover;
+            let status = f.status();
+            FailoverView {
+                mode: match f.settings.mode {
+                    crate::config::FailoverMode::Auto => "auto".into(),
+                    crate::config::FailoverMode::Manual => "manual".into(),
+                },
+                state: status.state,
+                last_event: status.last_event,
+                automatic: f.automatic.load(Ordering::Relaxed),
+                manual: f.manual.load(Ordering::Relaxed),
+                last_duration_ms: f.last_duration_ms.load(Ordering::Relaxed),
+                writes_paused: f.writes_paused.load(Ordering::Relaxed),
+            }
+        },
         nodes: p.nodes.iter().map(|n| node(n)).collect(),
     }
 }
@@ -120,7 +152,7 @@ fn node(n: &Node) -> NodeStatus {
     };
     NodeStatus {
         name: n.name.clone(),
-        role: n.role.as_str().to_string(),
+        role: n.role().as_str().to_string(),
         address: n.addr.to_string(),
         state: state.to_string(),
         lag_ms: n.health.lag_ms(),

@@ -109,6 +109,8 @@ pub struct Health {
     lsn: AtomicU64,
     checks_failed: AtomicU64,
     last_error: Mutex<Option<String>>,
+    /// Lag in ms at the last check that reached the primary: what failover judges by.
+    lag_at_primary_seen_ms: AtomicU64,
 }
 
 impl Default for Health {
@@ -120,6 +122,7 @@ impl Default for Health {
             lsn: AtomicU64::new(0),
             checks_failed: AtomicU64::new(0),
             last_error: Mutex::new(None),
+            lag_at_primary_seen_ms: AtomicU64::new(0),
         }
     }
 }
@@ -144,6 +147,14 @@ impl Health {
     pub fn set_lag(&self, ms: u64, bytes: u64) {
         self.lag_ms.store(ms, Ordering::Relaxed);
         self.lag_bytes.store(bytes, Ordering::Relaxed);
+    }
+
+    pub fn lag_at_primary_seen_ms(&self) -> u64 {
+        self.lag_at_primary_seen_ms.load(Ordering::Relaxed)
+    }
+
+    pub fn set_lag_at_primary_seen_ms(&self, ms: u64) {
+        self.lag_at_primary_seen_ms.store(ms, Ordering::Relaxed);
     }
 
     pub fn lsn(&self) -> u64 {

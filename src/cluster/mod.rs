@@ -1,8 +1,10 @@
 //! The live topology: per project, its nodes (primary and replicas), their pools and
 //! health, and the choice of a node for a read.
 
+pub mod failover;
 pub mod health;
 pub mod monitor;
+pub mod state_file;
 pub mod stats;
 
 use std::collections::HashMap;
@@ -21,9 +23,49 @@ pub use stats::NodeStats;
 /// How long a node that refused a connection is skipped for reads before it is tried again.
 const DOWN_BACKOFF: Duration = Duration::from_millis(1000);
 
+/// What a node does now. It starts as configured; a failover (or the state file of an
+/// earlier one) moves the primary role and fences the old primary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum NodeRole {
+    Primary = 0,
+    Replica = 1,
+    /// A former primary after a failover: no traffic until an operator re-attaches it.
+    Fenced = 2,
+}
+
+impl NodeRole {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeRole::Primary => "primary",
+            NodeRole::Replica => "replica",
+            NodeRole::Fenced => "fenced",
+        }
+    }
+
+    fn from_u8(v: u8) -> NodeRole {
+        match v {
+            0 => NodeRole::Primary,
+            2 => NodeRole::Fenced,
+            _ => NodeRole::Replica,
+        }
+    }
+}
+
+impl From<Role> for NodeRole {
+    fn from(role: Role) -> Self {
+        match role {
+            Role::Primary => NodeRole::Primary,
+            Role::Replica => NodeRole::Replica,
+        }
+    }
+}
+
 pub struct Node {
     pub name: String,
-    pub role: Role,
+    role: AtomicU8,
+    /// The role proxy.toml gives it.
+    pub configured_role: Role,
     pub addr: NodeAddress,
     pub database: String,
     pub weight: u32,
@@ -118,6 +160,14 @@ impl Node {
         self.down_until_ms.load(Ordering::Relaxed) <= self.epoch.elapsed().as_millis() as u64
     }
 
+    pub fn role(&self) -> NodeRole {
+        NodeRole::from_u8(self.role.load(Ordering::SeqCst))
+    }
+
+    pub fn set_role(&self, role: NodeRole) {
+        self.role.store(role as u8, Ordering::SeqCst);
+    }
+
     pub fn pool_size(&self) -> u32 {
         self.pool_size
     }
@@ -168,15 +218,16 @@ pub struct Project {
     pub causal_primary_reads: AtomicU64,
     /// A "no replica available" episode is going on (logged once, when it starts).
     no_replica: AtomicBool,
+    pub failover: failover::Failover,
 }
 
 impl Project {
     pub fn primary(&self) -> Option<&Arc<Node>> {
-        self.nodes.iter().find(|n| n.role == Role::Primary)
+        self.nodes.iter().find(|n| n.role() == NodeRole::Primary)
     }
 
     pub fn has_replicas(&self) -> bool {
-        self.nodes.iter().any(|n| n.role == Role::Replica)
+        self.nodes.iter().any(|n| n.role() == NodeRole::Replica)
     }
 
     pub fn read_routing(&self) -> ReadRouting {
@@ -202,7 +253,7 @@ impl Project {
         let healthy: Vec<&Arc<Node>> = self
             .nodes
             .iter()
-            .filter(|n| n.role == Role::Replica && n.serves_reads())
+            .filter(|n| n.role() == NodeRole::Replica && n.serves_reads())
             .collect();
         self.note_availability(!healthy.is_empty());
         let eligible: Vec<&Arc<Node>> = if min_lsn == 0 {
@@ -297,6 +348,21 @@ impl Topology {
     pub fn from_config(config: &Config) -> Topology {
         let epoch = Instant::now();
         let mut projects = HashMap::new();
+        let state_path = std::path::PathBuf::from(&config.proxy.state_file);
+        let control_credentials = match (&config.failover.user, &config.failover.password) {
+            (Some(user), Some(password)) => Some(monitor::Credentials {
+                user: user.clone(),
+                password: password.clone(),
+            }),
+            _ => monitor::Credentials::from_config(config),
+        };
+        let recorded = match state_file::load(&state_path) {
+            Ok(state) => state,
+            Err(e) => {
+                warn!("{e}; starting from the roles in proxy.toml");
+                state_file::StateFile::default()
+            }
+        };
         for (name, p) in &config.projects {
             let database = config.project_database(name).unwrap_or(name).to_string();
             let nodes = p
@@ -307,7 +373,8 @@ impl Topology {
                     let addr = NodeAddress::parse(&r.uri).ok()?;
                     Some(Arc::new(Node {
                         name: r.name.clone(),
-                        role: r.role,
+                        role: AtomicU8::new(NodeRole::from(r.role) as u8),
+                        configured_role: r.role,
                         database: p
                             .database
                             .clone()
@@ -341,8 +408,23 @@ impl Topology {
                     fallback_reads: AtomicU64::new(0),
                     causal_primary_reads: AtomicU64::new(0),
                     no_replica: AtomicBool::new(false),
+                    failover: failover::Failover::new(failover::FailoverSettings {
+                        mode: config.failover.mode,
+                        check_interval: Duration::from_millis(
+                            config.failover.health_check_interval_ms.max(10),
+                        ),
+                        failure_threshold: config.failover.failure_threshold.max(1),
+                        write_wait: Duration::from_millis(config.failover.write_wait_ms),
+                        credentials: control_credentials.clone(),
+                        state_path: state_path.clone(),
+                    }),
                 }),
             );
+        }
+        for (name, state) in &recorded.projects {
+            if let Some(project) = projects.get(name) {
+                state_file::apply(project, state);
+            }
         }
         Topology { projects }
     }

@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
 use tracing::{debug, info, warn};
 
+use super::NodeRole;
 use super::health::{self, NodeState, Observation, WalHistory};
 use super::{Node, Project};
-use crate::config::Role;
 
 /// Who the monitor logs in as.
 #[derive(Clone)]
@@ -52,7 +52,10 @@ pub fn spawn(
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
     let weak = Arc::downgrade(project);
-    let interval = project.lag_check_interval;
+    // Often enough for both the lag figures and the failover checks.
+    let interval = project
+        .lag_check_interval
+        .min(project.failover.settings.check_interval);
     let name = project.name.clone();
     let Some(credentials) = credentials else {
         warn!(project = %name, "no user with a plain-text password in proxy.toml: lag and health monitoring is off for this project");
@@ -93,6 +96,7 @@ struct Monitor {
     timeout: Duration,
     probes: Vec<Probe>,
     history: WalHistory,
+    detector: super::failover::Detector,
 }
 
 impl Monitor {
@@ -116,6 +120,7 @@ impl Monitor {
             timeout: health::check_timeout(interval),
             probes,
             history: WalHistory::default(),
+            detector: super::failover::Detector::default(),
         }
     }
 
@@ -134,13 +139,15 @@ impl Monitor {
         .await;
         let now = Instant::now();
         // The primary first: replica lag is measured against what it reported.
+        let mut primary_reachable = false;
         for (probe, result) in self.probes.iter().zip(&results) {
             if let (Some(node), Ok(position)) = (probe.node.upgrade(), result)
-                && node.role == Role::Primary
+                && node.role() == NodeRole::Primary
             {
                 if position.in_recovery {
-                    warn!(project = %project.name, node = %node.name, "the configured primary is in recovery (a standby)");
+                    warn!(project = %project.name, node = %node.name, "the primary is in recovery (a standby); no writes can succeed");
                 } else {
+                    primary_reachable = true;
                     self.history.record(now, position.lsn);
                 }
             }
@@ -153,9 +160,12 @@ impl Monitor {
                 Ok(position) => {
                     node.health.advance_lsn(position.lsn);
                     node.health.clear_error();
-                    if node.role == Role::Replica {
+                    if node.role() == NodeRole::Replica {
                         let (ms, bytes) = self.history.lag(now, node.health.lsn());
                         node.health.set_lag(ms, bytes);
+                        if primary_reachable {
+                            node.health.set_lag_at_primary_seen_ms(ms);
+                        }
                     }
                     Observation::Reachable {
                         lag_ms: node.health.lag_ms(),
@@ -166,9 +176,9 @@ impl Monitor {
                     Observation::Unreachable
                 }
             };
-            let tolerance = match node.role {
-                Role::Primary => u64::MAX,
-                Role::Replica => node.lag_tolerance_ms,
+            let tolerance = match node.role() {
+                NodeRole::Replica => node.lag_tolerance_ms,
+                NodeRole::Primary | NodeRole::Fenced => u64::MAX,
             };
             let before = node.health.state();
             let after = health::next_state(before, observation, tolerance, &mut probe.good_streak);
@@ -177,6 +187,13 @@ impl Monitor {
                 report_change(&project.name, &node, before, after);
             }
         }
+        super::failover::after_checks(
+            &project,
+            &mut self.detector,
+            primary_reachable,
+            self.history.latest().unwrap_or(0),
+        )
+        .await;
         true
     }
 }

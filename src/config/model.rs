@@ -158,6 +158,13 @@ pub struct Failover {
     pub failure_threshold: u32,
     #[serde(default = "default_write_wait_ms")]
     pub write_wait_ms: u64,
+    /// Who the proxy logs in as to promote a replica and re-point the others (a
+    /// superuser, or a role allowed `pg_promote`, `ALTER SYSTEM` and `pg_reload_conf`).
+    /// Unset: the monitor's user.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<String>,
 }
 
 impl Default for Failover {
@@ -167,6 +174,8 @@ impl Default for Failover {
             health_check_interval_ms: default_health_check_interval_ms(),
             failure_threshold: default_failure_threshold(),
             write_wait_ms: default_write_wait_ms(),
+            user: None,
+            password: None,
         }
     }
 }

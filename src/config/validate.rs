@@ -35,6 +35,8 @@ const FAILOVER: &[&str] = &[
     "health_check_interval_ms",
     "failure_threshold",
     "write_wait_ms",
+    "user",
+    "password",
 ];
 const TARGET: &[&str] = &["kind", "uri"];
 const RULE: &[&str] = &[

@@ -26,8 +26,8 @@ use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tracing::{debug, info, warn};
 
-use crate::cluster::{Node, Project, health};
-use crate::config::{PoolMode, Role};
+use crate::cluster::{Node, NodeRole, Project, health};
+use crate::config::PoolMode;
 use crate::pool::{BackendError, Pooled};
 use crate::protocol::messages::{self as msg, Fields};
 use crate::protocol::{MAX_CLIENT_MESSAGE, MessageReader, ProtocolError};
@@ -53,6 +53,8 @@ const MAX_READ_REPLAYS: u8 = 2;
 /// Where the WAL ends right after a client's write committed: an upper bound of that
 /// commit's position, which is what read-your-writes needs.
 const COMMIT_LSN_SQL: &str = "SELECT pg_current_wal_insert_lsn()";
+/// How often a write waiting for a primary (write_wait_ms) looks again.
+const WRITE_WAIT_POLL: Duration = Duration::from_millis(50);
 /// How often a read waiting for a replica to catch up (causal_wait_ms) asks it again.
 const CAUSAL_POLL: Duration = Duration::from_millis(1);
 
@@ -682,7 +684,7 @@ impl Session {
             Some(held)
                 if !self.is_sticky()
                     && (held.conn.broken
-                        || (route == Route::Primary && held.node.role != Role::Primary)
+                        || (route == Route::Primary && held.node.role() != NodeRole::Primary)
                         || (route == Route::Replica
                             && self.expect.iter().any(|e| matches!(e, Expect::CommitLsn)))) =>
             {
@@ -724,7 +726,7 @@ impl Session {
             if self.ryw
                 && self.pinned.is_none()
                 && route == Route::Primary
-                && held.node.role == Role::Primary
+                && held.node.role() == NodeRole::Primary
             {
                 self.wrote = true;
             }
@@ -796,8 +798,58 @@ impl Session {
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
         }
+        let paused = route == Route::Primary
+            && self
+                .project
+                .failover
+                .writes_paused
+                .load(std::sync::atomic::Ordering::SeqCst);
+        if paused {
+            return self
+                .wait_for_primary(BackendError::Timeout("a switchover is in progress".into()))
+                .await;
+        }
         nodes.extend(self.project.primary().cloned());
-        self.attach_first(nodes).await
+        match self.attach_first(nodes).await {
+            Err(e) if route == Route::Primary => self.wait_for_primary(e).await,
+            other => other,
+        }
+    }
+
+    /// A write found no primary (it is down, or a failover or switchover is running):
+    /// wait up to `write_wait_ms` for one instead of failing at once.
+    async fn wait_for_primary(&mut self, first: BackendError) -> Result<(), BackendError> {
+        let failover = &self.project.failover;
+        let wait = failover.settings.write_wait;
+        let deadline = Instant::now() + wait;
+        info!(project = %self.project.name, "no primary available ({first}); the write waits up to {} ms for one", wait.as_millis());
+        let mut last = first;
+        loop {
+            if Instant::now() >= deadline {
+                return Err(BackendError::Timeout(format!(
+                    "no primary after waiting {} ms ({last}); failover: {}",
+                    wait.as_millis(),
+                    failover.status().state
+                )));
+            }
+            tokio::time::sleep(WRITE_WAIT_POLL).await;
+            if failover
+                .writes_paused
+                .load(std::sync::atomic::Ordering::SeqCst)
+            {
+                continue;
+            }
+            let Some(primary) = self.project.primary().cloned() else {
+                continue;
+            };
+            match primary.checkout(&self.user).await {
+                Ok(conn) => {
+                    self.attach(primary, conn);
+                    return Ok(());
+                }
+                Err(e) => last = e,
+            }
+        }
     }
 
     /// Read-your-writes with `causal_wait_ms`: no replica is known to have replayed the

@@ -1,0 +1,89 @@
+//! The state file (`proxy.state_file`): who is primary now after a failover, and which
+//! nodes are fenced. It is written (to a temporary file, then renamed) before traffic
+//! moves to a new primary, so a restarted proxy never sends writes to the old one.
+//!
+//! Precedence: proxy.toml says which nodes exist and their configured roles; the state
+//! file overrides the roles for as long as proxy.toml still names the old primary. Once
+//! an operator edits proxy.toml so that the promoted node is the primary (after
+//! re-attaching the old one), the record is obsolete and ignored.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+use super::{NodeRole, Project};
+use crate::config::Role;
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct StateFile {
+    #[serde(default)]
+    pub projects: BTreeMap<String, ProjectState>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ProjectState {
+    /// The node promoted last.
+    pub primary: String,
+    /// Nodes that must get no traffic (former primaries).
+    #[serde(default)]
+    pub fenced: Vec<String>,
+    /// Seconds since the Unix epoch.
+    pub promoted_at: u64,
+    pub reason: String,
+}
+
+/// Read-modify-write of the file by concurrent promotions goes through this lock.
+static WRITE_LOCK: Mutex<()> = Mutex::new(());
+
+pub fn load(path: &Path) -> Result<StateFile, String> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => serde_json::from_str(&text)
+            .map_err(|e| format!("{}: not a valid state file: {e}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(StateFile::default()),
+        Err(e) => Err(format!("{}: {e}", path.display())),
+    }
+}
+
+/// Records a project's new primary, durably, before anyone is routed to it.
+pub fn record(path: &Path, project: &str, state: ProjectState) -> Result<(), String> {
+    let _guard = WRITE_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    let mut file = load(path)?;
+    file.projects.insert(project.to_string(), state);
+    let text = serde_json::to_string_pretty(&file).map_err(|e| e.to_string())?;
+    let tmp = path.with_extension("tmp");
+    let write = || -> std::io::Result<()> {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(text.as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    };
+    write().map_err(|e| format!("cannot write state file {}: {e}", path.display()))
+}
+
+/// Applies a recorded failover to a freshly built project.
+pub fn apply(project: &Project, state: &ProjectState) {
+    let configured_primary = project
+        .nodes
+        .iter()
+        .find(|n| n.configured_role == Role::Primary)
+        .map(|n| n.name.clone());
+    if configured_primary.as_deref() == Some(state.primary.as_str()) {
+        info!(project = %project.name, primary = %state.primary, "proxy.toml now names the promoted node as primary; the failover record is no longer needed");
+        return;
+    }
+    let Some(promoted) = project.nodes.iter().find(|n| n.name == state.primary) else {
+        warn!(project = %project.name, primary = %state.primary, "the state file names a primary that proxy.toml does not list; ignoring it");
+        return;
+    };
+    for node in &project.nodes {
+        if node.configured_role == Role::Primary || state.fenced.contains(&node.name) {
+            node.set_role(NodeRole::Fenced);
+        }
+    }
+    promoted.set_role(NodeRole::Primary);
+    warn!(project = %project.name, primary = %state.primary, fenced = ?state.fenced, "applying the failover recorded in the state file");
+}

@@ -1,0 +1,537 @@
+//! Failover on a real cluster: the primary killed under write load, a lagging replica
+//! passed over, a restarted proxy and a returning old primary, and a planned switchover.
+//! Each test has its own cluster.
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use replicator::admin::http;
+use replicator::admin::status::Status;
+use replicator::server::Proxy;
+use replicator::testbed::{Cluster, ClusterOptions, Node, SUPERUSER, SUPERUSER_PASSWORD};
+
+const FAILOVER_USER: &str = "[failover]\nuser = \"postgres\"\npassword = \"postgres\"\n";
+
+async fn own_cluster(extra_conf: &[&str]) -> Cluster {
+    let extra_conf = extra_conf.iter().map(|s| s.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        Cluster::start(ClusterOptions {
+            extra_conf,
+            ..ClusterOptions::default()
+        })
+    })
+    .await
+    .expect("join")
+    .expect("start cluster")
+}
+
+fn config_for(
+    cluster: &Cluster,
+    project_extra: &str,
+    replica_extra: &str,
+    failover_extra: &str,
+) -> String {
+    let text = config_text(cluster, project_extra, "").replace(
+        "role = \"replica\"\n",
+        &format!("role = \"replica\"\n{replica_extra}\n"),
+    );
+    format!("{text}\n{FAILOVER_USER}{failover_extra}\n")
+}
+
+async fn status(proxy: &Proxy) -> Status {
+    let addr = proxy.admin_addr.expect("admin address").to_string();
+    let (_, body) = http::get(&addr, "/status").await.expect("GET /status");
+    serde_json::from_str(&body).expect("status JSON")
+}
+
+async fn wait_status(
+    proxy: &Proxy,
+    timeout: Duration,
+    what: &str,
+    check: impl Fn(&Status) -> bool,
+) -> Status {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let s = status(proxy).await;
+        if check(&s) {
+            return s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}: {s:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn node_port(cluster: &Cluster, name: &str) -> u16 {
+    match name {
+        "master" => cluster.primary.port,
+        other => {
+            let i: usize = other
+                .trim_start_matches("slave-")
+                .parse()
+                .expect("node name");
+            cluster.replicas[i - 1].port
+        }
+    }
+}
+
+fn node_named<'a>(cluster: &'a Cluster, name: &str) -> &'a Node {
+    match name {
+        "master" => &cluster.primary,
+        other => {
+            let i: usize = other
+                .trim_start_matches("slave-")
+                .parse()
+                .expect("node name");
+            &cluster.replicas[i - 1]
+        }
+    }
+}
+
+async fn superuser(port: u16) -> tokio_postgres::Client {
+    connect(&format!(
+        "postgresql://{SUPERUSER}:{SUPERUSER_PASSWORD}@127.0.0.1:{port}/app"
+    ))
+    .await
+    .expect("superuser connection")
+}
+
+async fn create_log_table(cluster: &Cluster) {
+    superuser(cluster.primary.port)
+        .await
+        .batch_execute(
+            "CREATE TABLE failover_log (writer int, seq int, PRIMARY KEY (writer, seq));
+             ALTER TABLE failover_log OWNER TO app;",
+        )
+        .await
+        .unwrap();
+    tokio::task::block_in_place(|| cluster.wait_caught_up(Duration::from_secs(20))).unwrap();
+}
+
+/// Clients writing through the proxy; every acknowledged row is remembered.
+struct Writers {
+    running: Arc<AtomicBool>,
+    acked: Arc<Mutex<HashSet<(i32, i32)>>>,
+    errors: Arc<Mutex<Vec<String>>>,
+    first_ok_after: Arc<Mutex<Option<Instant>>>,
+    mark: Arc<Mutex<Option<Instant>>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    total: Arc<AtomicU64>,
+}
+
+impl Writers {
+    async fn start(proxy: &Proxy, n: i32) -> Writers {
+        let running = Arc::new(AtomicBool::new(true));
+        let acked = Arc::new(Mutex::new(HashSet::new()));
+        let errors = Arc::new(Mutex::new(Vec::new()));
+        let first_ok_after = Arc::new(Mutex::new(None));
+        let mark: Arc<Mutex<Option<Instant>>> = Arc::new(Mutex::new(None));
+        let total = Arc::new(AtomicU64::new(0));
+        let url = proxy_url(proxy, "app", "secret", "app");
+        let mut tasks = Vec::new();
+        for writer in 0..n {
+            let (running, acked, errors, first_ok_after, mark, total, url) = (
+                running.clone(),
+                acked.clone(),
+                errors.clone(),
+                first_ok_after.clone(),
+                mark.clone(),
+                total.clone(),
+                url.clone(),
+            );
+            tasks.push(tokio::spawn(async move {
+                let mut client = connect(&url).await.expect("writer connects");
+                let mut seq = 0;
+                while running.load(Ordering::Relaxed) {
+                    seq += 1;
+                    let began = Instant::now();
+                    let r = client
+                        .execute(
+                            "INSERT INTO failover_log (writer, seq) VALUES ($1, $2)",
+                            &[&writer, &seq],
+                        )
+                        .await;
+                    match r {
+                        Ok(_) => {
+                            acked.lock().unwrap().insert((writer, seq));
+                            total.fetch_add(1, Ordering::Relaxed);
+                            // Only writes sent after the kill count: earlier ones may
+                            // have been answered before it.
+                            if mark.lock().unwrap().is_some_and(|m| began > m) {
+                                let mut first = first_ok_after.lock().unwrap();
+                                if first.is_none() {
+                                    *first = Some(Instant::now());
+                                }
+                            }
+                        }
+                        Err(e) => {
+                            errors.lock().unwrap().push(format!("{e:?}"));
+                            if client.is_closed() {
+                                // Same connection string as before.
+                                match connect(&url).await {
+                                    Ok(c) => client = c,
+                                    Err(e) => {
+                                        errors.lock().unwrap().push(format!("reconnect: {e:?}"));
+                                        tokio::time::sleep(Duration::from_millis(50)).await;
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }));
+        }
+        Writers {
+            running,
+            acked,
+            errors,
+            first_ok_after,
+            mark,
+            tasks,
+            total,
+        }
+    }
+
+    /// From now on, the first acknowledged write is timed.
+    fn mark(&self) -> Instant {
+        let now = Instant::now();
+        *self.mark.lock().unwrap() = Some(now);
+        *self.first_ok_after.lock().unwrap() = None;
+        now
+    }
+
+    async fn stop(self) -> (HashSet<(i32, i32)>, Vec<String>, Option<Instant>) {
+        self.running.store(false, Ordering::Relaxed);
+        for t in self.tasks {
+            tokio::time::timeout(Duration::from_secs(30), t)
+                .await
+                .expect("a writer is stuck")
+                .unwrap();
+        }
+        let acked = self.acked.lock().unwrap().clone();
+        let errors = self.errors.lock().unwrap().clone();
+        let first = *self.first_ok_after.lock().unwrap();
+        (acked, errors, first)
+    }
+}
+
+async fn rows_on(port: u16) -> HashSet<(i32, i32)> {
+    superuser(port)
+        .await
+        .query("SELECT writer, seq FROM failover_log", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+/// Kills the primary under write load; returns (seconds to the first write after the
+/// kill, acknowledged writes missing on the new primary).
+async fn kill_primary_under_load(synchronous: bool) -> (f64, usize) {
+    let cluster = own_cluster(&[]).await;
+    create_log_table(&cluster).await;
+    if synchronous {
+        // Set once the replicas stream (the test bed's own setup would wait forever).
+        let primary = superuser(cluster.primary.port).await;
+        primary
+            .batch_execute("ALTER SYSTEM SET synchronous_standby_names = 'ANY 1 (*)'")
+            .await
+            .unwrap();
+        primary
+            .batch_execute("SELECT pg_reload_conf()")
+            .await
+            .unwrap();
+    }
+    // Default failover settings: 3 failed checks 1 s apart.
+    let text = config_for(&cluster, "", "", "");
+    let proxy = start_proxy_with(&text).await;
+    wait_status(&proxy, Duration::from_secs(10), "all up", |s| {
+        s.projects[0].nodes.iter().all(|n| n.state == "up")
+    })
+    .await;
+    let writers = Writers::start(&proxy, 4).await;
+    // Reads keep flowing from a client that never writes.
+    let reader = app_client(&proxy).await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert!(writers.total.load(Ordering::Relaxed) > 10);
+
+    let killer = cluster.primary.clone();
+    tokio::task::spawn_blocking(move || killer.kill())
+        .await
+        .unwrap()
+        .unwrap();
+    let killed_at = writers.mark();
+    let mut read_errors = 0;
+    let s = {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if reader.simple_query(WHO).await.is_err() {
+                read_errors += 1;
+            }
+            let s = status(&proxy).await;
+            if s.projects[0]
+                .primary
+                .as_deref()
+                .is_some_and(|p| p != "master")
+            {
+                break s;
+            }
+            assert!(Instant::now() < deadline, "no failover: {s:#?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    let new_primary = s.projects[0].primary.clone().unwrap();
+    // Writes go on through the same connection string.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (acked, errors, first_ok) = writers.stop().await;
+    let first_ok = first_ok.expect("a write succeeded after the kill");
+    let resume = first_ok.duration_since(killed_at).as_secs_f64();
+    assert_eq!(read_errors, 0, "reads failed during the failover");
+
+    let s = status(&proxy).await;
+    let master = s.projects[0]
+        .nodes
+        .iter()
+        .find(|n| n.name == "master")
+        .unwrap();
+    assert_eq!(master.role, "fenced", "{s:#?}");
+    assert!(s.projects[0].failover.automatic >= 1);
+    assert!(
+        s.projects[0]
+            .failover
+            .last_event
+            .as_deref()
+            .unwrap_or("")
+            .contains("promoted"),
+        "{s:#?}"
+    );
+    let new_port = node_port(&cluster, &new_primary);
+    let present = rows_on(new_port).await;
+    let lost = acked.difference(&present).count();
+    eprintln!(
+        "failover ({}): first write {resume:.2} s after the kill; {} acknowledged, {lost} lost; {} client errors (in-flight writes)",
+        if synchronous {
+            "synchronous"
+        } else {
+            "asynchronous"
+        },
+        acked.len(),
+        errors.len()
+    );
+    assert!(
+        errors.len() <= 8,
+        "each writer may lose its in-flight write, no more: {errors:?}"
+    );
+
+    // The other replica follows the new primary.
+    let other = ["slave-1", "slave-2"]
+        .into_iter()
+        .find(|n| *n != new_primary)
+        .unwrap();
+    let other_port = node_port(&cluster, other);
+    let follower = superuser(other_port).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let row = follower
+            .query_opt("SELECT sender_port, status FROM pg_stat_wal_receiver", &[])
+            .await
+            .unwrap();
+        if let Some(row) = row
+            && row.get::<_, Option<i32>>(0) == Some(new_port as i32)
+            && row.get::<_, Option<String>>(1).as_deref() == Some("streaming")
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{other} does not stream from {new_primary}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let writer = app_client(&proxy).await;
+    writer
+        .execute("INSERT INTO failover_log VALUES (99, 1)", &[])
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !rows_on(other_port).await.contains(&(99, 1)) {
+        assert!(
+            Instant::now() < deadline,
+            "{other} did not replay a write made after the failover"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    if synchronous {
+        // A proxy restarted from the same files keeps writing to the new primary, and
+        // the old primary, back up, is fenced.
+        proxy.stop(Duration::from_secs(1)).await;
+        let proxy = start_proxy_with(&text).await;
+        let client = app_client(&proxy).await;
+        let row = client
+            .query_one(
+                "INSERT INTO failover_log VALUES (99, 2) RETURNING inet_server_port()",
+                &[],
+            )
+            .await
+            .unwrap();
+        assert_eq!(row.get::<_, i32>(0), new_port as i32);
+        let old = node_named(&cluster, "master").clone();
+        tokio::task::spawn_blocking(move || old.start())
+            .await
+            .unwrap()
+            .unwrap();
+        let s = wait_status(
+            &proxy,
+            Duration::from_secs(20),
+            "old primary seen again",
+            |s| {
+                let m = s.projects[0]
+                    .nodes
+                    .iter()
+                    .find(|n| n.name == "master")
+                    .unwrap();
+                m.role == "fenced" && m.state == "up"
+            },
+        )
+        .await;
+        assert_eq!(s.projects[0].primary.as_deref(), Some(new_primary.as_str()));
+        for _ in 0..20 {
+            let (port, _) = who(&client, WHO).await;
+            assert_ne!(port, cluster.primary.port, "the fenced primary got a read");
+        }
+        let row = client
+            .query_one(
+                "INSERT INTO failover_log VALUES (99, 3) RETURNING inet_server_port()",
+                &[],
+            )
+            .await
+            .unwrap();
+        assert_eq!(row.get::<_, i32>(0), new_port as i32);
+    }
+    (resume, lost)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_primary_with_synchronous_replication_loses_no_acknowledged_write() {
+    let (resume, lost) = kill_primary_under_load(true).await;
+    assert_eq!(
+        lost, 0,
+        "acknowledged writes lost with synchronous replication"
+    );
+    assert!(resume < 15.0, "writes resumed after {resume} s");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_primary_with_asynchronous_replication_resumes_writes() {
+    let (resume, lost) = kill_primary_under_load(false).await;
+    eprintln!("asynchronous replication: {lost} acknowledged write(s) lost");
+    assert!(resume < 15.0, "writes resumed after {resume} s");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_beyond_its_tolerance_is_never_promoted() {
+    let cluster = own_cluster(&[]).await;
+    create_log_table(&cluster).await;
+    let text = config_for(
+        &cluster,
+        "lag_check_interval_ms = 100",
+        "lag_tolerance_ms = 500",
+        "health_check_interval_ms = 300\nfailure_threshold = 2\n",
+    );
+    let proxy = start_proxy_with(&text).await;
+    wait_status(&proxy, Duration::from_secs(10), "all up", |s| {
+        s.projects[0].nodes.iter().all(|n| n.state == "up")
+    })
+    .await;
+    let paused = superuser(cluster.replicas[0].port).await;
+    paused
+        .batch_execute("SELECT pg_wal_replay_pause()")
+        .await
+        .unwrap();
+    let writers = Writers::start(&proxy, 2).await;
+    wait_status(&proxy, Duration::from_secs(10), "slave-1 lagging", |s| {
+        s.projects[0]
+            .nodes
+            .iter()
+            .any(|n| n.name == "slave-1" && n.state == "lagging")
+    })
+    .await;
+    let killer = cluster.primary.clone();
+    tokio::task::spawn_blocking(move || killer.kill())
+        .await
+        .unwrap()
+        .unwrap();
+    writers.mark();
+    let s = wait_status(&proxy, Duration::from_secs(30), "failover", |s| {
+        s.projects[0]
+            .primary
+            .as_deref()
+            .is_some_and(|p| p != "master")
+    })
+    .await;
+    assert_eq!(s.projects[0].primary.as_deref(), Some("slave-2"), "{s:#?}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (_, _, first_ok) = writers.stop().await;
+    assert!(first_ok.is_some(), "writes did not resume on slave-2");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_planned_switchover_loses_nothing_and_fails_no_client() {
+    let cluster = own_cluster(&[]).await;
+    create_log_table(&cluster).await;
+    let text = config_for(&cluster, "lag_check_interval_ms = 200", "", "");
+    let proxy = start_proxy_with(&text).await;
+    wait_status(&proxy, Duration::from_secs(10), "all up", |s| {
+        s.projects[0].nodes.iter().all(|n| n.state == "up")
+    })
+    .await;
+    let writers = Writers::start(&proxy, 4).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let admin = connect(&proxy_url(&proxy, "app", "secret", "replicator"))
+        .await
+        .unwrap();
+    let started = Instant::now();
+    admin
+        .simple_query("PROMOTE app slave-1")
+        .await
+        .expect("switchover");
+    let took = started.elapsed();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (acked, errors, _) = writers.stop().await;
+    assert!(errors.is_empty(), "clients saw errors: {errors:?}");
+    let s = status(&proxy).await;
+    assert_eq!(s.projects[0].primary.as_deref(), Some("slave-1"), "{s:#?}");
+    let present = rows_on(cluster.replicas[0].port).await;
+    let lost: Vec<_> = acked.difference(&present).collect();
+    assert!(lost.is_empty(), "switchover lost {} writes", lost.len());
+    eprintln!(
+        "switchover took {} ms; {} writes, none lost",
+        took.as_millis(),
+        acked.len()
+    );
+    // The CLI does the same on request; promoting back to a fenced node is refused.
+    let addr = proxy.admin_addr.unwrap().to_string();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_replicator"))
+            .args(["promote", "app", "master", "--admin", &addr])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("fenced"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
