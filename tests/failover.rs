@@ -535,3 +535,124 @@ async fn a_planned_switchover_loses_nothing_and_fails_no_client() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_an_eligible_replica_nothing_is_promoted_and_writes_fail_clearly() {
+    let cluster = own_cluster(&[]).await;
+    create_log_table(&cluster).await;
+    // Tolerance 0: a replica must have everything the primary was last seen with.
+    let text = config_for(
+        &cluster,
+        "lag_check_interval_ms = 100",
+        "lag_tolerance_ms = 0",
+        "health_check_interval_ms = 300\nfailure_threshold = 2\nwrite_wait_ms = 1500\n",
+    );
+    let proxy = start_proxy_with(&text).await;
+    wait_status(&proxy, Duration::from_secs(10), "all up", |s| {
+        s.projects[0].nodes.iter().all(|n| n.state == "up")
+    })
+    .await;
+    for replica in &cluster.replicas {
+        superuser(replica.port)
+            .await
+            .batch_execute("SELECT pg_wal_replay_pause()")
+            .await
+            .unwrap();
+    }
+    let client = app_client(&proxy).await;
+    for i in 0..20 {
+        client
+            .execute("INSERT INTO failover_log VALUES (1, $1)", &[&i])
+            .await
+            .unwrap();
+    }
+    // Let the monitor see the replicas behind while the primary is still up.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let killer = cluster.primary.clone();
+    tokio::task::spawn_blocking(move || killer.kill())
+        .await
+        .unwrap()
+        .unwrap();
+    let s = wait_status(&proxy, Duration::from_secs(20), "refusal", |s| {
+        s.projects[0].failover.state.contains("no eligible replica")
+    })
+    .await;
+    assert_eq!(s.projects[0].primary.as_deref(), Some("master"), "{s:#?}");
+    let started = Instant::now();
+    let err = client
+        .execute("INSERT INTO failover_log VALUES (2, 1)", &[])
+        .await
+        .expect_err("no primary");
+    assert!(
+        started.elapsed() >= Duration::from_millis(1400),
+        "writes wait first"
+    );
+    let message = err
+        .as_db_error()
+        .map(|e| e.message().to_string())
+        .unwrap_or_default();
+    assert!(
+        message.contains("no primary") && message.contains("no eligible replica"),
+        "{message}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manual_mode_only_reports_until_an_operator_promotes() {
+    let cluster = own_cluster(&[]).await;
+    create_log_table(&cluster).await;
+    let text = config_for(
+        &cluster,
+        "lag_check_interval_ms = 100",
+        "",
+        "mode = \"manual\"\nhealth_check_interval_ms = 300\nfailure_threshold = 2\n",
+    );
+    let proxy = start_proxy_with(&text).await;
+    wait_status(&proxy, Duration::from_secs(10), "all up", |s| {
+        s.projects[0].nodes.iter().all(|n| n.state == "up")
+    })
+    .await;
+    let killer = cluster.primary.clone();
+    tokio::task::spawn_blocking(move || killer.kill())
+        .await
+        .unwrap()
+        .unwrap();
+    let s = wait_status(&proxy, Duration::from_secs(20), "manual report", |s| {
+        s.projects[0].failover.state.contains("manual")
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(
+        status(&proxy).await.projects[0].primary.as_deref(),
+        Some("master"),
+        "{s:#?}"
+    );
+
+    let addr = proxy.admin_addr.unwrap().to_string();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_replicator"))
+            .args(["promote", "app", "slave-2", "--admin", &addr])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("slave-2 promoted"));
+    let client = app_client(&proxy).await;
+    let row = client
+        .query_one(
+            "INSERT INTO failover_log VALUES (3, 1) RETURNING inet_server_port()",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i32>(0), cluster.replicas[1].port as i32);
+    let s = status(&proxy).await;
+    assert_eq!(s.projects[0].failover.manual, 1);
+    assert_eq!(s.projects[0].failover.automatic, 0);
+}

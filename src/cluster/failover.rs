@@ -216,7 +216,7 @@ async fn choose(
         .iter()
         .filter(|n| n.role() == NodeRole::Replica)
     {
-        let position = match replica_position(node, settings).await {
+        let (position, replayed) = match replica_position(node, settings).await {
             Ok(p) => p,
             Err(e) => {
                 why_not.push(format!("{}: {e}", node.name));
@@ -224,8 +224,10 @@ async fn choose(
             }
         };
         let lag_when_seen = node.health.lag_at_primary_seen_ms();
+        // Tolerance 0: everything the primary was last seen with is already replayed
+        // (received is not enough: replay may be paused on purpose).
         let eligible = if node.lag_tolerance_ms == 0 {
-            position >= primary_last_lsn
+            replayed >= primary_last_lsn
         } else {
             lag_when_seen <= node.lag_tolerance_ms
         };
@@ -256,8 +258,9 @@ async fn choose(
     }
 }
 
-/// What a replica will have once promoted: everything it received.
-async fn replica_position(node: &Node, settings: &FailoverSettings) -> Result<u64, String> {
+/// What a replica will have once promoted (everything it received), and what it has
+/// replayed so far.
+async fn replica_position(node: &Node, settings: &FailoverSettings) -> Result<(u64, u64), String> {
     let client = control(node, settings).await?;
     let rows = query(
         &client,
@@ -270,7 +273,7 @@ async fn replica_position(node: &Node, settings: &FailoverSettings) -> Result<u6
         return Err("not in recovery".into());
     }
     let lsn = |i: usize| row.get(i).and_then(|v| health::parse_lsn(v)).unwrap_or(0);
-    Ok(lsn(1).max(lsn(2)))
+    Ok((lsn(1).max(lsn(2)), lsn(2)))
 }
 
 /// Promotes `candidate`, records it, moves traffic, re-points the other replicas.
