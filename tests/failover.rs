@@ -656,3 +656,39 @@ async fn manual_mode_only_reports_until_an_operator_promotes() {
     assert_eq!(s.projects[0].failover.manual, 1);
     assert_eq!(s.projects[0].failover.automatic, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_the_proxy_cannot_reach_but_replicas_can_is_not_replaced() {
+    let cluster = own_cluster(&[]).await;
+    // The proxy's route to the primary is broken (a port nothing listens on), while the
+    // replicas keep streaming from the real primary: a network problem, not a failure.
+    let dead = replicator::testbed::free_port().unwrap();
+    let text = config_for(
+        &cluster,
+        "lag_check_interval_ms = 100",
+        "",
+        "health_check_interval_ms = 200\nfailure_threshold = 2\n",
+    )
+    .replace(
+        &format!("127.0.0.1:{}/", cluster.primary.port),
+        &format!("127.0.0.1:{dead}/"),
+    );
+    let proxy = start_proxy_with(&text).await;
+    let s = wait_status(&proxy, Duration::from_secs(20), "refusal", |s| {
+        s.projects[0].failover.state.contains("still streams")
+    })
+    .await;
+    assert_eq!(s.projects[0].primary.as_deref(), Some("master"), "{s:#?}");
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let s = status(&proxy).await;
+    assert_eq!(s.projects[0].failover.automatic, 0, "{s:#?}");
+    for replica in &cluster.replicas {
+        let in_recovery: bool = superuser(replica.port)
+            .await
+            .query_one("SELECT pg_is_in_recovery()", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert!(in_recovery, "a replica was promoted");
+    }
+}
