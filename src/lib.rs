@@ -6,6 +6,7 @@ pub mod cluster;
 pub mod config;
 pub mod pool;
 pub mod protocol;
+pub mod reload;
 pub mod router;
 pub mod server;
 pub mod session;

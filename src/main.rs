@@ -189,6 +189,16 @@ async fn wait_for_shutdown_signal() {
 async fn serve(config: Config, path: PathBuf) -> anyhow::Result<()> {
     let grace = std::time::Duration::from_millis(config.proxy.shutdown_timeout_ms);
     let proxy = Proxy::start(config, Some(path)).await?;
+    let shared = proxy.shared.clone();
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let Ok(mut hangup) = signal(SignalKind::hangup()) else {
+            return;
+        };
+        while hangup.recv().await.is_some() {
+            let _ = replicator::reload::reload(&shared, "SIGHUP").await;
+        }
+    });
     wait_for_shutdown_signal().await;
     tracing::info!("shutting down: closing idle clients, letting open transactions finish");
     proxy.stop(grace).await;

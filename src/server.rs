@@ -30,13 +30,14 @@ impl Proxy {
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.proxy.listen))?;
         let addr = listener.local_addr()?;
-        let credentials = crate::cluster::monitor::Credentials::from_config(&config);
-        let shared = Shared::new(config, config_path);
-        for project in shared.topology.load().projects.values() {
-            crate::cluster::monitor::spawn(
-                project,
-                credentials.clone(),
-                shared.shutdown.subscribe(),
+        let shared = Shared::new(config, config_path.clone());
+        crate::reload::spawn_monitors(&shared, &shared.topology.load(), &shared.config.load());
+        if let Some(path) = &config_path
+            && let Err(e) = crate::reload::watch(&shared, path)
+        {
+            tracing::warn!(
+                "cannot watch {}: {e}; reload with SIGHUP or RELOAD",
+                path.display()
             );
         }
         let admin_listen = shared.config.load().proxy.admin_listen.clone();

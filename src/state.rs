@@ -30,6 +30,9 @@ pub struct Shared {
     pub clients: ClientRegistry,
     /// When the proxy started (uptime in status).
     pub started_at: std::time::SystemTime,
+    /// One reload at a time; counts and the last outcome.
+    pub reload_lock: tokio::sync::Mutex<()>,
+    pub reloads: crate::reload::ReloadStats,
 }
 
 impl Shared {
@@ -45,6 +48,8 @@ impl Shared {
             active_clients: AtomicUsize::new(0),
             clients: ClientRegistry::default(),
             started_at: std::time::SystemTime::now(),
+            reload_lock: tokio::sync::Mutex::new(()),
+            reloads: crate::reload::ReloadStats::default(),
             config: ArcSwap::from_pointee(config),
         })
     }

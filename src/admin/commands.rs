@@ -56,6 +56,7 @@ pub const HELP: &[(&str, &str)] = &[
         "PROMOTE <project> <replica>",
         "switchover (primary healthy) or failover to that replica",
     ),
+    ("RELOAD", "re-read proxy.toml (a bad file changes nothing)"),
     (
         "SHOW FAILOVER",
         "per project: primary, failover mode, state, last event",
@@ -131,6 +132,14 @@ pub async fn execute(shared: &Arc<Shared>, statement: &str) -> Result<Reply, Com
                 .collect(),
         )),
         ["SHOW", "FAILOVER"] => Ok(show_failover(shared)),
+        ["RELOAD"] => match crate::reload::reload(shared, "RELOAD").await {
+            Ok(message) => Ok(Reply::Rows {
+                columns: vec!["result"],
+                rows: vec![vec![Some(message)]],
+                tag: "SELECT",
+            }),
+            Err(message) => Err(error("F0000", message)),
+        },
         ["PROMOTE", _, _] => {
             let message = promote(shared, &words[1], &words[2]).await?;
             Ok(Reply::Rows {

@@ -223,6 +223,21 @@ impl Collector for ProxyCollector {
             "1 while a planned switchover holds new writes back.",
             &paused,
         )?;
+        counter(
+            &mut encoder,
+            "config_reloads",
+            "Reloads of proxy.toml, applied or rejected (a rejected file changes nothing).",
+            &[
+                (
+                    vec![("result", "applied".to_string())],
+                    shared.reloads.succeeded.load(Ordering::Relaxed),
+                ),
+                (
+                    vec![("result", "rejected".to_string())],
+                    shared.reloads.failed.load(Ordering::Relaxed),
+                ),
+            ],
+        )?;
         gauge(
             &mut encoder,
             "clients",

@@ -15,7 +15,15 @@ pub struct Status {
     pub version: String,
     pub uptime_seconds: u64,
     pub clients: usize,
+    pub reloads: ReloadView,
     pub projects: Vec<ProjectStatus>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReloadView {
+    pub succeeded: u64,
+    pub failed: u64,
+    pub last: Option<crate::reload::LastReload>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -92,6 +100,11 @@ impl Status {
                 .map(|d| d.as_secs())
                 .unwrap_or(0),
             clients: shared.active_clients.load(Ordering::Relaxed),
+            reloads: ReloadView {
+                succeeded: shared.reloads.succeeded.load(Ordering::Relaxed),
+                failed: shared.reloads.failed.load(Ordering::Relaxed),
+                last: shared.reloads.last(),
+            },
             projects,
         }
     }

@@ -75,6 +75,20 @@ impl Failover {
         }
     }
 
+    /// Keeps the history of a project's failovers across a reload.
+    pub fn carry_counters(&self, previous: &Failover) {
+        for (to, from) in [
+            (&self.automatic, &previous.automatic),
+            (&self.manual, &previous.manual),
+            (&self.last_duration_ms, &previous.last_duration_ms),
+        ] {
+            to.store(from.load(Ordering::Relaxed), Ordering::Relaxed);
+        }
+        if let (Ok(mut to), Ok(from)) = (self.status.lock(), previous.status.lock()) {
+            to.last_event = from.last_event.clone();
+        }
+    }
+
     pub fn status(&self) -> FailoverStatus {
         self.status.lock().map(|s| s.clone()).unwrap_or_default()
     }

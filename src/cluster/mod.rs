@@ -70,9 +70,9 @@ pub struct Node {
     pub database: String,
     pub weight: u32,
     pub lag_tolerance_ms: u64,
-    pool_size: u32,
-    connect_timeout: Duration,
-    idle_timeout: Duration,
+    pub pool_size: u32,
+    pub connect_timeout: Duration,
+    pub idle_timeout: Duration,
     /// Per user: the pool and the connect failures its waiting sessions hear about.
     pools: RwLock<HashMap<String, (Pool, pool::ConnectErrors)>>,
     /// Milliseconds since `epoch` until which the node is considered down.
@@ -219,6 +219,9 @@ pub struct Project {
     /// A "no replica available" episode is going on (logged once, when it starts).
     no_replica: AtomicBool,
     pub failover: failover::Failover,
+    /// Replaced by a reload: sessions move to the new project object at their next
+    /// request, and its monitor stops.
+    pub retired: AtomicBool,
 }
 
 impl Project {
@@ -346,6 +349,13 @@ pub struct Topology {
 
 impl Topology {
     pub fn from_config(config: &Config) -> Topology {
+        Topology::build(config, None)
+    }
+
+    /// The topology for `config`. Nodes of `previous` whose settings did not change are
+    /// kept as they are (pools, health, statistics, current role), so a reload drops no
+    /// connection to them; the others are new.
+    pub fn build(config: &Config, previous: Option<&Topology>) -> Topology {
         let epoch = Instant::now();
         let mut projects = HashMap::new();
         let state_path = std::path::PathBuf::from(&config.proxy.state_file);
@@ -365,27 +375,46 @@ impl Topology {
         };
         for (name, p) in &config.projects {
             let database = config.project_database(name).unwrap_or(name).to_string();
+            let old_project = previous.and_then(|t| t.projects.get(name));
             let nodes = p
                 .replicas
                 .iter()
                 .filter_map(|r| {
                     // Validation already guaranteed that every uri parses.
                     let addr = NodeAddress::parse(&r.uri).ok()?;
+                    let node_database = p
+                        .database
+                        .clone()
+                        .or(addr.dbname.clone())
+                        .unwrap_or_else(|| database.clone());
+                    let connect_timeout = Duration::from_millis(config.proxy.connect_timeout_ms);
+                    let idle_timeout = Duration::from_millis(config.proxy.server_idle_timeout_ms);
+                    if let Some(kept) = old_project
+                        .and_then(|op| op.nodes.iter().find(|n| n.name == r.name))
+                        .filter(|n| {
+                            n.addr == addr
+                                && n.database == node_database
+                                && n.configured_role == r.role
+                                && n.weight == r.weight
+                                && n.lag_tolerance_ms == r.lag_tolerance_ms
+                                && n.pool_size == p.pool_size
+                                && n.connect_timeout == connect_timeout
+                                && n.idle_timeout == idle_timeout
+                        })
+                    {
+                        return Some(kept.clone());
+                    }
                     Some(Arc::new(Node {
                         name: r.name.clone(),
                         role: AtomicU8::new(NodeRole::from(r.role) as u8),
                         configured_role: r.role,
-                        database: p
-                            .database
-                            .clone()
-                            .or(addr.dbname.clone())
-                            .unwrap_or_else(|| database.clone()),
+                        database: node_database,
                         addr,
                         weight: r.weight,
                         lag_tolerance_ms: r.lag_tolerance_ms,
                         pool_size: p.pool_size,
-                        connect_timeout: Duration::from_millis(config.proxy.connect_timeout_ms),
-                        idle_timeout: Duration::from_millis(config.proxy.server_idle_timeout_ms),
+                        connect_timeout,
+                        idle_timeout,
                         pools: RwLock::new(HashMap::new()),
                         down_until_ms: AtomicU64::new(0),
                         epoch,
@@ -394,37 +423,35 @@ impl Topology {
                     }))
                 })
                 .collect();
-            projects.insert(
-                name.clone(),
-                Arc::new(Project {
-                    name: name.clone(),
-                    database,
-                    read_routing: AtomicU8::new(routing_code(p.read_routing)),
-                    read_your_writes: p.read_your_writes,
-                    causal_wait: Duration::from_millis(p.causal_wait_ms),
-                    lag_check_interval: Duration::from_millis(p.lag_check_interval_ms.max(10)),
-                    nodes,
-                    rr: AtomicUsize::new(0),
-                    fallback_reads: AtomicU64::new(0),
-                    causal_primary_reads: AtomicU64::new(0),
-                    no_replica: AtomicBool::new(false),
-                    failover: failover::Failover::new(failover::FailoverSettings {
-                        mode: config.failover.mode,
-                        check_interval: Duration::from_millis(
-                            config.failover.health_check_interval_ms.max(10),
-                        ),
-                        failure_threshold: config.failover.failure_threshold.max(1),
-                        write_wait: Duration::from_millis(config.failover.write_wait_ms),
-                        credentials: control_credentials.clone(),
-                        state_path: state_path.clone(),
-                    }),
+            let project = Arc::new(Project {
+                name: name.clone(),
+                database,
+                read_routing: AtomicU8::new(routing_code(p.read_routing)),
+                read_your_writes: p.read_your_writes,
+                causal_wait: Duration::from_millis(p.causal_wait_ms),
+                lag_check_interval: Duration::from_millis(p.lag_check_interval_ms.max(10)),
+                nodes,
+                rr: AtomicUsize::new(0),
+                fallback_reads: AtomicU64::new(0),
+                causal_primary_reads: AtomicU64::new(0),
+                no_replica: AtomicBool::new(false),
+                failover: failover::Failover::new(failover::FailoverSettings {
+                    mode: config.failover.mode,
+                    check_interval: Duration::from_millis(
+                        config.failover.health_check_interval_ms.max(10),
+                    ),
+                    failure_threshold: config.failover.failure_threshold.max(1),
+                    write_wait: Duration::from_millis(config.failover.write_wait_ms),
+                    credentials: control_credentials.clone(),
+                    state_path: state_path.clone(),
                 }),
-            );
-        }
-        for (name, state) in &recorded.projects {
-            if let Some(project) = projects.get(name) {
-                state_file::apply(project, state);
+                retired: AtomicBool::new(false),
+            });
+            if let Some(old) = old_project {
+                project.failover.carry_counters(&old.failover);
             }
+            state_file::assign_roles(&project, recorded.projects.get(name));
+            projects.insert(name.clone(), project);
         }
         Topology { projects }
     }

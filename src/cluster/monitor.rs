@@ -129,6 +129,9 @@ impl Monitor {
         let Some(project) = self.project.upgrade() else {
             return false;
         };
+        if project.retired.load(std::sync::atomic::Ordering::SeqCst) {
+            return false;
+        }
         let credentials = &self.credentials;
         let timeout = self.timeout;
         let results = futures_util::future::join_all(

@@ -64,26 +64,49 @@ pub fn record(path: &Path, project: &str, state: ProjectState) -> Result<(), Str
     write().map_err(|e| format!("cannot write state file {}: {e}", path.display()))
 }
 
-/// Applies a recorded failover to a freshly built project.
-pub fn apply(project: &Project, state: &ProjectState) {
+/// Gives every node of a freshly built project its role: the configured one, unless a
+/// recorded failover says otherwise. Nodes kept from before a reload change role (if at
+/// all) fenced-first, so that no session ever sees two primaries.
+pub fn assign_roles(project: &Project, state: Option<&ProjectState>) {
     let configured_primary = project
         .nodes
         .iter()
         .find(|n| n.configured_role == Role::Primary)
         .map(|n| n.name.clone());
-    if configured_primary.as_deref() == Some(state.primary.as_str()) {
-        info!(project = %project.name, primary = %state.primary, "proxy.toml now names the promoted node as primary; the failover record is no longer needed");
-        return;
-    }
-    let Some(promoted) = project.nodes.iter().find(|n| n.name == state.primary) else {
-        warn!(project = %project.name, primary = %state.primary, "the state file names a primary that proxy.toml does not list; ignoring it");
-        return;
+    let record = state.filter(|state| {
+        if configured_primary.as_deref() == Some(state.primary.as_str()) {
+            info!(project = %project.name, primary = %state.primary, "proxy.toml now names the promoted node as primary; the failover record is no longer needed");
+            return false;
+        }
+        if !project.nodes.iter().any(|n| n.name == state.primary) {
+            warn!(project = %project.name, primary = %state.primary, "the state file names a primary that proxy.toml does not list; ignoring it");
+            return false;
+        }
+        true
+    });
+    let desired = |node: &super::Node| -> NodeRole {
+        match record {
+            Some(state) if node.name == state.primary => NodeRole::Primary,
+            Some(state)
+                if node.configured_role == Role::Primary || state.fenced.contains(&node.name) =>
+            {
+                NodeRole::Fenced
+            }
+            _ => node.configured_role.into(),
+        }
     };
     for node in &project.nodes {
-        if node.configured_role == Role::Primary || state.fenced.contains(&node.name) {
-            node.set_role(NodeRole::Fenced);
+        let role = desired(node);
+        if role != NodeRole::Primary && node.role() != role {
+            node.set_role(role);
         }
     }
-    promoted.set_role(NodeRole::Primary);
-    warn!(project = %project.name, primary = %state.primary, fenced = ?state.fenced, "applying the failover recorded in the state file");
+    for node in &project.nodes {
+        if desired(node) == NodeRole::Primary && node.role() != NodeRole::Primary {
+            node.set_role(NodeRole::Primary);
+        }
+    }
+    if let Some(state) = record {
+        warn!(project = %project.name, primary = %state.primary, fenced = ?state.fenced, "applying the failover recorded in the state file");
+    }
 }

@@ -784,6 +784,7 @@ impl Session {
         hinted: bool,
         executes: bool,
     ) -> Result<(), BackendError> {
+        self.follow_reload();
         let mut nodes = Vec::new();
         if route == Route::Replica {
             // A read hinted to a replica is the user's choice over read-your-writes.
@@ -813,6 +814,23 @@ impl Session {
         match self.attach_first(nodes).await {
             Err(e) if route == Route::Primary => self.wait_for_primary(e).await,
             other => other,
+        }
+    }
+
+    /// After a reload, moves to the project's new topology (its old one keeps serving
+    /// only what is already in flight). A removed project keeps its old topology for
+    /// the clients still connected to it.
+    fn follow_reload(&mut self) {
+        if !self
+            .project
+            .retired
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return;
+        }
+        if let Some(project) = self.shared.topology.load().projects.get(&self.project.name) {
+            self.project = project.clone();
+            self.ryw = project.read_your_writes && project.has_replicas() && !self.session_mode;
         }
     }
 

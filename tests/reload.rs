@@ -1,0 +1,218 @@
+//! Live reload: edits to proxy.toml under continuous load change routing within about a
+//! second and fail no client statement; a broken file changes nothing.
+
+mod common;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use common::*;
+use replicator::admin::http;
+use replicator::admin::status::Status;
+use replicator::config::Config;
+use replicator::server::Proxy;
+
+fn config_with(replicas: &[usize], project_extra: &str, more: &str) -> String {
+    let c = cluster();
+    let mut text = format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nstate_file = \"{}\"\n\n\
+         # Comments and layout are the operator's.\n\
+         [[users]]\nname = \"app\"\npassword = \"secret\"\nadmin = true\n\n\
+         [projects.app]\nlag_check_interval_ms = 100\n{project_extra}\n\n\
+         [[projects.app.replicas]]\nname = \"master\"\nrole = \"primary\"\nuri = \"postgresql://127.0.0.1:{}/app\"\n\n",
+        c.dir.join("reload-state.json").display(),
+        c.primary.port
+    );
+    for i in replicas {
+        text.push_str(&format!(
+            "[[projects.app.replicas]]\nname = \"slave-{}\"\nrole = \"replica\"\nuri = \"postgresql://127.0.0.1:{}/app\"\n\n",
+            i + 1,
+            c.replicas[*i].port
+        ));
+    }
+    text.push_str(more);
+    text
+}
+
+async fn status(proxy: &Proxy) -> Status {
+    let addr = proxy.admin_addr.unwrap().to_string();
+    let (_, body) = http::get(&addr, "/status").await.unwrap();
+    serde_json::from_str(&body).unwrap()
+}
+
+/// Writes `text` the way editors do (a new file renamed over the old one).
+fn save(path: &PathBuf, text: &str) {
+    let tmp = path.with_extension("swp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// Polls until `check` holds; returns how long it took.
+async fn within(what: &str, limit: Duration, mut check: impl AsyncFnMut() -> bool) -> Duration {
+    let started = Instant::now();
+    loop {
+        if check().await {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < limit,
+            "{what} did not happen within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edits_under_load_apply_live_and_a_broken_file_changes_nothing() {
+    create_table("reload_t", "writer int, seq int, PRIMARY KEY (writer, seq)").await;
+    let c = cluster();
+    let dir = std::env::temp_dir().join(format!("replicator-reload-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("proxy.toml");
+    let text = config_with(&[0], "", "");
+    std::fs::write(&path, &text).unwrap();
+    let config = Config::load(&path).unwrap();
+    let proxy = Proxy::start(config, Some(path.clone())).await.unwrap();
+    let url = proxy_url(&proxy, "app", "secret", "app");
+
+    // Load: clients writing and reading back, every result checked.
+    let running = Arc::new(AtomicBool::new(true));
+    let failures = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let statements = Arc::new(AtomicU64::new(0));
+    let mut load = Vec::new();
+    for writer in 0..4 {
+        let (running, failures, statements, url) = (
+            running.clone(),
+            failures.clone(),
+            statements.clone(),
+            url.clone(),
+        );
+        load.push(tokio::spawn(async move {
+            let client = connect(&url).await.unwrap();
+            let mut seq = 0;
+            while running.load(Ordering::Relaxed) {
+                seq += 1;
+                let wrote = client
+                    .execute("INSERT INTO reload_t VALUES ($1, $2)", &[&writer, &seq])
+                    .await;
+                let read = client.query_one(WHO, &[]).await;
+                match (wrote, read) {
+                    (Ok(1), Ok(_)) => {
+                        statements.fetch_add(2, Ordering::Relaxed);
+                    }
+                    (w, r) => failures.lock().unwrap().push(format!("{w:?} {r:?}")),
+                }
+            }
+        }));
+    }
+    let reader = app_client(&proxy).await;
+    let second = c.replicas[1].port;
+    let first = c.replicas[0].port;
+
+    // 1. Add a replica.
+    save(&path, &config_with(&[0, 1], "", ""));
+    let took = within(
+        "reads on the added replica",
+        Duration::from_secs(3),
+        async || who(&reader, WHO).await.0 == second,
+    )
+    .await;
+    eprintln!("replica added: reads reach it after {took:?}");
+    assert!(took < Duration::from_millis(1500), "{took:?}");
+
+    // 2. Change the strategy.
+    save(
+        &path,
+        &config_with(&[0, 1], "read_routing = \"random\"", ""),
+    );
+    let took = within("strategy change", Duration::from_secs(3), async || {
+        status(&proxy).await.projects[0].read_routing == "random"
+    })
+    .await;
+    eprintln!("strategy changed after {took:?}");
+
+    // 3. Remove a replica.
+    save(&path, &config_with(&[1], "read_routing = \"random\"", ""));
+    within("replica removed", Duration::from_secs(3), async || {
+        !status(&proxy).await.projects[0]
+            .nodes
+            .iter()
+            .any(|n| n.name == "slave-1")
+    })
+    .await;
+    for _ in 0..20 {
+        assert_ne!(
+            who(&reader, WHO).await.0,
+            first,
+            "a removed replica got a read"
+        );
+    }
+
+    // 4. Add a project.
+    let second_project = format!(
+        "[projects.app2]\ndatabase = \"app\"\n[[projects.app2.replicas]]\nname = \"master\"\nrole = \"primary\"\nuri = \"postgresql://127.0.0.1:{}/app\"\n",
+        c.primary.port
+    );
+    let good = config_with(&[1], "read_routing = \"random\"", &second_project);
+    save(&path, &good);
+    let app2 = proxy_url(&proxy, "app", "secret", "app2");
+    within("new project", Duration::from_secs(3), async || {
+        connect(&app2).await.is_ok()
+    })
+    .await;
+
+    // 5. Break the file: rejected, nothing changes.
+    let before = status(&proxy).await;
+    save(
+        &path,
+        &good.replace(
+            "read_routing = \"random\"",
+            "read_routing = \"fastest\"\ncolour = 1",
+        ),
+    );
+    within("rejection", Duration::from_secs(3), async || {
+        status(&proxy).await.reloads.failed > before.reloads.failed
+    })
+    .await;
+    let after = status(&proxy).await;
+    let last = after.reloads.last.clone().unwrap();
+    assert!(!last.ok);
+    assert!(last.message.contains("read_routing"), "{last:?}");
+    assert!(last.message.contains("colour"), "{last:?}");
+    assert_eq!(after.projects.len(), 2);
+    assert_eq!(after.projects[0].read_routing, "random");
+    assert!(connect(&app2).await.is_ok());
+
+    // 6. Fix it.
+    save(
+        &path,
+        &good.replace(
+            "read_routing = \"random\"",
+            "read_routing = \"round-robin\"",
+        ),
+    );
+    within("fixed file applied", Duration::from_secs(3), async || {
+        status(&proxy).await.projects[0].read_routing == "round-robin"
+    })
+    .await;
+
+    // Also on request, from the admin console.
+    let admin = connect(&proxy_url(&proxy, "app", "secret", "replicator"))
+        .await
+        .unwrap();
+    admin.simple_query("RELOAD").await.expect("RELOAD");
+
+    running.store(false, Ordering::Relaxed);
+    for t in load {
+        t.await.unwrap();
+    }
+    let failures = failures.lock().unwrap().clone();
+    assert!(
+        failures.is_empty(),
+        "client statements failed: {failures:?}"
+    );
+    assert!(statements.load(Ordering::Relaxed) > 100);
+    let _ = std::fs::remove_dir_all(&dir);
+}
