@@ -73,6 +73,7 @@ async fn edits_under_load_apply_live_and_a_broken_file_changes_nothing() {
     let path = dir.join("proxy.toml");
     let text = config_with(&[0], "", "");
     std::fs::write(&path, &text).unwrap();
+    init_logs();
     let config = Config::load(&path).unwrap();
     let proxy = Proxy::start(config, Some(path.clone())).await.unwrap();
     let url = proxy_url(&proxy, "app", "secret", "app");
@@ -203,6 +204,71 @@ async fn edits_under_load_apply_live_and_a_broken_file_changes_nothing() {
         .await
         .unwrap();
     admin.simple_query("RELOAD").await.expect("RELOAD");
+
+    // Runtime changes are saved into the file, comments and all.
+    admin
+        .simple_query(&format!(
+            "ADD REPLICA app slave-1 replica 'postgresql://127.0.0.1:{first}/app'"
+        ))
+        .await
+        .expect("ADD REPLICA");
+    within(
+        "reads on the re-added replica",
+        Duration::from_secs(3),
+        async || who(&reader, WHO).await.0 == first,
+    )
+    .await;
+    admin
+        .simple_query("SET READ_ROUTING app least-lag")
+        .await
+        .expect("SET READ_ROUTING");
+    let refused = admin
+        .simple_query("ADD REPLICA app boss primary 'postgresql://127.0.0.1:1/app'")
+        .await
+        .expect_err("a second primary");
+    assert_sqlstate(
+        &refused,
+        tokio_postgres::error::SqlState::INVALID_PARAMETER_VALUE,
+    );
+    let saved = std::fs::read_to_string(&path).unwrap();
+    assert!(
+        saved.contains("# Comments and layout are the operator's."),
+        "{saved}"
+    );
+    assert!(!saved.contains("boss"), "{saved}");
+    let mut expected = Config::parse(&good).unwrap();
+    {
+        let app = expected.projects.get_mut("app").unwrap();
+        app.read_routing = replicator::config::ReadRouting::LeastLag;
+        app.replicas.push(replicator::config::Replica {
+            name: "slave-1".into(),
+            role: replicator::config::Role::Replica,
+            uri: format!("postgresql://127.0.0.1:{first}/app"),
+            lag_tolerance_ms: 5000,
+            weight: 1,
+        });
+    }
+    assert_eq!(Config::parse(&saved).unwrap(), expected);
+    assert_eq!(status(&proxy).await.projects[0].read_routing, "least-lag");
+    // The same over HTTP.
+    let addr = proxy.admin_addr.unwrap().to_string();
+    let (code, body) = http::request(
+        &addr,
+        hyper::Method::DELETE,
+        "/replicas/app/slave-1",
+        String::new(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(code, 200, "{body}");
+    assert!(!std::fs::read_to_string(&path).unwrap().contains("slave-1"));
+    for _ in 0..20 {
+        assert_ne!(
+            who(&reader, WHO).await.0,
+            first,
+            "a removed replica got a read"
+        );
+    }
 
     running.store(false, Ordering::Relaxed);
     for t in load {

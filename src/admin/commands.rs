@@ -6,6 +6,8 @@ use std::sync::atomic::Ordering;
 use std::time::SystemTime;
 
 use super::status::{self, Status};
+use crate::config::persist;
+pub use crate::config::persist::Change;
 use crate::config::{Config, ReadRouting};
 use crate::state::Shared;
 
@@ -55,6 +57,14 @@ pub const HELP: &[(&str, &str)] = &[
     (
         "PROMOTE <project> <replica>",
         "switchover (primary healthy) or failover to that replica",
+    ),
+    (
+        "ADD REPLICA <project> <name> <role> '<uri>'",
+        "add a node (saved in proxy.toml)",
+    ),
+    (
+        "REMOVE REPLICA <project> <name>",
+        "remove a node (saved in proxy.toml); its pools drain",
     ),
     ("RELOAD", "re-read proxy.toml (a bad file changes nothing)"),
     (
@@ -149,8 +159,26 @@ pub async fn execute(shared: &Arc<Shared>, statement: &str) -> Result<Reply, Com
             })
         }
         ["SET", "READ_ROUTING", _, _] => {
-            set_read_routing(shared, &words[2], &words[3])?;
+            set_read_routing(shared, &words[2], &words[3]).await?;
             Ok(Reply::Done { tag: "SET".into() })
+        }
+        ["ADD", "REPLICA", _, _, _, _] => {
+            let change = Change::AddReplica {
+                project: &words[2],
+                name: &words[3],
+                role: &words[4],
+                uri: &words[5],
+            };
+            let message = persist_and_reload(shared, &change, "ADD REPLICA").await?;
+            Ok(result_row(message))
+        }
+        ["REMOVE", "REPLICA", _, _] => {
+            let change = Change::RemoveReplica {
+                project: &words[2],
+                name: &words[3],
+            };
+            let message = persist_and_reload(shared, &change, "REMOVE REPLICA").await?;
+            Ok(result_row(message))
         }
         _ => Err(error(
             "42601",
@@ -381,8 +409,44 @@ fn flatten(prefix: &str, value: &toml::Value, out: &mut Vec<Vec<String>>) {
 
 /// Changes a project's read routing in the running proxy (and in the live config,
 /// so that SHOW CONFIG and /status agree).
-pub fn set_read_routing(
-    shared: &Shared,
+/// Writes a runtime change into proxy.toml (comments and layout kept) and reloads it.
+/// Nothing changes, in the file or in the proxy, if the result would not be valid.
+pub async fn persist_and_reload(
+    shared: &Arc<Shared>,
+    change: &Change<'_>,
+    trigger: &str,
+) -> Result<String, CommandError> {
+    let Some(path) = shared.config_path.clone() else {
+        return Err(error(
+            "0A000",
+            "the proxy runs without a config file, so there is nothing to change it in",
+        ));
+    };
+    persist::apply_to_file(&path, change).map_err(|e| {
+        let code = if e.contains("does not exist") {
+            "42704"
+        } else {
+            "22023"
+        };
+        error(code, e)
+    })?;
+    crate::reload::reload(shared, trigger)
+        .await
+        .map_err(|e| error("F0000", e))
+}
+
+fn result_row(message: String) -> Reply {
+    Reply::Rows {
+        columns: vec!["result"],
+        rows: vec![vec![Some(message)]],
+        tag: "SELECT",
+    }
+}
+
+/// Changes a project's read routing: in proxy.toml (then reloaded) when the proxy has
+/// a config file, else in the running proxy only.
+pub async fn set_read_routing(
+    shared: &Arc<Shared>,
     project: &str,
     strategy: &str,
 ) -> Result<(), CommandError> {
@@ -394,6 +458,19 @@ pub fn set_read_routing(
             format!("project \"{project}\" does not exist"),
         ));
     };
+    if shared.config_path.is_some() {
+        let change = Change::ReadRouting {
+            project,
+            strategy: routing.as_str(),
+        };
+        persist_and_reload(shared, &change, "SET READ_ROUTING").await?;
+        tracing::info!(
+            project,
+            strategy = routing.as_str(),
+            "read routing changed and saved"
+        );
+        return Ok(());
+    }
     live.set_read_routing(routing);
     shared.config.rcu(|config| {
         let mut next: Config = (**config).clone();

@@ -57,7 +57,15 @@ pub async fn start(shared: Arc<Shared>, addr: &str) -> anyhow::Result<SocketAddr
 
 async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Full<Bytes>> {
     if req.method() == Method::POST {
-        return post(shared, req.uri().path()).await;
+        let path = req.uri().path().to_string();
+        let body = match http_body_util::BodyExt::collect(req.into_body()).await {
+            Ok(b) => String::from_utf8_lossy(&b.to_bytes()).trim().to_string(),
+            Err(e) => return text(StatusCode::BAD_REQUEST, &format!("{e}\n")),
+        };
+        return post(shared, &path, &body).await;
+    }
+    if req.method() == Method::DELETE {
+        return delete(shared, req.uri().path()).await;
     }
     if req.method() != Method::GET {
         return text(StatusCode::METHOD_NOT_ALLOWED, "GET or POST only\n");
@@ -83,10 +91,47 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Full<By
     }
 }
 
-/// Changes: `POST /promote/<project>/<replica>`.
-async fn post(shared: &Arc<Shared>, path: &str) -> Response<Full<Bytes>> {
+fn outcome(result: Result<String, super::commands::CommandError>) -> Response<Full<Bytes>> {
+    match result {
+        Ok(message) => text(StatusCode::OK, &format!("{message}\n")),
+        Err(e) => text(StatusCode::CONFLICT, &format!("{}\n", e.message)),
+    }
+}
+
+/// `DELETE /replicas/<project>/<name>`.
+async fn delete(shared: &Arc<Shared>, path: &str) -> Response<Full<Bytes>> {
     let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
     match parts.as_slice() {
+        ["replicas", project, name] => {
+            let change = super::commands::Change::RemoveReplica { project, name };
+            outcome(super::commands::persist_and_reload(shared, &change, "DELETE /replicas").await)
+        }
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found; DELETE /replicas/<project>/<name>\n",
+        ),
+    }
+}
+
+/// Changes: `POST /promote/<project>/<replica>`, `POST /read_routing/<project>/<strategy>`,
+/// `POST /replicas/<project>/<name>/<role>` with the node's URI as the body.
+async fn post(shared: &Arc<Shared>, path: &str, body: &str) -> Response<Full<Bytes>> {
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match parts.as_slice() {
+        ["read_routing", project, strategy] => outcome(
+            super::commands::set_read_routing(shared, project, strategy)
+                .await
+                .map(|()| format!("{project}: read_routing = {strategy}")),
+        ),
+        ["replicas", project, name, role] => {
+            let change = super::commands::Change::AddReplica {
+                project,
+                name,
+                role,
+                uri: body,
+            };
+            outcome(super::commands::persist_and_reload(shared, &change, "POST /replicas").await)
+        }
         ["promote", project, replica] => {
             match super::commands::promote(shared, project, replica).await {
                 Ok(message) => text(StatusCode::OK, &format!("{message}\n")),
@@ -95,7 +140,7 @@ async fn post(shared: &Arc<Shared>, path: &str) -> Response<Full<Bytes>> {
         }
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found; POST /promote/<project>/<replica>\n",
+            "not found; POST /promote/<project>/<replica>, /read_routing/<project>/<strategy>, /replicas/<project>/<name>/<role>\n",
         ),
     }
 }
@@ -143,15 +188,21 @@ fn respond(code: StatusCode, content_type: &str, body: String) -> Response<Full<
 
 /// `GET path` against a running proxy's admin address (the CLI's `status`).
 pub async fn get(addr: &str, path: &str) -> anyhow::Result<(u16, String)> {
-    request(addr, Method::GET, path).await
+    request(addr, Method::GET, path, String::new()).await
 }
 
 /// `POST path` (the CLI's `promote`).
 pub async fn post_to(addr: &str, path: &str) -> anyhow::Result<(u16, String)> {
-    request(addr, Method::POST, path).await
+    request(addr, Method::POST, path, String::new()).await
 }
 
-async fn request(addr: &str, method: Method, path: &str) -> anyhow::Result<(u16, String)> {
+/// Any request with a text body (status code and body of the answer).
+pub async fn request(
+    addr: &str,
+    method: Method,
+    path: &str,
+    body: String,
+) -> anyhow::Result<(u16, String)> {
     use http_body_util::BodyExt;
     let stream = tokio::net::TcpStream::connect(addr)
         .await
@@ -165,7 +216,7 @@ async fn request(addr: &str, method: Method, path: &str) -> anyhow::Result<(u16,
         .method(method)
         .uri(path)
         .header(hyper::header::HOST, addr)
-        .body(Full::new(Bytes::new()))?;
+        .body(Full::new(Bytes::from(body)))?;
     let response = sender.send_request(request).await?;
     let code = response.status().as_u16();
     let body = response.into_body().collect().await?.to_bytes();

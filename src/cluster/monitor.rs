@@ -15,6 +15,9 @@ use super::NodeRole;
 use super::health::{self, NodeState, Observation, WalHistory};
 use super::{Node, Project};
 
+/// Longest a control connection may take to log in.
+const LOGIN_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Who the monitor logs in as.
 #[derive(Clone)]
 pub struct Credentials {
@@ -234,7 +237,24 @@ impl Probe {
         let Some(node) = self.node.upgrade() else {
             return Err("node removed".into());
         };
-        match tokio::time::timeout(timeout, self.query(&node, credentials, timeout)).await {
+        if self.client.as_ref().is_none_or(|c| c.is_closed()) {
+            // Logging in (SCRAM) takes longer than a query; a refused connection still
+            // fails at once. The check itself is held to the interval below.
+            let login_timeout = timeout.max(LOGIN_TIMEOUT);
+            match tokio::time::timeout(login_timeout, connect(&node, credentials, login_timeout))
+                .await
+            {
+                Ok(Ok(client)) => self.client = Some(client),
+                Ok(Err(e)) => return Err(e),
+                Err(_) => {
+                    return Err(format!(
+                        "no login within {} ms",
+                        login_timeout.as_millis()
+                    ));
+                }
+            }
+        }
+        match tokio::time::timeout(timeout, self.query()).await {
             Ok(Ok(position)) => Ok(position),
             Ok(Err(e)) => {
                 self.client = None;
@@ -247,15 +267,7 @@ impl Probe {
         }
     }
 
-    async fn query(
-        &mut self,
-        node: &Node,
-        credentials: &Credentials,
-        timeout: Duration,
-    ) -> Result<Position, String> {
-        if self.client.as_ref().is_none_or(|c| c.is_closed()) {
-            self.client = Some(connect(node, credentials, timeout).await?);
-        }
+    async fn query(&mut self) -> Result<Position, String> {
         let Some(client) = self.client.as_ref() else {
             return Err("no connection".into());
         };

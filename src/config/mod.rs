@@ -2,6 +2,7 @@
 //! `file: key: reason`, all of them at once, so a user fixes a config in one pass.
 
 mod model;
+pub mod persist;
 mod validate;
 
 pub use model::*;

@@ -39,14 +39,18 @@ pub fn config_text(cluster: &Cluster, project_extra: &str, proxy_extra: &str) ->
     format!("{toml}\n{EXTRA_USERS}")
 }
 
-pub async fn start_proxy_with(text: &str) -> Proxy {
-    // Proxy logs show up with the failing test's output (RUST_LOG=debug for more).
+/// Proxy logs show up with the failing test's output (RUST_LOG=debug for more).
+pub fn init_logs() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
         )
         .with_test_writer()
         .try_init();
+}
+
+pub async fn start_proxy_with(text: &str) -> Proxy {
+    init_logs();
     let config =
         Config::parse(text).unwrap_or_else(|e| panic!("invalid test config: {e:?}\n{text}"));
     Proxy::start(config, None).await.expect("start proxy")
