@@ -108,8 +108,18 @@ pub async fn reload(shared: &Arc<Shared>, trigger: &str) -> Result<String, Strin
     shared.config.store(Arc::new(next));
     shared.topology.store(Arc::new(topology));
     // Only now, so that a session that looks up its project finds the new one.
+    let current = shared.topology.load();
     for project in old_topology.projects.values() {
         project.retired.store(true, Ordering::SeqCst);
+        for node in &project.nodes {
+            let kept = current
+                .projects
+                .values()
+                .any(|p| p.nodes.iter().any(|n| Arc::ptr_eq(n, node)));
+            if !kept {
+                node.retire();
+            }
+        }
     }
     let mut message = summary;
     if !restart.is_empty() {

@@ -172,6 +172,14 @@ impl Node {
         self.pool_size
     }
 
+    /// Taken out of the topology by a reload: its pools are let go, so idle server
+    /// connections close now and busy ones when their session returns them.
+    pub fn retire(&self) {
+        if let Ok(mut pools) = self.pools.write() {
+            pools.clear();
+        }
+    }
+
     /// May get reads now: the monitor has it up (or has not checked yet) and no recent
     /// connection attempt failed.
     pub fn serves_reads(&self) -> bool {

@@ -247,10 +247,7 @@ impl Probe {
                 Ok(Ok(client)) => self.client = Some(client),
                 Ok(Err(e)) => return Err(e),
                 Err(_) => {
-                    return Err(format!(
-                        "no login within {} ms",
-                        login_timeout.as_millis()
-                    ));
+                    return Err(format!("no login within {} ms", login_timeout.as_millis()));
                 }
             }
         }
