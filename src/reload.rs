@@ -18,7 +18,7 @@ use crate::session::users;
 use crate::state::Shared;
 
 /// Editors write a file in several steps; changes closer together than this are one.
-const DEBOUNCE: Duration = Duration::from_millis(300);
+const DEBOUNCE: Duration = Duration::from_millis(200);
 
 #[derive(Default)]
 pub struct ReloadStats {
