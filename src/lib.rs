@@ -2,6 +2,7 @@
 //! reads to replicas. See docs/architecture.md for how a statement flows through it.
 
 pub mod admin;
+pub mod atomic_file;
 pub mod cluster;
 pub mod config;
 pub mod pool;

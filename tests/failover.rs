@@ -10,8 +10,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
-use replicator::admin::http;
-use replicator::admin::status::Status;
 use replicator::server::Proxy;
 use replicator::testbed::{Cluster, ClusterOptions, Node, SUPERUSER, SUPERUSER_PASSWORD};
 
@@ -41,32 +39,6 @@ fn config_for(
         &format!("role = \"replica\"\n{replica_extra}\n"),
     );
     format!("{text}\n{FAILOVER_USER}{failover_extra}\n")
-}
-
-async fn status(proxy: &Proxy) -> Status {
-    let addr = proxy.admin_addr.expect("admin address").to_string();
-    let (_, body) = http::get(&addr, "/status").await.expect("GET /status");
-    serde_json::from_str(&body).expect("status JSON")
-}
-
-async fn wait_status(
-    proxy: &Proxy,
-    timeout: Duration,
-    what: &str,
-    check: impl Fn(&Status) -> bool,
-) -> Status {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let s = status(proxy).await;
-        if check(&s) {
-            return s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}: {s:#?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 fn node_port(cluster: &Cluster, name: &str) -> u16 {

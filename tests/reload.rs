@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use replicator::admin::http;
-use replicator::admin::status::Status;
 use replicator::config::Config;
 use replicator::server::Proxy;
 
@@ -34,12 +33,6 @@ fn config_with(replicas: &[usize], project_extra: &str, more: &str) -> String {
     }
     text.push_str(more);
     text
-}
-
-async fn status(proxy: &Proxy) -> Status {
-    let addr = proxy.admin_addr.unwrap().to_string();
-    let (_, body) = http::get(&addr, "/status").await.unwrap();
-    serde_json::from_str(&body).unwrap()
 }
 
 /// Writes `text` the way editors do (a new file renamed over the old one).

@@ -6,7 +6,7 @@ mod common;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use replicator::admin::http;
@@ -30,40 +30,12 @@ async fn proxy_for(cluster: &Cluster, project_extra: &str, replica_extra: &str) 
     start_proxy_with(&text).await
 }
 
-async fn status(proxy: &Proxy) -> Status {
-    let addr = proxy.admin_addr.expect("admin address").to_string();
-    let (code, body) = http::get(&addr, "/status").await.expect("GET /status");
-    assert_eq!(code, 200, "{body}");
-    serde_json::from_str(&body).expect("status JSON")
-}
-
 fn node<'a>(status: &'a Status, name: &str) -> &'a NodeStatus {
     status.projects[0]
         .nodes
         .iter()
         .find(|n| n.name == name)
         .unwrap_or_else(|| panic!("no node {name} in {status:?}"))
-}
-
-/// Polls /status until `check` holds for it, or fails after `timeout` with the last one.
-async fn wait_status(
-    proxy: &Proxy,
-    timeout: Duration,
-    what: &str,
-    check: impl Fn(&Status) -> bool,
-) -> Status {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let s = status(proxy).await;
-        if check(&s) {
-            return s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}: {s:#?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 async fn superuser_sql(node: &Node, sql: &str) {

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
+use tokio_postgres::{Client, SimpleQueryMessage};
 use tracing::{error, info, warn};
 
 use super::health::{self, NodeState};
@@ -552,23 +552,15 @@ async fn control(node: &Node, settings: &FailoverSettings) -> Result<Client, Str
     let Some(credentials) = &settings.credentials else {
         return Err("no control-plane credentials (set failover.user and failover.password, or give a user a plain-text password)".into());
     };
-    let mut config = tokio_postgres::Config::new();
-    config
-        .host(&node.addr.host)
-        .port(node.addr.port)
-        .user(&credentials.user)
-        .password(&credentials.password)
-        .dbname(&node.database)
-        .application_name("replicator-failover")
-        .connect_timeout(CONTROL_TIMEOUT);
-    let (client, connection) = tokio::time::timeout(CONTROL_TIMEOUT, config.connect(NoTls))
+    let connect = super::monitor::control_connection(
+        node,
+        credentials,
+        CONTROL_TIMEOUT,
+        "replicator-failover",
+    );
+    tokio::time::timeout(CONTROL_TIMEOUT, connect)
         .await
         .map_err(|_| format!("{}: no answer", node.addr))?
-        .map_err(|e| format!("{}: {e}", node.addr))?;
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    Ok(client)
 }
 
 /// Rows of text values.

@@ -241,9 +241,8 @@ impl Probe {
             // Logging in (SCRAM) takes longer than a query; a refused connection still
             // fails at once. The check itself is held to the interval below.
             let login_timeout = timeout.max(LOGIN_TIMEOUT);
-            match tokio::time::timeout(login_timeout, connect(&node, credentials, login_timeout))
-                .await
-            {
+            let login = control_connection(&node, credentials, login_timeout, "replicator-monitor");
+            match tokio::time::timeout(login_timeout, login).await {
                 Ok(Ok(client)) => self.client = Some(client),
                 Ok(Err(e)) => return Err(e),
                 Err(_) => {
@@ -290,10 +289,12 @@ impl Probe {
     }
 }
 
-async fn connect(
+/// A tokio-postgres connection to `node` for the control plane (checks, promotion).
+pub async fn control_connection(
     node: &Node,
     credentials: &Credentials,
     timeout: Duration,
+    application_name: &str,
 ) -> Result<Client, String> {
     let mut config = tokio_postgres::Config::new();
     config
@@ -302,7 +303,7 @@ async fn connect(
         .user(&credentials.user)
         .password(&credentials.password)
         .dbname(&node.database)
-        .application_name("replicator-monitor")
+        .application_name(application_name)
         .connect_timeout(timeout);
     let (client, connection) = config
         .connect(NoTls)
@@ -310,7 +311,7 @@ async fn connect(
         .map_err(|e| format!("cannot connect to {}: {e}", node.addr))?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
-            debug!("monitor connection ended: {e}");
+            debug!("control connection ended: {e}");
         }
     });
     Ok(client)

@@ -53,15 +53,8 @@ pub fn record(path: &Path, project: &str, state: ProjectState) -> Result<(), Str
     let mut file = load(path)?;
     file.projects.insert(project.to_string(), state);
     let text = serde_json::to_string_pretty(&file).map_err(|e| e.to_string())?;
-    let tmp = path.with_extension("tmp");
-    let write = || -> std::io::Result<()> {
-        use std::io::Write;
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(text.as_bytes())?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    };
-    write().map_err(|e| format!("cannot write state file {}: {e}", path.display()))
+    crate::atomic_file::replace(path, text.as_bytes())
+        .map_err(|e| format!("cannot write state file {}: {e}", path.display()))
 }
 
 /// Gives every node of a freshly built project its role: the configured one, unless a

@@ -135,3 +135,34 @@ pub const WHO: &str = "SELECT inet_server_port(), pg_is_in_recovery()";
 pub fn assert_sqlstate(err: &tokio_postgres::Error, expected: tokio_postgres::error::SqlState) {
     assert_eq!(err.code(), Some(&expected), "{err:?}");
 }
+
+/// The proxy's `/status`, as `replicator status` reads it.
+pub async fn status(proxy: &Proxy) -> replicator::admin::status::Status {
+    let addr = proxy.admin_addr.expect("admin address").to_string();
+    let (code, body) = replicator::admin::http::get(&addr, "/status")
+        .await
+        .expect("GET /status");
+    assert_eq!(code, 200, "{body}");
+    serde_json::from_str(&body).expect("status JSON")
+}
+
+/// Polls `/status` until `check` holds for it, or fails after `timeout` with the last one.
+pub async fn wait_status(
+    proxy: &Proxy,
+    timeout: Duration,
+    what: &str,
+    check: impl Fn(&replicator::admin::status::Status) -> bool,
+) -> replicator::admin::status::Status {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let s = status(proxy).await;
+        if check(&s) {
+            return s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}: {s:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
