@@ -4,7 +4,7 @@
 mod common;
 
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use replicator::admin::http;
@@ -47,17 +47,10 @@ fn field<'a>(row: &'a [(String, String)], name: &str) -> &'a str {
 }
 
 async fn wait_all_up(proxy: &Proxy) {
-    let addr = proxy.admin_addr.unwrap().to_string();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let (_, body) = http::get(&addr, "/status").await.unwrap();
-        let s: Status = serde_json::from_str(&body).unwrap();
-        if s.projects[0].nodes.iter().all(|n| n.state == "up") {
-            return;
-        }
-        assert!(Instant::now() < deadline, "nodes not up: {s:#?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_status(proxy, Duration::from_secs(10), "all nodes up", |s| {
+        s.projects[0].nodes.iter().all(|n| n.state == "up")
+    })
+    .await;
 }
 
 #[tokio::test]

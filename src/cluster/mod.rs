@@ -237,6 +237,12 @@ impl Project {
         self.nodes.iter().find(|n| n.role() == NodeRole::Primary)
     }
 
+    /// Read-your-writes can matter for a client: it is on and there are replicas to
+    /// avoid (session-mode clients read from the primary anyway).
+    pub fn read_your_writes_applies(&self, session_mode: bool) -> bool {
+        self.read_your_writes && self.has_replicas() && !session_mode
+    }
+
     pub fn has_replicas(&self) -> bool {
         self.nodes.iter().any(|n| n.role() == NodeRole::Replica)
     }

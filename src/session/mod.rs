@@ -276,7 +276,7 @@ impl Session {
         let startup_settings = settings::from_startup(&login.params);
         let session_mode = shared.config.load().proxy.pool_mode == PoolMode::Session;
         let shutdown = shared.shutdown.subscribe();
-        let ryw = project.read_your_writes && project.has_replicas() && !session_mode;
+        let ryw = project.read_your_writes_applies(session_mode);
         let mut session = Session {
             shared,
             client,
@@ -830,7 +830,7 @@ impl Session {
         }
         if let Some(project) = self.shared.topology.load().projects.get(&self.project.name) {
             self.project = project.clone();
-            self.ryw = project.read_your_writes && project.has_replicas() && !self.session_mode;
+            self.ryw = project.read_your_writes_applies(self.session_mode);
         }
     }
 
