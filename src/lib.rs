@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod atomic_file;
+pub mod cdc;
 pub mod cluster;
 pub mod config;
 pub mod pool;

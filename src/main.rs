@@ -53,6 +53,17 @@ enum Command {
         #[arg(long, value_name = "HOST:PORT")]
         admin: Option<String>,
     },
+    /// Run a CDC rule of a running proxy now and print what the run did. Returns once
+    /// the rule has caught up with the source's current position.
+    Sync {
+        rule: String,
+        /// Config file of the running proxy: its admin_listen is where to ask.
+        #[arg(long, short, default_value = "proxy.toml")]
+        config: PathBuf,
+        /// Ask this admin address instead of the config's admin_listen.
+        #[arg(long, value_name = "HOST:PORT")]
+        admin: Option<String>,
+    },
     /// Print the replica table of a running proxy (from its HTTP /status endpoint).
     Status {
         /// Config file of the running proxy: its admin_listen is where to ask.
@@ -119,6 +130,17 @@ fn main() -> ExitCode {
             json,
         } => match admin_address(admin, &config) {
             Ok(admin) => run_async(1, status(admin, json)),
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Sync {
+            rule,
+            config,
+            admin,
+        } => match admin_address(admin, &config) {
+            Ok(admin) => run_async(1, sync(admin, rule)),
             Err(e) => {
                 eprintln!("{e}");
                 ExitCode::FAILURE
@@ -230,6 +252,21 @@ async fn promote(admin: String, project: String, replica: String) -> anyhow::Res
     Ok(())
 }
 
+async fn sync(admin: String, rule: String) -> anyhow::Result<()> {
+    use replicator::admin::{commands, status};
+    let (code, body) = replicator::admin::http::post_to(&admin, &format!("/sync/{rule}")).await?;
+    if code != 200 {
+        anyhow::bail!("{}", body.trim());
+    }
+    let report: replicator::cdc::stats::RunReport = serde_json::from_str(&body)
+        .map_err(|e| anyhow::anyhow!("unexpected /sync answer from {admin}: {e}"))?;
+    print!(
+        "{}",
+        status::render_table(&commands::SYNC_COLUMNS, &[commands::sync_row(&report)])
+    );
+    Ok(())
+}
+
 async fn status(admin: String, json: bool) -> anyhow::Result<()> {
     use replicator::admin::{http, status};
     let (code, body) = http::get(&admin, "/status").await?;
@@ -265,6 +302,12 @@ async fn status(admin: String, json: bool) -> anyhow::Result<()> {
                 .as_ref()
                 .map(|e| format!("; last: {e}"))
                 .unwrap_or_default()
+        );
+    }
+    if !parsed.rules.is_empty() {
+        print!(
+            "{}",
+            status::render_table(&status::RULE_COLUMNS, &status::rule_rows(&parsed))
         );
     }
     println!(

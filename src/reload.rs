@@ -121,6 +121,7 @@ pub async fn reload(shared: &Arc<Shared>, trigger: &str) -> Result<String, Strin
             }
         }
     }
+    crate::cdc::Cdc::reconcile(shared);
     let mut message = summary;
     if !restart.is_empty() {
         message.push_str(&format!("; needs a restart: {}", restart.join(", ")));

@@ -32,6 +32,7 @@ impl Proxy {
         let addr = listener.local_addr()?;
         let shared = Shared::new(config, config_path.clone());
         crate::reload::spawn_monitors(&shared, &shared.topology.load(), &shared.config.load());
+        crate::cdc::Cdc::reconcile(&shared);
         if let Some(path) = &config_path
             && let Err(e) = crate::reload::watch(&shared, path)
         {

@@ -33,6 +33,8 @@ pub struct Shared {
     /// One reload at a time; counts and the last outcome.
     pub reload_lock: tokio::sync::Mutex<()>,
     pub reloads: crate::reload::ReloadStats,
+    /// The CDC rules' tasks and figures.
+    pub cdc: crate::cdc::Cdc,
 }
 
 impl Shared {
@@ -50,6 +52,7 @@ impl Shared {
             started_at: std::time::SystemTime::now(),
             reload_lock: tokio::sync::Mutex::new(()),
             reloads: crate::reload::ReloadStats::default(),
+            cdc: crate::cdc::Cdc::default(),
             config: ArcSwap::from_pointee(config),
         })
     }

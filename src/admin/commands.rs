@@ -68,6 +68,14 @@ pub const HELP: &[(&str, &str)] = &[
     ),
     ("RELOAD", "re-read proxy.toml (a bad file changes nothing)"),
     (
+        "SHOW RULES",
+        "CDC rules: state, last run, position, rows, errors, lag, throughput",
+    ),
+    (
+        "SYNC <rule>",
+        "run a CDC rule now; returns when it has caught up",
+    ),
+    (
         "SHOW FAILOVER",
         "per project: primary, failover mode, state, last event",
     ),
@@ -142,6 +150,21 @@ pub async fn execute(shared: &Arc<Shared>, statement: &str) -> Result<Reply, Com
                 .collect(),
         )),
         ["SHOW", "FAILOVER"] => Ok(show_failover(shared)),
+        ["SHOW", "RULES"] => {
+            let status = Status::collect(shared);
+            Ok(rows(
+                status::RULE_COLUMNS.to_vec(),
+                status::rule_rows(&status),
+            ))
+        }
+        ["SYNC", _] => {
+            let report = shared
+                .cdc
+                .sync(&words[1])
+                .await
+                .map_err(|e| error("55000", e))?;
+            Ok(rows(SYNC_COLUMNS.to_vec(), vec![sync_row(&report)]))
+        }
         ["RELOAD"] => match crate::reload::reload(shared, "RELOAD").await {
             Ok(message) => Ok(Reply::Rows {
                 columns: vec!["result"],
@@ -237,6 +260,30 @@ fn show_failover(shared: &Shared) -> Reply {
         ],
         out,
     )
+}
+
+pub const SYNC_COLUMNS: [&str; 8] = [
+    "rule",
+    "snapshot",
+    "snapshot_rows",
+    "inserted",
+    "updated",
+    "deleted",
+    "position",
+    "duration_ms",
+];
+
+pub fn sync_row(r: &crate::cdc::stats::RunReport) -> Vec<String> {
+    vec![
+        r.rule.clone(),
+        r.snapshot.to_string(),
+        r.snapshot_rows.to_string(),
+        r.inserted.to_string(),
+        r.updated.to_string(),
+        r.deleted.to_string(),
+        r.position.clone(),
+        r.duration_ms.to_string(),
+    ]
 }
 
 fn rows(columns: Vec<&'static str>, rows: Vec<Vec<String>>) -> Reply {

@@ -114,7 +114,8 @@ async fn delete(shared: &Arc<Shared>, path: &str) -> Response<Full<Bytes>> {
 }
 
 /// Changes: `POST /promote/<project>/<replica>`, `POST /read_routing/<project>/<strategy>`,
-/// `POST /replicas/<project>/<name>/<role>` with the node's URI as the body.
+/// `POST /replicas/<project>/<name>/<role>` with the node's URI as the body,
+/// `POST /sync/<rule>` (answers with the run's report as JSON).
 async fn post(shared: &Arc<Shared>, path: &str, body: &str) -> Response<Full<Bytes>> {
     let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
     match parts.as_slice() {
@@ -132,6 +133,13 @@ async fn post(shared: &Arc<Shared>, path: &str, body: &str) -> Response<Full<Byt
             };
             outcome(super::commands::persist_and_reload(shared, &change, "POST /replicas").await)
         }
+        ["sync", rule] => match shared.cdc.sync(rule).await {
+            Ok(report) => match serde_json::to_string_pretty(&report) {
+                Ok(json) => respond(StatusCode::OK, "application/json", json),
+                Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, &format!("{e}\n")),
+            },
+            Err(e) => text(StatusCode::CONFLICT, &format!("{e}\n")),
+        },
         ["promote", project, replica] => {
             match super::commands::promote(shared, project, replica).await {
                 Ok(message) => text(StatusCode::OK, &format!("{message}\n")),
@@ -140,7 +148,7 @@ async fn post(shared: &Arc<Shared>, path: &str, body: &str) -> Response<Full<Byt
         }
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found; POST /promote/<project>/<replica>, /read_routing/<project>/<strategy>, /replicas/<project>/<name>/<role>\n",
+            "not found; POST /promote/<project>/<replica>, /read_routing/<project>/<strategy>, /replicas/<project>/<name>/<role>, /sync/<rule>\n",
         ),
     }
 }

@@ -244,6 +244,7 @@ impl Collector for ProxyCollector {
             "Connected clients.",
             &[(vec![], shared.active_clients.load(Ordering::Relaxed) as i64)],
         )?;
+        encode_rules(&mut encoder, &shared.cdc.views(&shared))?;
         let mut family = encoder.encode_descriptor(
             "query_duration_seconds",
             "Time from sending a request to a server until its ReadyForQuery.",
@@ -261,4 +262,71 @@ impl Collector for ProxyCollector {
         }
         Ok(())
     }
+}
+
+/// Per CDC rule: rows by operation, errors, lag and whether the rule is healthy.
+fn encode_rules(
+    encoder: &mut DescriptorEncoder,
+    rules: &[crate::cdc::RuleView],
+) -> Result<(), std::fmt::Error> {
+    let rule = |r: &crate::cdc::RuleView| vec![("rule", r.name.clone())];
+    let mut rows = Vec::new();
+    for r in rules {
+        for (op, n) in [
+            ("insert", r.inserted),
+            ("update", r.updated),
+            ("delete", r.deleted),
+            ("snapshot", r.snapshot_rows),
+        ] {
+            let mut labels = rule(r);
+            labels.push(("op", op.to_string()));
+            rows.push((labels, n));
+        }
+    }
+    counter(
+        encoder,
+        "cdc_rows",
+        "Source rows a CDC rule has written to its target, by operation.",
+        &rows,
+    )?;
+    counter(
+        encoder,
+        "cdc_errors",
+        "Failed CDC runs (each retried with backoff).",
+        &rules.iter().map(|r| (rule(r), r.errors)).collect::<Vec<_>>(),
+    )?;
+    counter(
+        encoder,
+        "cdc_skipped_writes",
+        "Target writes turned away because the target held a newer or foreign document.",
+        &rules.iter().map(|r| (rule(r), r.skipped)).collect::<Vec<_>>(),
+    )?;
+    gauge(
+        encoder,
+        "cdc_lag_bytes",
+        "WAL between the source primary's position and the rule's confirmed position.",
+        &rules
+            .iter()
+            .map(|r| (rule(r), r.lag_bytes as i64))
+            .collect::<Vec<_>>(),
+    )?;
+    gauge(
+        encoder,
+        "cdc_lag_ms",
+        "Time since the rule was last caught up with the source (0 when it is).",
+        &rules
+            .iter()
+            .map(|r| (rule(r), r.lag_ms as i64))
+            .collect::<Vec<_>>(),
+    )?;
+    gauge(
+        encoder,
+        "cdc_up",
+        "1 when the rule's last run succeeded, 0 while it is failing or refused.",
+        &rules
+            .iter()
+            .map(|r| (rule(r), i64::from(r.last_error.is_none())))
+            .collect::<Vec<_>>(),
+    )?;
+    Ok(())
 }

@@ -17,6 +17,9 @@ pub struct Status {
     pub clients: usize,
     pub reloads: ReloadView,
     pub projects: Vec<ProjectStatus>,
+    /// CDC rules.
+    #[serde(default)]
+    pub rules: Vec<crate::cdc::RuleView>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -106,6 +109,7 @@ impl Status {
                 last: shared.reloads.last(),
             },
             projects,
+            rules: shared.cdc.views(shared),
         }
     }
 }
@@ -265,4 +269,65 @@ pub fn render_table(columns: &[&str], rows: &[Vec<String>]) -> String {
         out.push('\n');
     }
     out
+}
+
+pub const RULE_COLUMNS: [&str; 13] = [
+    "rule",
+    "source",
+    "target",
+    "state",
+    "last_run",
+    "position",
+    "inserted",
+    "updated",
+    "deleted",
+    "snapshot_rows",
+    "errors",
+    "lag",
+    "rows_per_s",
+];
+
+/// One row per CDC rule, for SHOW RULES and `replicator status`.
+pub fn rule_rows(status: &Status) -> Vec<Vec<String>> {
+    status
+        .rules
+        .iter()
+        .map(|r| {
+            let mut state = r.state.clone();
+            if let Some(p) = &r.snapshot {
+                state = format!(
+                    "{state} ({}: {} rows, table {}/{})",
+                    p.table,
+                    p.rows_copied,
+                    p.tables_done + 1,
+                    p.tables_total
+                );
+            }
+            if let Some(e) = &r.last_error {
+                state = format!("{state}: {e}");
+            }
+            vec![
+                r.name.clone(),
+                r.source.clone(),
+                r.target.clone(),
+                state,
+                if r.last_run_finished_ms == 0 {
+                    "never".to_string()
+                } else {
+                    format!(
+                        "{} s ago",
+                        crate::cdc::stats::now_ms().saturating_sub(r.last_run_finished_ms) / 1000
+                    )
+                },
+                r.position.clone(),
+                r.inserted.to_string(),
+                r.updated.to_string(),
+                r.deleted.to_string(),
+                r.snapshot_rows.to_string(),
+                r.errors.to_string(),
+                format!("{} B / {} ms", r.lag_bytes, r.lag_ms),
+                format!("{:.0}", r.rows_per_second),
+            ]
+        })
+        .collect()
 }

@@ -139,6 +139,7 @@ impl Node {
                         database: self.database.clone(),
                         user: user.name.clone(),
                         password: user.backend_password.clone(),
+                        extra_params: Vec::new(),
                     },
                     self.pool_size,
                     self.connect_timeout,
@@ -373,13 +374,7 @@ impl Topology {
         let epoch = Instant::now();
         let mut projects = HashMap::new();
         let state_path = std::path::PathBuf::from(&config.proxy.state_file);
-        let control_credentials = match (&config.failover.user, &config.failover.password) {
-            (Some(user), Some(password)) => Some(monitor::Credentials {
-                user: user.clone(),
-                password: password.clone(),
-            }),
-            _ => monitor::Credentials::from_config(config),
-        };
+        let control_credentials = monitor::Credentials::control_plane(config);
         let recorded = match state_file::load(&state_path) {
             Ok(state) => state,
             Err(e) => {

@@ -26,6 +26,18 @@ pub struct Credentials {
 }
 
 impl Credentials {
+    /// Who promotes replicas and streams CDC changes: `[failover] user`/`password` when
+    /// set, else the user the monitor logs in as.
+    pub fn control_plane(config: &crate::config::Config) -> Option<Credentials> {
+        match (&config.failover.user, &config.failover.password) {
+            (Some(user), Some(password)) => Some(Credentials {
+                user: user.clone(),
+                password: password.clone(),
+            }),
+            _ => Credentials::from_config(config),
+        }
+    }
+
     /// The control plane logs in as the first admin user with a plain-text password in
     /// proxy.toml, else the first such user (a SCRAM verifier or md5 hash cannot log in
     /// to a server with tokio-postgres).

@@ -21,6 +21,20 @@ use crate::config::Role;
 pub struct StateFile {
     #[serde(default)]
     pub projects: BTreeMap<String, ProjectState>,
+    /// Per CDC rule: the slot it streams from and whether its initial copy finished.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub cdc: BTreeMap<String, CdcState>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CdcState {
+    pub slot: String,
+    /// The node the slot was created on.
+    pub node: String,
+    /// Where the slot became consistent (the snapshot's position).
+    pub consistent_point: String,
+    /// Every table was copied: the slot can be streamed from without a new snapshot.
+    pub snapshot_complete: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -52,6 +66,19 @@ pub fn record(path: &Path, project: &str, state: ProjectState) -> Result<(), Str
     let _guard = WRITE_LOCK.lock().unwrap_or_else(|p| p.into_inner());
     let mut file = load(path)?;
     file.projects.insert(project.to_string(), state);
+    let text = serde_json::to_string_pretty(&file).map_err(|e| e.to_string())?;
+    crate::atomic_file::replace(path, text.as_bytes())
+        .map_err(|e| format!("cannot write state file {}: {e}", path.display()))
+}
+
+/// Records (or with `None` forgets) a CDC rule's slot state.
+pub fn record_cdc(path: &Path, rule: &str, state: Option<CdcState>) -> Result<(), String> {
+    let _guard = WRITE_LOCK.lock().unwrap_or_else(|p| p.into_inner());
+    let mut file = load(path)?;
+    match state {
+        Some(state) => file.cdc.insert(rule.to_string(), state),
+        None => file.cdc.remove(rule),
+    };
     let text = serde_json::to_string_pretty(&file).map_err(|e| e.to_string())?;
     crate::atomic_file::replace(path, text.as_bytes())
         .map_err(|e| format!("cannot write state file {}: {e}", path.display()))

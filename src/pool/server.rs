@@ -77,6 +77,8 @@ pub struct LoginInfo {
     pub user: String,
     /// Plain password or an md5 hash (`md5...`); a SCRAM verifier cannot log in.
     pub password: String,
+    /// More startup parameters (`replication`, `options`, `application_name`).
+    pub extra_params: Vec<(String, String)>,
 }
 
 pub struct ServerConn {
@@ -133,10 +135,14 @@ impl ServerConn {
             source,
         };
         let mut buf = BytesMut::new();
-        msg::startup_message(
-            &mut buf,
-            &[("user", &login.user), ("database", &login.database)],
+        let mut params = vec![("user", login.user.as_str()), ("database", &login.database)];
+        params.extend(
+            login
+                .extra_params
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str())),
         );
+        msg::startup_message(&mut buf, &params);
         conn.send(&buf).await.map_err(protocol)?;
         conn.authenticate(login).await?;
         loop {

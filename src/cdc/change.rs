@@ -1,0 +1,161 @@
+//! Changes on their way to a target, and the batch that carries them.
+//!
+//! Every change carries the commit position (LSN) of its source transaction; the sinks
+//! store it with each document or row and refuse to replace a newer one with an older
+//! one. That is what makes replays (after a crash, a retry or a re-snapshot) harmless.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use super::pgoutput::Datum;
+use super::schema::Shape;
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Op {
+    /// Insert or update: the whole row (aligned with the shape's columns); TOASTed
+    /// values the update did not touch are `Datum::Unchanged` and are left as they are.
+    Upsert(Vec<Datum>),
+    /// The key values (aligned with the shape's key).
+    Delete(Vec<Datum>),
+    /// Removes what this rule wrote to the table up to this position.
+    Truncate,
+}
+
+#[derive(Debug, Clone)]
+pub struct Change {
+    pub shape: Arc<Shape>,
+    /// Commit position of the source transaction (the snapshot's consistent point for
+    /// snapshot rows).
+    pub lsn: u64,
+    pub op: Op,
+}
+
+impl Change {
+    pub fn key(&self) -> Option<Vec<Datum>> {
+        match &self.op {
+            Op::Upsert(row) => Some(self.shape.key.iter().map(|&i| row[i].clone()).collect()),
+            Op::Delete(key) => Some(key.clone()),
+            Op::Truncate => None,
+        }
+    }
+}
+
+/// Changes collected for one apply. Several changes to one key collapse into the last
+/// one (keeping TOAST values an earlier change carried), so a batch holds each key at
+/// most once and the sinks may write keys in any order: per-key commit order holds.
+#[derive(Default)]
+pub struct Batch {
+    changes: Vec<Change>,
+    index: HashMap<(String, Vec<Datum>), usize>,
+    truncates: Vec<Change>,
+}
+
+impl Batch {
+    pub fn len(&self) -> usize {
+        self.changes.len() + self.truncates.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn push(&mut self, change: Change) {
+        let Some(key) = change.key() else {
+            self.truncates.push(change);
+            return;
+        };
+        let slot = (change.shape.target.clone(), key);
+        match self.index.get(&slot) {
+            Some(&at) => {
+                let earlier = std::mem::replace(&mut self.changes[at], change);
+                let later = &mut self.changes[at];
+                if let (Op::Upsert(old), Op::Upsert(new)) = (&earlier.op, &mut later.op)
+                    && earlier.shape.columns == later.shape.columns
+                {
+                    for (new_value, old_value) in new.iter_mut().zip(old) {
+                        if *new_value == Datum::Unchanged {
+                            *new_value = old_value.clone();
+                        }
+                    }
+                }
+            }
+            None => {
+                self.index.insert(slot, self.changes.len());
+                self.changes.push(change);
+            }
+        }
+    }
+
+    /// Upserts and deletes, then truncates: a truncate only removes what was written
+    /// at or before its own position, so applying it last is right whatever the batch
+    /// holds.
+    pub fn into_parts(self) -> (Vec<Change>, Vec<Change>) {
+        (self.changes, self.truncates)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cdc::schema::Column;
+    use crate::cdc::values::{ColumnType, Kind};
+
+    fn shape() -> Arc<Shape> {
+        let col = |name: &str| Column {
+            name: name.into(),
+            type_oid: 25,
+            ty: ColumnType {
+                kind: Kind::Text,
+                array: false,
+            },
+            sql_type: "text".into(),
+        };
+        Arc::new(Shape {
+            source: "public.t".into(),
+            target: "t".into(),
+            columns: vec![col("id"), col("body")],
+            key: vec![0],
+        })
+    }
+
+    fn text(s: &str) -> Datum {
+        Datum::Text(s.into())
+    }
+
+    #[test]
+    fn later_changes_win_and_keep_untouched_toast() {
+        let s = shape();
+        let mut batch = Batch::default();
+        batch.push(Change {
+            shape: s.clone(),
+            lsn: 1,
+            op: Op::Upsert(vec![text("1"), text("big")]),
+        });
+        batch.push(Change {
+            shape: s.clone(),
+            lsn: 2,
+            op: Op::Upsert(vec![text("2"), text("x")]),
+        });
+        batch.push(Change {
+            shape: s.clone(),
+            lsn: 3,
+            op: Op::Upsert(vec![text("1"), Datum::Unchanged]),
+        });
+        batch.push(Change {
+            shape: s.clone(),
+            lsn: 4,
+            op: Op::Delete(vec![text("2")]),
+        });
+        batch.push(Change {
+            shape: s,
+            lsn: 5,
+            op: Op::Truncate,
+        });
+        let (changes, truncates) = batch.into_parts();
+        assert_eq!(changes.len(), 2);
+        assert_eq!(changes[0].lsn, 3);
+        assert_eq!(changes[0].op, Op::Upsert(vec![text("1"), text("big")]));
+        assert_eq!(changes[1].op, Op::Delete(vec![text("2")]));
+        assert_eq!(truncates.len(), 1);
+    }
+}

@@ -1,0 +1,207 @@
+//! The MongoDB sink. A single-column key becomes the document's `_id`; a composite key
+//! a sub-document `_id` of its columns. Each document carries `_replicator_lsn`, the
+//! commit position of the change that wrote it, and every write is conditional on it:
+//! a document is only replaced by a change at the same or a later position.
+//!
+//! Writes use the `update` and `delete` commands with many statements each (not the
+//! driver's `bulk_write`, which needs MongoDB 8 and is not understood by every
+//! MongoDB-protocol server). A conditional upsert whose filter does not match an
+//! existing, newer document fails with a duplicate-key error: that is the "skip" case
+//! and is counted, not raised.
+
+use mongodb::bson::{Bson, Document, doc};
+use mongodb::{Client, Database};
+
+use super::super::change::{Change, Op};
+use super::super::pgoutput::Datum;
+use super::super::values::to_bson;
+use super::{Applied, POSITION_FIELD, SinkError};
+use crate::config::ConflictResolution;
+
+/// Statements per command; far below MongoDB's limits on count and message size.
+const STATEMENTS_PER_COMMAND: usize = 500;
+
+pub struct MongoSink {
+    database: Database,
+}
+
+impl MongoSink {
+    pub async fn connect(uri: &str) -> Result<MongoSink, SinkError> {
+        let options = mongodb::options::ClientOptions::parse(uri)
+            .await
+            .map_err(|e| SinkError::Config(format!("bad MongoDB uri: {e}")))?;
+        let database = options
+            .default_database
+            .clone()
+            .ok_or_else(|| SinkError::Config("the MongoDB uri names no database".into()))?;
+        let client = Client::with_options(options)
+            .map_err(|e| SinkError::Config(format!("bad MongoDB options: {e}")))?;
+        let database = client.database(&database);
+        database
+            .run_command(doc! {"ping": 1})
+            .await
+            .map_err(|e| SinkError::Unavailable(format!("MongoDB does not answer: {e}")))?;
+        Ok(MongoSink { database })
+    }
+
+    pub async fn apply(
+        &self,
+        changes: &[Change],
+        truncates: &[Change],
+        mode: ConflictResolution,
+    ) -> Result<Applied, SinkError> {
+        let mut applied = Applied::default();
+        let mut upserts: Vec<(&str, Document)> = Vec::new();
+        let mut deletes: Vec<(&str, Document)> = Vec::new();
+        for change in changes {
+            let collection = change.shape.target.as_str();
+            match &change.op {
+                Op::Upsert(row) => {
+                    let Some(id) = document_id(change, row) else {
+                        continue;
+                    };
+                    let mut fields = Document::new();
+                    for (column, value) in change.shape.columns.iter().zip(row) {
+                        match value {
+                            Datum::Unchanged => {}
+                            Datum::Null => {
+                                fields.insert(column.name.clone(), Bson::Null);
+                            }
+                            Datum::Text(text) => {
+                                fields.insert(column.name.clone(), to_bson(text, column.ty));
+                            }
+                        }
+                    }
+                    fields.insert(POSITION_FIELD, lsn_value(change.lsn));
+                    let mut filter = guard(mode, change.lsn);
+                    filter.insert("_id", id);
+                    upserts.push((
+                        collection,
+                        doc! {"q": filter, "u": {"$set": fields}, "upsert": true},
+                    ));
+                }
+                Op::Delete(key) => {
+                    let Some(id) = key_id(change, key) else {
+                        continue;
+                    };
+                    let mut filter = guard(mode, change.lsn);
+                    filter.insert("_id", id);
+                    deletes.push((collection, doc! {"q": filter, "limit": 1}));
+                }
+                Op::Truncate => {}
+            }
+        }
+        self.run_grouped("update", "updates", upserts, &mut applied)
+            .await?;
+        self.run_grouped("delete", "deletes", deletes, &mut applied)
+            .await?;
+        let truncated: Vec<(&str, Document)> = truncates
+            .iter()
+            .map(|t| {
+                (
+                    t.shape.target.as_str(),
+                    doc! {"q": {POSITION_FIELD: {"$lte": lsn_value(t.lsn)}}, "limit": 0},
+                )
+            })
+            .collect();
+        self.run_grouped("delete", "deletes", truncated, &mut applied)
+            .await?;
+        Ok(applied)
+    }
+
+    /// Sends the statements collection by collection, in commands of bounded size.
+    async fn run_grouped(
+        &self,
+        command: &str,
+        list: &str,
+        mut statements: Vec<(&str, Document)>,
+        applied: &mut Applied,
+    ) -> Result<(), SinkError> {
+        statements.sort_by(|a, b| a.0.cmp(b.0));
+        let mut start = 0;
+        while start < statements.len() {
+            let collection = statements[start].0;
+            let mut end = start;
+            while end < statements.len()
+                && statements[end].0 == collection
+                && end - start < STATEMENTS_PER_COMMAND
+            {
+                end += 1;
+            }
+            let chunk: Vec<Document> = statements[start..end]
+                .iter()
+                .map(|(_, d)| d.clone())
+                .collect();
+            let count = chunk.len() as u64;
+            let reply = self
+                .database
+                .run_command(doc! {command: collection, list: chunk, "ordered": false})
+                .await
+                .map_err(|e| SinkError::Unavailable(format!("MongoDB {command} failed: {e}")))?;
+            let mut skipped = 0;
+            if let Ok(errors) = reply.get_array("writeErrors") {
+                for error in errors {
+                    let code = error
+                        .as_document()
+                        .and_then(|d| d.get("code"))
+                        .and_then(|c| match c {
+                            Bson::Int32(v) => Some(*v as i64),
+                            Bson::Int64(v) => Some(*v),
+                            Bson::Double(v) => Some(*v as i64),
+                            _ => None,
+                        });
+                    if code == Some(11000) {
+                        skipped += 1;
+                    } else {
+                        return Err(SinkError::Rejected(format!(
+                            "MongoDB refused a write to {collection}: {error}"
+                        )));
+                    }
+                }
+            }
+            applied.written += count - skipped;
+            applied.skipped += skipped;
+            start = end;
+        }
+        Ok(())
+    }
+}
+
+/// The filter part that protects newer documents. `source-wins` also replaces
+/// documents the rule did not write; `target-wins` leaves those alone.
+fn guard(mode: ConflictResolution, lsn: u64) -> Document {
+    match mode {
+        ConflictResolution::SourceWins => doc! {"$or": [
+            {POSITION_FIELD: {"$lte": lsn_value(lsn)}},
+            {POSITION_FIELD: {"$exists": false}},
+        ]},
+        ConflictResolution::TargetWins => doc! {POSITION_FIELD: {"$lte": lsn_value(lsn)}},
+    }
+}
+
+fn lsn_value(lsn: u64) -> Bson {
+    Bson::Int64(lsn.min(i64::MAX as u64) as i64)
+}
+
+fn document_id(change: &Change, row: &[Datum]) -> Option<Bson> {
+    let key: Vec<Datum> = change.shape.key.iter().map(|&i| row[i].clone()).collect();
+    key_id(change, &key)
+}
+
+/// `_id` from the key values: the value itself for one column, else a sub-document.
+fn key_id(change: &Change, key: &[Datum]) -> Option<Bson> {
+    let shape = &change.shape;
+    let value = |i: usize, datum: &Datum| match datum {
+        Datum::Text(text) => Some(to_bson(text, shape.columns[shape.key[i]].ty)),
+        Datum::Null => Some(Bson::Null),
+        Datum::Unchanged => None,
+    };
+    if key.len() == 1 {
+        return value(0, &key[0]);
+    }
+    let mut id = Document::new();
+    for (i, datum) in key.iter().enumerate() {
+        id.insert(shape.columns[shape.key[i]].name.clone(), value(i, datum)?);
+    }
+    Some(Bson::Document(id))
+}
