@@ -293,13 +293,19 @@ fn encode_rules(
         encoder,
         "cdc_errors",
         "Failed CDC runs (each retried with backoff).",
-        &rules.iter().map(|r| (rule(r), r.errors)).collect::<Vec<_>>(),
+        &rules
+            .iter()
+            .map(|r| (rule(r), r.errors))
+            .collect::<Vec<_>>(),
     )?;
     counter(
         encoder,
         "cdc_skipped_writes",
         "Target writes turned away because the target held a newer or foreign document.",
-        &rules.iter().map(|r| (rule(r), r.skipped)).collect::<Vec<_>>(),
+        &rules
+            .iter()
+            .map(|r| (rule(r), r.skipped))
+            .collect::<Vec<_>>(),
     )?;
     gauge(
         encoder,

@@ -91,9 +91,8 @@ impl From<super::walsender::WalError> for RunError {
 /// crash there loses nothing.
 fn crash_after_apply_requested() -> bool {
     static FLAG: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *FLAG.get_or_init(|| {
-        std::env::var("REPLICATOR_FAILPOINT").is_ok_and(|v| v == "cdc-after-apply")
-    })
+    *FLAG
+        .get_or_init(|| std::env::var("REPLICATOR_FAILPOINT").is_ok_and(|v| v == "cdc-after-apply"))
 }
 
 pub struct Runner {
@@ -344,15 +343,16 @@ impl Runner {
             &created.snapshot_name,
             tables,
             created.consistent_point,
-            sink,
-            mode,
-            &stats,
-            &rule_name,
+            snapshot::Destination {
+                sink,
+                mode,
+                stats: &stats,
+                rule: &rule_name,
+            },
         )
         .await?;
         marker.snapshot_complete = true;
-        state_file::record_cdc(&path, &self.rule.name, Some(marker))
-            .map_err(RunError::failed)?;
+        state_file::record_cdc(&path, &self.rule.name, Some(marker)).map_err(RunError::failed)?;
         self.stats
             .position
             .store(created.consistent_point, Ordering::Relaxed);
@@ -502,6 +502,7 @@ impl Stream<'_> {
 
     fn mark_caught_up(&self) {
         let stats = &self.runner.stats;
+        stats.clear_error();
         stats.position.store(self.confirmed, Ordering::Relaxed);
         stats.caught_up_at_ms.store(now_ms(), Ordering::Relaxed);
     }
@@ -671,6 +672,7 @@ impl Stream<'_> {
             .stats
             .skipped
             .fetch_add(applied.skipped, Ordering::Relaxed);
+        self.runner.stats.clear_error();
         if crash_after_apply_requested() {
             warn!("failpoint cdc-after-apply: exiting before the position is confirmed");
             std::process::exit(86);

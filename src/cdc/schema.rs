@@ -284,9 +284,15 @@ pub async fn ensure_publication(
         .map_err(|e| format!("cannot look up publication {publication}: {e}"))?
         .is_some();
     let sql = if exists {
-        format!("ALTER PUBLICATION {} SET TABLE {list}", quote_ident(publication))
+        format!(
+            "ALTER PUBLICATION {} SET TABLE {list}",
+            quote_ident(publication)
+        )
     } else {
-        format!("CREATE PUBLICATION {} FOR TABLE {list}", quote_ident(publication))
+        format!(
+            "CREATE PUBLICATION {} FOR TABLE {list}",
+            quote_ident(publication)
+        )
     };
     client
         .batch_execute(&sql)

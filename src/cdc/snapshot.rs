@@ -22,15 +22,20 @@ use crate::config::ConflictResolution;
 /// Rows fetched and written per batch.
 pub const SNAPSHOT_BATCH: usize = 2000;
 
+/// Where copied rows go, and whose figures they count in.
+pub struct Destination<'a> {
+    pub sink: &'a mut Sink,
+    pub mode: ConflictResolution,
+    pub stats: &'a Arc<RuleStats>,
+    pub rule: &'a str,
+}
+
 pub async fn copy(
     client: &Client,
     snapshot_name: &str,
     tables: &RuleTables,
     consistent_point: u64,
-    sink: &mut Sink,
-    mode: ConflictResolution,
-    stats: &Arc<RuleStats>,
-    rule: &str,
+    to: Destination<'_>,
 ) -> Result<u64, String> {
     client
         .batch_execute(&format!(
@@ -43,7 +48,8 @@ pub async fn copy(
         ))
         .await
         .map_err(|e| format!("cannot import the slot's snapshot: {e}"))?;
-    let result = copy_tables(client, tables, consistent_point, sink, mode, stats, rule).await;
+    let stats = to.stats.clone();
+    let result = copy_tables(client, tables, consistent_point, to).await;
     let _ = client.batch_execute("COMMIT").await;
     stats.set_snapshot(None);
     result
@@ -53,11 +59,14 @@ async fn copy_tables(
     client: &Client,
     tables: &RuleTables,
     consistent_point: u64,
-    sink: &mut Sink,
-    mode: ConflictResolution,
-    stats: &Arc<RuleStats>,
-    rule: &str,
+    to: Destination<'_>,
 ) -> Result<u64, String> {
+    let Destination {
+        sink,
+        mode,
+        stats,
+        rule,
+    } = to;
     let mut total = 0u64;
     for (done, (_, shape)) in tables.ordered.iter().enumerate() {
         let columns = shape
@@ -105,9 +114,11 @@ async fn copy_tables(
             }
             let rows = batch.len() as u64;
             let (changes, truncates) = batch.into_parts();
-            sink.apply(&changes, &truncates, mode)
+            let applied = sink
+                .apply(&changes, &truncates, mode)
                 .await
                 .map_err(|e| format!("snapshot of {} into the target: {e}", shape.source))?;
+            stats.skipped.fetch_add(applied.skipped, Ordering::Relaxed);
             copied += rows;
             total += rows;
             stats.snapshot_rows.fetch_add(rows, Ordering::Relaxed);

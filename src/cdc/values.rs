@@ -71,7 +71,10 @@ fn scalar_to_bson(text: &str, kind: Kind) -> Bson {
         },
         Kind::Int32 => text.parse().map(Bson::Int32).unwrap_or_else(|_| fallback()),
         Kind::Int64 => text.parse().map(Bson::Int64).unwrap_or_else(|_| fallback()),
-        Kind::Float => text.parse().map(Bson::Double).unwrap_or_else(|_| fallback()),
+        Kind::Float => text
+            .parse()
+            .map(Bson::Double)
+            .unwrap_or_else(|_| fallback()),
         Kind::Numeric => Decimal128::from_str(text)
             .map(Bson::Decimal128)
             .unwrap_or_else(|_| fallback()),
@@ -288,15 +291,17 @@ mod tests {
                 bytes: vec![0, 255]
             })
         );
-        let Bson::Binary(uuid) = to_bson(
-            "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11",
-            scalar(Kind::Uuid),
-        ) else {
+        let Bson::Binary(uuid) =
+            to_bson("a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11", scalar(Kind::Uuid))
+        else {
             panic!("uuid is not binary")
         };
         assert_eq!(uuid.subtype, BinarySubtype::Uuid);
         assert_eq!(uuid.bytes[0], 0xa0);
-        assert_eq!(to_bson("abc", scalar(Kind::Text)), Bson::String("abc".into()));
+        assert_eq!(
+            to_bson("abc", scalar(Kind::Text)),
+            Bson::String("abc".into())
+        );
     }
 
     #[test]

@@ -128,9 +128,9 @@ impl WalSender {
                 quote_ident(slot)
             ))
             .await?;
-        let row = rows
-            .first()
-            .ok_or_else(|| WalError::Unexpected("CREATE_REPLICATION_SLOT returned no row".into()))?;
+        let row = rows.first().ok_or_else(|| {
+            WalError::Unexpected("CREATE_REPLICATION_SLOT returned no row".into())
+        })?;
         let field = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
         let consistent_point = crate::cluster::health::parse_lsn(&field(1))
             .ok_or_else(|| WalError::Unexpected(format!("bad consistent point {:?}", field(1))))?;

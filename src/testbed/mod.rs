@@ -578,3 +578,4 @@ fn prepend(path: &Path, text: &str) -> Result<()> {
     fs::write(path, format!("{text}{old}"))?;
     Ok(())
 }
+pub mod mongo;

@@ -133,32 +133,29 @@ impl MongoSink {
                 .map(|(_, d)| d.clone())
                 .collect();
             let count = chunk.len() as u64;
-            let reply = self
-                .database
-                .run_command(doc! {command: collection, list: chunk, "ordered": false})
+            let skipped = match self
+                .run_command(command, collection, list, chunk.clone())
                 .await
-                .map_err(|e| SinkError::Unavailable(format!("MongoDB {command} failed: {e}")))?;
-            let mut skipped = 0;
-            if let Ok(errors) = reply.get_array("writeErrors") {
-                for error in errors {
-                    let code = error
-                        .as_document()
-                        .and_then(|d| d.get("code"))
-                        .and_then(|c| match c {
-                            Bson::Int32(v) => Some(*v as i64),
-                            Bson::Int64(v) => Some(*v),
-                            Bson::Double(v) => Some(*v as i64),
-                            _ => None,
-                        });
-                    if code == Some(11000) {
-                        skipped += 1;
-                    } else {
-                        return Err(SinkError::Rejected(format!(
-                            "MongoDB refused a write to {collection}: {error}"
-                        )));
+            {
+                Ok(skipped) => skipped,
+                // Some servers fail the whole command on a duplicate key instead of
+                // reporting it per statement: then go one statement at a time.
+                Err(CommandFailure::DuplicateKey) => {
+                    let mut skipped = 0;
+                    for statement in chunk {
+                        match self
+                            .run_command(command, collection, list, vec![statement])
+                            .await
+                        {
+                            Ok(n) => skipped += n,
+                            Err(CommandFailure::DuplicateKey) => skipped += 1,
+                            Err(CommandFailure::Other(e)) => return Err(e),
+                        }
                     }
+                    skipped
                 }
-            }
+                Err(CommandFailure::Other(e)) => return Err(e),
+            };
             applied.written += count - skipped;
             applied.skipped += skipped;
             start = end;
@@ -166,6 +163,60 @@ impl MongoSink {
         Ok(())
     }
 }
+
+enum CommandFailure {
+    DuplicateKey,
+    Other(SinkError),
+}
+
+impl MongoSink {
+    /// Runs one write command; returns how many statements the position guard turned
+    /// away (duplicate-key write errors).
+    async fn run_command(
+        &self,
+        command: &str,
+        collection: &str,
+        list: &str,
+        statements: Vec<Document>,
+    ) -> Result<u64, CommandFailure> {
+        let reply = self
+            .database
+            .run_command(doc! {command: collection, list: statements, "ordered": false})
+            .await
+            .map_err(|e| match *e.kind {
+                mongodb::error::ErrorKind::Command(ref c) if c.code == DUPLICATE_KEY => {
+                    CommandFailure::DuplicateKey
+                }
+                _ => CommandFailure::Other(SinkError::Unavailable(format!(
+                    "MongoDB {command} failed: {e}"
+                ))),
+            })?;
+        let mut skipped = 0;
+        if let Ok(errors) = reply.get_array("writeErrors") {
+            for error in errors {
+                let code = error
+                    .as_document()
+                    .and_then(|d| d.get("code"))
+                    .and_then(|c| match c {
+                        Bson::Int32(v) => Some(*v),
+                        Bson::Int64(v) => Some(*v as i32),
+                        Bson::Double(v) => Some(*v as i32),
+                        _ => None,
+                    });
+                if code == Some(DUPLICATE_KEY) {
+                    skipped += 1;
+                } else {
+                    return Err(CommandFailure::Other(SinkError::Rejected(format!(
+                        "MongoDB refused a write to {collection}: {error}"
+                    ))));
+                }
+            }
+        }
+        Ok(skipped)
+    }
+}
+
+const DUPLICATE_KEY: i32 = 11000;
 
 /// The filter part that protects newer documents. `source-wins` also replaces
 /// documents the rule did not write; `target-wins` leaves those alone.

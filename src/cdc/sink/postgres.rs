@@ -87,11 +87,10 @@ impl PostgresSink {
             return Ok(s.clone());
         }
         let types = vec![Type::TEXT_ARRAY; params];
-        let statement = self
-            .client
-            .prepare_typed(&sql, &types)
-            .await
-            .map_err(|e| SinkError::Rejected(format!("cannot prepare a target statement: {e}")))?;
+        let statement =
+            self.client.prepare_typed(&sql, &types).await.map_err(|e| {
+                SinkError::Rejected(format!("cannot prepare a target statement: {e}"))
+            })?;
         self.statements.insert(sql, statement.clone());
         Ok(statement)
     }
@@ -218,9 +217,12 @@ impl PostgresSink {
             updates.join(", "),
         );
         let statement = self.statement(sql, columns.len() + 1).await?;
-        let mut values: Vec<Vec<Option<String>>> = vec![Vec::with_capacity(group.len()); columns.len() + 1];
+        let mut values: Vec<Vec<Option<String>>> =
+            vec![Vec::with_capacity(group.len()); columns.len() + 1];
         for change in group {
-            let Op::Upsert(row) = &change.op else { continue };
+            let Op::Upsert(row) = &change.op else {
+                continue;
+            };
             for (n, &i) in columns.iter().enumerate() {
                 values[n].push(match &row[i] {
                     Datum::Text(t) => Some(t.clone()),
@@ -267,9 +269,9 @@ impl PostgresSink {
             })
             .collect();
         let guard = match mode {
-            ConflictResolution::SourceWins => format!(
-                "(t.{POSITION_FIELD} IS NULL OR t.{POSITION_FIELD} <= u.lsn::bigint)"
-            ),
+            ConflictResolution::SourceWins => {
+                format!("(t.{POSITION_FIELD} IS NULL OR t.{POSITION_FIELD} <= u.lsn::bigint)")
+            }
             ConflictResolution::TargetWins => format!("t.{POSITION_FIELD} <= u.lsn::bigint"),
         };
         let sql = format!(
@@ -279,9 +281,12 @@ impl PostgresSink {
             matches.join(" AND "),
         );
         let statement = self.statement(sql, key.len() + 1).await?;
-        let mut values: Vec<Vec<Option<String>>> = vec![Vec::with_capacity(group.len()); key.len() + 1];
+        let mut values: Vec<Vec<Option<String>>> =
+            vec![Vec::with_capacity(group.len()); key.len() + 1];
         for change in group {
-            let Op::Delete(key_values) = &change.op else { continue };
+            let Op::Delete(key_values) = &change.op else {
+                continue;
+            };
             for (n, datum) in key_values.iter().enumerate() {
                 values[n].push(match datum {
                     Datum::Text(t) => Some(t.clone()),
