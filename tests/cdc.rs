@@ -800,3 +800,99 @@ async fn a_crash_between_apply_and_acknowledgement_loses_nothing() {
         ))
         .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_failover_the_rule_follows_the_new_primary() {
+    init_logs();
+    let own = tokio::task::spawn_blocking(|| {
+        replicator::testbed::Cluster::start(replicator::testbed::ClusterOptions::default())
+    })
+    .await
+    .unwrap()
+    .expect("own cluster");
+    let superuser = |port: u16| {
+        connect_owned(format!(
+            "postgresql://{SUPERUSER}:{SUPERUSER_PASSWORD}@127.0.0.1:{port}/app"
+        ))
+    };
+    superuser(own.primary.port)
+        .await
+        .batch_execute(
+            "CREATE TABLE cdc_fo (id int PRIMARY KEY, v text); ALTER TABLE cdc_fo OWNER TO app;
+             INSERT INTO cdc_fo SELECT g, 'before' FROM generate_series(1, 50) g;",
+        )
+        .await
+        .unwrap();
+    tokio::task::block_in_place(|| own.wait_caught_up(Duration::from_secs(20))).unwrap();
+    let db = mongo_db("cdc_failover").await;
+    let text = format!(
+        "{}\n[failover]\nuser = \"postgres\"\npassword = \"postgres\"\nhealth_check_interval_ms = 200\nfailure_threshold = 2\n\n{}\n[[rules]]\nname = \"fo\"\nsource = \"app\"\ntarget = \"sink\"\ncollections = [\"cdc_fo\"]\ninterval_ms = 0\n",
+        config_text(&own, "lag_check_interval_ms = 100", ""),
+        mongo_target("cdc_failover"),
+    );
+    let proxy = start_proxy_with(&text).await;
+    wait_documents(&db, "cdc_fo", "the first snapshot", |d| d.len() == 50).await;
+    let app = app_client(&proxy).await;
+    app.batch_execute("INSERT INTO cdc_fo SELECT g, 'streamed' FROM generate_series(51, 60) g")
+        .await
+        .unwrap();
+    wait_documents(&db, "cdc_fo", "streamed rows", |d| d.len() == 60).await;
+    tokio::task::block_in_place(|| own.wait_caught_up(Duration::from_secs(20))).unwrap();
+
+    own.primary.kill().unwrap();
+    let s = wait_status(&proxy, Duration::from_secs(60), "a new primary", |s| {
+        s.projects[0]
+            .primary
+            .as_deref()
+            .is_some_and(|p| p != "master")
+    })
+    .await;
+    let new_primary = s.projects[0].primary.clone().unwrap();
+    // Writes through the same connection string land on the new primary...
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let app = app_client(&proxy).await;
+        match app
+            .batch_execute("INSERT INTO cdc_fo SELECT g, 'after' FROM generate_series(61, 70) g")
+            .await
+        {
+            Ok(()) => break,
+            Err(e) => assert!(Instant::now() < deadline, "write after failover: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // ...and the rule, whose slot did not survive the failover (PostgreSQL 15), copies
+    // the tables again from the new primary and goes on streaming from there.
+    let docs = wait_documents(&db, "cdc_fo", "rows after the failover", |d| d.len() == 70).await;
+    assert_eq!(
+        by_id(&docs, Bson::Int32(70)).unwrap().get_str("v"),
+        Ok("after")
+    );
+    let s = wait_status(
+        &proxy,
+        Duration::from_secs(30),
+        "the second snapshot",
+        |s| s.rules[0].snapshot_rows >= 50 + 60,
+    )
+    .await;
+    assert_eq!(s.rules[0].state, "streaming", "{:?}", s.rules[0]);
+    let state: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(own.dir.join("replicator-state.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(state["cdc"]["fo"]["node"], new_primary.as_str());
+    app_client(&proxy)
+        .await
+        .batch_execute("UPDATE cdc_fo SET v = 'later' WHERE id = 1")
+        .await
+        .unwrap();
+    wait_documents(&db, "cdc_fo", "a change on the new primary", |d| {
+        by_id(d, Bson::Int32(1)).is_some_and(|x| x.get_str("v") == Ok("later"))
+    })
+    .await;
+    proxy.stop(Duration::from_secs(2)).await;
+}
+
+async fn connect_owned(url: String) -> tokio_postgres::Client {
+    connect(&url).await.expect("connect")
+}

@@ -1,8 +1,13 @@
 //! Changes on their way to a target, and the batch that carries them.
 //!
-//! Every change carries the commit position (LSN) of its source transaction; the sinks
-//! store it with each document or row and refuse to replace a newer one with an older
-//! one. That is what makes replays (after a crash, a retry or a re-snapshot) harmless.
+//! Every change carries the position of its source transaction; the sinks store it with
+//! each document or row and refuse to replace a newer one with an older one. That is
+//! what makes replays (after a crash, a retry or a re-snapshot) harmless.
+//!
+//! A position is the commit LSN under the source's timeline: `timeline << 48 | lsn`.
+//! After a failover the new primary's timeline is higher, so everything it says beats
+//! what the old primary said, even where the old primary had written WAL past the point
+//! the new one branched from (writes lost with it).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -24,10 +29,18 @@ pub enum Op {
 #[derive(Debug, Clone)]
 pub struct Change {
     pub shape: Arc<Shape>,
-    /// Commit position of the source transaction (the snapshot's consistent point for
-    /// snapshot rows).
-    pub lsn: u64,
+    /// `position(timeline, commit LSN)` of the source transaction (of the snapshot's
+    /// consistent point for snapshot rows).
+    pub position: i64,
     pub op: Op,
+}
+
+/// Low 48 bits: the LSN (256 TiB of WAL); above them the timeline.
+const LSN_BITS: u32 = 48;
+
+pub fn position(timeline: u32, lsn: u64) -> i64 {
+    let timeline = i64::from(timeline.min(0x7fff));
+    (timeline << LSN_BITS) | (lsn & ((1u64 << LSN_BITS) - 1)) as i64
 }
 
 impl Change {
@@ -128,34 +141,41 @@ mod tests {
         let mut batch = Batch::default();
         batch.push(Change {
             shape: s.clone(),
-            lsn: 1,
+            position: 1,
             op: Op::Upsert(vec![text("1"), text("big")]),
         });
         batch.push(Change {
             shape: s.clone(),
-            lsn: 2,
+            position: 2,
             op: Op::Upsert(vec![text("2"), text("x")]),
         });
         batch.push(Change {
             shape: s.clone(),
-            lsn: 3,
+            position: 3,
             op: Op::Upsert(vec![text("1"), Datum::Unchanged]),
         });
         batch.push(Change {
             shape: s.clone(),
-            lsn: 4,
+            position: 4,
             op: Op::Delete(vec![text("2")]),
         });
         batch.push(Change {
             shape: s,
-            lsn: 5,
+            position: 5,
             op: Op::Truncate,
         });
         let (changes, truncates) = batch.into_parts();
         assert_eq!(changes.len(), 2);
-        assert_eq!(changes[0].lsn, 3);
+        assert_eq!(changes[0].position, 3);
         assert_eq!(changes[0].op, Op::Upsert(vec![text("1"), text("big")]));
         assert_eq!(changes[1].op, Op::Delete(vec![text("2")]));
         assert_eq!(truncates.len(), 1);
+    }
+
+    #[test]
+    fn a_later_timeline_always_wins() {
+        assert!(position(2, 0x10) > position(1, 0xFFFF_FFFF));
+        assert!(position(1, 0x20) > position(1, 0x10));
+        assert!(position(1, 0) > 0);
     }
 }

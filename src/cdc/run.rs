@@ -235,7 +235,10 @@ impl Runner {
             CONNECT_TIMEOUT,
         )
         .await?;
-        let snapshot_taken = self.prepare_slot(&source, &tables, &mut wal, &name).await?;
+        let timeline = wal.timeline().await?;
+        let snapshot_taken = self
+            .prepare_slot(&source, &tables, &mut wal, &name, timeline)
+            .await?;
 
         self.stats.set_state("streaming");
         wal.start(&name, &name).await?;
@@ -245,6 +248,7 @@ impl Runner {
             tables,
             control: source.control,
             relations: HashMap::new(),
+            timeline,
             batch: Batch::default(),
             in_transaction: false,
             transaction_lsn: 0,
@@ -296,6 +300,7 @@ impl Runner {
         tables: &RuleTables,
         wal: &mut WalSender,
         slot: &str,
+        timeline: u32,
     ) -> Result<bool, RunError> {
         let path = self.state_path();
         let recorded = state_file::load(&path)
@@ -338,11 +343,12 @@ impl Runner {
         // the exported snapshot alive.
         let copier = control_connection_for(&source.login).await?;
         let sink = self.sink_mut()?;
+        let position = super::change::position(timeline, created.consistent_point);
         let rows = snapshot::copy(
             &copier,
             &created.snapshot_name,
             tables,
-            created.consistent_point,
+            position,
             snapshot::Destination {
                 sink,
                 mode,
@@ -351,6 +357,11 @@ impl Runner {
             },
         )
         .await?;
+        let shapes: Vec<Arc<Shape>> = tables.ordered.iter().map(|(_, s)| s.clone()).collect();
+        let swept = self.sink_mut()?.sweep(&shapes, position).await?;
+        if swept > 0 {
+            info!(rule = %self.rule.name, swept, "removed target rows the source no longer has");
+        }
         marker.snapshot_complete = true;
         state_file::record_cdc(&path, &self.rule.name, Some(marker)).map_err(RunError::failed)?;
         self.stats
@@ -407,6 +418,8 @@ struct Stream<'a> {
     control: Client,
     /// Relations as the stream last described them, by OID.
     relations: HashMap<u32, Arc<Shape>>,
+    /// The source's timeline: the high part of every position written.
+    timeline: u32,
     batch: Batch,
     in_transaction: bool,
     /// Commit position of the transaction being received.
@@ -594,7 +607,7 @@ impl Stream<'_> {
     fn push(&mut self, shape: Arc<Shape>, op: Op) {
         self.batch.push(Change {
             shape,
-            lsn: self.transaction_lsn,
+            position: super::change::position(self.timeline, self.transaction_lsn),
             op,
         });
     }

@@ -3,7 +3,10 @@
 //! That snapshot sees exactly the transactions committed before the slot's consistent
 //! point, and the stream delivers exactly those committed after it: no row is missed
 //! and none is seen twice. Rows are written with the consistent point as their
-//! position, so any streamed change replaces them.
+//! position, so any streamed change replaces them. Afterwards, documents or rows this
+//! rule wrote earlier and the snapshot did not rewrite belong to rows the source no
+//! longer has (deleted while the rule was away, or lost with a failed primary): they are
+//! swept.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -34,7 +37,7 @@ pub async fn copy(
     client: &Client,
     snapshot_name: &str,
     tables: &RuleTables,
-    consistent_point: u64,
+    position: i64,
     to: Destination<'_>,
 ) -> Result<u64, String> {
     client
@@ -49,7 +52,7 @@ pub async fn copy(
         .await
         .map_err(|e| format!("cannot import the slot's snapshot: {e}"))?;
     let stats = to.stats.clone();
-    let result = copy_tables(client, tables, consistent_point, to).await;
+    let result = copy_tables(client, tables, position, to).await;
     let _ = client.batch_execute("COMMIT").await;
     stats.set_snapshot(None);
     result
@@ -58,7 +61,7 @@ pub async fn copy(
 async fn copy_tables(
     client: &Client,
     tables: &RuleTables,
-    consistent_point: u64,
+    position: i64,
     to: Destination<'_>,
 ) -> Result<u64, String> {
     let Destination {
@@ -104,7 +107,7 @@ async fn copy_tables(
                         .collect();
                     batch.push(Change {
                         shape: shape.clone(),
-                        lsn: consistent_point,
+                        position,
                         op: Op::Upsert(values),
                     });
                 }

@@ -119,6 +119,15 @@ impl WalSender {
         }
     }
 
+    /// The server's current timeline (it grows with every promotion).
+    pub async fn timeline(&mut self) -> Result<u32, WalError> {
+        let rows = self.command("IDENTIFY_SYSTEM").await?;
+        rows.first()
+            .and_then(|r| r.get(1).cloned().flatten())
+            .and_then(|t| t.parse().ok())
+            .ok_or_else(|| WalError::Unexpected("IDENTIFY_SYSTEM gave no timeline".into()))
+    }
+
     /// Creates a logical slot using pgoutput and exports its snapshot. The snapshot
     /// stays importable only while this connection stays open and idle.
     pub async fn create_slot(&mut self, slot: &str) -> Result<CreatedSlot, WalError> {

@@ -59,6 +59,16 @@ impl Sink {
         }
     }
 
+    /// Removes what this rule wrote before `position` in each table: after a snapshot
+    /// at `position`, those are rows the source no longer has. Documents or rows
+    /// without a position (not written by the rule) are never touched.
+    pub async fn sweep(&mut self, shapes: &[Arc<Shape>], position: i64) -> Result<u64, SinkError> {
+        match self {
+            Sink::Mongo(sink) => sink.sweep(shapes, position).await,
+            Sink::Postgres(sink) => sink.sweep(shapes, position).await,
+        }
+    }
+
     /// A Postgres connection that died is known without a round trip.
     pub fn is_broken(&self) -> bool {
         match self {

@@ -72,8 +72,8 @@ impl MongoSink {
                             }
                         }
                     }
-                    fields.insert(POSITION_FIELD, lsn_value(change.lsn));
-                    let mut filter = guard(mode, change.lsn);
+                    fields.insert(POSITION_FIELD, lsn_value(change.position));
+                    let mut filter = guard(mode, change.position);
                     filter.insert("_id", id);
                     upserts.push((
                         collection,
@@ -84,7 +84,7 @@ impl MongoSink {
                     let Some(id) = key_id(change, key) else {
                         continue;
                     };
-                    let mut filter = guard(mode, change.lsn);
+                    let mut filter = guard(mode, change.position);
                     filter.insert("_id", id);
                     deletes.push((collection, doc! {"q": filter, "limit": 1}));
                 }
@@ -100,7 +100,7 @@ impl MongoSink {
             .map(|t| {
                 (
                     t.shape.target.as_str(),
-                    doc! {"q": {POSITION_FIELD: {"$lte": lsn_value(t.lsn)}}, "limit": 0},
+                    doc! {"q": {POSITION_FIELD: {"$lte": lsn_value(t.position)}}, "limit": 0},
                 )
             })
             .collect();
@@ -164,6 +164,26 @@ impl MongoSink {
     }
 }
 
+impl MongoSink {
+    pub async fn sweep(
+        &self,
+        shapes: &[std::sync::Arc<super::super::schema::Shape>],
+        position: i64,
+    ) -> Result<u64, SinkError> {
+        let mut removed = 0;
+        for shape in shapes {
+            let result = self
+                .database
+                .collection::<Document>(&shape.target)
+                .delete_many(doc! {POSITION_FIELD: {"$lt": lsn_value(position)}})
+                .await
+                .map_err(|e| SinkError::Unavailable(format!("MongoDB delete failed: {e}")))?;
+            removed += result.deleted_count;
+        }
+        Ok(removed)
+    }
+}
+
 enum CommandFailure {
     DuplicateKey,
     Other(SinkError),
@@ -220,7 +240,7 @@ const DUPLICATE_KEY: i32 = 11000;
 
 /// The filter part that protects newer documents. `source-wins` also replaces
 /// documents the rule did not write; `target-wins` leaves those alone.
-fn guard(mode: ConflictResolution, lsn: u64) -> Document {
+fn guard(mode: ConflictResolution, lsn: i64) -> Document {
     match mode {
         ConflictResolution::SourceWins => doc! {"$or": [
             {POSITION_FIELD: {"$lte": lsn_value(lsn)}},
@@ -230,8 +250,8 @@ fn guard(mode: ConflictResolution, lsn: u64) -> Document {
     }
 }
 
-fn lsn_value(lsn: u64) -> Bson {
-    Bson::Int64(lsn.min(i64::MAX as u64) as i64)
+fn lsn_value(position: i64) -> Bson {
+    Bson::Int64(position)
 }
 
 fn document_id(change: &Change, row: &[Datum]) -> Option<Bson> {

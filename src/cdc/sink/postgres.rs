@@ -82,6 +82,22 @@ impl PostgresSink {
         Ok(())
     }
 
+    pub async fn sweep(&mut self, shapes: &[Arc<Shape>], position: i64) -> Result<u64, SinkError> {
+        let mut removed = 0;
+        for shape in shapes {
+            let sql = format!(
+                "DELETE FROM {} WHERE {POSITION_FIELD} < $1",
+                qualified(&shape.target)
+            );
+            removed += self
+                .client
+                .execute(&sql, &[&position])
+                .await
+                .map_err(|e| SinkError::Rejected(format!("sweep of {}: {e}", shape.target)))?;
+        }
+        Ok(removed)
+    }
+
     async fn statement(&mut self, sql: String, params: usize) -> Result<Statement, SinkError> {
         if let Some(s) = self.statements.get(&sql) {
             return Ok(s.clone());
@@ -139,7 +155,7 @@ impl PostgresSink {
                     qualified(&truncate.shape.target)
                 );
                 let statement = self.statement(sql, 1).await?;
-                let position = vec![Some(truncate.lsn.to_string())];
+                let position = vec![Some(truncate.position.to_string())];
                 let n = self
                     .client
                     .execute(&statement, &[&position])
@@ -229,7 +245,7 @@ impl PostgresSink {
                     _ => None,
                 });
             }
-            values[columns.len()].push(Some(change.lsn.to_string()));
+            values[columns.len()].push(Some(change.position.to_string()));
         }
         let params: Vec<&(dyn ToSql + Sync)> =
             values.iter().map(|v| v as &(dyn ToSql + Sync)).collect();
@@ -293,7 +309,7 @@ impl PostgresSink {
                     _ => None,
                 });
             }
-            values[key.len()].push(Some(change.lsn.to_string()));
+            values[key.len()].push(Some(change.position.to_string()));
         }
         let params: Vec<&(dyn ToSql + Sync)> =
             values.iter().map(|v| v as &(dyn ToSql + Sync)).collect();
