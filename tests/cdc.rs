@@ -896,3 +896,52 @@ async fn after_a_failover_the_rule_follows_the_new_primary() {
 async fn connect_owned(url: String) -> tokio_postgres::Client {
     connect(&url).await.expect("connect")
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_snapshot_removes_rows_the_source_no_longer_has() {
+    create_table("cdc_sweep", "id int primary key, v text").await;
+    run_sql("INSERT INTO cdc_sweep SELECT g, 'x' FROM generate_series(1, 30) g").await;
+    let db = mongo_db("cdc_sweep").await;
+    // A document the rule did not write: never swept.
+    db.collection::<Document>("cdc_sweep")
+        .insert_one(doc! {"_id": 1000, "v": "foreign"})
+        .await
+        .unwrap();
+    let config = rule_config(
+        "sweep",
+        &["cdc_sweep"],
+        &mongo_target("cdc_sweep"),
+        "interval_ms = 3600000",
+    );
+    let proxy = start_proxy_with(&config).await;
+    sync(&proxy, "sweep").await.expect("SYNC");
+    wait_documents(&db, "cdc_sweep", "the snapshot", |d| d.len() == 31).await;
+    proxy.stop(Duration::from_secs(2)).await;
+
+    // While the rule is away its slot is lost (as on a failover in PostgreSQL 15) and
+    // rows are deleted: the changes will never be streamed.
+    let name = replicator::cdc::schema::object_name("sweep");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while primary_client()
+        .await
+        .batch_execute(&format!("SELECT pg_drop_replication_slot('{name}')"))
+        .await
+        .is_err()
+    {
+        assert!(Instant::now() < deadline, "slot stayed busy");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    run_sql("DELETE FROM cdc_sweep WHERE id > 20").await;
+
+    let proxy = start_proxy_with(&config).await;
+    sync(&proxy, "sweep").await.expect("SYNC");
+    let s = status(&proxy).await;
+    assert_eq!(s.rules[0].snapshot_rows, 20, "copied again: {:?}", s.rules[0]);
+    let docs = documents(&db, "cdc_sweep").await;
+    let mut ids: Vec<i32> = docs.iter().filter_map(|d| d.get_i32("_id").ok()).collect();
+    ids.sort();
+    let mut expected: Vec<i32> = (1..=20).collect();
+    expected.push(1000);
+    assert_eq!(ids, expected);
+    finish(proxy, "sweep").await;
+}
