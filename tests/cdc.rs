@@ -662,6 +662,51 @@ async fn postgres_to_postgres_mirror_is_exact() {
     finish(proxy, "pg-mirror").await;
 }
 
+/// A config file for the proxy binary (fixed ports, its own state file) and its admin
+/// address.
+fn binary_config(rule: &str, tables: &[&str], target: &str) -> (PathBuf, String) {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("cdc-{rule}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let port = replicator::testbed::free_port().unwrap();
+    let admin_port = replicator::testbed::free_port().unwrap();
+    let text = rule_config(rule, tables, target, "interval_ms = 0")
+        .replace(
+            "admin_listen = \"127.0.0.1:0\"",
+            &format!("admin_listen = \"127.0.0.1:{admin_port}\""),
+        )
+        .replace(
+            "\nlisten = \"127.0.0.1:0\"",
+            &format!("\nlisten = \"127.0.0.1:{port}\""),
+        );
+    let state_line = text
+        .lines()
+        .find(|l| l.starts_with("state_file"))
+        .unwrap()
+        .to_string();
+    let text = text.replace(
+        &state_line,
+        &format!("state_file = \"{}\"", dir.join("state.json").display()),
+    );
+    let config = dir.join("proxy.toml");
+    std::fs::write(&config, text).unwrap();
+    (config, format!("127.0.0.1:{admin_port}"))
+}
+
+/// `POST /sync/<rule>` until the (re)started binary answers it.
+async fn sync_over_http(admin: &str, rule: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        if let Ok((200, body)) =
+            replicator::admin::http::post_to(admin, &format!("/sync/{rule}")).await
+        {
+            return body;
+        }
+        assert!(Instant::now() < deadline, "the proxy never synced {rule}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// Runs the proxy binary with `config`, optionally with the crash failpoint.
 fn spawn_binary(config: &Path, failpoint: bool) -> std::process::Child {
     let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_replicator"));
@@ -696,32 +741,8 @@ async fn a_crash_between_apply_and_acknowledgement_loses_nothing() {
     create_table("cdc_crash", "id int primary key, v text").await;
     run_sql("INSERT INTO cdc_crash SELECT g, 'snapshot' FROM generate_series(1, 20) g").await;
     let target_url = create_database("cdc_crash_mirror").await;
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("cdc-crash");
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let port = replicator::testbed::free_port().unwrap();
-    let admin_port = replicator::testbed::free_port().unwrap();
     let target = format!("[targets.sink]\nkind = \"postgres\"\nuri = \"{target_url}\"\n");
-    let text = rule_config("crash", &["cdc_crash"], &target, "interval_ms = 0")
-        .replace(
-            "admin_listen = \"127.0.0.1:0\"",
-            &format!("admin_listen = \"127.0.0.1:{admin_port}\""),
-        )
-        .replace(
-            "\nlisten = \"127.0.0.1:0\"",
-            &format!("\nlisten = \"127.0.0.1:{port}\""),
-        );
-    let state_line = text
-        .lines()
-        .find(|l| l.starts_with("state_file"))
-        .unwrap()
-        .to_string();
-    let text = text.replace(
-        &state_line,
-        &format!("state_file = \"{}\"", dir.join("state.json").display()),
-    );
-    let config = dir.join("proxy.toml");
-    std::fs::write(&config, text).unwrap();
+    let (config, admin) = binary_config("crash", &["cdc_crash"], &target);
 
     // First life: copies the snapshot, then dies right after writing the first streamed
     // batch, before confirming it to the slot.
@@ -767,15 +788,7 @@ async fn a_crash_between_apply_and_acknowledgement_loses_nothing() {
     // Second life: the unconfirmed batch comes again; applying it twice is harmless.
     run_sql("UPDATE cdc_crash SET v = 'after restart' WHERE id = 40").await;
     let mut second = spawn_binary(&config, false);
-    let admin = format!("127.0.0.1:{admin_port}");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let body = loop {
-        if let Ok((200, body)) = replicator::admin::http::post_to(&admin, "/sync/crash").await {
-            break body;
-        }
-        assert!(Instant::now() < deadline, "restarted proxy never synced");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let body = sync_over_http(&admin, "crash").await;
     let report: replicator::cdc::stats::RunReport = serde_json::from_str(&body).unwrap();
     assert!(!report.snapshot, "the slot was reused, not re-created");
     let expected = table_rows(&source_url(), "cdc_crash").await;
@@ -936,7 +949,11 @@ async fn a_new_snapshot_removes_rows_the_source_no_longer_has() {
     let proxy = start_proxy_with(&config).await;
     sync(&proxy, "sweep").await.expect("SYNC");
     let s = status(&proxy).await;
-    assert_eq!(s.rules[0].snapshot_rows, 20, "copied again: {:?}", s.rules[0]);
+    assert_eq!(
+        s.rules[0].snapshot_rows, 20,
+        "copied again: {:?}",
+        s.rules[0]
+    );
     let docs = documents(&db, "cdc_sweep").await;
     let mut ids: Vec<i32> = docs.iter().filter_map(|d| d.get_i32("_id").ok()).collect();
     ids.sort();
@@ -944,4 +961,111 @@ async fn a_new_snapshot_removes_rows_the_source_no_longer_has() {
     expected.push(1000);
     assert_eq!(ids, expected);
     finish(proxy, "sweep").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_added_to_a_rule_by_reload_is_copied() {
+    init_logs();
+    create_table("cdc_first", "id int primary key").await;
+    create_table("cdc_second", "id int primary key").await;
+    run_sql(
+        "INSERT INTO cdc_first SELECT generate_series(1, 5); INSERT INTO cdc_second SELECT generate_series(1, 7);",
+    )
+    .await;
+    let db = mongo_db("cdc_reload").await;
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("cdc-reload");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("proxy.toml");
+    let one = rule_config(
+        "grow",
+        &["cdc_first"],
+        &mongo_target("cdc_reload"),
+        "interval_ms = 0",
+    );
+    std::fs::write(&path, &one).unwrap();
+    let config = replicator::config::Config::parse(&one).unwrap();
+    let proxy = Proxy::start(config, Some(path.clone())).await.unwrap();
+    wait_documents(&db, "cdc_first", "the first table", |d| d.len() == 5).await;
+
+    let two = rule_config(
+        "grow",
+        &["cdc_first", "cdc_second"],
+        &mongo_target("cdc_reload"),
+        "interval_ms = 0",
+    );
+    std::fs::write(&path, &two).unwrap();
+    replicator::reload::reload(&proxy.shared, "test")
+        .await
+        .expect("reload");
+    wait_documents(&db, "cdc_second", "the added table", |d| d.len() == 7).await;
+    run_sql("INSERT INTO cdc_second VALUES (8); DELETE FROM cdc_first WHERE id = 1").await;
+    wait_documents(&db, "cdc_second", "a streamed row", |d| d.len() == 8).await;
+    wait_documents(&db, "cdc_first", "a streamed delete", |d| d.len() == 4).await;
+    finish(proxy, "grow").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_proxy_at_random_moments_loses_nothing() {
+    init_logs();
+    create_table("cdc_kill", "id int primary key, v int").await;
+    run_sql("INSERT INTO cdc_kill SELECT g, 0 FROM generate_series(1, 100) g").await;
+    let target_url = create_database("cdc_kill_mirror").await;
+    let target = format!("[targets.sink]\nkind = \"postgres\"\nuri = \"{target_url}\"\n");
+    let (config, admin) = binary_config("kill", &["cdc_kill"], &target);
+
+    // Writes go straight to the primary while proxies come and go.
+    let running = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let writer = {
+        let running = running.clone();
+        tokio::spawn(async move {
+            let client = primary_client().await;
+            let mut id = 100;
+            while running.load(std::sync::atomic::Ordering::Relaxed) {
+                id += 1;
+                client
+                    .batch_execute(&format!(
+                        "BEGIN; INSERT INTO cdc_kill VALUES ({id}, 0);
+                         UPDATE cdc_kill SET v = v + 1 WHERE id = {};
+                         DELETE FROM cdc_kill WHERE id = {}; COMMIT;",
+                        id / 2,
+                        id / 3
+                    ))
+                    .await
+                    .expect("source write");
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+    };
+    for round in 0..6u64 {
+        let mut child = spawn_binary(&config, false);
+        // Pseudo-random lifetimes between 0.2 and 2 s: deaths land in the snapshot, in
+        // streaming, between a write and its acknowledgement.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos() as u64;
+        let life = 200 + (nanos / 1000 + round * 337) % 1800;
+        tokio::time::sleep(Duration::from_millis(life)).await;
+        child.kill().expect("SIGKILL");
+        let _ = child.wait();
+    }
+    running.store(false, std::sync::atomic::Ordering::Relaxed);
+    writer.await.unwrap();
+
+    let mut last = spawn_binary(&config, false);
+    sync_over_http(&admin, "kill").await;
+    let expected = table_rows(&source_url(), "cdc_kill").await;
+    assert!(expected.len() > 100);
+    assert_eq!(table_rows(&target_url, "cdc_kill").await, expected);
+    let _ = last.kill();
+    let _ = last.wait();
+    let name = replicator::cdc::schema::object_name("kill");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let _ = primary_client()
+        .await
+        .batch_execute(&format!(
+            "SELECT pg_drop_replication_slot('{name}'); DROP PUBLICATION IF EXISTS {name}"
+        ))
+        .await;
 }

@@ -309,16 +309,25 @@ impl Runner {
             .get(&self.rule.name)
             .cloned();
         let existing = schema::slot_position(&source.control, slot).await?;
+        let table_names: Vec<String> = tables
+            .ordered
+            .iter()
+            .map(|(_, s)| s.source.clone())
+            .collect();
         let usable = matches!(
             (&existing, &recorded),
-            (Some(_), Some(r)) if r.snapshot_complete && r.slot == slot && r.node == source.node_name
+            (Some(_), Some(r)) if r.snapshot_complete
+                && r.slot == slot
+                && r.node == source.node_name
+                && r.tables == table_names
         );
         if usable {
             return Ok(false);
         }
         if existing.is_some() {
-            // A slot whose snapshot never finished (or that we know nothing about):
-            // its position means nothing for the target. Start over.
+            // A slot whose snapshot never finished, that we know nothing about, or that
+            // was made for other tables: its position means nothing for the target.
+            // Start over (the copy rewrites what the target has, idempotently).
             warn!(rule = %self.rule.name, slot, "dropping a slot without a completed snapshot");
             wal.drop_slot(slot).await?;
         }
@@ -332,6 +341,7 @@ impl Runner {
             node: source.node_name.clone(),
             consistent_point: format_lsn(created.consistent_point),
             snapshot_complete: false,
+            tables: table_names,
         };
         state_file::record_cdc(&path, &self.rule.name, Some(marker.clone()))
             .map_err(RunError::failed)?;

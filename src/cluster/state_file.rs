@@ -35,6 +35,9 @@ pub struct CdcState {
     pub consistent_point: String,
     /// Every table was copied: the slot can be streamed from without a new snapshot.
     pub snapshot_complete: bool,
+    /// The tables copied (a rule that now names others needs a new copy).
+    #[serde(default)]
+    pub tables: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

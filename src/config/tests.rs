@@ -88,3 +88,40 @@ fn example_proxy_toml_is_valid() {
         panic!("{e}");
     }
 }
+
+#[test]
+fn target_uris_are_checked_for_their_kind() {
+    let base = "[proxy]\n[projects.p]\n[[projects.p.replicas]]\nname = \"m\"\nrole = \"primary\"\nuri = \"postgresql://127.0.0.1:5432/p\"\n";
+    let with = |kind: &str, uri: &str| {
+        format!("{base}\n[targets.t]\nkind = \"{kind}\"\nuri = \"{uri}\"\n")
+    };
+    let issues = |text: String| match Config::parse(&text) {
+        Ok(_) => Vec::new(),
+        Err(e) => e
+            .iter()
+            .map(|i| format!("{}: {}", i.key, i.reason))
+            .collect::<Vec<_>>(),
+    };
+    assert!(
+        issues(with(
+            "mongodb",
+            "mongodb://127.0.0.1:27017/analytics?w=majority"
+        ))
+        .is_empty()
+    );
+    assert!(issues(with("postgres", "postgresql://u:p@127.0.0.1:5432/mirror")).is_empty());
+    let no_db = issues(with("mongodb", "mongodb://127.0.0.1:27017"));
+    assert!(
+        no_db
+            .iter()
+            .any(|i| i.starts_with("targets.t.uri") && i.contains("database")),
+        "{no_db:?}"
+    );
+    let wrong = issues(with("mongodb", "postgresql://127.0.0.1/x"));
+    assert!(wrong.iter().any(|i| i.contains("mongodb://")), "{wrong:?}");
+    let bad_pg = issues(with("postgres", "postgresql://127.0.0.1:notaport/x"));
+    assert!(
+        bad_pg.iter().any(|i| i.starts_with("targets.t.uri")),
+        "{bad_pg:?}"
+    );
+}

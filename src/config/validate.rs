@@ -50,6 +50,32 @@ const RULE: &[&str] = &[
     "enabled",
 ];
 
+/// A target URI the sink will be able to use: `mongodb://host/db` (a database is
+/// required: documents go there) or a Postgres URI tokio-postgres accepts.
+fn check_target_uri(target: &super::model::Target) -> Result<(), String> {
+    let uri = target.uri.as_str();
+    match target.kind {
+        super::model::TargetKind::Mongodb => {
+            let rest = uri
+                .strip_prefix("mongodb://")
+                .or_else(|| uri.strip_prefix("mongodb+srv://"))
+                .ok_or("must start with mongodb:// or mongodb+srv://")?;
+            let database = rest
+                .split_once('/')
+                .map(|(_, path)| path.split('?').next().unwrap_or(""))
+                .unwrap_or("");
+            if database.is_empty() {
+                return Err("must name a database (mongodb://host:port/DATABASE)".into());
+            }
+            Ok(())
+        }
+        super::model::TargetKind::Postgres => uri
+            .parse::<tokio_postgres::Config>()
+            .map(|_| ())
+            .map_err(|e| format!("not a Postgres connection string: {e}")),
+    }
+}
+
 /// The name clients use to reach the admin console; no project may take it.
 pub const ADMIN_DATABASE: &str = "replicator";
 
@@ -271,8 +297,8 @@ pub fn semantics(config: &Config) -> Vec<ConfigIssue> {
         ));
     }
     for (name, target) in &config.targets {
-        if target.uri.is_empty() {
-            out.push(issue(format!("targets.{name}.uri"), "must not be empty"));
+        if let Err(reason) = check_target_uri(target) {
+            out.push(issue(format!("targets.{name}.uri"), reason));
         }
         if config.projects.contains_key(name) {
             out.push(issue(
