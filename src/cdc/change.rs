@@ -33,6 +33,10 @@ pub struct Change {
     /// consistent point for snapshot rows).
     pub position: i64,
     pub op: Op,
+    /// The source inserted this row and the batch holds nothing earlier for its key:
+    /// the target most likely lacks it, so a sink may try a plain insert first (and
+    /// fall back to the guarded upsert when the key exists).
+    pub insert: bool,
 }
 
 /// Low 48 bits: the LSN (256 TiB of WAL); above them the timeline.
@@ -82,6 +86,7 @@ impl Batch {
             Some(&at) => {
                 let earlier = std::mem::replace(&mut self.changes[at], change);
                 let later = &mut self.changes[at];
+                later.insert = false;
                 if let (Op::Upsert(old), Op::Upsert(new)) = (&earlier.op, &mut later.op)
                     && earlier.shape.columns == later.shape.columns
                 {
@@ -143,26 +148,31 @@ mod tests {
             shape: s.clone(),
             position: 1,
             op: Op::Upsert(vec![text("1"), text("big")]),
+            insert: true,
         });
         batch.push(Change {
             shape: s.clone(),
             position: 2,
             op: Op::Upsert(vec![text("2"), text("x")]),
+            insert: false,
         });
         batch.push(Change {
             shape: s.clone(),
             position: 3,
             op: Op::Upsert(vec![text("1"), Datum::Unchanged]),
+            insert: false,
         });
         batch.push(Change {
             shape: s.clone(),
             position: 4,
             op: Op::Delete(vec![text("2")]),
+            insert: false,
         });
         batch.push(Change {
             shape: s,
             position: 5,
             op: Op::Truncate,
+            insert: false,
         });
         let (changes, truncates) = batch.into_parts();
         assert_eq!(changes.len(), 2);

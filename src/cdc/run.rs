@@ -546,6 +546,7 @@ impl Stream<'_> {
 
     async fn on_message(&mut self, payload: &[u8]) -> Result<(), RunError> {
         let message = pgoutput::decode(payload).map_err(|e| RunError::failed(e.to_string()))?;
+        self.check_width(&message)?;
         let stats = self.runner.stats.clone();
         match message {
             Message::Begin { final_lsn, .. } => {
@@ -565,7 +566,7 @@ impl Stream<'_> {
             Message::Insert { relation, new } => {
                 if let Some(shape) = self.relations.get(&relation).cloned() {
                     stats.inserted.fetch_add(1, Ordering::Relaxed);
-                    self.push(shape, Op::Upsert(new));
+                    self.push_change(shape, Op::Upsert(new), true);
                 }
             }
             Message::Update { relation, old, new } => {
@@ -597,6 +598,30 @@ impl Stream<'_> {
         Ok(())
     }
 
+    /// Every tuple must have its relation's columns: the key positions index into it.
+    fn check_width(&self, message: &Message) -> Result<(), RunError> {
+        let (relation, tuples): (u32, Vec<&Vec<Datum>>) = match message {
+            Message::Insert { relation, new } => (*relation, vec![new]),
+            Message::Update { relation, old, new } => {
+                (*relation, old.iter().chain(std::iter::once(new)).collect())
+            }
+            Message::Delete { relation, old } => (*relation, vec![old]),
+            _ => return Ok(()),
+        };
+        let Some(shape) = self.relations.get(&relation) else {
+            return Ok(());
+        };
+        match tuples.iter().find(|t| t.len() != shape.columns.len()) {
+            Some(t) => Err(RunError::failed(format!(
+                "malformed change for {}: {} values for {} columns",
+                shape.source,
+                t.len(),
+                shape.columns.len()
+            ))),
+            None => Ok(()),
+        }
+    }
+
     fn on_update(&mut self, shape: Arc<Shape>, old: Option<Vec<Datum>>, mut new: Vec<Datum>) {
         if let Some(old) = old {
             let old_key: Vec<Datum> = shape.key.iter().map(|&i| old[i].clone()).collect();
@@ -615,10 +640,15 @@ impl Stream<'_> {
     }
 
     fn push(&mut self, shape: Arc<Shape>, op: Op) {
+        self.push_change(shape, op, false);
+    }
+
+    fn push_change(&mut self, shape: Arc<Shape>, op: Op, insert: bool) {
         self.batch.push(Change {
             shape,
             position: super::change::position(self.timeline, self.transaction_lsn),
             op,
+            insert,
         });
     }
 

@@ -109,6 +109,7 @@ async fn copy_tables(
                         shape: shape.clone(),
                         position,
                         op: Op::Upsert(values),
+                        insert: true,
                     });
                 }
             }

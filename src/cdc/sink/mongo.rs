@@ -51,35 +51,36 @@ impl MongoSink {
         mode: ConflictResolution,
     ) -> Result<Applied, SinkError> {
         let mut applied = Applied::default();
+        // Rows the source inserted go in with plain inserts (much cheaper than upserts
+        // with a filter); those whose key the target already has take the guarded
+        // upsert path like every other change.
+        let (fresh, mut upsert_changes): (Vec<&Change>, Vec<&Change>) = changes
+            .iter()
+            .filter(|c| matches!(c.op, Op::Upsert(_)))
+            .partition(|c| {
+                c.insert && matches!(&c.op, Op::Upsert(row) if !row.contains(&Datum::Unchanged))
+            });
+        upsert_changes.extend(self.insert_fresh(fresh, &mut applied).await?);
         let mut upserts: Vec<(&str, Document)> = Vec::new();
+        for change in upsert_changes {
+            let Op::Upsert(row) = &change.op else {
+                continue;
+            };
+            let Some(id) = document_id(change, row) else {
+                continue;
+            };
+            let mut filter = guard(mode, change.position);
+            filter.insert("_id", id);
+            upserts.push((
+                change.shape.target.as_str(),
+                doc! {"q": filter, "u": {"$set": fields(change, row)}, "upsert": true},
+            ));
+        }
         let mut deletes: Vec<(&str, Document)> = Vec::new();
         for change in changes {
             let collection = change.shape.target.as_str();
             match &change.op {
-                Op::Upsert(row) => {
-                    let Some(id) = document_id(change, row) else {
-                        continue;
-                    };
-                    let mut fields = Document::new();
-                    for (column, value) in change.shape.columns.iter().zip(row) {
-                        match value {
-                            Datum::Unchanged => {}
-                            Datum::Null => {
-                                fields.insert(column.name.clone(), Bson::Null);
-                            }
-                            Datum::Text(text) => {
-                                fields.insert(column.name.clone(), to_bson(text, column.ty));
-                            }
-                        }
-                    }
-                    fields.insert(POSITION_FIELD, lsn_value(change.position));
-                    let mut filter = guard(mode, change.position);
-                    filter.insert("_id", id);
-                    upserts.push((
-                        collection,
-                        doc! {"q": filter, "u": {"$set": fields}, "upsert": true},
-                    ));
-                }
+                Op::Upsert(_) => {}
                 Op::Delete(key) => {
                     let Some(id) = key_id(change, key) else {
                         continue;
@@ -184,6 +185,110 @@ impl MongoSink {
     }
 }
 
+impl MongoSink {
+    /// Inserts the rows; returns the changes whose key the target already had.
+    async fn insert_fresh<'c>(
+        &self,
+        mut fresh: Vec<&'c Change>,
+        applied: &mut Applied,
+    ) -> Result<Vec<&'c Change>, SinkError> {
+        fresh.sort_by(|a, b| a.shape.target.cmp(&b.shape.target));
+        let mut existing = Vec::new();
+        let mut start = 0;
+        while start < fresh.len() {
+            let collection = fresh[start].shape.target.as_str();
+            let mut end = start;
+            while end < fresh.len()
+                && fresh[end].shape.target == collection
+                && end - start < STATEMENTS_PER_COMMAND
+            {
+                end += 1;
+            }
+            let chunk = &fresh[start..end];
+            let documents: Vec<Document> = chunk
+                .iter()
+                .filter_map(|c| {
+                    let Op::Upsert(row) = &c.op else { return None };
+                    let mut document = doc! {"_id": document_id(c, row)?};
+                    document.extend(fields(c, row));
+                    Some(document)
+                })
+                .collect();
+            let reply = self
+                .database
+                .run_command(doc! {"insert": collection, "documents": documents, "ordered": false})
+                .await;
+            match reply {
+                Ok(reply) => {
+                    let mut failed = 0;
+                    if let Ok(errors) = reply.get_array("writeErrors") {
+                        for error in errors {
+                            let error = error.as_document();
+                            let code = error.and_then(|d| d.get("code")).and_then(as_code);
+                            let index = error
+                                .and_then(|d| d.get("index"))
+                                .and_then(as_code)
+                                .and_then(|i| usize::try_from(i).ok());
+                            match (code, index) {
+                                (Some(DUPLICATE_KEY), Some(i)) if i < chunk.len() => {
+                                    existing.push(chunk[i]);
+                                    failed += 1;
+                                }
+                                _ => {
+                                    return Err(SinkError::Rejected(format!(
+                                        "MongoDB refused an insert into {collection}: {error:?}"
+                                    )));
+                                }
+                            }
+                        }
+                    }
+                    applied.written += chunk.len() as u64 - failed;
+                }
+                // A server that fails the whole command on a duplicate key: the
+                // guarded upserts redo the chunk (rewriting what did go in is harmless).
+                Err(e) if matches!(&*e.kind, mongodb::error::ErrorKind::Command(c) if c.code == DUPLICATE_KEY) =>
+                {
+                    existing.extend_from_slice(chunk);
+                }
+                Err(e) => {
+                    return Err(SinkError::Unavailable(format!(
+                        "MongoDB insert failed: {e}"
+                    )));
+                }
+            }
+            start = end;
+        }
+        Ok(existing)
+    }
+}
+
+fn as_code(value: &Bson) -> Option<i32> {
+    match value {
+        Bson::Int32(v) => Some(*v),
+        Bson::Int64(v) => i32::try_from(*v).ok(),
+        Bson::Double(v) => Some(*v as i32),
+        _ => None,
+    }
+}
+
+/// The document's fields: every column the change carries, and its position.
+fn fields(change: &Change, row: &[Datum]) -> Document {
+    let mut fields = Document::new();
+    for (column, value) in change.shape.columns.iter().zip(row) {
+        match value {
+            Datum::Unchanged => {}
+            Datum::Null => {
+                fields.insert(column.name.clone(), Bson::Null);
+            }
+            Datum::Text(text) => {
+                fields.insert(column.name.clone(), to_bson(text, column.ty));
+            }
+        }
+    }
+    fields.insert(POSITION_FIELD, lsn_value(change.position));
+    fields
+}
+
 enum CommandFailure {
     DuplicateKey,
     Other(SinkError),
@@ -217,12 +322,7 @@ impl MongoSink {
                 let code = error
                     .as_document()
                     .and_then(|d| d.get("code"))
-                    .and_then(|c| match c {
-                        Bson::Int32(v) => Some(*v),
-                        Bson::Int64(v) => Some(*v as i32),
-                        Bson::Double(v) => Some(*v as i32),
-                        _ => None,
-                    });
+                    .and_then(as_code);
                 if code == Some(DUPLICATE_KEY) {
                     skipped += 1;
                 } else {
