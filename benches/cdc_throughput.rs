@@ -4,7 +4,7 @@
 //! MongoDB-protocol server (MONGODB_URI, or the in-memory one).
 //!
 //!   cargo bench --bench cdc_throughput
-//!   ROWS=500000 MONGO_ROWS=5000 cargo bench --bench cdc_throughput
+//!   ROWS=500000 MONGO_ROWS=2000 cargo bench --bench cdc_throughput
 //!
 //! A run is timed from just before the first source commit until the rule has confirmed
 //! the source position read after the last one (everything is in the target). The
@@ -32,35 +32,6 @@ async fn connect(url: &str) -> anyhow::Result<Client> {
         let _ = connection.await;
     });
     Ok(client)
-}
-
-async fn current_lsn(client: &Client) -> anyhow::Result<u64> {
-    let row = client
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
-        .await?;
-    replicator::cluster::health::parse_lsn(&row.get::<_, String>(0))
-        .ok_or_else(|| anyhow::anyhow!("bad lsn"))
-}
-
-/// Waits until the rule has confirmed `lsn`; returns when it did.
-async fn wait_confirmed(proxy: &Proxy, lsn: u64) -> anyhow::Result<Instant> {
-    let deadline = Instant::now() + Duration::from_secs(600);
-    loop {
-        let views = proxy.shared.cdc.views(&proxy.shared);
-        if let Some(rule) = views.first() {
-            if rule.state == "refused" {
-                anyhow::bail!("rule refused: {:?}", rule.last_error);
-            }
-            let at = replicator::cluster::health::parse_lsn(&rule.position).unwrap_or(0);
-            if at >= lsn {
-                return Ok(Instant::now());
-            }
-        }
-        if Instant::now() > deadline {
-            anyhow::bail!("the rule never caught up");
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
 }
 
 /// Waits until the rule has copied `rows` rows and streams.
@@ -93,25 +64,52 @@ fn config(cluster: &Cluster, target: &str, table: &str) -> anyhow::Result<Config
     Config::parse(&text).map_err(|e| anyhow::anyhow!("{e:?}"))
 }
 
+/// How the bench knows the target has everything: a query on the target that returns
+/// an expected count.
+enum Done<'a> {
+    Postgres(&'a Client, String, i64),
+    Mongo(&'a mongodb::Collection<mongodb::bson::Document>, u64),
+}
+
+impl Done<'_> {
+    async fn wait(&self) -> anyhow::Result<Instant> {
+        let deadline = Instant::now() + Duration::from_secs(600);
+        loop {
+            let reached = match self {
+                Done::Postgres(client, sql, want) => {
+                    client.query_one(sql.as_str(), &[]).await?.get::<_, i64>(0) == *want
+                }
+                Done::Mongo(collection, want) => {
+                    collection.count_documents(mongodb::bson::doc! {}).await? == *want
+                }
+            };
+            if reached {
+                return Ok(Instant::now());
+            }
+            anyhow::ensure!(Instant::now() < deadline, "the target never got everything");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+}
+
 /// Runs `statements` on the source (one transaction each) while the rule follows, and
 /// times them from the first commit until the target has everything. Returns rows per
 /// second and how long after the last commit the target had it.
 async fn live(
-    proxy: &Proxy,
     source: &Client,
     statements: &[String],
     rows: usize,
+    done: Done<'_>,
 ) -> anyhow::Result<(f64, Duration)> {
     let started = Instant::now();
     for sql in statements {
         source.batch_execute(sql).await?;
     }
     let last_commit = Instant::now();
-    let end = current_lsn(source).await?;
-    let done = wait_confirmed(proxy, end).await?;
+    let finished = done.wait().await?;
     Ok((
-        rows as f64 / (done - started).as_secs_f64(),
-        done - last_commit,
+        rows as f64 / (finished - started).as_secs_f64(),
+        finished - last_commit,
     ))
 }
 
@@ -169,7 +167,15 @@ async fn postgres_bench(cluster: &Cluster, rows: usize) -> anyhow::Result<()> {
             )
         })
         .collect();
-    let (rate, after) = live(&proxy, &source, &inserts, rows).await?;
+    let mirror = connect(&target_url).await?;
+    let count = "SELECT count(*) FROM bench_pg".to_string();
+    let (rate, after) = live(
+        &source,
+        &inserts,
+        rows,
+        Done::Postgres(&mirror, count, 2 * rows as i64),
+    )
+    .await?;
     print(
         "Postgres -> Postgres, live inserts (1000/tx)",
         rows,
@@ -186,7 +192,14 @@ async fn postgres_bench(cluster: &Cluster, rows: usize) -> anyhow::Result<()> {
             )
         })
         .collect();
-    let (rate, after) = live(&proxy, &source, &updates, rows).await?;
+    let updated = "SELECT count(*) FROM bench_pg WHERE amount = id * 0.5 + 1".to_string();
+    let (rate, after) = live(
+        &source,
+        &updates,
+        rows,
+        Done::Postgres(&mirror, updated, rows as i64),
+    )
+    .await?;
     print(
         "Postgres -> Postgres, live updates (1000/tx)",
         rows,
@@ -207,10 +220,12 @@ async fn postgres_bench(cluster: &Cluster, rows: usize) -> anyhow::Result<()> {
             ))
             .await?;
     }
-    let end = current_lsn(&source).await?;
     let started = Instant::now();
     let proxy = Proxy::start(pg_config, None).await?;
-    let done = wait_confirmed(&proxy, end).await?;
+    let singles = "SELECT count(*) FROM bench_pg WHERE name = 'single'".to_string();
+    let done = Done::Postgres(&mirror, singles, small as i64)
+        .wait()
+        .await?;
     print(
         "Postgres -> Postgres, backlog of 1-row transactions",
         small,
@@ -218,7 +233,6 @@ async fn postgres_bench(cluster: &Cluster, rows: usize) -> anyhow::Result<()> {
         None,
     );
 
-    let mirror = connect(&target_url).await?;
     let count: i64 = mirror
         .query_one("SELECT count(*) FROM bench_pg", &[])
         .await?
@@ -253,7 +267,17 @@ async fn mongo_bench(cluster: &Cluster, rows: usize) -> anyhow::Result<()> {
             )
         })
         .collect();
-    let (rate, after) = live(&proxy, &source, &inserts, rows).await?;
+    let client = mongodb::Client::with_uri_str(mongo.uri("bench")).await?;
+    let collection = client
+        .database("bench")
+        .collection::<mongodb::bson::Document>("bench_mongo");
+    let (rate, after) = live(
+        &source,
+        &inserts,
+        rows,
+        Done::Mongo(&collection, rows as u64),
+    )
+    .await?;
     print(
         "Postgres -> MongoDB, live inserts (10/tx)",
         rows,
@@ -273,7 +297,7 @@ fn main() -> anyhow::Result<()> {
         .try_init();
     // `cargo bench` passes `--bench`; there is nothing to filter.
     let rows = env_usize("ROWS", 200_000);
-    let mongo_rows = env_usize("MONGO_ROWS", 3000);
+    let mongo_rows = env_usize("MONGO_ROWS", 1000);
     let cluster = Cluster::start(ClusterOptions {
         replicas: 0,
         ..ClusterOptions::default()

@@ -473,8 +473,10 @@ impl Stream<'_> {
                 event = self.wal.next() => match event? {
                     StreamEvent::Data { payload, .. } => self.on_message(&payload).await?,
                     StreamEvent::Keepalive { wal_end, reply } => {
-                        if self.idle() {
+                        if !self.in_transaction {
                             self.flush().await?;
+                        }
+                        if self.idle() {
                             if wal_end > self.confirmed {
                                 self.confirmed = wal_end;
                             }
@@ -554,6 +556,7 @@ impl Stream<'_> {
                 self.transaction_lsn = final_lsn;
             }
             Message::Commit { end_lsn, .. } => {
+                debug!(rule = %self.runner.rule.name, end = %format_lsn(end_lsn), buffered = self.wal.has_buffered(), "commit received");
                 self.in_transaction = false;
                 self.pending_end = end_lsn;
                 // Write when the batch is full or nothing more is waiting to be read;
@@ -726,6 +729,7 @@ impl Stream<'_> {
             .skipped
             .fetch_add(applied.skipped, Ordering::Relaxed);
         self.runner.stats.clear_error();
+        debug!(rule = %self.runner.rule.name, changes = changes.len(), "batch written");
         if crash_after_apply_requested() {
             warn!("failpoint cdc-after-apply: exiting before the position is confirmed");
             std::process::exit(86);
