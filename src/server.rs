@@ -96,5 +96,8 @@ impl Proxy {
             }
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
+        // CDC rules confirm what they wrote and close their streams, so that a proxy
+        // started next finds the slots free.
+        self.shared.cdc.stopped(grace).await;
     }
 }

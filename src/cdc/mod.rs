@@ -45,6 +45,7 @@ struct RuleHandle {
     stats: Arc<RuleStats>,
     requests: mpsc::Sender<SyncRequest>,
     stop: Arc<watch::Sender<bool>>,
+    task: tokio::task::JoinHandle<()>,
 }
 
 /// The running rules.
@@ -95,30 +96,41 @@ impl Cdc {
         let mut handles = shared.cdc.handles();
         let wanted: BTreeMap<&str, &Rule> =
             config.rules.iter().map(|r| (r.name.as_str(), r)).collect();
-        let mut kept_stats = BTreeMap::new();
-        handles.retain(|name, handle| {
-            let keep = wanted.get(name.as_str()) == Some(&&handle.rule);
-            if !keep {
+        let mut previous = BTreeMap::new();
+        let names: Vec<String> = handles.keys().cloned().collect();
+        for name in names {
+            let unchanged = handles
+                .get(&name)
+                .is_some_and(|h| wanted.get(name.as_str()) == Some(&&h.rule));
+            if unchanged {
+                continue;
+            }
+            if let Some(handle) = handles.remove(&name) {
                 info!(rule = %name, "stopping CDC rule (removed or changed)");
                 let _ = handle.stop.send(true);
-                kept_stats.insert(name.clone(), handle.stats.clone());
+                previous.insert(name, (handle.stats, handle.task));
             }
-            keep
-        });
+        }
         for (name, rule) in wanted {
             if handles.contains_key(name) {
                 continue;
             }
-            let stats = kept_stats.remove(name).unwrap_or_default();
+            // A changed rule keeps its figures, and starts once the old task has let
+            // go of the slot.
+            let (stats, before) = match previous.remove(name) {
+                Some((stats, task)) => (stats, Some(task)),
+                None => (Arc::default(), None),
+            };
             let (requests, receiver) = mpsc::channel(16);
             let (stop, stop_rx) = watch::channel(false);
             let stop = Arc::new(stop);
             forward_shutdown(shared, stop.clone());
             stats.set_state(if rule.enabled { "starting" } else { "disabled" });
-            tokio::spawn(rule_task(
+            let task = tokio::spawn(rule_task(
                 Runner::new(rule.clone(), shared.clone(), stats.clone()),
                 receiver,
                 stop_rx,
+                before,
             ));
             handles.insert(
                 name.to_string(),
@@ -127,8 +139,28 @@ impl Cdc {
                     stats,
                     requests,
                     stop,
+                    task,
                 },
             );
+        }
+    }
+
+    /// Waits (up to `timeout`) for every rule task to end after a shutdown: each
+    /// confirms its last written position and closes its stream.
+    pub async fn stopped(&self, timeout: Duration) {
+        let tasks: Vec<tokio::task::JoinHandle<()>> = {
+            let mut handles = self.handles();
+            std::mem::take(&mut *handles)
+                .into_values()
+                .map(|h| {
+                    let _ = h.stop.send(true);
+                    h.task
+                })
+                .collect()
+        };
+        let all = futures_util::future::join_all(tasks);
+        if tokio::time::timeout(timeout, all).await.is_err() {
+            warn!("CDC rules did not stop in time");
         }
     }
 
@@ -231,7 +263,11 @@ async fn rule_task(
     mut runner: Runner,
     mut requests: mpsc::Receiver<SyncRequest>,
     mut stop: watch::Receiver<bool>,
+    before: Option<tokio::task::JoinHandle<()>>,
 ) {
+    if let Some(before) = before {
+        let _ = tokio::time::timeout(Duration::from_secs(10), before).await;
+    }
     let rule = runner.rule.clone();
     let far_future = || Instant::now() + Duration::from_secs(86_400 * 365);
     let interval = Duration::from_millis(rule.interval_ms);
