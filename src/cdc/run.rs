@@ -38,6 +38,8 @@ const BATCH_CHANGES: usize = 5000;
 /// after its last part.
 const MAX_PENDING: usize = 50_000;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// After a commit, a batch waits this long for more of the stream before it is written.
+const BATCH_PAUSE: Duration = Duration::from_millis(1);
 
 /// A request to run a rule now; answered when the run has caught up.
 pub struct SyncRequest {
@@ -559,9 +561,10 @@ impl Stream<'_> {
                 debug!(rule = %self.runner.rule.name, end = %format_lsn(end_lsn), buffered = self.wal.has_buffered(), "commit received");
                 self.in_transaction = false;
                 self.pending_end = end_lsn;
-                // Write when the batch is full or nothing more is waiting to be read;
-                // otherwise the next transactions join this batch.
-                if self.batch.len() >= BATCH_CHANGES || !self.wal.has_buffered() {
+                // Write when the batch is full or the stream pauses; otherwise the
+                // next transactions join this batch (a stream of small transactions
+                // then costs one target round trip per batch, not per transaction).
+                if self.batch.len() >= BATCH_CHANGES || !self.wal.more_within(BATCH_PAUSE).await {
                     self.flush().await?;
                 }
             }

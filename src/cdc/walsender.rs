@@ -217,6 +217,18 @@ impl WalSender {
         self.conn.reader.buffered() > 0
     }
 
+    /// Whether more of the stream arrives within `wait` (it is then buffered, and the
+    /// next `next()` returns it). A closed stream answers false; `next()` reports it.
+    pub async fn more_within(&mut self, wait: Duration) -> bool {
+        if self.has_buffered() {
+            return true;
+        }
+        matches!(
+            tokio::time::timeout(wait, self.conn.reader.fill()).await,
+            Ok(Ok(n)) if n > 0
+        )
+    }
+
     /// Standby status update: everything up to `flush` is safely in the target, so
     /// the slot may move there.
     pub async fn confirm(&mut self, flush: u64, want_reply: bool) -> Result<(), WalError> {
