@@ -203,6 +203,28 @@ async fn snapshot_then_stream_into_mongodb() {
     // SYNC on a following rule returns once it has caught up; SHOW RULES and /status agree.
     let report = sync(&proxy, "users-to-mongo").await.expect("SYNC");
     assert_eq!(field(&report, "rule"), "users-to-mongo");
+    // The same through the command line, and an unknown rule named in its error.
+    let admin = proxy.admin_addr.unwrap().to_string();
+    let cli = |rule: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_replicator"))
+            .args(["sync", rule, "--admin", &admin])
+            .output()
+            .expect("run replicator sync")
+    };
+    let out = tokio::task::block_in_place(|| cli("users-to-mongo"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("users-to-mongo") && stdout.contains("position"),
+        "{stdout}"
+    );
+    let out = tokio::task::block_in_place(|| cli("no-such-rule"));
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no rule named \"no-such-rule\""));
     let s = status(&proxy).await;
     let rule = &s.rules[0];
     assert_eq!(rule.snapshot_rows, 300);
