@@ -32,10 +32,10 @@ PGBIN=$( (pg_config --bindir 2>/dev/null; ls -d /usr/lib/postgresql/*/bin 2>/dev
 PGBENCH="$PGBIN/pgbench"
 
 cleanup() {
-  [ -n "${BOUNCER_PID:-}" ] && kill "$BOUNCER_PID" 2>/dev/null || true
-  [ -n "${SOLO_PID:-}" ] && kill "$SOLO_PID" 2>/dev/null || true
-  [ -n "${RYW_PID:-}" ] && kill "$RYW_PID" 2>/dev/null || true
-  [ -n "${DEMO_PID:-}" ] && kill -INT "$DEMO_PID" 2>/dev/null && sleep 2 || true
+  for pid in "${BOUNCER_PID:-}" "${SOLO_PID:-}" "${RYW_PID:-}"; do
+    if [ -n "$pid" ]; then kill "$pid" 2>/dev/null || true; fi
+  done
+  if [ -n "${DEMO_PID:-}" ] && kill -INT "$DEMO_PID" 2>/dev/null; then sleep 2; fi
   rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -80,10 +80,10 @@ RYW_PORT=$((PROXY_PORT + 4))
   printf '[projects.app]\nread_your_writes = true\n'
   printf '[[projects.app.replicas]]\nname = "master"\nrole = "primary"\nuri = "postgresql://127.0.0.1:%s/app"\n' "$PRIMARY_PORT"
   i=0
-  for port in $(awk '/^  replica/ {split($2, a, ":"); print a[2]}' "$WORK/demo.log"); do
+  while read -r port; do
     i=$((i + 1))
     printf '[[projects.app.replicas]]\nname = "replica-%s"\nrole = "replica"\nuri = "postgresql://127.0.0.1:%s/app"\n' "$i" "$port"
-  done
+  done < <(awk '/^  replica/ {split($2, a, ":"); print a[2]}' "$WORK/demo.log")
 } > "$WORK/ryw.toml"
 setsid "$BIN" serve --config "$WORK/ryw.toml" > "$WORK/ryw.log" 2>&1 &
 RYW_PID=$!

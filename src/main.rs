@@ -336,10 +336,38 @@ async fn demo(listen: String, admin_listen: String) -> anyhow::Result<()> {
         })
     })
     .await??;
-    let toml = cluster.proxy_toml(&listen, &admin_listen, "read_routing = \"round-robin\"");
+    let mut toml = cluster.proxy_toml(&listen, &admin_listen, "read_routing = \"round-robin\"");
+    // The superuser promotes replicas and reads the WAL for CDC rules.
+    toml.push_str(&format!(
+        "[failover]\nuser = \"{}\"\npassword = \"{}\"\n\n",
+        replicator::testbed::SUPERUSER,
+        replicator::testbed::SUPERUSER_PASSWORD
+    ));
+    // A MongoDB-protocol server for the CDC part of the tour, when one can be had.
+    let mongo = tokio::task::spawn_blocking(|| {
+        replicator::testbed::mongo::MongoServer::start(
+            &std::env::temp_dir().join("replicator-jongodb"),
+        )
+    })
+    .await?;
+    match &mongo {
+        Ok(server) => toml.push_str(&format!(
+            "[targets.analytics]\nkind = \"mongodb\"\nuri = \"{}\"\n\n\
+             # Uncomment to mirror a table (create it first), then watch SHOW RULES:\n\
+             # [[rules]]\n# name = \"demo\"\n# source = \"{}\"\n# target = \"analytics\"\n\
+             # collections = [\"t\"]\n# interval_ms = 0\n",
+            server.uri("analytics"),
+            cluster.options.database
+        )),
+        Err(e) => {
+            eprintln!("no MongoDB for the CDC part of the tour ({e}); set MONGODB_URI to use one")
+        }
+    }
+    let config_path = cluster.dir.join("proxy.toml");
+    std::fs::write(&config_path, &toml)?;
     let config = Config::parse(&toml)
         .map_err(|issues| anyhow::anyhow!("demo config is invalid: {:?}", issues))?;
-    let proxy = Proxy::start(config, None).await?;
+    let proxy = Proxy::start(config, Some(config_path.clone())).await?;
     let o = &cluster.options;
     println!();
     println!("  primary   127.0.0.1:{}", cluster.primary.port);
@@ -350,6 +378,10 @@ async fn demo(listen: String, admin_listen: String) -> anyhow::Result<()> {
     if let Some(admin) = proxy.admin_addr {
         println!("  admin     http://{admin}/status  /metrics  /health");
     }
+    if let Ok(server) = &mongo {
+        println!("  mongodb   {}", server.uri("analytics"));
+    }
+    println!("  config    {} (edits apply live)", config_path.display());
     println!();
     println!(
         "connect:  psql 'postgresql://{}:{}@{}/{}'",
@@ -365,6 +397,9 @@ async fn demo(listen: String, admin_listen: String) -> anyhow::Result<()> {
     println!("Ctrl-C stops the proxy and the cluster and removes its data.");
     wait_for_shutdown_signal().await;
     proxy.stop(std::time::Duration::from_secs(2)).await;
+    if let Ok(server) = &mongo {
+        server.stop();
+    }
     drop(cluster);
     println!("stopped.");
     Ok(())

@@ -311,14 +311,7 @@ pub fn rule_rows(status: &Status) -> Vec<Vec<String>> {
                 r.source.clone(),
                 r.target.clone(),
                 state,
-                if r.last_run_finished_ms == 0 {
-                    "never".to_string()
-                } else {
-                    format!(
-                        "{} s ago",
-                        crate::cdc::stats::now_ms().saturating_sub(r.last_run_finished_ms) / 1000
-                    )
-                },
+                last_run(r.last_run_started_ms, r.last_run_finished_ms),
                 r.position.clone(),
                 r.inserted.to_string(),
                 r.updated.to_string(),
@@ -330,4 +323,16 @@ pub fn rule_rows(status: &Status) -> Vec<Vec<String>> {
             ]
         })
         .collect()
+}
+
+/// "12 s ago", "running for 3 s" (a following rule's run lasts until it stops) or "never".
+fn last_run(started_ms: u64, finished_ms: u64) -> String {
+    let now = crate::cdc::stats::now_ms();
+    if started_ms == 0 {
+        "never".into()
+    } else if finished_ms >= started_ms {
+        format!("{} s ago", now.saturating_sub(finished_ms) / 1000)
+    } else {
+        format!("running for {} s", now.saturating_sub(started_ms) / 1000)
+    }
 }
