@@ -1,10 +1,10 @@
 //! Failover resume time: a primary and two streaming replicas, a client writing through
 //! the proxy, the primary killed (SIGKILL); the figure is the time from the kill to the
 //! first write the proxy acknowledges afterwards, with the same connection string.
-//! Each round uses a fresh cluster; medians of ROUNDS (default 3) per setting.
+//! Each round uses a fresh cluster; medians of FAILOVER_ROUNDS (default 3) per setting.
 //!
 //!   cargo bench --bench failover
-//!   ROUNDS=5 cargo bench --bench failover
+//!   FAILOVER_ROUNDS=5 cargo bench --bench failover
 
 use std::time::{Duration, Instant};
 
@@ -78,7 +78,7 @@ fn median(mut values: Vec<f64>) -> f64 {
 }
 
 fn main() -> anyhow::Result<()> {
-    let rounds: usize = std::env::var("ROUNDS")
+    let rounds: usize = std::env::var("FAILOVER_ROUNDS")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(3);

@@ -394,6 +394,30 @@ async fn demo(listen: String, admin_listen: String) -> anyhow::Result<()> {
         "admin:    psql 'postgresql://{}:{}@{}/replicator' -c 'SHOW REPLICAS'",
         o.user, o.password, proxy.addr
     );
+    let superuser = format!(
+        "{}:{}",
+        replicator::testbed::SUPERUSER,
+        replicator::testbed::SUPERUSER_PASSWORD
+    );
+    println!();
+    println!("tour (README, \"A five-minute tour\"), with this cluster's addresses:");
+    if let Some(replica) = cluster.replicas.first() {
+        println!(
+            "  pause a replica    psql 'postgresql://{superuser}@127.0.0.1:{}/{}' -c 'SELECT pg_wal_replay_pause()'",
+            replica.port, o.database
+        );
+    }
+    println!(
+        "  kill the primary   kill -9 $(head -1 {})",
+        cluster.primary.data_dir.join("postmaster.pid").display()
+    );
+    if mongo.is_ok() {
+        println!(
+            "  add a CDC rule     uncomment [[rules]] in {}",
+            config_path.display()
+        );
+    }
+    println!();
     println!("Ctrl-C stops the proxy and the cluster and removes its data.");
     wait_for_shutdown_signal().await;
     proxy.stop(std::time::Duration::from_secs(2)).await;
