@@ -44,7 +44,9 @@ enum Command {
     /// Promote a replica of a running proxy's project: a planned switchover with no loss
     /// when the primary is healthy, a failover to that replica when it is not.
     Promote {
+        /// The project (the database name clients connect to).
         project: String,
+        /// The replica to promote, by its name in proxy.toml.
         replica: String,
         /// Config file of the running proxy: its admin_listen is where to ask.
         #[arg(long, short, default_value = "proxy.toml")]
@@ -56,6 +58,7 @@ enum Command {
     /// Run a CDC rule of a running proxy now and print what the run did. Returns once
     /// the rule has caught up with the source's current position.
     Sync {
+        /// The rule's `name` in proxy.toml.
         rule: String,
         /// Config file of the running proxy: its admin_listen is where to ask.
         #[arg(long, short, default_value = "proxy.toml")]
@@ -64,7 +67,7 @@ enum Command {
         #[arg(long, value_name = "HOST:PORT")]
         admin: Option<String>,
     },
-    /// Print the replica table of a running proxy (from its HTTP /status endpoint).
+    /// Print the nodes and CDC rules of a running proxy (from its HTTP /status endpoint).
     Status {
         /// Config file of the running proxy: its admin_listen is where to ask.
         #[arg(long, short, default_value = "proxy.toml")]
