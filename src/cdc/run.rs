@@ -25,6 +25,7 @@ use super::sink::{Sink, SinkError, mongo::MongoSink, postgres::PostgresSink};
 use super::snapshot;
 use super::stats::{RuleStats, RunReport, now_ms};
 use super::walsender::{StreamEvent, WalSender};
+use crate::cluster::Node;
 use crate::cluster::health::format_lsn;
 use crate::cluster::monitor::{Credentials, control_connection};
 use crate::cluster::state_file::{self, CdcState};
@@ -106,9 +107,21 @@ pub struct Runner {
 
 /// Everything a run needs from the source.
 struct Source {
-    node_name: String,
-    login: LoginInfo,
+    primary: Arc<Node>,
+    credentials: Credentials,
     control: Client,
+}
+
+impl Source {
+    fn login(&self) -> LoginInfo {
+        LoginInfo {
+            addr: self.primary.addr.clone(),
+            database: self.primary.database.clone(),
+            user: self.credentials.user.clone(),
+            password: self.credentials.password.clone(),
+            extra_params: Vec::new(),
+        }
+    }
 }
 
 impl Runner {
@@ -125,40 +138,39 @@ impl Runner {
         self.shared.config.load_full()
     }
 
-    async fn source(&self) -> Result<Source, RunError> {
-        let config = self.config();
+    /// The current primary of `project` (it changes with a failover).
+    fn primary_of(&self, project: &str) -> Result<Arc<Node>, RunError> {
         let topology = self.shared.topology.load_full();
         let project = topology
             .projects
-            .get(&self.rule.source)
-            .ok_or_else(|| RunError::failed(format!("no project {}", self.rule.source)))?;
-        let primary = project.primary().ok_or_else(|| {
-            RunError::failed(format!(
-                "project {} has no primary right now",
-                self.rule.source
-            ))
-        })?;
-        let credentials = Credentials::control_plane(&config).ok_or_else(|| {
+            .get(project)
+            .ok_or_else(|| RunError::failed(format!("no project {project}")))?;
+        project.primary().cloned().ok_or_else(|| {
+            RunError::failed(format!("project {} has no primary right now", project.name))
+        })
+    }
+
+    fn credentials(&self) -> Result<Credentials, RunError> {
+        Credentials::control_plane(&self.config()).ok_or_else(|| {
             RunError::failed(
-                "no credentials to read the source (set failover.user and failover.password)",
+                "no control-plane credentials (set failover.user and failover.password)",
             )
-        })?;
+        })
+    }
+
+    async fn source(&self) -> Result<Source, RunError> {
+        let primary = self.primary_of(&self.rule.source)?;
+        let credentials = self.credentials()?;
         let control = control_connection(
-            primary,
+            &primary,
             &credentials,
             CONNECT_TIMEOUT,
             &format!("replicator-cdc-{}", self.rule.name),
         )
         .await?;
         Ok(Source {
-            node_name: primary.name.clone(),
-            login: LoginInfo {
-                addr: primary.addr.clone(),
-                database: primary.database.clone(),
-                user: credentials.user,
-                password: credentials.password,
-                extra_params: Vec::new(),
-            },
+            primary,
+            credentials,
             control,
         })
     }
@@ -177,28 +189,15 @@ impl Runner {
             });
         }
         // A project as target: its current primary, as the control-plane user.
-        let topology = self.shared.topology.load_full();
-        let project = topology
-            .projects
-            .get(&self.rule.target)
-            .ok_or_else(|| RunError::failed(format!("no target {}", self.rule.target)))?;
-        let primary = project.primary().ok_or_else(|| {
-            RunError::failed(format!(
-                "target project {} has no primary right now",
-                self.rule.target
-            ))
-        })?;
-        let credentials = Credentials::control_plane(&config)
-            .ok_or_else(|| RunError::failed("no credentials to write the target project"))?;
-        let mut pg = tokio_postgres::Config::new();
-        pg.host(&primary.addr.host)
-            .port(primary.addr.port)
-            .dbname(&primary.database)
-            .user(&credentials.user)
-            .password(&credentials.password)
-            .application_name("replicator-cdc")
-            .connect_timeout(CONNECT_TIMEOUT);
-        Ok(Sink::Postgres(PostgresSink::connect(pg).await?))
+        let primary = self.primary_of(&self.rule.target)?;
+        let client = control_connection(
+            &primary,
+            &self.credentials()?,
+            CONNECT_TIMEOUT,
+            "replicator-cdc",
+        )
+        .await?;
+        Ok(Sink::Postgres(PostgresSink::new(client)))
     }
 
     /// One run. Requests arriving while following are answered once the stream has
@@ -232,7 +231,7 @@ impl Runner {
 
         let target = schema::current_lsn(&source.control).await?;
         let mut wal = WalSender::connect(
-            source.login.clone(),
+            source.login(),
             &format!("replicator-cdc-{}", self.rule.name),
             CONNECT_TIMEOUT,
         )
@@ -273,14 +272,9 @@ impl Runner {
             .last_run_finished_ms
             .store(now_ms(), Ordering::Relaxed);
         Ok(RunReport {
-            rule: self.rule.name.clone(),
             snapshot: snapshot_taken,
-            snapshot_rows: after.snapshot - before.snapshot,
-            inserted: after.inserted - before.inserted,
-            updated: after.updated - before.updated,
-            deleted: after.deleted - before.deleted,
-            position: format_lsn(confirmed),
             duration_ms: duration.as_millis() as u64,
+            ..Counters::report(before, after, &self.rule.name, confirmed)
         })
     }
 
@@ -320,7 +314,7 @@ impl Runner {
             (&existing, &recorded),
             (Some(_), Some(r)) if r.snapshot_complete
                 && r.slot == slot
-                && r.node == source.node_name
+                && r.node == source.primary.name
                 && r.tables == table_names
         );
         if usable {
@@ -334,13 +328,13 @@ impl Runner {
             wal.drop_slot(slot).await?;
         }
         if recorded.is_some() {
-            info!(rule = %self.rule.name, node = %source.node_name, "the source slot is gone (first start on this primary, e.g. after a failover): copying the tables again");
+            info!(rule = %self.rule.name, node = %source.primary.name, "the source slot is gone (first start on this primary, e.g. after a failover): copying the tables again");
         }
         self.stats.set_state("snapshot");
         let created = wal.create_slot(slot).await?;
         let mut marker = CdcState {
             slot: slot.to_string(),
-            node: source.node_name.clone(),
+            node: source.primary.name.clone(),
             consistent_point: format_lsn(created.consistent_point),
             snapshot_complete: false,
             tables: table_names,
@@ -353,7 +347,13 @@ impl Runner {
         let rule_name = self.rule.name.clone();
         // A separate session imports the snapshot while `wal` stays idle, which keeps
         // the exported snapshot alive.
-        let copier = control_connection_for(&source.login).await?;
+        let copier = control_connection(
+            &source.primary,
+            &source.credentials,
+            CONNECT_TIMEOUT,
+            "replicator-cdc-snapshot",
+        )
+        .await?;
         let sink = self.sink_mut()?;
         let position = super::change::position(timeline, created.consistent_point);
         let rows = snapshot::copy(
@@ -384,25 +384,6 @@ impl Runner {
     }
 }
 
-async fn control_connection_for(login: &LoginInfo) -> Result<Client, RunError> {
-    let mut pg = tokio_postgres::Config::new();
-    pg.host(&login.addr.host)
-        .port(login.addr.port)
-        .dbname(&login.database)
-        .user(&login.user)
-        .password(&login.password)
-        .application_name("replicator-cdc-snapshot")
-        .connect_timeout(CONNECT_TIMEOUT);
-    let (client, connection) = pg
-        .connect(tokio_postgres::NoTls)
-        .await
-        .map_err(|e| RunError::failed(format!("cannot connect to the source: {e}")))?;
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    Ok(client)
-}
-
 #[derive(Clone, Copy)]
 struct Counters {
     inserted: u64,
@@ -412,6 +393,20 @@ struct Counters {
 }
 
 impl Counters {
+    /// What happened between `before` and `after`, as SYNC reports it.
+    fn report(before: Counters, after: Counters, rule: &str, position: u64) -> RunReport {
+        RunReport {
+            rule: rule.to_string(),
+            snapshot: false,
+            snapshot_rows: after.snapshot - before.snapshot,
+            inserted: after.inserted - before.inserted,
+            updated: after.updated - before.updated,
+            deleted: after.deleted - before.deleted,
+            position: format_lsn(position),
+            duration_ms: 0,
+        }
+    }
+
     fn of(stats: &RuleStats) -> Counters {
         Counters {
             inserted: stats.inserted.load(Ordering::Relaxed),
@@ -536,16 +531,7 @@ impl Stream<'_> {
 
     fn report_since(&self, before: Counters) -> RunReport {
         let after = Counters::of(&self.runner.stats);
-        RunReport {
-            rule: self.runner.rule.name.clone(),
-            snapshot: false,
-            snapshot_rows: after.snapshot - before.snapshot,
-            inserted: after.inserted - before.inserted,
-            updated: after.updated - before.updated,
-            deleted: after.deleted - before.deleted,
-            position: format_lsn(self.confirmed),
-            duration_ms: 0,
-        }
+        Counters::report(before, after, &self.runner.rule.name, self.confirmed)
     }
 
     async fn on_message(&mut self, payload: &[u8]) -> Result<(), RunError> {
@@ -606,18 +592,20 @@ impl Stream<'_> {
 
     /// Every tuple must have its relation's columns: the key positions index into it.
     fn check_width(&self, message: &Message) -> Result<(), RunError> {
-        let (relation, tuples): (u32, Vec<&Vec<Datum>>) = match message {
-            Message::Insert { relation, new } => (*relation, vec![new]),
-            Message::Update { relation, old, new } => {
-                (*relation, old.iter().chain(std::iter::once(new)).collect())
-            }
-            Message::Delete { relation, old } => (*relation, vec![old]),
+        let (relation, old, new) = match message {
+            Message::Insert { relation, new } => (*relation, None, Some(new)),
+            Message::Update { relation, old, new } => (*relation, old.as_ref(), Some(new)),
+            Message::Delete { relation, old } => (*relation, Some(old), None),
             _ => return Ok(()),
         };
         let Some(shape) = self.relations.get(&relation) else {
             return Ok(());
         };
-        match tuples.iter().find(|t| t.len() != shape.columns.len()) {
+        match old
+            .into_iter()
+            .chain(new)
+            .find(|t| t.len() != shape.columns.len())
+        {
             Some(t) => Err(RunError::failed(format!(
                 "malformed change for {}: {} values for {} columns",
                 shape.source,

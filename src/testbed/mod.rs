@@ -579,3 +579,25 @@ fn prepend(path: &Path, text: &str) -> Result<()> {
     Ok(())
 }
 pub mod mongo;
+
+/// Installs an npm package under `dir` (no scripts run, nothing saved to a manifest):
+/// how the test bed gets tools it does not ship, such as the in-memory MongoDB server.
+pub fn npm_install(dir: &Path, package: &str) -> Result<()> {
+    fs::create_dir_all(dir)?;
+    let status = Command::new("npm")
+        .args([
+            "install",
+            "--no-save",
+            "--ignore-scripts",
+            "--silent",
+            "--prefix",
+        ])
+        .arg(dir)
+        .arg(package)
+        .status()
+        .with_context(|| format!("cannot run npm to install {package}"))?;
+    if !status.success() {
+        bail!("npm install {package} failed");
+    }
+    Ok(())
+}

@@ -105,22 +105,7 @@ pub fn install(dir: &Path) -> Result<PathBuf> {
     let package_dir = dir.join("node_modules").join(PACKAGE);
     let binary = package_dir.join("bin").join("jongodb");
     if !binary.exists() {
-        std::fs::create_dir_all(dir)?;
-        let status = Command::new("npm")
-            .args([
-                "install",
-                "--no-save",
-                "--ignore-scripts",
-                "--silent",
-                "--prefix",
-            ])
-            .arg(dir)
-            .arg(format!("{PACKAGE}@{VERSION}"))
-            .status()
-            .context("cannot run npm (needed for the in-memory MongoDB server)")?;
-        if !status.success() {
-            bail!("npm install {PACKAGE}@{VERSION} failed");
-        }
+        super::npm_install(dir, &format!("{PACKAGE}@{VERSION}"))?;
     }
     let manifest: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(package_dir.join("package.json"))?)?;

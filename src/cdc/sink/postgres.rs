@@ -43,10 +43,15 @@ impl PostgresSink {
                 debug!("CDC target connection ended: {e}");
             }
         });
-        Ok(PostgresSink {
+        Ok(PostgresSink::new(client))
+    }
+
+    /// A sink writing through an open connection.
+    pub fn new(client: Client) -> PostgresSink {
+        PostgresSink {
             client,
             statements: HashMap::new(),
-        })
+        }
     }
 
     pub fn is_closed(&self) -> bool {
@@ -240,22 +245,34 @@ impl PostgresSink {
                 continue;
             };
             for (n, &i) in columns.iter().enumerate() {
-                values[n].push(match &row[i] {
-                    Datum::Text(t) => Some(t.clone()),
-                    _ => None,
-                });
+                values[n].push(as_text(&row[i]));
             }
             values[columns.len()].push(Some(change.position.to_string()));
         }
+        let what = format!("upsert into {table}");
+        self.execute_arrays(&statement, &values, group.len(), &what, applied)
+            .await
+    }
+
+    /// Runs `statement` with one text array per column (the last one holding the
+    /// positions) and counts the rows written and those the position guard turned away.
+    async fn execute_arrays(
+        &self,
+        statement: &Statement,
+        values: &[Vec<Option<String>>],
+        rows: usize,
+        what: &str,
+        applied: &mut Applied,
+    ) -> Result<(), SinkError> {
         let params: Vec<&(dyn ToSql + Sync)> =
             values.iter().map(|v| v as &(dyn ToSql + Sync)).collect();
         let n = self
             .client
-            .execute(&statement, &params)
+            .execute(statement, &params)
             .await
-            .map_err(|e| SinkError::Rejected(format!("target upsert into {table}: {e}")))?;
+            .map_err(|e| SinkError::Rejected(format!("target {what}: {e}")))?;
         applied.written += n;
-        applied.skipped += group.len() as u64 - n.min(group.len() as u64);
+        applied.skipped += rows as u64 - n.min(rows as u64);
         Ok(())
     }
 
@@ -304,22 +321,20 @@ impl PostgresSink {
                 continue;
             };
             for (n, datum) in key_values.iter().enumerate() {
-                values[n].push(match datum {
-                    Datum::Text(t) => Some(t.clone()),
-                    _ => None,
-                });
+                values[n].push(as_text(datum));
             }
             values[key.len()].push(Some(change.position.to_string()));
         }
-        let params: Vec<&(dyn ToSql + Sync)> =
-            values.iter().map(|v| v as &(dyn ToSql + Sync)).collect();
-        let n = self
-            .client
-            .execute(&statement, &params)
+        let what = format!("delete from {table}");
+        self.execute_arrays(&statement, &values, group.len(), &what, applied)
             .await
-            .map_err(|e| SinkError::Rejected(format!("target delete from {table}: {e}")))?;
-        applied.written += n;
-        applied.skipped += group.len() as u64 - n.min(group.len() as u64);
-        Ok(())
+    }
+}
+
+/// A value as the text parameter the target casts (NULL for NULL).
+fn as_text(datum: &Datum) -> Option<String> {
+    match datum {
+        Datum::Text(t) => Some(t.clone()),
+        Datum::Null | Datum::Unchanged => None,
     }
 }
