@@ -3,6 +3,7 @@
 mod common;
 
 use std::collections::HashSet;
+use std::time::Duration;
 
 use common::*;
 use tokio_postgres::SimpleQueryMessage;
@@ -414,4 +415,71 @@ async fn shutdown_closes_idle_clients_and_lets_transactions_finish() {
         .unwrap()
         .get(0);
     assert_eq!(n, 2, "the transaction committed during shutdown");
+}
+
+/// The primary's entry in `/status`.
+fn primary_status(s: &replicator::admin::status::Status) -> replicator::admin::status::NodeStatus {
+    s.projects[0]
+        .nodes
+        .iter()
+        .find(|n| n.role == "primary")
+        .expect("a primary in /status")
+        .clone()
+}
+
+#[tokio::test]
+async fn a_full_pool_queues_clients_and_hands_connections_over() {
+    let proxy = start_proxy("pool_size = 2", "").await;
+    let mut tasks = Vec::new();
+    for i in 0..6 {
+        let client = app_client(&proxy).await;
+        tasks.push(tokio::spawn(async move {
+            // Transactions on the primary that hold their server connection a while:
+            // six clients share two connections, so four always wait for one.
+            for _ in 0..3 {
+                let tx = format!("BEGIN; SELECT pg_sleep(0.05), {i}; COMMIT");
+                client.batch_execute(&tx).await.unwrap();
+            }
+        }));
+    }
+    let mut most = 0;
+    while tasks.iter().any(|t| !t.is_finished()) {
+        let p = primary_status(&status(&proxy).await);
+        most = most.max(p.active_connections + p.idle_connections);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert!(most >= 1, "the pool was never seen in use");
+    assert!(
+        most <= 2,
+        "pool_size = 2 but {most} server connections were open"
+    );
+    // Every connection came back.
+    let p = primary_status(&status(&proxy).await);
+    assert_eq!(p.active_connections, 0);
+    assert!(p.idle_connections <= 2);
+}
+
+#[tokio::test]
+async fn server_connections_idle_past_the_timeout_are_closed() {
+    let proxy = start_proxy("", "server_idle_timeout_ms = 300").await;
+    let client = app_client(&proxy).await;
+    client
+        .batch_execute("/* replicator: primary */ SELECT 1")
+        .await
+        .unwrap();
+    assert!(primary_status(&status(&proxy).await).idle_connections >= 1);
+    let s = wait_status(
+        &proxy,
+        Duration::from_secs(10),
+        "idle connections closed",
+        |s| primary_status(s).idle_connections == 0,
+    )
+    .await;
+    assert_eq!(primary_status(&s).active_connections, 0);
+    // And a new one is opened on demand.
+    let (port, replica) = who(&client, &format!("/* replicator: primary */ {WHO}")).await;
+    assert_eq!((port, replica), (primary_port(), false));
 }

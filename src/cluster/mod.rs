@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
 use crate::config::{Config, NodeAddress, ReadRouting, Role};
-use crate::pool::{self, BackendError, LoginInfo, Pool, Pooled};
+use crate::pool::{BackendError, LoginInfo, Pool, Pooled};
 use crate::session::users::UserEntry;
 pub use health::{Health, NodeState};
 pub use stats::NodeStats;
@@ -73,8 +73,8 @@ pub struct Node {
     pub pool_size: u32,
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
-    /// Per user: the pool and the connect failures its waiting sessions hear about.
-    pools: RwLock<HashMap<String, (Pool, pool::ConnectErrors)>>,
+    /// Per user.
+    pools: RwLock<HashMap<String, Pool>>,
     /// Milliseconds since `epoch` until which the node is considered down.
     down_until_ms: AtomicU64,
     epoch: Instant,
@@ -87,19 +87,12 @@ impl Node {
     /// Fails as soon as a connection attempt to this node fails, rather than waiting
     /// for the connect timeout.
     pub async fn checkout(&self, user: &UserEntry) -> Result<Pooled, BackendError> {
-        let (pool, errors) = self.pool_for(user);
-        let failure = errors.next_failure();
-        tokio::pin!(failure);
-        failure.as_mut().enable();
-        let result = tokio::select! {
-            got = pool.get_owned() => got.map_err(|e| pool::checkout_error(e, &self.name)),
-            _ = &mut failure => Err(errors.latest().unwrap_or_else(|| {
-                BackendError::Timeout(format!("{}: connection attempt failed", self.name))
-            })),
-        };
+        let result = self.pool_for(user).get().await;
         match result {
             Ok(conn) => {
-                self.down_until_ms.store(0, Ordering::Relaxed);
+                if self.down_until_ms.load(Ordering::Relaxed) != 0 {
+                    self.down_until_ms.store(0, Ordering::Relaxed);
+                }
                 Ok(conn)
             }
             Err(err) => {
@@ -119,7 +112,7 @@ impl Node {
         }
     }
 
-    fn pool_for(&self, user: &UserEntry) -> (Pool, pool::ConnectErrors) {
+    fn pool_for(&self, user: &UserEntry) -> Pool {
         if let Ok(pools) = self.pools.read()
             && let Some(pool) = pools.get(&user.name)
         {
@@ -132,8 +125,7 @@ impl Node {
         pools
             .entry(user.name.clone())
             .or_insert_with(|| {
-                let errors = pool::ConnectErrors::default();
-                let pool = pool::build_pool(
+                Pool::new(
                     LoginInfo {
                         addr: self.addr.clone(),
                         database: self.database.clone(),
@@ -144,9 +136,7 @@ impl Node {
                     self.pool_size,
                     self.connect_timeout,
                     self.idle_timeout,
-                    errors.clone(),
-                );
-                (pool, errors)
+                )
             })
             .clone()
     }
@@ -158,7 +148,8 @@ impl Node {
     }
 
     pub fn is_up(&self) -> bool {
-        self.down_until_ms.load(Ordering::Relaxed) <= self.epoch.elapsed().as_millis() as u64
+        let until = self.down_until_ms.load(Ordering::Relaxed);
+        until == 0 || until <= self.epoch.elapsed().as_millis() as u64
     }
 
     pub fn role(&self) -> NodeRole {
@@ -203,8 +194,8 @@ impl Node {
                 pools
                     .iter()
                     .map(|(user, p)| {
-                        let s = p.0.state();
-                        (user.clone(), s.connections, s.idle_connections)
+                        let c = p.counts();
+                        (user.clone(), c.connections, c.idle)
                     })
                     .collect()
             })

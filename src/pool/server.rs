@@ -84,7 +84,7 @@ pub struct LoginInfo {
 pub struct ServerConn {
     pub reader: MessageReader<OwnedReadHalf>,
     pub writer: OwnedWriteHalf,
-    pub addr: NodeAddress,
+    pub addr: std::sync::Arc<NodeAddress>,
     /// Key the server gave for CancelRequest.
     pub pid: i32,
     pub secret: i32,
@@ -121,7 +121,7 @@ impl ServerConn {
         let mut conn = ServerConn {
             reader: MessageReader::new(read, MAX_SERVER_MESSAGE),
             writer: write,
-            addr: login.addr.clone(),
+            addr: std::sync::Arc::new(login.addr.clone()),
             pid: 0,
             secret: 0,
             params: Vec::new(),

@@ -16,7 +16,7 @@ use crate::protocol::messages;
 
 #[derive(Clone, Debug)]
 pub struct CancelTarget {
-    pub addr: NodeAddress,
+    pub addr: std::sync::Arc<NodeAddress>,
     pub pid: i32,
     pub secret: i32,
 }

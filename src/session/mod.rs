@@ -234,6 +234,8 @@ struct Session {
     /// to be sent again elsewhere if their server fails first.
     replay: Option<Replay>,
     replays: u8,
+    /// An empty vector kept for the next unit (see `recycle_unit`).
+    spare_unit: Vec<BytesMut>,
     /// This client's entry in the registry behind SHOW CLIENTS.
     info: Arc<ClientInfo>,
 }
@@ -312,6 +314,7 @@ impl Session {
             started: None,
             replay: None,
             replays: 0,
+            spare_unit: Vec::new(),
             info,
         };
         session.ryw = ryw;
@@ -329,6 +332,12 @@ impl Session {
 
     async fn run(&mut self) -> Result<(), End> {
         self.greet().await?;
+        // One registration for the whole session: building a fresh shutdown future on
+        // every pass of the loop cost more than the rest of the loop's bookkeeping.
+        let mut shutdown = self.shutdown.clone();
+        let mut stopping = *shutdown.borrow_and_update();
+        let shutdown_signal = shutdown.changed();
+        tokio::pin!(shutdown_signal);
         loop {
             self.dispatch_pending().await?;
             self.flush().await?;
@@ -342,19 +351,21 @@ impl Session {
                 Shutdown,
             }
             let read_client = self.pending.len() < MAX_PENDING;
-            let stopping = *self.shutdown.borrow();
             let client = &mut self.client;
-            let shutdown = &mut self.shutdown;
             let server = self.server.as_mut().map(|h| &mut h.conn.reader);
+            // `biased`: the order does not matter for fairness here (one client, one
+            // server), and it saves a random number per pass.
             let event = match server {
                 Some(server) => tokio::select! {
-                    r = client.fill(), if read_client => Event::Client(r),
+                    biased;
                     r = server.fill() => Event::Server(r),
-                    _ = shutdown.changed(), if !stopping => Event::Shutdown,
+                    r = client.fill(), if read_client => Event::Client(r),
+                    _ = &mut shutdown_signal, if !stopping => Event::Shutdown,
                 },
                 None => tokio::select! {
+                    biased;
                     r = client.fill() => Event::Client(r),
-                    _ = shutdown.changed(), if !stopping => Event::Shutdown,
+                    _ = &mut shutdown_signal, if !stopping => Event::Shutdown,
                 },
             };
             match event {
@@ -364,16 +375,17 @@ impl Session {
                 Event::Server(Ok(0)) => self.server_lost("server closed the connection")?,
                 Event::Server(Err(e)) => self.server_lost(&e.to_string())?,
                 Event::Server(Ok(_)) => self.take_server_frames()?,
-                Event::Shutdown => {}
+                Event::Shutdown => stopping = true,
             }
             // Shutting down: a client leaves as soon as it holds no server (between
             // transactions); one inside a transaction may finish it first.
-            let between_transactions = self.tx_status == b'I'
+            if stopping
+                && self.tx_status == b'I'
                 && self.expect.is_empty()
                 && !self.mid_batch
                 && !self.copy_in
-                && self.pending.is_empty();
-            if *self.shutdown.borrow() && between_transactions {
+                && self.pending.is_empty()
+            {
                 self.flush().await?;
                 return Err(End::fatal(
                     "57P01",
@@ -398,7 +410,7 @@ impl Session {
             // be replayed elsewhere.
             if let Some(replay) = self.replay.as_mut() {
                 if self.client_out.len() > replay.client_mark {
-                    self.replay = None;
+                    self.forget_replay();
                 } else {
                     replay.client_mark = 0;
                 }
@@ -599,7 +611,8 @@ impl Session {
             let Some(len) = self.next_unit_len() else {
                 return Ok(());
             };
-            let unit: Vec<BytesMut> = self.pending.drain(..len).collect();
+            let mut unit = std::mem::take(&mut self.spare_unit);
+            unit.extend(self.pending.drain(..len));
             match self.dispatch(unit).await? {
                 Dispatch::Done => {}
                 Dispatch::Later(unit) => {
@@ -663,7 +676,7 @@ impl Session {
         }
     }
 
-    async fn dispatch(&mut self, unit: Vec<BytesMut>) -> Result<Dispatch, End> {
+    async fn dispatch(&mut self, mut unit: Vec<BytesMut>) -> Result<Dispatch, End> {
         if unit
             .iter()
             .all(|f| matches!(f[0], msg::COPY_DATA | msg::COPY_DONE | msg::COPY_FAIL))
@@ -765,15 +778,37 @@ impl Session {
             && matches!(unit.last().map(|f| f[0]), Some(msg::SYNC | msg::QUERY));
         match (fresh_server, replayable, self.replay.as_mut()) {
             (true, true, _) => {
+                self.forget_replay();
                 self.replay = Some(Replay {
                     frames: unit,
                     client_mark: answered_before,
                 })
             }
-            (false, true, Some(earlier)) => earlier.frames.extend(unit),
-            _ => self.replay = None,
+            (false, true, Some(earlier)) => {
+                earlier.frames.append(&mut unit);
+                self.recycle_unit(unit);
+            }
+            _ => {
+                self.forget_replay();
+                self.recycle_unit(unit);
+            }
         }
         Ok(Dispatch::Done)
+    }
+
+    /// Keeps a unit's vector for the next unit: one allocation per session, not per
+    /// statement.
+    fn recycle_unit(&mut self, mut unit: Vec<BytesMut>) {
+        unit.clear();
+        if unit.capacity() <= 64 && unit.capacity() > self.spare_unit.capacity() {
+            self.spare_unit = unit;
+        }
+    }
+
+    fn forget_replay(&mut self) {
+        if let Some(replay) = self.replay.take() {
+            self.recycle_unit(replay.frames);
+        }
     }
 
     /// Checks out a server for `route`: reads try the replicas in strategy order, then

@@ -27,14 +27,15 @@ pub struct PreparedStatement {
 const MAX_STATEMENTS: usize = 100_000;
 
 pub struct StatementRegistry {
-    by_tail: Mutex<HashMap<Bytes, Arc<PreparedStatement>>>,
+    /// foldhash: looked up for every Parse on the data path (see router/cache.rs).
+    by_tail: Mutex<HashMap<Bytes, Arc<PreparedStatement>, foldhash::fast::RandomState>>,
     next_id: AtomicU64,
 }
 
 impl Default for StatementRegistry {
     fn default() -> Self {
         Self {
-            by_tail: Mutex::new(HashMap::new()),
+            by_tail: Mutex::new(HashMap::default()),
             next_id: AtomicU64::new(1),
         }
     }
