@@ -80,6 +80,8 @@ impl Proxy {
     /// gone or `grace` has passed.
     pub async fn stop(self, grace: std::time::Duration) {
         let _ = self.shared.shutdown.send(true);
+        // A session that registers after this sees the flag above when it starts.
+        self.shared.clients.stop_all();
         let _ = self.task.await;
         let deadline = tokio::time::Instant::now() + grace;
         loop {

@@ -553,3 +553,84 @@ async fn a_server_dying_mid_statement_costs_only_that_statement() {
         "COMMIT must not pretend to succeed after the transaction was lost"
     );
 }
+
+/// Sum of `replicator_parses_saved_total` over all nodes.
+async fn parses_saved(proxy: &replicator::server::Proxy) -> u64 {
+    let addr = proxy.admin_addr.expect("admin address").to_string();
+    let (code, metrics) = replicator::admin::http::get(&addr, "/metrics")
+        .await
+        .expect("GET /metrics");
+    assert_eq!(code, 200);
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("replicator_parses_saved_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+#[tokio::test]
+async fn unnamed_statements_are_parsed_once_per_server_and_survive_schema_changes() {
+    use tokio_postgres::types::Type;
+    // One connection per node, so every execution meets the statement the last one left.
+    let proxy = start_proxy("pool_size = 1", "").await;
+    let client = app_client(&proxy).await;
+    create_table("proto_unnamed", "id int primary key, a int").await;
+    client
+        .batch_execute("INSERT INTO proto_unnamed VALUES (1, 10), (2, 20)")
+        .await
+        .unwrap();
+    let sql = "/* replicator: primary */ SELECT * FROM proto_unnamed WHERE id = $1";
+    let run = |id: i32| {
+        let client = &client;
+        async move { client.query_typed(sql, &[(&id, Type::INT4)]).await.unwrap() }
+    };
+    let before = parses_saved(&proxy).await;
+    for id in [1, 2, 1, 2, 1] {
+        let rows = run(id).await;
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].len(), 2);
+        assert_eq!(rows[0].get::<_, i32>(1), id * 10);
+    }
+    let saved = parses_saved(&proxy).await - before;
+    assert!(
+        saved >= 4,
+        "only {saved} of 4 repeated Parse messages were saved"
+    );
+
+    // A simple query drops the server's unnamed statement; the next Parse goes through.
+    client
+        .batch_execute("/* replicator: primary */ SELECT 1")
+        .await
+        .unwrap();
+    assert_eq!(run(2).await[0].get::<_, i32>(1), 20);
+
+    // A schema change: the server refuses to reuse its plan ("cached plan must not
+    // change result type"); the proxy parses again and the client sees the new shape.
+    run(1).await;
+    primary_client()
+        .await
+        .batch_execute("ALTER TABLE proto_unnamed ADD COLUMN b int DEFAULT 7")
+        .await
+        .unwrap();
+    let rows = run(1).await;
+    assert_eq!(rows[0].len(), 3);
+    assert_eq!(rows[0].get::<_, i32>(2), 7);
+
+    // An error between two executions changes nothing for the next one.
+    let err = client
+        .query_typed(
+            "/* replicator: primary */ SELECT 1 / $1",
+            &[(&0i32, Type::INT4)],
+        )
+        .await
+        .unwrap_err();
+    assert_sqlstate(&err, tokio_postgres::error::SqlState::DIVISION_BY_ZERO);
+    assert_eq!(run(2).await[0].get::<_, i32>(1), 20);
+    assert_eq!(run(2).await[0].get::<_, i32>(1), 20);
+
+    // Inside a transaction block too.
+    client.batch_execute("BEGIN").await.unwrap();
+    assert_eq!(run(1).await[0].get::<_, i32>(1), 10);
+    assert_eq!(run(1).await[0].get::<_, i32>(1), 10);
+    client.batch_execute("COMMIT").await.unwrap();
+}

@@ -68,6 +68,7 @@ impl Collector for ProxyCollector {
         let topology = shared.topology.load();
         let mut queries = Vec::new();
         let mut connect_errors = Vec::new();
+        let mut parses_saved = Vec::new();
         let mut failed_checks = Vec::new();
         let mut lag_ms = Vec::new();
         let mut lag_bytes = Vec::new();
@@ -124,6 +125,10 @@ impl Collector for ProxyCollector {
                     labels.clone(),
                     node.stats.connect_errors.load(Ordering::Relaxed),
                 ));
+                parses_saved.push((
+                    labels.clone(),
+                    node.stats.parses_saved.load(Ordering::Relaxed),
+                ));
                 failed_checks.push((labels.clone(), node.health.checks_failed()));
                 lag_ms.push((labels.clone(), node.health.lag_ms() as i64));
                 lag_bytes.push((labels.clone(), node.health.lag_bytes() as i64));
@@ -168,6 +173,12 @@ impl Collector for ProxyCollector {
             "connect_errors",
             "Failed attempts to open a server connection.",
             &connect_errors,
+        )?;
+        counter(
+            &mut encoder,
+            "parses_saved",
+            "Parse messages of unnamed statements answered by the proxy because the server already held that statement.",
+            &parses_saved,
         )?;
         counter(
             &mut encoder,

@@ -73,8 +73,8 @@ pub struct Node {
     pub pool_size: u32,
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
-    /// Per user.
-    pools: RwLock<HashMap<String, Pool>>,
+    /// Per user (looked up on every checkout, hence foldhash).
+    pools: RwLock<HashMap<String, Pool, foldhash::fast::RandomState>>,
     /// Milliseconds since `epoch` until which the node is considered down.
     down_until_ms: AtomicU64,
     epoch: Instant,
@@ -87,12 +87,19 @@ impl Node {
     /// Fails as soon as a connection attempt to this node fails, rather than waiting
     /// for the connect timeout.
     pub async fn checkout(&self, user: &UserEntry) -> Result<Pooled, BackendError> {
+        // Fast path: an idle connection, taken under the read lock without cloning the
+        // pool handle or entering the pool's async path.
+        if let Ok(pools) = self.pools.read()
+            && let Some(pool) = pools.get(&user.name)
+            && let Some(conn) = pool.take_idle()
+        {
+            self.clear_down();
+            return Ok(conn);
+        }
         let result = self.pool_for(user).get().await;
         match result {
             Ok(conn) => {
-                if self.down_until_ms.load(Ordering::Relaxed) != 0 {
-                    self.down_until_ms.store(0, Ordering::Relaxed);
-                }
+                self.clear_down();
                 Ok(conn)
             }
             Err(err) => {
@@ -139,6 +146,12 @@ impl Node {
                 )
             })
             .clone()
+    }
+
+    fn clear_down(&self) {
+        if self.down_until_ms.load(Ordering::Relaxed) != 0 {
+            self.down_until_ms.store(0, Ordering::Relaxed);
+        }
     }
 
     pub fn mark_down(&self) {
@@ -415,7 +428,7 @@ impl Topology {
                         pool_size: p.pool_size,
                         connect_timeout,
                         idle_timeout,
-                        pools: RwLock::new(HashMap::new()),
+                        pools: RwLock::new(HashMap::default()),
                         down_until_ms: AtomicU64::new(0),
                         epoch,
                         stats: NodeStats::default(),

@@ -58,6 +58,9 @@ pub struct NodeStats {
     pub reads: AtomicU64,
     pub writes: AtomicU64,
     pub connect_errors: AtomicU64,
+    /// Parse messages answered by the proxy because the server's unnamed statement
+    /// already was that statement.
+    pub parses_saved: AtomicU64,
     /// From sending a request to the server until its ReadyForQuery.
     pub latency: Latency,
 }

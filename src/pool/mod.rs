@@ -97,6 +97,19 @@ impl Pool {
         Pool { inner }
     }
 
+    /// An idle connection, if the pool has a usable one.
+    pub fn take_idle(&self) -> Option<Pooled> {
+        let mut state = self.inner.lock();
+        while let Some(IdleConn { mut conn, .. }) = state.idle.pop() {
+            if conn.check_idle() {
+                return Some(self.inner.pooled(conn));
+            }
+            // Closed or spoke while idle: let it go.
+            state.total -= 1;
+        }
+        None
+    }
+
     /// A connection from the pool, a new one if there is room, or the next one returned
     /// within the connect timeout.
     pub async fn get(&self) -> Result<Pooled, BackendError> {

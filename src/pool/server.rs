@@ -98,6 +98,11 @@ pub struct ServerConn {
     pub broken: bool,
     /// Holds session state of a previous client (pinned or session mode): reset first.
     pub needs_reset: bool,
+    /// Registry id of the statement this server holds as its unnamed prepared
+    /// statement, when the proxy knows it: a Parse of the same statement can then be
+    /// answered without sending it. A simple Query or Close of it forgets it (as the
+    /// server does), and so does any error (the proxy cannot tell what survived).
+    pub unnamed: Option<u64>,
 }
 
 impl ServerConn {
@@ -129,6 +134,7 @@ impl ServerConn {
             prepared: HashSet::new(),
             broken: false,
             needs_reset: false,
+            unnamed: None,
         };
         let protocol = |source| BackendError::Protocol {
             addr: addr.clone(),
@@ -285,6 +291,7 @@ impl ServerConn {
         let mut out = bytes::BytesMut::new();
         crate::protocol::messages::query(&mut out, sql);
         self.broken = true;
+        self.unnamed = None;
         self.send(&out).await?;
         let mut value = None;
         loop {

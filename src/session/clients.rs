@@ -4,9 +4,12 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Context, Poll};
 use std::time::SystemTime;
+
+use futures_util::task::AtomicWaker;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -35,6 +38,9 @@ pub struct ClientInfo {
     state: AtomicU8,
     pub statements: AtomicU64,
     pinned: OnceLock<&'static str>,
+    /// Set when the proxy shuts down; the session leaves between transactions.
+    stop: AtomicBool,
+    stop_waker: AtomicWaker,
 }
 
 impl ClientInfo {
@@ -57,6 +63,30 @@ impl ClientInfo {
     pub fn set_pinned(&self, reason: &'static str) {
         let _ = self.pinned.set(reason);
     }
+
+    /// Asks the session to leave at its next moment between transactions.
+    pub fn request_stop(&self) {
+        self.stop.store(true, Ordering::Release);
+        self.stop_waker.wake();
+    }
+
+    pub fn stop_requested(&self) -> bool {
+        self.stop.load(Ordering::Acquire)
+    }
+
+    /// Ready once a stop is requested. Polled by an idle session on every pass of its
+    /// loop: a flag and a waker slot, where a broadcast channel would take a lock.
+    pub fn poll_stop(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.stop_requested() {
+            return Poll::Ready(());
+        }
+        self.stop_waker.register(cx.waker());
+        if self.stop_requested() {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }
 }
 
 #[derive(Default)]
@@ -77,6 +107,8 @@ impl ClientRegistry {
             state: AtomicU8::new(ClientState::Idle as u8),
             statements: AtomicU64::new(0),
             pinned: OnceLock::new(),
+            stop: AtomicBool::new(false),
+            stop_waker: AtomicWaker::new(),
         });
         if let Ok(mut clients) = self.clients.lock() {
             clients.insert(id, info.clone());
@@ -87,6 +119,13 @@ impl ClientRegistry {
     pub fn unregister(&self, id: u64) {
         if let Ok(mut clients) = self.clients.lock() {
             clients.remove(&id);
+        }
+    }
+
+    /// Graceful shutdown: every connected session is asked to leave.
+    pub fn stop_all(&self) {
+        for client in self.snapshot() {
+            client.request_stop();
         }
     }
 

@@ -236,8 +236,25 @@ struct Session {
     replays: u8,
     /// An empty vector kept for the next unit (see `recycle_unit`).
     spare_unit: Vec<BytesMut>,
+    /// The same for the statements a unit's Parse messages name.
+    spare_parsed: Vec<Arc<PreparedStatement>>,
+    /// The unit being forwarded had its Parse answered by the proxy.
+    skipped_parse: bool,
+    /// Such a unit, kept until its first answer (see `Reparse`).
+    reparse: Option<Reparse>,
     /// This client's entry in the registry behind SHOW CLIENTS.
     info: Arc<ClientInfo>,
+}
+
+/// A unit sent without its Parse because the server's unnamed statement was the same
+/// one. After a schema change the server may refuse to reuse it ("cached plan must not
+/// change result type", 0A000) where a fresh Parse would have worked; the unit is then
+/// sent again with its Parse, and the client never sees the refusal. Kept until the
+/// unit's first answer; only for units outside a transaction block, where the refusal
+/// rolls back nothing the client did.
+struct Reparse {
+    frames: Vec<BytesMut>,
+    client_mark: usize,
 }
 
 struct Replay {
@@ -315,6 +332,9 @@ impl Session {
             replay: None,
             replays: 0,
             spare_unit: Vec::new(),
+            spare_parsed: Vec::new(),
+            skipped_parse: false,
+            reparse: None,
             info,
         };
         session.ryw = ryw;
@@ -332,12 +352,11 @@ impl Session {
 
     async fn run(&mut self) -> Result<(), End> {
         self.greet().await?;
-        // One registration for the whole session: building a fresh shutdown future on
-        // every pass of the loop cost more than the rest of the loop's bookkeeping.
-        let mut shutdown = self.shutdown.clone();
-        let mut stopping = *shutdown.borrow_and_update();
-        let shutdown_signal = shutdown.changed();
-        tokio::pin!(shutdown_signal);
+        if *self.shutdown.borrow() {
+            self.info.request_stop();
+        }
+        // Once seen, the stop stays set; polling it again would spin.
+        let mut stop_seen = false;
         loop {
             self.dispatch_pending().await?;
             self.flush().await?;
@@ -352,20 +371,22 @@ impl Session {
             }
             let read_client = self.pending.len() < MAX_PENDING;
             let client = &mut self.client;
+            let info = &self.info;
             let server = self.server.as_mut().map(|h| &mut h.conn.reader);
             // `biased`: the order does not matter for fairness here (one client, one
-            // server), and it saves a random number per pass.
+            // server), and it saves a random number per pass. A session holding a
+            // server is inside a request or transaction, which it finishes before a
+            // shutdown matters, so only an idle one listens for it.
             let event = match server {
                 Some(server) => tokio::select! {
                     biased;
                     r = server.fill() => Event::Server(r),
                     r = client.fill(), if read_client => Event::Client(r),
-                    _ = &mut shutdown_signal, if !stopping => Event::Shutdown,
                 },
                 None => tokio::select! {
                     biased;
                     r = client.fill() => Event::Client(r),
-                    _ = &mut shutdown_signal, if !stopping => Event::Shutdown,
+                    _ = std::future::poll_fn(|cx| info.poll_stop(cx)), if !stop_seen => Event::Shutdown,
                 },
             };
             match event {
@@ -375,11 +396,11 @@ impl Session {
                 Event::Server(Ok(0)) => self.server_lost("server closed the connection")?,
                 Event::Server(Err(e)) => self.server_lost(&e.to_string())?,
                 Event::Server(Ok(_)) => self.take_server_frames()?,
-                Event::Shutdown => stopping = true,
+                Event::Shutdown => stop_seen = true,
             }
             // Shutting down: a client leaves as soon as it holds no server (between
             // transactions); one inside a transaction may finish it first.
-            if stopping
+            if self.info.stop_requested()
                 && self.tx_status == b'I'
                 && self.expect.is_empty()
                 && !self.mid_batch
@@ -495,6 +516,7 @@ impl Session {
     }
 
     fn release(&mut self) {
+        self.reparse = None;
         if let Some(mut held) = self.server.take() {
             if held.conn.reader.buffered() > 0 {
                 // Unread bytes mean the proxy lost track of this connection's state.
@@ -512,6 +534,7 @@ impl Session {
         if !sql.is_empty() {
             msg::query(&mut self.server_out, &sql);
             self.expect.push_back(Expect::Injected);
+            self.forget_server_unnamed();
         }
     }
 
@@ -529,6 +552,7 @@ impl Session {
             self.expect.push_back(Expect::Injected);
             conn.settings.clear();
             conn.prepared.clear();
+            conn.unnamed = None;
             conn.needs_reset = false;
         }
         if conn.prepared.len() > MAX_PREPARED_PER_SERVER {
@@ -626,8 +650,14 @@ impl Session {
     }
 
     /// The combined routing decision of a unit's statements.
-    /// Also returns the session effects of the unit's simple Query, if it has one.
-    fn unit_decision(&self, unit: &[BytesMut]) -> (Decision, Vec<SessionEffect>) {
+    /// Also returns the session effects of the unit's simple Query, if it has one, and
+    /// fills `parsed` with the statement of each well-formed Parse, in order (looked up
+    /// once here, used again when the Parse is forwarded).
+    fn unit_decision(
+        &self,
+        unit: &[BytesMut],
+        parsed: &mut Vec<Arc<PreparedStatement>>,
+    ) -> (Decision, Vec<SessionEffect>) {
         let mut decision = Decision::replica();
         let mut query_effects = Vec::new();
         let mut parsed_unnamed: Option<Arc<Decision>> = None;
@@ -640,12 +670,22 @@ impl Session {
                 }
                 msg::PARSE => {
                     let mut f = Fields::of_frame(frame);
-                    let name = f.cstr_bytes().unwrap_or(b"");
-                    let d = self.decide(f.cstr_bytes().unwrap_or(b""));
-                    if name.is_empty() {
-                        parsed_unnamed = Some(d.clone());
+                    let name = f.cstr_bytes();
+                    let tail = f.rest();
+                    match (name, Fields::new(tail).cstr_bytes()) {
+                        (Ok(name), Ok(query)) => {
+                            let statement =
+                                self.shared.statements.register(tail, || self.decide(query));
+                            let d = statement.decision.clone();
+                            if name.is_empty() {
+                                parsed_unnamed = Some(d.clone());
+                            }
+                            parsed.push(statement);
+                            Some(d)
+                        }
+                        // Malformed: refused when forwarded.
+                        _ => Some(Arc::new(Decision::primary())),
                     }
-                    Some(d)
                 }
                 msg::BIND => {
                     let mut f = Fields::of_frame(frame);
@@ -684,7 +724,8 @@ impl Session {
             // Leftovers of a COPY the server already ended; Postgres drops them too.
             return Ok(Dispatch::Done);
         }
-        let (decision, mut query_effects) = self.unit_decision(&unit);
+        let mut parsed = std::mem::take(&mut self.spare_parsed);
+        let (decision, mut query_effects) = self.unit_decision(&unit, &mut parsed);
         let mut route = decision.route;
         if decision.pin.is_some() || self.pinned.is_some() {
             route = Route::Primary;
@@ -754,9 +795,27 @@ impl Session {
         self.prepare_server();
         let mut parsed_unnamed = false;
         let answered_before = self.client_out.len();
+        let idle_before = self.tx_status == b'I';
+        self.skipped_parse = false;
+        let mut statements = parsed.drain(..);
         for frame in &unit {
-            self.forward_client_frame(frame, &mut parsed_unnamed, &mut query_effects)?;
+            let statement = if frame[0] == msg::PARSE {
+                statements.next()
+            } else {
+                None
+            };
+            self.forward_client_frame(frame, statement, &mut parsed_unnamed, &mut query_effects)?;
         }
+        drop(statements);
+        self.spare_parsed = parsed;
+        self.reparse = (self.skipped_parse
+            && fresh_server
+            && idle_before
+            && matches!(unit.last().map(|f| f[0]), Some(msg::SYNC)))
+        .then(|| Reparse {
+            frames: unit.clone(),
+            client_mark: answered_before,
+        });
         // Answers the proxy gives itself wait for the server's first answer, unless the
         // server owes nothing.
         if self
@@ -845,11 +904,22 @@ impl Session {
                 .wait_for_primary(BackendError::Timeout("a switchover is in progress".into()))
                 .await;
         }
-        nodes.extend(self.project.primary().cloned());
-        match self.attach_first(nodes).await {
-            Err(e) if route == Route::Primary => self.wait_for_primary(e).await,
-            other => other,
+        let primary = self.project.primary().cloned();
+        if route == Route::Primary {
+            // The common case of every write, without building a candidate list.
+            let attached = match primary {
+                Some(node) => self.attach_from(node).await,
+                None => Err(BackendError::Timeout(
+                    "the project has no primary now".into(),
+                )),
+            };
+            return match attached {
+                Err(e) => self.wait_for_primary(e).await,
+                ok => ok,
+            };
         }
+        nodes.extend(primary);
+        self.attach_first(nodes).await
     }
 
     /// After a reload, moves to the project's new topology (its old one keeps serving
@@ -942,18 +1012,25 @@ impl Session {
     async fn attach_first(&mut self, nodes: Vec<Arc<Node>>) -> Result<(), BackendError> {
         let mut last_error = BackendError::Timeout("no node available".into());
         for node in nodes {
-            match node.checkout(&self.user).await {
-                Ok(conn) => {
-                    self.attach(node, conn);
-                    return Ok(());
-                }
-                Err(e) => {
-                    warn!(node = %node.name, project = %self.project.name, "cannot get a server connection: {e}");
-                    last_error = e;
-                }
+            match self.attach_from(node).await {
+                Ok(()) => return Ok(()),
+                Err(e) => last_error = e,
             }
         }
         Err(last_error)
+    }
+
+    async fn attach_from(&mut self, node: Arc<Node>) -> Result<(), BackendError> {
+        match node.checkout(&self.user).await {
+            Ok(conn) => {
+                self.attach(node, conn);
+                Ok(())
+            }
+            Err(e) => {
+                warn!(node = %node.name, project = %self.project.name, "cannot get a server connection: {e}");
+                Err(e)
+            }
+        }
     }
 
     /// A unit could not be sent anywhere: answer it with an error, as the server would.
@@ -969,6 +1046,22 @@ impl Session {
 
     fn push_expect(&mut self, e: Expect) {
         self.expect.push_back(e);
+    }
+
+    fn server_unnamed_is(&self, id: u64) -> bool {
+        self.server
+            .as_ref()
+            .is_some_and(|h| h.conn.unnamed == Some(id))
+    }
+
+    fn set_server_unnamed(&mut self, id: Option<u64>) {
+        if let Some(held) = self.server.as_mut() {
+            held.conn.unnamed = id;
+        }
+    }
+
+    fn forget_server_unnamed(&mut self) {
+        self.set_server_unnamed(None);
     }
 
     /// Makes sure the held server has `statement`, injecting a Parse if it does not.
@@ -991,6 +1084,7 @@ impl Session {
     fn forward_client_frame(
         &mut self,
         frame: &[u8],
+        statement: Option<Arc<PreparedStatement>>,
         parsed_unnamed: &mut bool,
         query_effects: &mut Vec<SessionEffect>,
     ) -> Result<(), End> {
@@ -1000,22 +1094,37 @@ impl Session {
                 let effects = std::mem::take(query_effects);
                 self.server_out.extend_from_slice(frame);
                 self.push_expect(Expect::Ready { effects });
+                self.forget_server_unnamed();
             }
             msg::PARSE => {
                 let mut f = Fields::of_frame(frame);
                 let name = f.cstr()?.to_string();
                 let tail = f.rest();
                 let query = Fields::new(tail).cstr_bytes()?;
-                let query = String::from_utf8_lossy(query);
-                let statement = self
-                    .shared
-                    .statements
-                    .register(tail, &query, &self.shared.cache);
+                let statement = match statement {
+                    Some(statement) => statement,
+                    None => self.shared.statements.register(tail, || self.decide(query)),
+                };
                 if name.is_empty() {
                     *parsed_unnamed = true;
+                    if let Some(held) = self.server.as_ref()
+                        && held.conn.unnamed == Some(statement.id)
+                    {
+                        // The server's unnamed statement is this one already (left by
+                        // this client or another): parsing it again would only repeat
+                        // the server's parse analysis.
+                        held.node
+                            .stats
+                            .parses_saved
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        self.push_expect(Expect::Synthetic(msg::PARSE_COMPLETE));
+                        self.skipped_parse = true;
+                    } else {
+                        self.server_out.extend_from_slice(frame);
+                        self.push_expect(Expect::Parse);
+                        self.set_server_unnamed(Some(statement.id));
+                    }
                     self.unnamed = Some(statement);
-                    self.server_out.extend_from_slice(frame);
-                    self.push_expect(Expect::Parse);
                 } else {
                     self.statements.insert(name, statement.clone());
                     let fresh = self
@@ -1041,8 +1150,11 @@ impl Session {
                 if name.is_empty() {
                     if !*parsed_unnamed && let Some(statement) = self.unnamed.clone() {
                         // The unnamed statement may have been parsed on another server.
-                        msg::parse_with_name(&mut self.server_out, "", &statement.tail);
-                        self.expect.push_back(Expect::InjectedParse { id: None });
+                        if !self.server_unnamed_is(statement.id) {
+                            msg::parse_with_name(&mut self.server_out, "", &statement.tail);
+                            self.expect.push_back(Expect::InjectedParse { id: None });
+                            self.set_server_unnamed(Some(statement.id));
+                        }
                         *parsed_unnamed = true;
                     }
                     if let Some(statement) = &self.unnamed {
@@ -1098,6 +1210,9 @@ impl Session {
                     self.statements.remove(name);
                     self.push_expect(Expect::Synthetic(msg::CLOSE_COMPLETE));
                 } else {
+                    if kind == b'S' {
+                        self.forget_server_unnamed();
+                    }
                     self.server_out.extend_from_slice(frame);
                     self.push_expect(Expect::Close);
                 }
@@ -1229,6 +1344,13 @@ impl Session {
             }
             _ => {}
         }
+        if let Some(reparse) = self.reparse.take()
+            && tag == msg::ERROR_RESPONSE
+            && msg::parse_error_fields(&frame).code == "0A000"
+        {
+            self.send_again_with_parse(reparse);
+            return Ok(());
+        }
         if tag == msg::ERROR_RESPONSE && self.replay.is_some() {
             let fields = msg::parse_error_fields(&frame);
             if fields.severity == "FATAL" || fields.severity == "PANIC" {
@@ -1238,6 +1360,7 @@ impl Session {
         }
         if tag == msg::ERROR_RESPONSE {
             let survives = front.survives_error();
+            self.forget_server_unnamed();
             self.forward_error(&frame);
             self.group_error = true;
             if !survives {
@@ -1286,6 +1409,28 @@ impl Session {
             }
         }
         Ok(())
+    }
+
+    /// The server refused to reuse its unnamed statement for a unit whose Parse the
+    /// proxy had answered: take back what the client was told, swallow the rest of
+    /// the server's answer to the unit, and send the unit again, Parse included.
+    fn send_again_with_parse(&mut self, reparse: Reparse) {
+        debug!(user = %self.user.name, "server refused its cached unnamed statement; parsing it again");
+        self.client_out.truncate(reparse.client_mark);
+        self.forget_server_unnamed();
+        self.forget_replay();
+        while let Some(entry) = self.expect.front_mut() {
+            if matches!(entry, Expect::Ready { .. }) {
+                // The server still ends the unit with ReadyForQuery: not the client's.
+                *entry = Expect::Injected;
+                break;
+            }
+            self.expect.pop_front();
+        }
+        self.group_effects.clear();
+        for frame in reparse.frames.into_iter().rev() {
+            self.pending.push_front(frame);
+        }
     }
 
     /// Forwards a server error. A FATAL one means the server is about to close this
@@ -1339,6 +1484,7 @@ impl Session {
             self.wrote = false;
             msg::query(&mut self.server_out, COMMIT_LSN_SQL);
             self.expect.push_back(Expect::CommitLsn);
+            self.forget_server_unnamed();
         }
         if !self.group_error {
             for effect in &effects {

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 
-use crate::router::{Decision, DecisionCache};
+use crate::router::Decision;
 
 pub struct PreparedStatement {
     pub id: u64,
@@ -42,11 +42,12 @@ impl Default for StatementRegistry {
 }
 
 impl StatementRegistry {
+    /// The statement for a Parse payload (`tail`: query, parameter count and types),
+    /// registered on first sight; `decide` routes its query then, and only then.
     pub fn register(
         &self,
         tail: &[u8],
-        query: &str,
-        cache: &DecisionCache,
+        decide: impl FnOnce() -> Arc<Decision>,
     ) -> Arc<PreparedStatement> {
         let mut map = match self.by_tail.lock() {
             Ok(m) => m,
@@ -64,7 +65,7 @@ impl StatementRegistry {
             id,
             server_name: format!("__rp_{id}"),
             tail: tail.clone(),
-            decision: cache.decide(query),
+            decision: decide(),
         });
         map.insert(tail, statement.clone());
         statement
