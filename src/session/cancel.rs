@@ -5,6 +5,7 @@
 //! the client right now.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::BytesMut;
@@ -21,19 +22,42 @@ pub struct CancelTarget {
     pub secret: i32,
 }
 
+/// Which server works for one client now. Set on every checkout and cleared on every
+/// return, so it avoids the lock when the server is the one it already names (the
+/// pools hand the same connection back to a client whenever they can).
 #[derive(Default)]
 pub struct CancelSlot {
     target: Mutex<Option<CancelTarget>>,
+    /// `target` is the client's server right now (false between transactions).
+    active: AtomicBool,
+    /// Backend pid and secret key of `target`, readable without the lock (the secret
+    /// is random per server connection, so the pair names one connection).
+    pid: AtomicI32,
+    secret: AtomicI32,
 }
 
 impl CancelSlot {
     pub fn set(&self, target: Option<CancelTarget>) {
-        if let Ok(mut t) = self.target.lock() {
-            *t = target;
+        let Some(target) = target else {
+            self.active.store(false, Ordering::Release);
+            return;
+        };
+        if self.pid.load(Ordering::Relaxed) != target.pid
+            || self.secret.load(Ordering::Relaxed) != target.secret
+        {
+            self.pid.store(target.pid, Ordering::Relaxed);
+            self.secret.store(target.secret, Ordering::Relaxed);
+            if let Ok(mut t) = self.target.lock() {
+                *t = Some(target);
+            }
         }
+        self.active.store(true, Ordering::Release);
     }
 
     fn get(&self) -> Option<CancelTarget> {
+        if !self.active.load(Ordering::Acquire) {
+            return None;
+        }
         self.target.lock().ok().and_then(|t| t.clone())
     }
 }

@@ -75,12 +75,17 @@ impl ClientInfo {
     }
 
     /// Ready once a stop is requested. Polled by an idle session on every pass of its
-    /// loop: a flag and a waker slot, where a broadcast channel would take a lock.
-    pub fn poll_stop(&self, cx: &mut Context<'_>) -> Poll<()> {
+    /// loop: a flag and a waker slot, where a broadcast channel would take a lock. The
+    /// waker is registered on the first poll only (`registered`): a task's waker stays
+    /// the same for its whole life.
+    pub fn poll_stop(&self, cx: &mut Context<'_>, registered: &mut bool) -> Poll<()> {
         if self.stop_requested() {
             return Poll::Ready(());
         }
-        self.stop_waker.register(cx.waker());
+        if !*registered {
+            self.stop_waker.register(cx.waker());
+            *registered = true;
+        }
         if self.stop_requested() {
             Poll::Ready(())
         } else {

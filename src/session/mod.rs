@@ -272,6 +272,14 @@ struct Registration {
     info: Arc<ClientInfo>,
 }
 
+/// Why applying a client's startup settings on a server failed.
+enum Greeting {
+    /// The server refused a setting: the login fails, as it would on Postgres.
+    Refused(End),
+    /// The server connection died: another one may do.
+    ServerLost(String),
+}
+
 enum Dispatch {
     Done,
     /// The unit needs another node than the one still answering earlier units.
@@ -357,6 +365,8 @@ impl Session {
         }
         // Once seen, the stop stays set; polling it again would spin.
         let mut stop_seen = false;
+        // A task's waker does not change, so the session registers it once.
+        let mut stop_registered = false;
         loop {
             self.dispatch_pending().await?;
             self.flush().await?;
@@ -386,7 +396,7 @@ impl Session {
                 None => tokio::select! {
                     biased;
                     r = client.fill() => Event::Client(r),
-                    _ = std::future::poll_fn(|cx| info.poll_stop(cx)), if !stop_seen => Event::Shutdown,
+                    _ = std::future::poll_fn(|cx| info.poll_stop(cx, &mut stop_registered)), if !stop_seen => Event::Shutdown,
                 },
             };
             match event {
@@ -448,53 +458,42 @@ impl Session {
     /// Finishes the login: ParameterStatus from a real server with the client's
     /// settings applied, then BackendKeyData and ReadyForQuery.
     async fn greet(&mut self) -> Result<(), End> {
-        let mut nodes: Vec<Arc<Node>> = self.project.primary().cloned().into_iter().collect();
-        nodes.extend(self.project.read_candidates(0, false));
-        if let Err(e) = self.attach_first(nodes).await {
-            return Err(End::fatal(
-                e.sqlstate(),
-                format!(
-                    "no server of project \"{}\" is available: {e}",
-                    self.project.name
-                ),
-            ));
-        }
-        self.prepare_server();
-        let Some(held) = self.server.as_mut() else {
-            return Err(End::fatal("08006", "no server available"));
-        };
-        if !self.server_out.is_empty() {
-            held.conn
-                .send(&self.server_out)
-                .await
-                .map_err(|e| End::fatal("08006", e.to_string()))?;
-            self.server_out.clear();
-            while !self.expect.is_empty() {
-                let frame = held
-                    .conn
-                    .reader
-                    .read_frame()
-                    .await
-                    .map_err(|e| End::fatal("08006", e.to_string()))?;
-                match frame[0] {
-                    msg::PARAMETER_STATUS => held.conn.record_parameter(&frame),
-                    msg::ERROR_RESPONSE => {
-                        // An invalid startup parameter: Postgres refuses such a login too.
-                        let fields = msg::parse_error_fields(&frame);
-                        held.conn.needs_reset = true;
-                        self.expect.clear();
-                        return Err(End::Fatal {
-                            code: fields.code,
-                            message: fields.message,
-                        });
+        // A server connection can die under the login (terminated while it sat in the
+        // pool, its node restarting): the client has no state yet, so take another.
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let mut nodes: Vec<Arc<Node>> = self.project.primary().cloned().into_iter().collect();
+            nodes.extend(self.project.read_candidates(0, false));
+            if let Err(e) = self.attach_first(nodes).await {
+                return Err(End::fatal(
+                    e.sqlstate(),
+                    format!(
+                        "no server of project \"{}\" is available: {e}",
+                        self.project.name
+                    ),
+                ));
+            }
+            match self.settle_login_settings().await {
+                Ok(()) => break,
+                Err(Greeting::Refused(end)) => return Err(end),
+                Err(Greeting::ServerLost(reason)) => {
+                    if let Some(held) = self.server.as_mut() {
+                        held.conn.broken = true;
                     }
-                    msg::READY_FOR_QUERY => {
-                        self.expect.pop_front();
+                    self.release();
+                    self.expect.clear();
+                    self.server_out.clear();
+                    if attempt >= 3 {
+                        return Err(End::fatal("08006", reason));
                     }
-                    _ => {}
+                    debug!(user = %self.user.name, "server connection failed during login ({reason}); trying another");
                 }
             }
         }
+        let Some(held) = self.server.as_mut() else {
+            return Err(End::fatal("08006", "no server available"));
+        };
         for (name, value) in &held.conn.params {
             msg::parameter_status(&mut self.client_out, name, value);
         }
@@ -502,6 +501,52 @@ impl Session {
         msg::ready_for_query(&mut self.client_out, b'I');
         if !self.is_sticky() {
             self.release();
+        }
+        Ok(())
+    }
+
+    /// Applies the client's startup settings on the attached server and records the
+    /// ParameterStatus values it reports.
+    async fn settle_login_settings(&mut self) -> Result<(), Greeting> {
+        self.prepare_server();
+        let Some(held) = self.server.as_mut() else {
+            return Err(Greeting::ServerLost("no server available".into()));
+        };
+        if self.server_out.is_empty() {
+            return Ok(());
+        }
+        held.conn
+            .send(&self.server_out)
+            .await
+            .map_err(|e| Greeting::ServerLost(e.to_string()))?;
+        self.server_out.clear();
+        while !self.expect.is_empty() {
+            let frame = held
+                .conn
+                .reader
+                .read_frame()
+                .await
+                .map_err(|e| Greeting::ServerLost(e.to_string()))?;
+            match frame[0] {
+                msg::PARAMETER_STATUS => held.conn.record_parameter(&frame),
+                msg::ERROR_RESPONSE => {
+                    let fields = msg::parse_error_fields(&frame);
+                    if fields.severity == "FATAL" || fields.severity == "PANIC" {
+                        return Err(Greeting::ServerLost(fields.to_string()));
+                    }
+                    // An invalid startup parameter: Postgres refuses such a login too.
+                    held.conn.needs_reset = true;
+                    self.expect.clear();
+                    return Err(Greeting::Refused(End::Fatal {
+                        code: fields.code,
+                        message: fields.message,
+                    }));
+                }
+                msg::READY_FOR_QUERY => {
+                    self.expect.pop_front();
+                }
+                _ => {}
+            }
         }
         Ok(())
     }
@@ -879,11 +924,10 @@ impl Session {
         executes: bool,
     ) -> Result<(), BackendError> {
         self.follow_reload();
-        let mut nodes = Vec::new();
         if route == Route::Replica {
             // A read hinted to a replica is the user's choice over read-your-writes.
             let min_lsn = if self.ryw && !hinted { self.min_lsn } else { 0 };
-            nodes = self.project.read_candidates(min_lsn, executes);
+            let mut nodes = self.project.read_candidates(min_lsn, executes);
             if nodes.is_empty() && min_lsn > 0 {
                 if !self.project.causal_wait.is_zero() && self.wait_for_replica(min_lsn).await {
                     return Ok(());
@@ -892,34 +936,36 @@ impl Session {
                     .causal_primary_reads
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
+            // Then the primary, which runs any read.
+            let Some(primary) = self.project.primary().cloned() else {
+                return self.attach_first(nodes).await;
+            };
+            if nodes.is_empty() {
+                return self.attach_from(primary).await;
+            }
+            nodes.push(primary);
+            return self.attach_first(nodes).await;
         }
-        let paused = route == Route::Primary
-            && self
-                .project
-                .failover
-                .writes_paused
-                .load(std::sync::atomic::Ordering::SeqCst);
+        let paused = self
+            .project
+            .failover
+            .writes_paused
+            .load(std::sync::atomic::Ordering::SeqCst);
         if paused {
             return self
                 .wait_for_primary(BackendError::Timeout("a switchover is in progress".into()))
                 .await;
         }
-        let primary = self.project.primary().cloned();
-        if route == Route::Primary {
-            // The common case of every write, without building a candidate list.
-            let attached = match primary {
-                Some(node) => self.attach_from(node).await,
-                None => Err(BackendError::Timeout(
-                    "the project has no primary now".into(),
-                )),
-            };
-            return match attached {
-                Err(e) => self.wait_for_primary(e).await,
-                ok => ok,
-            };
+        let attached = match self.project.primary().cloned() {
+            Some(node) => self.attach_from(node).await,
+            None => Err(BackendError::Timeout(
+                "the project has no primary now".into(),
+            )),
+        };
+        match attached {
+            Err(e) => self.wait_for_primary(e).await,
+            ok => ok,
         }
-        nodes.extend(primary);
-        self.attach_first(nodes).await
     }
 
     /// After a reload, moves to the project's new topology (its old one keeps serving
