@@ -99,15 +99,8 @@ impl Pool {
 
     /// An idle connection, if the pool has a usable one.
     pub fn take_idle(&self) -> Option<Pooled> {
-        let mut state = self.inner.lock();
-        while let Some(IdleConn { mut conn, .. }) = state.idle.pop() {
-            if conn.check_idle() {
-                return Some(self.inner.pooled(conn));
-            }
-            // Closed or spoke while idle: let it go.
-            state.total -= 1;
-        }
-        None
+        let conn = self.inner.lock().pop_usable()?;
+        Some(self.inner.pooled(conn))
     }
 
     /// A connection from the pool, a new one if there is room, or the next one returned
@@ -115,25 +108,19 @@ impl Pool {
     pub async fn get(&self) -> Result<Pooled, BackendError> {
         let waiting = {
             let mut state = self.inner.lock();
-            loop {
-                if let Some(IdleConn { mut conn, .. }) = state.idle.pop() {
-                    if conn.check_idle() {
-                        return Ok(self.inner.pooled(conn));
-                    }
-                    // Closed or spoke while idle: let it go and look again.
-                    state.total -= 1;
-                    continue;
-                }
-                if state.total < self.inner.max_size {
-                    state.total += 1;
-                    break None;
-                }
+            if let Some(conn) = state.pop_usable() {
+                return Ok(self.inner.pooled(conn));
+            }
+            if state.total < self.inner.max_size {
+                state.total += 1;
+                None
+            } else {
                 let (tx, rx) = oneshot::channel();
                 state.waiters.push_back(tx);
-                break Some(Waiting {
+                Some(Waiting {
                     pool: self.inner.clone(),
                     rx,
-                });
+                })
             }
         };
         match waiting {
@@ -169,6 +156,20 @@ impl Pool {
             connections: state.total,
             idle: state.idle.len() as u32,
         }
+    }
+}
+
+impl PoolState {
+    /// The most recently returned idle connection that is still usable; ones the
+    /// server closed or spoke on while idle are let go.
+    fn pop_usable(&mut self) -> Option<ServerConn> {
+        while let Some(IdleConn { mut conn, .. }) = self.idle.pop() {
+            if conn.check_idle() {
+                return Some(conn);
+            }
+            self.total -= 1;
+        }
+        None
     }
 }
 

@@ -853,14 +853,11 @@ impl Session {
         }
         drop(statements);
         self.spare_parsed = parsed;
-        self.reparse = (self.skipped_parse
+        let keep_for_reparse = self.skipped_parse
             && fresh_server
             && idle_before
-            && matches!(unit.last().map(|f| f[0]), Some(msg::SYNC)))
-        .then(|| Reparse {
-            frames: unit.clone(),
-            client_mark: answered_before,
-        });
+            && matches!(unit.last().map(|f| f[0]), Some(msg::SYNC));
+        self.reparse = None;
         // Answers the proxy gives itself wait for the server's first answer, unless the
         // server owes nothing.
         if self
@@ -883,6 +880,12 @@ impl Session {
         match (fresh_server, replayable, self.replay.as_mut()) {
             (true, true, _) => {
                 self.forget_replay();
+                if keep_for_reparse {
+                    self.reparse = Some(Reparse {
+                        frames: unit.clone(),
+                        client_mark: answered_before,
+                    });
+                }
                 self.replay = Some(Replay {
                     frames: unit,
                     client_mark: answered_before,
@@ -894,7 +897,15 @@ impl Session {
             }
             _ => {
                 self.forget_replay();
-                self.recycle_unit(unit);
+                // Kept whole rather than copied: nothing else needs these frames.
+                if keep_for_reparse {
+                    self.reparse = Some(Reparse {
+                        frames: unit,
+                        client_mark: answered_before,
+                    });
+                } else {
+                    self.recycle_unit(unit);
+                }
             }
         }
         Ok(Dispatch::Done)
@@ -1390,12 +1401,13 @@ impl Session {
             }
             _ => {}
         }
-        if let Some(reparse) = self.reparse.take()
-            && tag == msg::ERROR_RESPONSE
-            && msg::parse_error_fields(&frame).code == "0A000"
-        {
-            self.send_again_with_parse(reparse);
-            return Ok(());
+        if let Some(reparse) = self.reparse.take() {
+            if tag == msg::ERROR_RESPONSE && msg::parse_error_fields(&frame).code == "0A000" {
+                self.send_again_with_parse(reparse);
+                return Ok(());
+            }
+            // Answered: nothing to send again.
+            drop(reparse);
         }
         if tag == msg::ERROR_RESPONSE && self.replay.is_some() {
             let fields = msg::parse_error_fields(&frame);
