@@ -19,18 +19,20 @@ use super::fingerprint::shape_into;
 type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 /// Per shape: the shared decision, or `None` when the exact text must be used.
-type ShapeMap = FastMap<Box<str>, Option<Arc<Decision>>>;
+/// Keys are bytes: statements arrive as bytes, and checking that they are UTF-8 is
+/// only needed when one is parsed (a cache miss).
+type ShapeMap = FastMap<Box<[u8]>, Option<Arc<Decision>>>;
 
 pub struct DecisionCache {
     by_shape: RwLock<ShapeMap>,
-    by_text: RwLock<FastMap<Box<str>, Arc<Decision>>>,
+    by_text: RwLock<FastMap<Box<[u8]>, Arc<Decision>>>,
     capacity: usize,
     hits: AtomicU64,
     misses: AtomicU64,
 }
 
 thread_local! {
-    static SHAPE_BUF: RefCell<String> = const { RefCell::new(String::new()) };
+    static SHAPE_BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
 impl DecisionCache {
@@ -45,6 +47,13 @@ impl DecisionCache {
     }
 
     pub fn decide(&self, sql: &str) -> Arc<Decision> {
+        self.decide_bytes(sql.as_bytes())
+    }
+
+    /// The decision for a statement as it arrived on the wire. Text that is not UTF-8
+    /// cannot be classified with confidence and goes to the primary (which refuses it
+    /// with a proper error if the database encoding does too).
+    pub fn decide_bytes(&self, sql: &[u8]) -> Arc<Decision> {
         SHAPE_BUF.with(|buf| {
             let mut shape = buf.borrow_mut();
             shape_into(sql, &mut shape);
@@ -52,7 +61,7 @@ impl DecisionCache {
         })
     }
 
-    fn decide_shaped(&self, sql: &str, shape: &str) -> Arc<Decision> {
+    fn decide_shaped(&self, sql: &[u8], shape: &[u8]) -> Arc<Decision> {
         let by_shape = self
             .by_shape
             .read()
@@ -72,7 +81,12 @@ impl DecisionCache {
             None => {}
         }
         self.misses.fetch_add(1, Ordering::Relaxed);
-        let decision = Arc::new(classify(sql));
+        let Ok(text) = std::str::from_utf8(sql) else {
+            // Not cached: the shape of such a text may also be that of valid ones,
+            // which must not inherit this fallback.
+            return Arc::new(Decision::primary());
+        };
+        let decision = Arc::new(classify(text));
         let shareable = decision.effects.is_empty();
         if let Ok(mut map) = self.by_shape.write() {
             // Unbounded distinct shapes would grow the map forever; starting over is
@@ -121,6 +135,16 @@ mod tests {
         cache.decide("SELECT 2 FROM a");
         cache.decide("SELECT 3 FROM b");
         assert!(cache.len() <= 2);
+    }
+
+    #[test]
+    fn text_that_is_not_utf8_goes_to_the_primary_without_poisoning_its_shape() {
+        use crate::router::Route;
+        let cache = DecisionCache::new(100);
+        let latin1 = cache.decide_bytes(b"SELECT * FROM t WHERE name = 'caf\xe9'");
+        assert_eq!(latin1.route, Route::Primary);
+        let valid = cache.decide("SELECT * FROM t WHERE name = 'cafe'");
+        assert_eq!(valid.route, Route::Replica);
     }
 
     #[test]

@@ -6,20 +6,44 @@
 //! run, so the cache is keyed by shape. (Statements whose decision carries a value, such
 //! as `SET x = 'v'`, are cached by exact text instead; see `cache.rs`.)
 
-/// Writes the shape of `sql` into `out` (cleared first).
-pub fn shape_into(sql: &str, out: &mut String) {
+/// Bytes at which a literal, quoted identifier or comment may begin; everything else
+/// is copied into the shape as it is. Statements are mostly keywords, names and
+/// spaces, so the scan skips over runs of those with one table lookup per byte.
+const SPECIAL: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut d = b'0';
+    while d <= b'9' {
+        t[d as usize] = true;
+        d += 1;
+    }
+    t[b'\'' as usize] = true;
+    t[b'"' as usize] = true;
+    t[b'-' as usize] = true;
+    t[b'/' as usize] = true;
+    t[b'$' as usize] = true;
+    t
+};
+
+/// Writes the shape of `sql` into `out` (cleared first). Works on bytes: literals
+/// begin and end at ASCII characters, so multi-byte UTF-8 (or bytes that are not
+/// UTF-8 at all) pass through unchanged.
+pub fn shape_into(sql: &[u8], out: &mut Vec<u8>) {
     out.clear();
-    let bytes = sql.as_bytes();
+    let bytes = sql;
     let mut i = 0;
     let mut last_copied = 0;
     // Copies the untouched text before a literal, then the placeholder.
-    let replace = |out: &mut String, start: usize, end: usize, last: &mut usize| {
-        out.push_str(&sql[*last..start]);
-        out.push('?');
+    let replace = |out: &mut Vec<u8>, start: usize, end: usize, last: &mut usize| {
+        out.extend_from_slice(&sql[*last..start]);
+        out.push(b'?');
         *last = end;
     };
     while i < bytes.len() {
         let b = bytes[i];
+        if !SPECIAL[b as usize] {
+            i += 1;
+            continue;
+        }
         match b {
             b'\'' => {
                 // Standard string: '' is an escaped quote. E'...' also allows \' escapes.
@@ -79,7 +103,7 @@ pub fn shape_into(sql: &str, out: &mut String) {
                 }
                 if j < bytes.len() && bytes[j] == b'$' {
                     let tag = &sql[start..=j];
-                    match sql[j + 1..].find(tag) {
+                    match find(&sql[j + 1..], tag) {
                         Some(pos) => {
                             let end = j + 1 + pos + tag.len();
                             replace(out, start, end, &mut last_copied);
@@ -112,7 +136,12 @@ pub fn shape_into(sql: &str, out: &mut String) {
             _ => i += 1,
         }
     }
-    out.push_str(&sql[last_copied.min(sql.len())..]);
+    out.extend_from_slice(&sql[last_copied.min(sql.len())..]);
+}
+
+/// Position of `needle` in `haystack` (dollar-quote tags are short).
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
 }
 
 fn is_ident(b: Option<u8>) -> bool {
@@ -124,9 +153,9 @@ mod tests {
     use super::*;
 
     fn shape(sql: &str) -> String {
-        let mut s = String::new();
-        shape_into(sql, &mut s);
-        s
+        let mut s = Vec::new();
+        shape_into(sql.as_bytes(), &mut s);
+        String::from_utf8(s).unwrap()
     }
 
     #[test]
@@ -149,6 +178,17 @@ mod tests {
             "SELECT \"col 1\" FROM \"t\"\"x\""
         );
         assert_eq!(shape("SELECT 1 -- 2\n, 3"), "SELECT ? -- 2\n, ?");
+        assert_eq!(
+            shape("SELECT naïve, x2 FROM t_1 WHERE a = 'é' AND b = $x$ q $x$"),
+            "SELECT naïve, x2 FROM t_1 WHERE a = ? AND b = ?"
+        );
+    }
+
+    #[test]
+    fn bytes_that_are_not_utf8_pass_through() {
+        let mut out = Vec::new();
+        shape_into(b"SELECT \xff FROM t WHERE a = '\xe9' AND b = 7", &mut out);
+        assert_eq!(out, b"SELECT \xff FROM t WHERE a = ? AND b = ?");
     }
 
     #[test]

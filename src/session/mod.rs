@@ -754,11 +754,7 @@ impl Session {
     }
 
     fn decide(&self, sql: &[u8]) -> Arc<Decision> {
-        match std::str::from_utf8(sql) {
-            Ok(text) => self.shared.cache.decide(text),
-            // Not UTF-8: nothing to classify with confidence; the primary runs anything.
-            Err(_) => Arc::new(Decision::primary()),
-        }
+        self.shared.cache.decide_bytes(sql)
     }
 
     async fn dispatch(&mut self, mut unit: Vec<BytesMut>) -> Result<Dispatch, End> {
