@@ -29,7 +29,6 @@ const SPECIAL: [bool; 256] = {
 /// UTF-8 at all) pass through unchanged.
 pub fn shape_into(sql: &[u8], out: &mut Vec<u8>) {
     out.clear();
-    let bytes = sql;
     let mut i = 0;
     let mut last_copied = 0;
     // Copies the untouched text before a literal, then the placeholder.
@@ -38,8 +37,8 @@ pub fn shape_into(sql: &[u8], out: &mut Vec<u8>) {
         out.push(b'?');
         *last = end;
     };
-    while i < bytes.len() {
-        let b = bytes[i];
+    while i < sql.len() {
+        let b = sql[i];
         if !SPECIAL[b as usize] {
             i += 1;
             continue;
@@ -48,14 +47,14 @@ pub fn shape_into(sql: &[u8], out: &mut Vec<u8>) {
             b'\'' => {
                 // Standard string: '' is an escaped quote. E'...' also allows \' escapes.
                 let escapes = i > 0
-                    && matches!(bytes[i - 1], b'e' | b'E')
-                    && !is_ident(bytes.get(i.wrapping_sub(2)).copied());
+                    && matches!(sql[i - 1], b'e' | b'E')
+                    && !is_ident(sql.get(i.wrapping_sub(2)).copied());
                 let start = i;
                 i += 1;
-                while i < bytes.len() {
-                    match bytes[i] {
+                while i < sql.len() {
+                    match sql[i] {
                         b'\\' if escapes => i += 2,
-                        b'\'' if bytes.get(i + 1) == Some(&b'\'') => i += 2,
+                        b'\'' if sql.get(i + 1) == Some(&b'\'') => i += 2,
                         b'\'' => {
                             i += 1;
                             break;
@@ -63,15 +62,15 @@ pub fn shape_into(sql: &[u8], out: &mut Vec<u8>) {
                         _ => i += 1,
                     }
                 }
-                let end = i.min(bytes.len());
+                let end = i.min(sql.len());
                 replace(out, start, end, &mut last_copied);
             }
             b'"' => {
                 // Quoted identifier: part of the shape.
                 i += 1;
-                while i < bytes.len() {
-                    if bytes[i] == b'"' {
-                        if bytes.get(i + 1) == Some(&b'"') {
+                while i < sql.len() {
+                    if sql[i] == b'"' {
+                        if sql.get(i + 1) == Some(&b'"') {
                             i += 2;
                             continue;
                         }
@@ -81,27 +80,27 @@ pub fn shape_into(sql: &[u8], out: &mut Vec<u8>) {
                     i += 1;
                 }
             }
-            b'-' if bytes.get(i + 1) == Some(&b'-') => {
-                while i < bytes.len() && bytes[i] != b'\n' {
+            b'-' if sql.get(i + 1) == Some(&b'-') => {
+                while i < sql.len() && sql[i] != b'\n' {
                     i += 1;
                 }
             }
-            b'/' if bytes.get(i + 1) == Some(&b'*') => {
+            b'/' if sql.get(i + 1) == Some(&b'*') => {
                 // Comments stay: routing hints live in them.
                 i += 2;
-                while i < bytes.len() && !(bytes[i] == b'*' && bytes.get(i + 1) == Some(&b'/')) {
+                while i < sql.len() && !(sql[i] == b'*' && sql.get(i + 1) == Some(&b'/')) {
                     i += 1;
                 }
-                i = (i + 2).min(bytes.len());
+                i = (i + 2).min(sql.len());
             }
             b'$' => {
                 // $1 is a parameter (shape); $tag$...$tag$ is a string (literal).
                 let start = i;
                 let mut j = i + 1;
-                while j < bytes.len() && is_ident(Some(bytes[j])) && !bytes[j].is_ascii_digit() {
+                while j < sql.len() && is_ident(Some(sql[j])) && !sql[j].is_ascii_digit() {
                     j += 1;
                 }
-                if j < bytes.len() && bytes[j] == b'$' {
+                if j < sql.len() && sql[j] == b'$' {
                     let tag = &sql[start..=j];
                     match find(&sql[j + 1..], tag) {
                         Some(pos) => {
@@ -109,23 +108,22 @@ pub fn shape_into(sql: &[u8], out: &mut Vec<u8>) {
                             replace(out, start, end, &mut last_copied);
                             i = end;
                         }
-                        None => i = bytes.len(),
+                        None => i = sql.len(),
                     }
                 } else {
                     i = j.max(i + 1);
-                    while i < bytes.len() && bytes[i].is_ascii_digit() {
+                    while i < sql.len() && sql[i].is_ascii_digit() {
                         i += 1;
                     }
                 }
             }
-            b'0'..=b'9' if !is_ident(i.checked_sub(1).map(|p| bytes[p])) => {
+            b'0'..=b'9' if !is_ident(i.checked_sub(1).map(|p| sql[p])) => {
                 let start = i;
-                while i < bytes.len()
-                    && (bytes[i].is_ascii_alphanumeric() || bytes[i] == b'.' || bytes[i] == b'_')
+                while i < sql.len()
+                    && (sql[i].is_ascii_alphanumeric() || sql[i] == b'.' || sql[i] == b'_')
                 {
                     // exponent sign: 1e-5
-                    if matches!(bytes[i], b'e' | b'E')
-                        && matches!(bytes.get(i + 1), Some(b'+' | b'-'))
+                    if matches!(sql[i], b'e' | b'E') && matches!(sql.get(i + 1), Some(b'+' | b'-'))
                     {
                         i += 1;
                     }
