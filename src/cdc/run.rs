@@ -115,7 +115,7 @@ struct Source {
 impl Source {
     fn login(&self) -> LoginInfo {
         LoginInfo {
-            addr: self.primary.addr.clone(),
+            addr: std::sync::Arc::new(self.primary.addr.clone()),
             database: self.primary.database.clone(),
             user: self.credentials.user.clone(),
             password: self.credentials.password.clone(),

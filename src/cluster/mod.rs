@@ -134,7 +134,7 @@ impl Node {
             .or_insert_with(|| {
                 Pool::new(
                     LoginInfo {
-                        addr: self.addr.clone(),
+                        addr: Arc::new(self.addr.clone()),
                         database: self.database.clone(),
                         user: user.name.clone(),
                         password: user.backend_password.clone(),

@@ -72,7 +72,8 @@ impl BackendError {
 /// Login data for one node and one user.
 #[derive(Debug, Clone)]
 pub struct LoginInfo {
-    pub addr: NodeAddress,
+    /// Shared by all the connections of a pool (cancel routing compares it cheaply).
+    pub addr: std::sync::Arc<NodeAddress>,
     pub database: String,
     pub user: String,
     /// Plain password or an md5 hash (`md5...`); a SCRAM verifier cannot log in.
@@ -126,7 +127,7 @@ impl ServerConn {
         let mut conn = ServerConn {
             reader: MessageReader::new(read, MAX_SERVER_MESSAGE),
             writer: write,
-            addr: std::sync::Arc::new(login.addr.clone()),
+            addr: login.addr.clone(),
             pid: 0,
             secret: 0,
             params: Vec::new(),

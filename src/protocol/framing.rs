@@ -71,6 +71,13 @@ impl<R: AsyncRead + Unpin> MessageReader<R> {
 
     /// Reads more bytes from the socket. Returns 0 at end of stream. Cancel-safe.
     pub async fn fill(&mut self) -> std::io::Result<usize> {
+        if self.buf.is_empty() {
+            // Nothing left to parse: start again at the front of the allocation (when
+            // no handed-out frame still points into it), so that each read lands on
+            // the same cache lines instead of walking through the whole buffer. When a
+            // frame still does, reading simply goes on where it is.
+            let _reclaimed = self.buf.try_reclaim(self.buf.capacity() + 1);
+        }
         if self.buf.capacity() - self.buf.len() < 1024 {
             self.buf.reserve(READ_CHUNK);
         }
@@ -137,6 +144,34 @@ mod tests {
             reader.read_frame().await,
             Err(ProtocolError::Closed)
         ));
+    }
+
+    #[tokio::test]
+    async fn reads_start_again_at_the_front_once_every_frame_is_released() {
+        let (mut peer, ours) = tokio::io::duplex(1024);
+        let mut reader = MessageReader::new(ours, 1024);
+        let message: &[u8] = b"Q\0\0\0\x06x\0";
+        tokio::io::AsyncWriteExt::write_all(&mut peer, message)
+            .await
+            .unwrap();
+        let first = reader.read_frame().await.unwrap();
+        let front = first.as_ptr();
+        // A frame still in use keeps its bytes: the next read goes after them.
+        tokio::io::AsyncWriteExt::write_all(&mut peer, message)
+            .await
+            .unwrap();
+        let second = reader.read_frame().await.unwrap();
+        assert_eq!(&second[..], message);
+        assert_ne!(second.as_ptr(), front);
+        assert_eq!(&first[..], message);
+        drop((first, second));
+        // Once released, the next read lands where the first one did.
+        tokio::io::AsyncWriteExt::write_all(&mut peer, message)
+            .await
+            .unwrap();
+        let third = reader.read_frame().await.unwrap();
+        assert_eq!(&third[..], message);
+        assert_eq!(third.as_ptr(), front);
     }
 
     #[tokio::test]

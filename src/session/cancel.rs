@@ -5,7 +5,7 @@
 //! the client right now.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::BytesMut;
@@ -23,42 +23,57 @@ pub struct CancelTarget {
 }
 
 /// Which server works for one client now. Set on every checkout and cleared on every
-/// return, so it avoids the lock when the server is the one it already names (the
-/// pools hand the same connection back to a client whenever they can).
+/// return, so the common case costs two atomic stores: the backend key lives in an
+/// atomic, and the lock is taken only when the client moves to another node (all the
+/// connections of one pool share their address).
 #[derive(Default)]
 pub struct CancelSlot {
-    target: Mutex<Option<CancelTarget>>,
-    /// `target` is the client's server right now (false between transactions).
+    /// The node of the client's latest server.
+    addr: Mutex<Option<Arc<NodeAddress>>>,
+    /// Identity of the `Arc` in `addr`, to see without the lock whether it changes.
+    addr_id: AtomicUsize,
+    /// Backend pid and secret key of the client's latest server, as one value so that
+    /// a reader never pairs one server's pid with another's secret.
+    key: AtomicU64,
+    /// The latest server is the client's server right now (false between
+    /// transactions).
     active: AtomicBool,
-    /// Backend pid and secret key of `target`, readable without the lock (the secret
-    /// is random per server connection, so the pair names one connection).
-    pid: AtomicI32,
-    secret: AtomicI32,
+}
+
+fn pack(pid: i32, secret: i32) -> u64 {
+    ((pid as u32 as u64) << 32) | secret as u32 as u64
+}
+
+fn unpack(key: u64) -> (i32, i32) {
+    ((key >> 32) as u32 as i32, key as u32 as i32)
 }
 
 impl CancelSlot {
-    pub fn set(&self, target: Option<CancelTarget>) {
-        let Some(target) = target else {
-            self.active.store(false, Ordering::Release);
-            return;
-        };
-        if self.pid.load(Ordering::Relaxed) != target.pid
-            || self.secret.load(Ordering::Relaxed) != target.secret
-        {
-            self.pid.store(target.pid, Ordering::Relaxed);
-            self.secret.store(target.secret, Ordering::Relaxed);
-            if let Ok(mut t) = self.target.lock() {
-                *t = Some(target);
+    /// The client's statements now run on backend `pid` of the node at `addr`.
+    pub fn set(&self, addr: &Arc<NodeAddress>, pid: i32, secret: i32) {
+        let id = Arc::as_ptr(addr) as usize;
+        if self.addr_id.load(Ordering::Relaxed) != id {
+            if let Ok(mut current) = self.addr.lock() {
+                *current = Some(addr.clone());
             }
+            self.addr_id.store(id, Ordering::Relaxed);
         }
+        self.key.store(pack(pid, secret), Ordering::Relaxed);
         self.active.store(true, Ordering::Release);
+    }
+
+    /// The client holds no server (between transactions).
+    pub fn clear(&self) {
+        self.active.store(false, Ordering::Release);
     }
 
     fn get(&self) -> Option<CancelTarget> {
         if !self.active.load(Ordering::Acquire) {
             return None;
         }
-        self.target.lock().ok().and_then(|t| t.clone())
+        let addr = self.addr.lock().ok()?.clone()?;
+        let (pid, secret) = unpack(self.key.load(Ordering::Relaxed));
+        Some(CancelTarget { addr, pid, secret })
     }
 }
 
@@ -114,5 +129,44 @@ impl CancelRegistry {
             }
             Err(e) => tracing::warn!(node = %target.addr, "cannot reach node to cancel: {e}"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(port: u16) -> Arc<NodeAddress> {
+        Arc::new(NodeAddress {
+            host: "127.0.0.1".into(),
+            port,
+            dbname: None,
+        })
+    }
+
+    #[test]
+    fn names_the_latest_server_while_it_works_for_the_client() {
+        let slot = CancelSlot::default();
+        assert!(slot.get().is_none());
+        let primary = node(5432);
+        slot.set(&primary, 101, -7);
+        let target = slot.get().unwrap();
+        assert_eq!(
+            (target.addr.port, target.pid, target.secret),
+            (5432, 101, -7)
+        );
+        // Another connection of the same pool (same address), then another node.
+        slot.set(&primary, 102, i32::MIN);
+        let target = slot.get().unwrap();
+        assert_eq!(
+            (target.addr.port, target.pid, target.secret),
+            (5432, 102, i32::MIN)
+        );
+        slot.set(&node(5433), -3, 9);
+        let target = slot.get().unwrap();
+        assert_eq!((target.addr.port, target.pid, target.secret), (5433, -3, 9));
+        // Between transactions nothing is running: a cancel has nothing to reach.
+        slot.clear();
+        assert!(slot.get().is_none());
     }
 }

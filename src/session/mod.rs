@@ -33,7 +33,7 @@ use crate::protocol::messages::{self as msg, Fields};
 use crate::protocol::{MAX_CLIENT_MESSAGE, MessageReader, ProtocolError};
 use crate::router::{Decision, Route, SessionEffect, TxEffect};
 use crate::state::Shared;
-use cancel::{CancelSlot, CancelTarget};
+use cancel::CancelSlot;
 use clients::{ClientInfo, ClientState};
 use expect::Expect;
 use settings::Settings;
@@ -552,11 +552,7 @@ impl Session {
     }
 
     fn attach(&mut self, node: Arc<Node>, conn: Pooled) {
-        self.cancel_slot.set(Some(CancelTarget {
-            addr: conn.addr.clone(),
-            pid: conn.pid,
-            secret: conn.secret,
-        }));
+        self.cancel_slot.set(&conn.addr, conn.pid, conn.secret);
         self.server = Some(Held { node, conn });
     }
 
@@ -568,7 +564,7 @@ impl Session {
                 warn!(node = %held.node.name, buffered = ?&held.conn.reader.peek_buffered()[..held.conn.reader.buffered().min(40)], "server connection had unexpected data; discarding it");
                 held.conn.broken = true;
             }
-            self.cancel_slot.set(None);
+            self.cancel_slot.clear();
         }
     }
 
@@ -1737,6 +1733,6 @@ impl Session {
                 held.conn.needs_reset = true;
             }
         }
-        self.cancel_slot.set(None);
+        self.cancel_slot.clear();
     }
 }
