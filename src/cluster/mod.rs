@@ -272,36 +272,35 @@ impl Project {
     /// driver's Parse/Describe before the Execute) leave it, so that they do not
     /// make every other read skip a replica.
     pub fn read_candidates(&self, min_lsn: u64, advance: bool) -> Vec<Arc<Node>> {
-        let healthy: Vec<&Arc<Node>> = self
-            .nodes
-            .iter()
-            .filter(|n| n.role() == NodeRole::Replica && n.serves_reads())
-            .collect();
-        self.note_availability(!healthy.is_empty());
-        let eligible: Vec<&Arc<Node>> = if min_lsn == 0 {
-            healthy
-        } else {
-            healthy
-                .into_iter()
-                .filter(|n| n.health.lsn() >= min_lsn)
-                .collect()
-        };
-        if eligible.is_empty() {
-            return Vec::new();
-        }
-        let total: u64 = eligible.iter().map(|n| n.weight as u64).sum::<u64>().max(1);
-        let first = match self.read_routing() {
-            ReadRouting::LeastLag => return self.least_lag_order(eligible, advance),
-            ReadRouting::Random => weighted_index(&eligible, rand::random_range(0..total)),
-            ReadRouting::RoundRobin => {
-                weighted_index(&eligible, self.next_turn(advance) as u64 % total)
+        let mut out = Vec::new();
+        self.read_candidates_into(min_lsn, advance, &mut out);
+        out
+    }
+
+    /// `read_candidates` into the caller's vector (cleared first): the data path keeps
+    /// one per client instead of allocating for every read.
+    pub fn read_candidates_into(&self, min_lsn: u64, advance: bool, out: &mut Vec<Arc<Node>>) {
+        out.clear();
+        let mut any_healthy = false;
+        for node in &self.nodes {
+            if node.role() == NodeRole::Replica && node.serves_reads() {
+                any_healthy = true;
+                if min_lsn == 0 || node.health.lsn() >= min_lsn {
+                    out.push(node.clone());
+                }
             }
-        };
-        let mut ordered = Vec::with_capacity(eligible.len());
-        for i in 0..eligible.len() {
-            ordered.push(eligible[(first + i) % eligible.len()].clone());
         }
-        ordered
+        self.note_availability(any_healthy);
+        if out.is_empty() {
+            return;
+        }
+        let total: u64 = out.iter().map(|n| n.weight as u64).sum::<u64>().max(1);
+        let first = match self.read_routing() {
+            ReadRouting::LeastLag => return self.least_lag_order(out, advance),
+            ReadRouting::Random => weighted_index(out, rand::random_range(0..total)),
+            ReadRouting::RoundRobin => weighted_index(out, self.next_turn(advance) as u64 % total),
+        };
+        out.rotate_left(first);
     }
 
     /// Freshest first (lag in ms, then bytes); replicas equally fresh take turns.
@@ -313,14 +312,13 @@ impl Project {
         }
     }
 
-    fn least_lag_order(&self, mut nodes: Vec<&Arc<Node>>, advance: bool) -> Vec<Arc<Node>> {
+    fn least_lag_order(&self, nodes: &mut [Arc<Node>], advance: bool) {
         let key = |n: &Arc<Node>| (n.health.lag_ms(), n.health.lag_bytes());
-        nodes.sort_by_key(|n| key(n));
-        let best = key(nodes[0]);
+        nodes.sort_by_key(key);
+        let best = key(&nodes[0]);
         let tied = nodes.iter().take_while(|n| key(n) == best).count();
         let turn = self.next_turn(advance) % tied;
         nodes[..tied].rotate_left(turn);
-        nodes.into_iter().cloned().collect()
     }
 
     /// Counts a read that goes to the primary for want of a replica, and logs when such
@@ -330,7 +328,11 @@ impl Project {
             return;
         }
         if any_replica {
-            if self.no_replica.swap(false, Ordering::Relaxed) {
+            // Read first: a swap on every read would dirty the line shared by all
+            // clients of the project.
+            if self.no_replica.load(Ordering::Relaxed)
+                && self.no_replica.swap(false, Ordering::Relaxed)
+            {
                 info!(project = %self.name, "replicas are available again; reads leave the primary");
             }
         } else {
@@ -351,7 +353,7 @@ fn routing_code(routing: ReadRouting) -> u8 {
 }
 
 /// The index whose cumulative weight range holds `ticket`.
-fn weighted_index(nodes: &[&Arc<Node>], ticket: u64) -> usize {
+fn weighted_index(nodes: &[Arc<Node>], ticket: u64) -> usize {
     let mut acc = 0u64;
     for (i, n) in nodes.iter().enumerate() {
         acc += n.weight as u64;
@@ -467,5 +469,74 @@ impl Topology {
             projects.insert(name.clone(), project);
         }
         Topology { projects }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const WEIGHTED: &str = r#"
+[proxy]
+listen = "127.0.0.1:6432"
+
+[[users]]
+name = "app"
+password = "secret"
+
+[projects.shop]
+[[projects.shop.replicas]]
+name = "main"
+role = "primary"
+uri = "postgresql://127.0.0.1:5432/shop"
+
+[[projects.shop.replicas]]
+name = "light"
+role = "replica"
+uri = "postgresql://127.0.0.1:5433/shop"
+
+[[projects.shop.replicas]]
+name = "heavy"
+role = "replica"
+weight = 2
+uri = "postgresql://127.0.0.1:5434/shop"
+"#;
+
+    fn names(nodes: &[Arc<Node>]) -> Vec<&str> {
+        nodes.iter().map(|n| n.name.as_str()).collect()
+    }
+
+    #[test]
+    fn read_candidates_take_weighted_turns_and_skip_what_cannot_serve() {
+        let config = crate::config::Config::parse(WEIGHTED).unwrap();
+        let topology = Topology::from_config(&config);
+        let shop = &topology.projects["shop"];
+        let mut firsts = Vec::new();
+        let mut out = Vec::new();
+        for _ in 0..6 {
+            shop.read_candidates_into(0, true, &mut out);
+            // Every replica is offered, the chosen one first, then the others in turn.
+            let order = names(&out);
+            assert!(
+                order == ["light", "heavy"] || order == ["heavy", "light"],
+                "{order:?}"
+            );
+            firsts.push(order[0].to_string());
+        }
+        let heavy = firsts.iter().filter(|n| *n == "heavy").count();
+        assert_eq!(heavy, 4, "weight 2 gets twice the turns: {firsts:?}");
+        // Requests that run no statement leave the turn where it is.
+        let before = names(&shop.read_candidates(0, false)).join(",");
+        let again = names(&shop.read_candidates(0, false)).join(",");
+        assert_eq!(before, again);
+        // A replica known not to have replayed far enough, or marked down, is left out.
+        let light = shop.nodes.iter().find(|n| n.name == "light").unwrap();
+        let heavy = shop.nodes.iter().find(|n| n.name == "heavy").unwrap();
+        heavy.health.advance_lsn(100);
+        assert_eq!(names(&shop.read_candidates(50, true)), ["heavy"]);
+        light.mark_down();
+        assert_eq!(names(&shop.read_candidates(0, true)), ["heavy"]);
+        heavy.mark_down();
+        assert!(shop.read_candidates(0, true).is_empty());
     }
 }

@@ -57,13 +57,13 @@ struct PoolState {
 }
 
 struct IdleConn {
-    conn: ServerConn,
+    conn: Box<ServerConn>,
     since: Instant,
 }
 
 /// What a waiting checkout receives.
 enum Handoff {
-    Conn(ServerConn),
+    Conn(Box<ServerConn>),
     /// A place in the pool was freed for the waiter: it opens its own connection.
     Slot,
     /// A connection attempt to this node just failed.
@@ -162,7 +162,7 @@ impl Pool {
 impl PoolState {
     /// The most recently returned idle connection that is still usable; ones the
     /// server closed or spoke on while idle are let go.
-    fn pop_usable(&mut self) -> Option<ServerConn> {
+    fn pop_usable(&mut self) -> Option<Box<ServerConn>> {
         while let Some(IdleConn { mut conn, .. }) = self.idle.pop() {
             if conn.check_idle() {
                 return Some(conn);
@@ -182,7 +182,7 @@ impl PoolInner {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn pooled(self: &Arc<Self>, conn: ServerConn) -> Pooled {
+    fn pooled(self: &Arc<Self>, conn: Box<ServerConn>) -> Pooled {
         Pooled {
             conn: Some(conn),
             pool: self.clone(),
@@ -195,7 +195,7 @@ impl PoolInner {
         match ServerConn::connect(&self.login, self.connect_timeout).await {
             Ok(conn) => {
                 std::mem::forget(reservation);
-                Ok(self.pooled(conn))
+                Ok(self.pooled(Box::new(conn)))
             }
             Err(e) => {
                 tracing::warn!(node = %self.login.addr, user = %self.login.user, "backend connection failed: {e}");
@@ -210,7 +210,7 @@ impl PoolInner {
     }
 
     /// A checked-out connection comes back: to the oldest waiter, else onto the stack.
-    fn put_back(&self, mut conn: ServerConn) {
+    fn put_back(&self, mut conn: Box<ServerConn>) {
         if conn.broken {
             drop(conn);
             self.release_place();
@@ -304,7 +304,9 @@ impl Drop for Waiting {
 
 /// A server connection checked out of a pool; goes back when dropped.
 pub struct Pooled {
-    conn: Option<ServerConn>,
+    /// Boxed: a connection changes hands on every transaction, and moving a pointer
+    /// is cheaper than moving the whole connection state.
+    conn: Option<Box<ServerConn>>,
     pool: Arc<PoolInner>,
 }
 

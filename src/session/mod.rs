@@ -238,6 +238,8 @@ struct Session {
     spare_unit: Vec<BytesMut>,
     /// The same for the statements a unit's Parse messages name.
     spare_parsed: Vec<Arc<PreparedStatement>>,
+    /// The same for the nodes a read may go to.
+    spare_nodes: Vec<Arc<Node>>,
     /// The unit being forwarded had its Parse answered by the proxy.
     skipped_parse: bool,
     /// Such a unit, kept until its first answer (see `Reparse`).
@@ -341,6 +343,7 @@ impl Session {
             replays: 0,
             spare_unit: Vec::new(),
             spare_parsed: Vec::new(),
+            spare_nodes: Vec::new(),
             skipped_parse: false,
             reparse: None,
             info,
@@ -930,7 +933,9 @@ impl Session {
         if route == Route::Replica {
             // A read hinted to a replica is the user's choice over read-your-writes.
             let min_lsn = if self.ryw && !hinted { self.min_lsn } else { 0 };
-            let mut nodes = self.project.read_candidates(min_lsn, executes);
+            let mut nodes = std::mem::take(&mut self.spare_nodes);
+            self.project
+                .read_candidates_into(min_lsn, executes, &mut nodes);
             if nodes.is_empty() && min_lsn > 0 {
                 if !self.project.causal_wait.is_zero() && self.wait_for_replica(min_lsn).await {
                     return Ok(());
@@ -944,6 +949,7 @@ impl Session {
                 return self.attach_first(nodes).await;
             };
             if nodes.is_empty() {
+                self.spare_nodes = nodes;
                 return self.attach_from(primary).await;
             }
             nodes.push(primary);
@@ -1058,15 +1064,20 @@ impl Session {
     }
 
     /// Attaches a server from the first of `nodes` that yields one.
-    async fn attach_first(&mut self, nodes: Vec<Arc<Node>>) -> Result<(), BackendError> {
-        let mut last_error = BackendError::Timeout("no node available".into());
-        for node in nodes {
-            match self.attach_from(node).await {
-                Ok(()) => return Ok(()),
-                Err(e) => last_error = e,
+    /// The vector is kept for the next read (see `spare_nodes`).
+    async fn attach_first(&mut self, mut nodes: Vec<Arc<Node>>) -> Result<(), BackendError> {
+        let mut result = Err(BackendError::Timeout("no node available".into()));
+        for node in nodes.drain(..) {
+            result = self.attach_from(node).await;
+            if result.is_ok() {
+                break;
             }
         }
-        Err(last_error)
+        nodes.clear();
+        if nodes.capacity() <= 16 {
+            self.spare_nodes = nodes;
+        }
+        result
     }
 
     async fn attach_from(&mut self, node: Arc<Node>) -> Result<(), BackendError> {
