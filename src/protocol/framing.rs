@@ -148,27 +148,22 @@ mod tests {
 
     #[tokio::test]
     async fn reads_start_again_at_the_front_once_every_frame_is_released() {
+        use tokio::io::AsyncWriteExt;
         let (mut peer, ours) = tokio::io::duplex(1024);
         let mut reader = MessageReader::new(ours, 1024);
         let message: &[u8] = b"Q\0\0\0\x06x\0";
-        tokio::io::AsyncWriteExt::write_all(&mut peer, message)
-            .await
-            .unwrap();
+        peer.write_all(message).await.unwrap();
         let first = reader.read_frame().await.unwrap();
         let front = first.as_ptr();
         // A frame still in use keeps its bytes: the next read goes after them.
-        tokio::io::AsyncWriteExt::write_all(&mut peer, message)
-            .await
-            .unwrap();
+        peer.write_all(message).await.unwrap();
         let second = reader.read_frame().await.unwrap();
         assert_eq!(&second[..], message);
         assert_ne!(second.as_ptr(), front);
         assert_eq!(&first[..], message);
         drop((first, second));
         // Once released, the next read lands where the first one did.
-        tokio::io::AsyncWriteExt::write_all(&mut peer, message)
-            .await
-            .unwrap();
+        peer.write_all(message).await.unwrap();
         let third = reader.read_frame().await.unwrap();
         assert_eq!(&third[..], message);
         assert_eq!(third.as_ptr(), front);

@@ -1066,16 +1066,20 @@ impl Session {
     /// Attaches a server from the first of `nodes` that yields one.
     /// The vector is kept for the next read (see `spare_nodes`).
     async fn attach_first(&mut self, mut nodes: Vec<Arc<Node>>) -> Result<(), BackendError> {
-        let mut result = Err(BackendError::Timeout("no node available".into()));
+        let mut result = Ok(());
+        let mut tried = false;
         for node in nodes.drain(..) {
+            tried = true;
             result = self.attach_from(node).await;
             if result.is_ok() {
                 break;
             }
         }
-        nodes.clear();
         if nodes.capacity() <= 16 {
             self.spare_nodes = nodes;
+        }
+        if !tried {
+            return Err(BackendError::Timeout("no node available".into()));
         }
         result
     }
