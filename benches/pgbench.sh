@@ -6,6 +6,10 @@
 #   benches/pgbench.sh                 # defaults: 3 rounds of 10 s per cell
 #   ROUNDS=5 DURATION=20 benches/pgbench.sh
 #   ONLY='c1$' benches/pgbench.sh     # only the workloads whose name matches
+#   BUILD=plain benches/pgbench.sh    # measure a plain `cargo build --release` binary
+#
+# By default the proxy measured is the profile-guided build (scripts/pgo-build.sh), the
+# one the Docker image ships; BUILD=plain measures the ordinary release build instead.
 #
 # Needs the PostgreSQL server binaries and pgbench; PgBouncer is used when installed
 # (Debian: apt-get install pgbouncer) and skipped otherwise. Every server runs in its own
@@ -26,8 +30,13 @@ chmod 755 "$WORK"
 RESULTS="$WORK/results.tsv"
 export PGPASSWORD=secret
 
-BIN=target/release/replicator
-cargo build --release --quiet
+BUILD=${BUILD:-pgo}
+case "$BUILD" in
+  pgo) BIN=$(scripts/pgo-build.sh | tail -1) ;;
+  plain) BIN=target/release/replicator; cargo build --release --quiet ;;
+  *) echo "BUILD must be pgo or plain" >&2; exit 1 ;;
+esac
+echo "measuring $BIN ($BUILD build)" >&2
 PGBIN=$( (pg_config --bindir 2>/dev/null; ls -d /usr/lib/postgresql/*/bin 2>/dev/null) | while read -r d; do [ -x "$d/pgbench" ] && echo "$d"; done | tail -1)
 PGBENCH="$PGBIN/pgbench"
 

@@ -97,6 +97,7 @@ fn the_scripts_pass_shellcheck() {
         repo().join("docker/replica-entrypoint.sh"),
         repo().join("benches/pgbench.sh"),
         repo().join("benches/run.sh"),
+        repo().join("scripts/pgo-build.sh"),
         repo().join(".ci/run"),
     ];
     let out = Command::new("shellcheck")
@@ -118,8 +119,12 @@ fn the_dockerfile_builds_the_binary_and_runs_it_unprivileged() {
         .filter(|l| l.starts_with("FROM "))
         .count();
     assert_eq!(stages, 2, "a build stage and a run stage");
+    // Profile-guided by default, a plain release build with PGO=0; either way one binary
+    // goes on to the run stage.
+    assert!(dockerfile.contains("ARG PGO=1"));
+    assert!(dockerfile.contains("scripts/pgo-build.sh"));
     assert!(dockerfile.contains("cargo build --release --locked --bin replicator"));
-    assert!(dockerfile.contains("COPY --from=build /src/target/release/replicator"));
+    assert!(dockerfile.contains("COPY --from=build /src/replicator /usr/local/bin/replicator"));
     assert!(dockerfile.contains("\nUSER replicator\n"));
     assert!(dockerfile.contains("HEALTHCHECK") && dockerfile.contains("/health"));
     // Every path the build stage copies exists, and the manifest's targets with it.
