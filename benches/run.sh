@@ -5,7 +5,7 @@
 #   2. failover: time from killing the primary to the first acknowledged write;
 #   3. CDC: rows per second from source commit to target acknowledgement.
 #
-#   benches/run.sh                                  # defaults (about 15 minutes)
+#   benches/run.sh                                  # defaults (about 35 minutes)
 #   ROUNDS=5 DURATION=20 FAILOVER_ROUNDS=5 benches/run.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
