@@ -9,7 +9,8 @@
 #   BUILD=plain benches/pgbench.sh    # measure a plain `cargo build --release` binary
 #
 # By default the proxy measured is the profile-guided build (scripts/pgo-build.sh), the
-# one the Docker image ships; BUILD=plain measures the ordinary release build instead.
+# one the Docker image ships (it needs rustup's llvm-tools, added when missing);
+# BUILD=plain measures the ordinary release build instead.
 #
 # Needs the PostgreSQL server binaries and pgbench; PgBouncer is used when installed
 # (Debian: apt-get install pgbouncer) and skipped otherwise. Every server runs in its own

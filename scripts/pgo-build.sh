@@ -32,6 +32,11 @@ SYSROOT=$(rustc --print sysroot)
 HOST=$(rustc -vV | awk '/^host:/ {print $2}')
 PROFDATA="$SYSROOT/lib/rustlib/$HOST/bin/llvm-profdata"
 if [ ! -x "$PROFDATA" ]; then
+  if ! command -v rustup > /dev/null; then
+    echo "llvm-profdata matching this rustc is not at $PROFDATA and rustup is not here to add it;" >&2
+    echo "install rustup's llvm-tools component, or build without PGO (cargo build --release)" >&2
+    exit 1
+  fi
   echo "adding rustup's llvm-tools component for llvm-profdata" >&2
   rustup component add llvm-tools >&2
 fi
