@@ -1066,22 +1066,20 @@ impl Session {
     /// Attaches a server from the first of `nodes` that yields one.
     /// The vector is kept for the next read (see `spare_nodes`).
     async fn attach_first(&mut self, mut nodes: Vec<Arc<Node>>) -> Result<(), BackendError> {
-        let mut result = Ok(());
-        let mut tried = false;
+        // The last node's outcome; none when there was no node to try.
+        let mut result = None;
         for node in nodes.drain(..) {
-            tried = true;
-            result = self.attach_from(node).await;
-            if result.is_ok() {
+            let attached = self.attach_from(node).await;
+            let done = attached.is_ok();
+            result = Some(attached);
+            if done {
                 break;
             }
         }
         if nodes.capacity() <= 16 {
             self.spare_nodes = nodes;
         }
-        if !tried {
-            return Err(BackendError::Timeout("no node available".into()));
-        }
-        result
+        result.unwrap_or_else(|| Err(BackendError::Timeout("no node available".into())))
     }
 
     async fn attach_from(&mut self, node: Arc<Node>) -> Result<(), BackendError> {
