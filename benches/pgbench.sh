@@ -3,10 +3,11 @@
 # (transaction pooling) and through replicator, interleaved in one run so that machine
 # noise hits all three alike. Prints medians and each target's ratio to direct.
 #
-#   benches/pgbench.sh                 # defaults: 3 rounds of 10 s per cell
-#   ROUNDS=5 DURATION=20 benches/pgbench.sh
+#   benches/pgbench.sh                 # defaults: 6 rounds of 6 s per cell
+#   ROUNDS=10 DURATION=10 benches/pgbench.sh
 #   ONLY='c1$' benches/pgbench.sh     # only the workloads whose name matches
 #   BUILD=plain benches/pgbench.sh    # measure a plain `cargo build --release` binary
+#   BIN=path/to/replicator benches/pgbench.sh   # measure that binary, build nothing
 #
 # By default the proxy measured is the profile-guided build (scripts/pgo-build.sh), the
 # one the Docker image ships (it needs rustup's llvm-tools, added when missing);
@@ -19,8 +20,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-ROUNDS=${ROUNDS:-3}
-DURATION=${DURATION:-10}
+ROUNDS=${ROUNDS:-6}
+DURATION=${DURATION:-6}
 CLIENTS=${CLIENTS:-8}
 SCALE=${SCALE:-10}
 ONLY=${ONLY:-.}   # regular expression: run only the workloads whose name matches
@@ -32,11 +33,16 @@ RESULTS="$WORK/results.tsv"
 export PGPASSWORD=secret
 
 BUILD=${BUILD:-pgo}
-case "$BUILD" in
-  pgo) BIN=$(scripts/pgo-build.sh | tail -1) ;;
-  plain) BIN=target/release/replicator; cargo build --release --quiet ;;
-  *) echo "BUILD must be pgo or plain" >&2; exit 1 ;;
-esac
+if [ -n "${BIN:-}" ]; then
+  BUILD=given
+  [ -x "$BIN" ] || { echo "BIN=$BIN is not an executable" >&2; exit 1; }
+else
+  case "$BUILD" in
+    pgo) BIN=$(scripts/pgo-build.sh | tail -1) ;;
+    plain) BIN=target/release/replicator; cargo build --release --quiet ;;
+    *) echo "BUILD must be pgo or plain" >&2; exit 1 ;;
+  esac
+fi
 echo "measuring $BIN ($BUILD build)" >&2
 PGBIN=$( (pg_config --bindir 2>/dev/null; ls -d /usr/lib/postgresql/*/bin 2>/dev/null) | while read -r d; do [ -x "$d/pgbench" ] && echo "$d"; done | tail -1)
 PGBENCH="$PGBIN/pgbench"
@@ -164,11 +170,17 @@ reset_tables() {
 read -r -a TARGET_LIST <<< "$TARGETS"
 : > "$RESULTS"
 for round in $(seq 1 "$ROUNDS"); do
-  # Each round starts with a different target, so that no target always runs right
-  # after the same neighbour (or always first after a reset).
+  # Each round starts with a different target, and every other round runs in reverse,
+  # so that no target always runs first, or always right after the same neighbour
+  # (whose run leaves the caches, and the servers it used, in its own state).
   n=${#TARGET_LIST[@]}
-  shift_by=$(( (round - 1) % n ))
+  shift_by=$(( (round - 1) / 2 % n ))
   ordered=("${TARGET_LIST[@]:shift_by}" "${TARGET_LIST[@]:0:shift_by}")
+  if [ $((round % 2)) = 0 ]; then
+    reversed=()
+    for ((i = ${#ordered[@]} - 1; i >= 0; i--)); do reversed+=("${ordered[i]}"); done
+    ordered=("${reversed[@]}")
+  fi
   for w in "${WORKLOADS[@]}"; do
     name=${w%%|*}; args=${w#*|}
     [[ "$name" =~ $ONLY ]] || continue
@@ -188,14 +200,16 @@ for round in $(seq 1 "$ROUNDS"); do
 done
 
 python3 - "$RESULTS" "$ROUNDS" "$DURATION" <<'PY'
-import sys, statistics, collections
+import sys, statistics, collections, math
 rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
 cells = collections.defaultdict(list)
+by_round = {}
 order, targets = [], []
-for _, w, t, tps, lat in rows:
+for rnd, w, t, tps, lat in rows:
     if w not in order: order.append(w)
     if t not in targets: targets.append(t)
     cells[(w, t)].append((tps, lat))
+    by_round[(rnd, w, t)] = tps
 def med(vals, i):
     nums = [float(v[i]) for v in vals if v[i] != "fail"]
     return statistics.median(nums) if len(nums) == len(vals) and nums else None
@@ -204,7 +218,7 @@ head = f"| workload | " + " | ".join(f"{t} tps | {t} lat ms | {t} ratio" for t i
 print(head)
 print("|" + "---|" * (1 + 3 * len(targets)))
 for w in order:
-    direct = med(cells[(w, "direct")], 3 - 3)  # tps index 0
+    direct = med(cells[(w, "direct")], 0)
     parts = []
     for t in targets:
         tps, lat = med(cells[(w, t)], 0), med(cells[(w, t)], 1)
@@ -214,4 +228,30 @@ for w in order:
             ratio = f"{tps / direct:.2f}x" if direct else "-"
             parts += [f"{tps:.0f}", f"{lat:.3f}", ratio]
     print(f"| {w} | " + " | ".join(parts) + " |")
+
+# The same comparison paired by round: each replicator target against PgBouncer in the
+# same round (minutes apart at most), which cancels the machine's slow drifts that the
+# medians above keep.
+if "pgbouncer" in targets:
+    others = [t for t in targets if t.startswith("replicator")]
+    rounds = sorted({r for r, _, _ in by_round}, key=int)
+    print("\nper-round TPS ratio to PgBouncer in the same round: geometric mean (lowest-highest)\n")
+    print("| workload | " + " | ".join(others) + " |")
+    print("|" + "---|" * (1 + len(others)))
+    for w in order:
+        parts = []
+        for t in others:
+            ratios = []
+            for r in rounds:
+                b, x = by_round.get((r, w, "pgbouncer")), by_round.get((r, w, t))
+                if b in (None, "fail") or x in (None, "fail"):
+                    ratios = None
+                    break
+                ratios.append(float(x) / float(b))
+            if not ratios:
+                parts.append("-")
+            else:
+                gm = math.exp(sum(math.log(v) for v in ratios) / len(ratios))
+                parts.append(f"{gm:.2f} ({min(ratios):.2f}-{max(ratios):.2f})")
+        print(f"| {w} | " + " | ".join(parts) + " |")
 PY
