@@ -3,7 +3,7 @@
 # (transaction pooling) and through replicator, interleaved in one run so that machine
 # noise hits all three alike. Prints medians and each target's ratio to direct.
 #
-#   benches/pgbench.sh                 # defaults: 6 rounds of 6 s per cell
+#   benches/pgbench.sh                 # defaults: 10 rounds of 4 s per cell
 #   ROUNDS=10 DURATION=10 benches/pgbench.sh
 #   ONLY='c1$' benches/pgbench.sh     # only the workloads whose name matches
 #   BUILD=plain benches/pgbench.sh    # measure a plain `cargo build --release` binary
@@ -20,8 +20,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-ROUNDS=${ROUNDS:-6}
-DURATION=${DURATION:-6}
+ROUNDS=${ROUNDS:-10}
+DURATION=${DURATION:-4}
 CLIENTS=${CLIENTS:-8}
 SCALE=${SCALE:-10}
 ONLY=${ONLY:-.}   # regular expression: run only the workloads whose name matches
@@ -172,7 +172,8 @@ read -r -a TARGET_LIST <<< "$TARGETS"
 for round in $(seq 1 "$ROUNDS"); do
   # Each round starts with a different target, and every other round runs in reverse,
   # so that no target always runs first, or always right after the same neighbour
-  # (whose run leaves the caches, and the servers it used, in its own state).
+  # (whose run leaves the caches, and the servers it used, in its own state). With five
+  # targets, ten rounds visit every starting point in both directions.
   n=${#TARGET_LIST[@]}
   shift_by=$(( (round - 1) / 2 % n ))
   ordered=("${TARGET_LIST[@]:shift_by}" "${TARGET_LIST[@]:0:shift_by}")
