@@ -201,7 +201,7 @@ for round in $(seq 1 "$ROUNDS"); do
 done
 
 python3 - "$RESULTS" "$ROUNDS" "$DURATION" <<'PY'
-import sys, statistics, collections, math
+import sys, statistics, collections
 rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
 cells = collections.defaultdict(list)
 by_round = {}
@@ -252,7 +252,7 @@ if "pgbouncer" in targets:
             if not ratios:
                 parts.append("-")
             else:
-                gm = math.exp(sum(math.log(v) for v in ratios) / len(ratios))
+                gm = statistics.geometric_mean(ratios)
                 parts.append(f"{gm:.2f} ({min(ratios):.2f}-{max(ratios):.2f})")
         print(f"| {w} | " + " | ".join(parts) + " |")
 PY
