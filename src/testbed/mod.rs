@@ -119,7 +119,29 @@ fn server_identity() -> Result<Option<(u32, u32)>> {
     Ok(Some((id("-u")?, id("-g")?)))
 }
 
+/// A loopback port nothing listens on, for a server started a moment later.
+///
+/// The port comes from below the kernel's ephemeral range: a port the kernel hands out
+/// for `bind(0)` is one it may also give the next outgoing connection (tests open many),
+/// which then holds it when Postgres tries to listen there. Ports handed out once are not
+/// handed out again by this process, so clusters started side by side never share one.
 pub fn free_port() -> Result<u16> {
+    static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    let ephemeral_start = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let low = 10_000;
+    if ephemeral_start > low + 1000 {
+        let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+        for _ in 0..200 {
+            let port = rand::random_range(low..ephemeral_start);
+            if !given.contains(&port) && TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                given.push(port);
+                return Ok(port);
+            }
+        }
+    }
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
@@ -280,10 +302,15 @@ impl Node {
         }
         let out = cmd.output().context("running pg_ctl")?;
         if !out.status.success() {
+            // The reason (a port taken, a bad setting) is in the server's log, which goes
+            // away with the cluster's directory.
+            let server_log = fs::read_to_string(&log).unwrap_or_default();
+            let tail: Vec<&str> = server_log.lines().rev().take(10).collect();
             bail!(
-                "pg_ctl start failed: {}{}",
+                "pg_ctl start failed: {}{}server log, last lines:\n{}",
                 String::from_utf8_lossy(&out.stderr),
-                String::from_utf8_lossy(&out.stdout)
+                String::from_utf8_lossy(&out.stdout),
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
             );
         }
         register_live(&self.bin, &self.data_dir);
