@@ -6,6 +6,8 @@
 #   benches/pgbench.sh                 # defaults: 10 rounds of 4 s per cell
 #   ROUNDS=10 DURATION=10 benches/pgbench.sh
 #   ONLY='c1$' benches/pgbench.sh     # only the workloads whose name matches
+#   ONLY='tpc-b simple' ONLY_TARGETS='pgbouncer|primary-only' ROUNDS=30 DURATION=3 \
+#     benches/pgbench.sh              # one pairing, many short rounds: a tight interval
 #   BUILD=plain benches/pgbench.sh    # measure a plain `cargo build --release` binary
 #   BIN=path/to/replicator benches/pgbench.sh   # measure that binary, build nothing
 #
@@ -25,6 +27,7 @@ DURATION=${DURATION:-4}
 CLIENTS=${CLIENTS:-8}
 SCALE=${SCALE:-10}
 ONLY=${ONLY:-.}   # regular expression: run only the workloads whose name matches
+ONLY_TARGETS=${ONLY_TARGETS:-.}   # regular expression: run only the targets whose name matches
 PROXY_PORT=${PROXY_PORT:-16432}
 BOUNCER_PORT=${BOUNCER_PORT:-16433}
 WORK=$(mktemp -d /tmp/replicator-bench.XXXXXX)
@@ -167,7 +170,12 @@ reset_tables() {
   done
 }
 
-read -r -a TARGET_LIST <<< "$TARGETS"
+read -r -a ALL_TARGETS <<< "$TARGETS"
+TARGET_LIST=()
+for t in "${ALL_TARGETS[@]}"; do
+  [[ "${t%%:*}" =~ $ONLY_TARGETS ]] && TARGET_LIST+=("$t")
+done
+[ ${#TARGET_LIST[@]} -gt 0 ] || { echo "ONLY_TARGETS=$ONLY_TARGETS matches none of: $TARGETS" >&2; exit 1; }
 : > "$RESULTS"
 for round in $(seq 1 "$ROUNDS"); do
   # Each round starts with a different target, and every other round runs in reverse,
@@ -201,7 +209,7 @@ for round in $(seq 1 "$ROUNDS"); do
 done
 
 python3 - "$RESULTS" "$ROUNDS" "$DURATION" <<'PY'
-import sys, statistics, collections
+import sys, statistics, collections, math
 rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
 cells = collections.defaultdict(list)
 by_round = {}
@@ -230,13 +238,29 @@ for w in order:
             parts += [f"{tps:.0f}", f"{lat:.3f}", ratio]
     print(f"| {w} | " + " | ".join(parts) + " |")
 
+# Student's t, two-sided 95%, by degrees of freedom (1-30); beyond 30 the normal 1.96.
+T95 = [12.71, 4.30, 3.18, 2.78, 2.57, 2.45, 2.36, 2.31, 2.26, 2.23, 2.20, 2.18, 2.16, 2.14,
+       2.13, 2.12, 2.11, 2.10, 2.09, 2.09, 2.08, 2.07, 2.07, 2.06, 2.06, 2.06, 2.05, 2.05,
+       2.05, 2.04]
+def interval(ratios):
+    """95% interval of the geometric mean, from the spread of the log ratios: whether a
+    difference is the machine's noise or the proxy's."""
+    if len(ratios) < 2:
+        return "[-]"
+    logs = [math.log(r) for r in ratios]
+    t = T95[len(logs) - 2] if len(logs) - 1 <= len(T95) else 1.96
+    half = t * statistics.stdev(logs) / math.sqrt(len(logs))
+    mean = statistics.fmean(logs)
+    return f"[{math.exp(mean - half):.2f}-{math.exp(mean + half):.2f}]"
+
 # The same comparison paired by round: each replicator target against PgBouncer in the
 # same round (minutes apart at most), which cancels the machine's slow drifts that the
 # medians above keep.
 if "pgbouncer" in targets:
     others = [t for t in targets if t.startswith("replicator")]
     rounds = sorted({r for r, _, _ in by_round}, key=int)
-    print("\nper-round TPS ratio to PgBouncer in the same round: geometric mean (lowest-highest)\n")
+    print("\nper-round TPS ratio to PgBouncer in the same round: geometric mean, "
+          "[95% confidence interval], (lowest-highest)\n")
     print("| workload | " + " | ".join(others) + " |")
     print("|" + "---|" * (1 + len(others)))
     for w in order:
@@ -253,6 +277,6 @@ if "pgbouncer" in targets:
                 parts.append("-")
             else:
                 gm = statistics.geometric_mean(ratios)
-                parts.append(f"{gm:.2f} ({min(ratios):.2f}-{max(ratios):.2f})")
+                parts.append(f"{gm:.2f} {interval(ratios)} ({min(ratios):.2f}-{max(ratios):.2f})")
         print(f"| {w} | " + " | ".join(parts) + " |")
 PY
