@@ -634,3 +634,84 @@ async fn unnamed_statements_are_parsed_once_per_server_and_survive_schema_change
     assert_eq!(run(1).await[0].get::<_, i32>(1), 10);
     client.batch_execute("COMMIT").await.unwrap();
 }
+
+#[tokio::test]
+async fn named_statements_prepared_again_after_a_schema_change_see_the_new_shape() {
+    // One connection per node: every client meets the statements earlier ones left.
+    let proxy = start_proxy("pool_size = 1", "").await;
+    let client = app_client(&proxy).await;
+    create_table("proto_named_ddl", "id int primary key, a int").await;
+    client
+        .batch_execute("INSERT INTO proto_named_ddl VALUES (1, 10)")
+        .await
+        .unwrap();
+    let sql = "/* replicator: primary */ SELECT * FROM proto_named_ddl WHERE id = $1";
+    let old = client.prepare(sql).await.unwrap();
+    assert_eq!(client.query_one(&old, &[&1i32]).await.unwrap().len(), 2);
+
+    primary_client()
+        .await
+        .batch_execute("ALTER TABLE proto_named_ddl ADD COLUMN b int DEFAULT 7")
+        .await
+        .unwrap();
+    // The statement prepared before the change fails as it does on Postgres itself...
+    let err = client.query_one(&old, &[&1i32]).await.unwrap_err();
+    assert_sqlstate(&err, tokio_postgres::error::SqlState::FEATURE_NOT_SUPPORTED);
+    // ...and preparing it again (what drivers do on that error) gives the new shape,
+    // in this client and in the next one on the same server connection.
+    let again = client.prepare(sql).await.unwrap();
+    let row = client.query_one(&again, &[&1i32]).await.unwrap();
+    assert_eq!(row.len(), 3);
+    assert_eq!(row.get::<_, i32>(2), 7);
+    drop(client);
+    let next = app_client(&proxy).await;
+    let fresh = next.prepare(sql).await.unwrap();
+    assert_eq!(next.query_one(&fresh, &[&1i32]).await.unwrap().len(), 3);
+}
+
+#[tokio::test]
+async fn a_refused_statement_is_prepared_anew_on_every_pooled_connection() {
+    // Two connections to the primary, both holding the statement when the schema changes.
+    let proxy = start_proxy("pool_size = 2", "").await;
+    let first = app_client(&proxy).await;
+    let second = app_client(&proxy).await;
+    create_table("proto_named_pool", "id int primary key, a int").await;
+    first
+        .batch_execute("INSERT INTO proto_named_pool VALUES (1, 10)")
+        .await
+        .unwrap();
+    let sql = "/* replicator: primary */ SELECT * FROM proto_named_pool WHERE id = $1";
+    let hold = "/* replicator: primary */ SELECT 1";
+    let on_first = first.prepare(sql).await.unwrap();
+    let on_second = second.prepare(sql).await.unwrap();
+    // The first client's transaction holds one connection, so the second uses the other.
+    first.batch_execute("BEGIN").await.unwrap();
+    first.batch_execute(hold).await.unwrap();
+    assert_eq!(first.query_one(&on_first, &[&1i32]).await.unwrap().len(), 2);
+    assert_eq!(
+        second.query_one(&on_second, &[&1i32]).await.unwrap().len(),
+        2
+    );
+    first.batch_execute("COMMIT").await.unwrap();
+
+    primary_client()
+        .await
+        .batch_execute("ALTER TABLE proto_named_pool ADD COLUMN b int DEFAULT 7")
+        .await
+        .unwrap();
+    // Again one connection held by the first client; the second meets the refusal on
+    // the other one...
+    first.batch_execute("BEGIN").await.unwrap();
+    first.batch_execute(hold).await.unwrap();
+    let err = second.query_one(&on_second, &[&1i32]).await.unwrap_err();
+    assert_sqlstate(&err, tokio_postgres::error::SqlState::FEATURE_NOT_SUPPORTED);
+    // ...and the first client, preparing the text again on the connection that never
+    // refused anything yet, gets the new shape there too.
+    let again = first.prepare(sql).await.unwrap();
+    let row = first.query_one(&again, &[&1i32]).await.unwrap();
+    assert_eq!(row.len(), 3);
+    assert_eq!(row.get::<_, i32>(2), 7);
+    first.batch_execute("COMMIT").await.unwrap();
+    let again = second.prepare(sql).await.unwrap();
+    assert_eq!(second.query_one(&again, &[&1i32]).await.unwrap().len(), 3);
+}

@@ -244,6 +244,9 @@ struct Session {
     skipped_parse: bool,
     /// Such a unit, kept until its first answer (see `Reparse`).
     reparse: Option<Reparse>,
+    /// Registry ids of the proxy-named statements bound or described since the server
+    /// last had nothing in flight: the ones to retire if it refuses a cached plan.
+    group_named: Vec<u64>,
     /// This client's entry in the registry behind SHOW CLIENTS.
     info: Arc<ClientInfo>,
 }
@@ -346,6 +349,7 @@ impl Session {
             spare_nodes: Vec::new(),
             skipped_parse: false,
             reparse: None,
+            group_named: Vec::new(),
             info,
         };
         session.ryw = ryw;
@@ -837,6 +841,9 @@ impl Session {
         let answered_before = self.client_out.len();
         let idle_before = self.tx_status == b'I';
         self.skipped_parse = false;
+        if fresh_server {
+            self.group_named.clear();
+        }
         let mut statements = parsed.drain(..);
         for frame in &unit {
             let statement = if frame[0] == msg::PARSE {
@@ -1226,6 +1233,7 @@ impl Session {
                     self.server_out.extend_from_slice(frame);
                 } else if let Some(statement) = self.statements.get(name).cloned() {
                     self.ensure_prepared(&statement);
+                    self.group_named.push(statement.id);
                     self.group_effects
                         .extend(statement.decision.effects.iter().cloned());
                     let mut prefix = Vec::with_capacity(portal.len() + 1);
@@ -1251,6 +1259,7 @@ impl Session {
                 match (kind, self.statements.get(name).cloned()) {
                     (b'S', Some(statement)) if !name.is_empty() => {
                         self.ensure_prepared(&statement);
+                        self.group_named.push(statement.id);
                         msg::with_replaced_name(
                             &mut self.server_out,
                             msg::DESCRIBE,
@@ -1423,6 +1432,9 @@ impl Session {
         }
         if tag == msg::ERROR_RESPONSE {
             let survives = front.survives_error();
+            if !self.group_named.is_empty() && msg::parse_error_fields(&frame).code == "0A000" {
+                self.retire_refused_statements();
+            }
             self.forget_server_unnamed();
             self.forward_error(&frame);
             self.group_error = true;
@@ -1472,6 +1484,20 @@ impl Session {
             }
         }
         Ok(())
+    }
+
+    /// The server refused a statement's cached plan ("cached plan must not change
+    /// result type" after a schema change, 0A000; other 0A000 errors only cost a fresh
+    /// Parse). The client gets the error, as from Postgres; its next Parse of the same
+    /// text must plan afresh, whichever server it lands on, instead of meeting the same
+    /// refusal on every connection that holds the old statement.
+    fn retire_refused_statements(&mut self) {
+        for id in std::mem::take(&mut self.group_named) {
+            if let Some(statement) = self.statements.values().find(|s| s.id == id) {
+                debug!(user = %self.user.name, statement = %statement.server_name, "a server refused a prepared statement's cached plan; the next Parse of its text prepares it anew");
+                self.shared.statements.retire(statement);
+            }
+        }
     }
 
     /// The server refused to reuse its unnamed statement for a unit whose Parse the

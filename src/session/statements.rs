@@ -71,6 +71,25 @@ impl StatementRegistry {
         statement
     }
 
+    /// Takes `statement` out of use for new Parse messages: the next Parse of its text
+    /// registers a new id, so every server prepares it afresh under a new name. For a
+    /// statement a server refused to run from its cached plan (a schema change altered
+    /// its result type, 0A000): on Postgres itself, preparing the text again gives the
+    /// new shape, and through the proxy it must too, on every pooled connection. The
+    /// old server-side statements stay until the per-connection limit clears them.
+    pub fn retire(&self, statement: &PreparedStatement) {
+        let mut map = match self.by_tail.lock() {
+            Ok(m) => m,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if map
+            .get(&statement.tail)
+            .is_some_and(|current| current.id == statement.id)
+        {
+            map.remove(&statement.tail);
+        }
+    }
+
     pub fn len(&self) -> usize {
         self.by_tail.lock().map(|m| m.len()).unwrap_or(0)
     }
