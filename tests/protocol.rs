@@ -715,3 +715,97 @@ async fn a_refused_statement_is_prepared_anew_on_every_pooled_connection() {
     let again = second.prepare(sql).await.unwrap();
     assert_eq!(second.query_one(&again, &[&1i32]).await.unwrap().len(), 3);
 }
+
+fn frame(tag: u8, body: &[u8]) -> Vec<u8> {
+    let mut out = vec![tag];
+    out.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+    out.extend_from_slice(body);
+    out
+}
+
+fn query_frame(sql: &str) -> Vec<u8> {
+    frame(b'Q', format!("{sql}\0").as_bytes())
+}
+
+/// Parse of `name` (no parameter types), Bind of it to the unnamed portal, Execute,
+/// Sync, as one write.
+fn parse_and_run(name: &str, sql: &str) -> Vec<u8> {
+    let mut out = frame(b'P', format!("{name}\0{sql}\0\0\0").as_bytes());
+    out.extend(run_named(name));
+    out
+}
+
+fn run_named(name: &str) -> Vec<u8> {
+    let mut out = frame(b'B', format!("\0{name}\0\0\0\0\0\0\0").as_bytes());
+    out.extend(frame(b'E', b"\0\0\0\0\0"));
+    out.extend(frame(b'S', b""));
+    out
+}
+
+/// Writes `request` and reads the answers up to ReadyForQuery: each message's tag,
+/// the SQLSTATE of any ErrorResponse, and the transaction status.
+async fn exchange(stream: &mut TcpStream, request: &[u8]) -> (Vec<u8>, Option<String>, u8) {
+    stream.write_all(request).await.unwrap();
+    let mut buf = BytesMut::new();
+    let mut tags = Vec::new();
+    let mut code = None;
+    loop {
+        while buf.len() < 5
+            || buf.len() < 1 + u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize
+        {
+            let read = tokio::time::timeout(Duration::from_secs(10), stream.read_buf(&mut buf));
+            let n = read.await.expect("no answer").unwrap();
+            assert!(n > 0, "closed");
+        }
+        let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+        let message = buf.split_to(len + 1);
+        tags.push(message[0]);
+        if message[0] == b'E' {
+            code = error_code(&message);
+        }
+        if message[0] == b'Z' {
+            return (tags, code, message[5]);
+        }
+    }
+}
+
+#[tokio::test]
+async fn deallocate_in_sql_drops_a_protocol_prepared_statement() {
+    // psycopg 3 and pgx evict statements from their caches with `DEALLOCATE name`: the
+    // name is the client's, which the servers never see.
+    let proxy = start_proxy("", "").await;
+    let mut c = login_raw(TcpStream::connect(proxy.addr).await.unwrap()).await;
+    for (name, sql) in [
+        ("_pg3_0", "SELECT 1"),
+        ("Cached", "SELECT 2"),
+        ("third", "SELECT 3"),
+    ] {
+        let (_, error, _) = exchange(&mut c, &parse_and_run(name, sql)).await;
+        assert_eq!(error, None, "{name}");
+    }
+    for sql in ["DEALLOCATE _pg3_0", "deallocate prepare \"Cached\";"] {
+        let (tags, error, status) = exchange(&mut c, &query_frame(sql)).await;
+        assert_eq!((error, status), (None, b'I'), "{sql}");
+        assert_eq!(tags, b"CZ", "{sql}");
+    }
+    for gone in ["_pg3_0", "Cached"] {
+        let (_, error, _) = exchange(&mut c, &run_named(gone)).await;
+        assert_eq!(error.as_deref(), Some("26000"), "{gone} was deallocated");
+    }
+    let (_, error, _) = exchange(&mut c, &run_named("third")).await;
+    assert_eq!(error, None, "the other statements stay");
+    // The name may be prepared again, with another text.
+    let (_, error, _) = exchange(&mut c, &parse_and_run("_pg3_0", "SELECT 4")).await;
+    assert_eq!(error, None);
+    // A name nobody prepared: Postgres's own error.
+    let (_, error, _) = exchange(&mut c, &query_frame("DEALLOCATE nothing_here")).await;
+    assert_eq!(error.as_deref(), Some("26000"));
+    // Inside a transaction block the transaction goes on.
+    exchange(&mut c, &query_frame("BEGIN")).await;
+    let (_, error, status) = exchange(&mut c, &query_frame("DEALLOCATE third")).await;
+    assert_eq!((error, status), (None, b'T'));
+    let (_, _, status) = exchange(&mut c, &query_frame("COMMIT")).await;
+    assert_eq!(status, b'I');
+    let (_, error, _) = exchange(&mut c, &run_named("third")).await;
+    assert_eq!(error.as_deref(), Some("26000"));
+}

@@ -756,6 +756,39 @@ impl Session {
         (decision, query_effects)
     }
 
+    /// `DEALLOCATE name` of a statement this client prepared through the protocol: the
+    /// servers know it only by its proxy-wide name (shared with other clients), so the
+    /// proxy forgets the client's name and answers itself, as Postgres would. Only when
+    /// nothing is in flight (the answer goes straight out) and the transaction is not
+    /// aborted (where Postgres refuses every statement); otherwise, and for names the
+    /// proxy does not know (SQL `PREPARE`), the server answers.
+    fn deallocated_here(&mut self, unit: &[BytesMut], effects: &[SessionEffect]) -> bool {
+        let [query] = unit else {
+            return false;
+        };
+        if query[0] != msg::QUERY
+            || !self.expect.is_empty()
+            || self.tx_status == b'E'
+            || !effects.contains(&SessionEffect::ForgetPrepared)
+        {
+            return false;
+        }
+        let Some(name) = Fields::of_frame(query)
+            .cstr_bytes()
+            .ok()
+            .and_then(statements::deallocate_target)
+        else {
+            return false;
+        };
+        if self.statements.remove(&name).is_none() {
+            return false;
+        }
+        debug!(user = %self.user.name, statement = %name, "DEALLOCATE answered by the proxy");
+        msg::command_complete(&mut self.client_out, "DEALLOCATE");
+        msg::ready_for_query(&mut self.client_out, self.tx_status);
+        true
+    }
+
     fn decide(&self, sql: &[u8]) -> Arc<Decision> {
         self.shared.cache.decide_bytes(sql)
     }
@@ -770,6 +803,10 @@ impl Session {
         }
         let mut parsed = std::mem::take(&mut self.spare_parsed);
         let (decision, mut query_effects) = self.unit_decision(&unit, &mut parsed);
+        if self.deallocated_here(&unit, &query_effects) {
+            self.spare_parsed = parsed;
+            return Ok(Dispatch::Done);
+        }
         let mut route = decision.route;
         if decision.pin.is_some() || self.pinned.is_some() {
             route = Route::Primary;

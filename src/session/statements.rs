@@ -98,3 +98,101 @@ impl StatementRegistry {
         self.len() == 0
     }
 }
+
+/// The statement name of a `DEALLOCATE [PREPARE] name` query that is nothing else (one
+/// statement, no comments), folded the way Postgres folds identifiers; None for
+/// `DEALLOCATE ALL` and anything else. Protocol-level prepared statements and SQL ones
+/// share one namespace, and drivers (psycopg 3, pgx) evict protocol ones with it.
+pub fn deallocate_target(sql: &[u8]) -> Option<String> {
+    let sql = sql.trim_ascii();
+    let sql = sql.strip_suffix(b";").unwrap_or(sql).trim_ascii_end();
+    let rest = strip_keyword(sql, b"deallocate")?;
+    let rest = match strip_keyword(rest, b"prepare") {
+        // `DEALLOCATE prepare` alone names a statement called "prepare".
+        Some(after) if !after.is_empty() => after,
+        _ => rest,
+    };
+    let name = if let Some(quoted) = rest.strip_prefix(b"\"") {
+        let mut name = Vec::new();
+        let mut i = 0;
+        loop {
+            match quoted.get(i)? {
+                b'"' if quoted.get(i + 1) == Some(&b'"') => {
+                    name.push(b'"');
+                    i += 2;
+                }
+                b'"' => break,
+                &b => {
+                    name.push(b);
+                    i += 1;
+                }
+            }
+        }
+        if i + 1 != quoted.len() || name.is_empty() {
+            return None;
+        }
+        name
+    } else {
+        let plain = |b: &u8| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'$') || *b >= 0x80;
+        if rest.is_empty()
+            || rest[0].is_ascii_digit()
+            || rest[0] == b'$'
+            || !rest.iter().all(plain)
+            || rest.eq_ignore_ascii_case(b"all")
+        {
+            return None;
+        }
+        rest.to_ascii_lowercase()
+    };
+    String::from_utf8(name).ok()
+}
+
+/// `text` without a leading case-insensitive `keyword` and the whitespace after it; the
+/// keyword must be followed by whitespace or the end.
+fn strip_keyword<'a>(text: &'a [u8], keyword: &[u8]) -> Option<&'a [u8]> {
+    let head = text.get(..keyword.len())?;
+    if !head.eq_ignore_ascii_case(keyword) {
+        return None;
+    }
+    let after = &text[keyword.len()..];
+    match after.first() {
+        None => Some(after),
+        Some(b) if b.is_ascii_whitespace() => Some(after.trim_ascii_start()),
+        Some(_) => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::deallocate_target;
+
+    #[test]
+    fn deallocate_names_are_read_as_postgres_reads_them() {
+        let name = |sql: &str| deallocate_target(sql.as_bytes());
+        assert_eq!(name("DEALLOCATE _pg3_0"), Some("_pg3_0".into()));
+        assert_eq!(name("  deallocate   S_12 ;\n"), Some("s_12".into()));
+        assert_eq!(name("DEALLOCATE PREPARE stmt1"), Some("stmt1".into()));
+        assert_eq!(
+            name("deallocate \"Mixed \"\"q\"\"\""),
+            Some("Mixed \"q\"".into())
+        );
+        assert_eq!(name("DEALLOCATE prepare"), Some("prepare".into()));
+        assert_eq!(name("DEALLOCATE PREPARE \"x\";"), Some("x".into()));
+        for other in [
+            "DEALLOCATE ALL",
+            "DEALLOCATE PREPARE ALL",
+            "DEALLOCATE",
+            "DEALLOCATE a; SELECT 1",
+            "DEALLOCATE a b",
+            "DEALLOCATE /* c */ a",
+            "DEALLOCATE \"\"",
+            "DEALLOCATE \"open",
+            "DEALLOCATE 1a",
+            "DEALLOCATEa",
+            "SELECT 1",
+            "",
+        ] {
+            assert_eq!(name(other), None, "{other}");
+        }
+    }
+}
