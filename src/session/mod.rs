@@ -1270,7 +1270,7 @@ impl Session {
                     self.server_out.extend_from_slice(frame);
                 } else if let Some(statement) = self.statements.get(name).cloned() {
                     self.ensure_prepared(&statement);
-                    self.group_named.push(statement.id);
+                    self.note_named_use(statement.id);
                     self.group_effects
                         .extend(statement.decision.effects.iter().cloned());
                     let mut prefix = Vec::with_capacity(portal.len() + 1);
@@ -1296,7 +1296,7 @@ impl Session {
                 match (kind, self.statements.get(name).cloned()) {
                     (b'S', Some(statement)) if !name.is_empty() => {
                         self.ensure_prepared(&statement);
-                        self.group_named.push(statement.id);
+                        self.note_named_use(statement.id);
                         msg::with_replaced_name(
                             &mut self.server_out,
                             msg::DESCRIBE,
@@ -1521,6 +1521,17 @@ impl Session {
             }
         }
         Ok(())
+    }
+
+    /// Records a proxy-named statement the units in flight use (see `group_named`). A
+    /// batch that runs one statement many times before its Sync records it once, and a
+    /// pipeline that never lets the server go idle records at most a bounded number: a
+    /// refusal of one left out is retired at the client's next attempt instead.
+    fn note_named_use(&mut self, id: u64) {
+        const MAX_NOTED: usize = 256;
+        if self.group_named.last() != Some(&id) && self.group_named.len() < MAX_NOTED {
+            self.group_named.push(id);
+        }
     }
 
     /// The server refused a statement's cached plan ("cached plan must not change
