@@ -408,6 +408,20 @@ async fn malformed_input_gets_an_error_and_a_closed_socket() {
     );
 }
 
+/// The next whole message from the server, reading more into `buf` as needed; fails
+/// the test if the socket closes or nothing comes for 10 s.
+async fn next_message(stream: &mut TcpStream, buf: &mut BytesMut) -> BytesMut {
+    while buf.len() < 5
+        || buf.len() < 1 + u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize
+    {
+        let read = tokio::time::timeout(Duration::from_secs(10), stream.read_buf(buf));
+        let n = read.await.expect("no answer").unwrap();
+        assert!(n > 0, "connection closed");
+    }
+    let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+    buf.split_to(len + 1)
+}
+
 /// Logs in over a raw socket with SCRAM, returning the socket after ReadyForQuery.
 async fn login_raw(mut stream: TcpStream) -> TcpStream {
     use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
@@ -418,14 +432,7 @@ async fn login_raw(mut stream: TcpStream) -> TcpStream {
     let mut scram = ScramSha256::new(b"secret", ChannelBinding::unrequested());
     let mut buf = BytesMut::new();
     loop {
-        while buf.len() < 5
-            || buf.len() < 1 + u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize
-        {
-            let n = stream.read_buf(&mut buf).await.unwrap();
-            assert!(n > 0, "closed during login");
-        }
-        let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
-        let frame = buf.split_to(len + 1);
+        let frame = next_message(&mut stream, &mut buf).await;
         match frame[0] {
             b'R' => {
                 let code = i32::from_be_bytes([frame[5], frame[6], frame[7], frame[8]]);
@@ -750,15 +757,7 @@ async fn exchange(stream: &mut TcpStream, request: &[u8]) -> (Vec<u8>, Option<St
     let mut tags = Vec::new();
     let mut code = None;
     loop {
-        while buf.len() < 5
-            || buf.len() < 1 + u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize
-        {
-            let read = tokio::time::timeout(Duration::from_secs(10), stream.read_buf(&mut buf));
-            let n = read.await.expect("no answer").unwrap();
-            assert!(n > 0, "closed");
-        }
-        let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
-        let message = buf.split_to(len + 1);
+        let message = next_message(stream, &mut buf).await;
         tags.push(message[0]);
         if message[0] == b'E' {
             code = error_code(&message);
