@@ -808,3 +808,58 @@ async fn deallocate_in_sql_drops_a_protocol_prepared_statement() {
     let (_, error, _) = exchange(&mut c, &run_named("third")).await;
     assert_eq!(error.as_deref(), Some("26000"));
 }
+
+#[tokio::test]
+async fn a_begin_sent_through_the_extended_protocol_is_answered_as_the_server_would() {
+    // pgbench -M extended and drivers that run `BEGIN` as a one-off statement send it
+    // as Parse/Bind/[Describe]/Execute/Sync; the proxy answers and defers it as it does
+    // a simple-query BEGIN.
+    let proxy = start_proxy("", "").await;
+    create_table("extended_begin", "id int").await;
+    let count = || async {
+        primary_client()
+            .await
+            .query_one("SELECT count(*) FROM extended_begin", &[])
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+    };
+    let mut c = login_raw(TcpStream::connect(proxy.addr).await.unwrap()).await;
+    let (tags, error, status) = exchange(&mut c, &parse_and_run("", "BEGIN")).await;
+    assert_eq!((tags.as_slice(), error, status), (&b"12CZ"[..], None, b'T'));
+    let (_, error, status) = exchange(
+        &mut c,
+        &parse_and_run("", "INSERT INTO extended_begin VALUES (1)"),
+    )
+    .await;
+    assert_eq!((error, status), (None, b'T'));
+    assert_eq!(count().await, 0, "inside a transaction until it commits");
+    let (tags, error, status) = exchange(&mut c, &parse_and_run("", "COMMIT")).await;
+    assert_eq!((tags.as_slice(), error, status), (&b"12CZ"[..], None, b'I'));
+    assert_eq!(count().await, 1);
+
+    // With a Describe of the portal, then of the statement.
+    for (kind, answers) in [(b'P', &b"12nCZ"[..]), (b'S', &b"12tnCZ"[..])] {
+        let mut request = frame(b'P', b"\0START TRANSACTION READ ONLY\0\0\0");
+        request.extend(frame(b'B', b"\0\0\0\0\0\0\0\0"));
+        request.extend(frame(b'D', &[kind, 0]));
+        request.extend(frame(b'E', b"\0\0\0\0\0"));
+        request.extend(frame(b'S', b""));
+        let (tags, error, status) = exchange(&mut c, &request).await;
+        assert_eq!((tags.as_slice(), error, status), (answers, None, b'T'));
+        // The client's unnamed statement is now that BEGIN: a Bind without Parse runs
+        // it again, on the server, which warns that a transaction is in progress.
+        let (tags, error, status) = exchange(&mut c, &run_named("")).await;
+        assert_eq!((error, status), (None, b'T'));
+        assert!(tags.contains(&b'N') && tags.ends_with(b"CZ"), "{tags:?}");
+        let (_, error, status) = exchange(&mut c, &parse_and_run("", "ROLLBACK")).await;
+        assert_eq!((error, status), (None, b'I'));
+    }
+
+    // A BEGIN and its end with nothing between: no server needed.
+    exchange(&mut c, &parse_and_run("", "BEGIN")).await;
+    let (tags, error, status) = exchange(&mut c, &parse_and_run("", "ROLLBACK")).await;
+    assert_eq!((tags.as_slice(), error, status), (&b"12CZ"[..], None, b'I'));
+    let (_, error, status) = exchange(&mut c, &query_frame("SELECT 1")).await;
+    assert_eq!((error, status), (None, b'I'));
+}

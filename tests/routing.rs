@@ -483,3 +483,96 @@ async fn server_connections_idle_past_the_timeout_are_closed() {
     let (port, replica) = who(&client, &format!("/* replicator: primary */ {WHO}")).await;
     assert_eq!((port, replica), (primary_port(), false));
 }
+
+#[tokio::test]
+async fn a_begin_takes_no_server_until_its_first_statement() {
+    // One primary connection, and a short wait for it, to see who holds it.
+    let text = format!(
+        "{}\n[failover]\nwrite_wait_ms = 100\n",
+        config_text(cluster(), "pool_size = 1", "connect_timeout_ms = 300")
+    );
+    let proxy = start_proxy_with(&text).await;
+    create_table("deferred_begin", "id int").await;
+    let a = app_client(&proxy).await;
+    let b = app_client(&proxy).await;
+
+    // A transaction that has only begun holds no server: the other client's write
+    // still gets the only primary connection.
+    a.batch_execute("BEGIN").await.unwrap();
+    b.batch_execute("INSERT INTO deferred_begin VALUES (1)")
+        .await
+        .unwrap();
+
+    // Its statements then run as one transaction on the primary, unseen by others
+    // until it commits.
+    a.batch_execute("INSERT INTO deferred_begin VALUES (2)")
+        .await
+        .unwrap();
+    let ids =
+        "SELECT inet_server_port()::text || ' ' || pg_backend_pid() || ' ' || pg_current_xact_id()";
+    let first = a.query_one(ids, &[]).await.unwrap().get::<_, String>(0);
+    let second = a.query_one(ids, &[]).await.unwrap().get::<_, String>(0);
+    assert_eq!(first, second, "one server, one transaction");
+    assert!(
+        first.starts_with(&format!("{} ", primary_port())),
+        "{first}"
+    );
+    let seen: i64 = primary_client()
+        .await
+        .query_one("SELECT count(*) FROM deferred_begin WHERE id = 2", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(seen, 0, "uncommitted rows are not visible outside");
+
+    // Meanwhile the other client's transaction finds no server for its first
+    // statement: the transaction is aborted, as on Postgres, until it ends.
+    b.batch_execute("BEGIN").await.unwrap();
+    b.simple_query("SELECT 1").await.unwrap_err();
+    let err = b.simple_query("SELECT 1").await.unwrap_err();
+    assert_sqlstate(
+        &err,
+        tokio_postgres::error::SqlState::IN_FAILED_SQL_TRANSACTION,
+    );
+    let ended = b.simple_query("COMMIT").await.unwrap();
+    assert!(
+        matches!(
+            ended.first(),
+            Some(tokio_postgres::SimpleQueryMessage::CommandComplete(0))
+        ),
+        "{ended:?}"
+    );
+
+    a.batch_execute("COMMIT").await.unwrap();
+    let rows: i64 = primary_client()
+        .await
+        .query_one("SELECT count(*) FROM deferred_begin", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 2);
+
+    // BEGIN and its end with nothing between need no server; both clients carry on.
+    for end in ["COMMIT", "ROLLBACK", "END", "ABORT"] {
+        b.batch_execute("START TRANSACTION").await.unwrap();
+        b.batch_execute(end).await.unwrap();
+    }
+    let mut c = app_client(&proxy).await;
+    let tx = c.transaction().await.unwrap();
+    tx.execute("INSERT INTO deferred_begin VALUES (3)", &[])
+        .await
+        .unwrap();
+    tx.rollback().await.unwrap();
+    let (_, replica) = who(&b, WHO).await;
+    assert!(
+        replica,
+        "after its transactions the client reads from replicas again"
+    );
+    let rows: i64 = primary_client()
+        .await
+        .query_one("SELECT count(*) FROM deferred_begin", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 2, "a rolled back transaction leaves nothing");
+}

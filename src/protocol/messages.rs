@@ -127,6 +127,13 @@ pub fn empty_message(buf: &mut BytesMut, tag: u8) {
     finish(buf, at);
 }
 
+/// ParameterDescription of a statement without parameters.
+pub fn no_parameters(buf: &mut BytesMut) {
+    let at = begin(buf, PARAMETER_DESCRIPTION);
+    buf.put_i16(0);
+    finish(buf, at);
+}
+
 pub fn row_description(buf: &mut BytesMut, columns: &[&str]) {
     let at = begin(buf, ROW_DESCRIPTION);
     buf.put_i16(columns.len() as i16);
@@ -210,6 +217,29 @@ pub fn parse_with_name(buf: &mut BytesMut, name: &str, query_and_types: &[u8]) {
     let at = begin(buf, PARSE);
     put_cstr(buf, name);
     buf.put_slice(query_and_types);
+    finish(buf, at);
+}
+
+/// Parse, Bind and Execute of `sql` as the unnamed statement and portal, without
+/// parameters and without a Sync: after an error, the server skips what follows up to
+/// the next Sync. `sql` must not contain NUL.
+pub fn run_unnamed(buf: &mut BytesMut, sql: &[u8]) {
+    let at = begin(buf, PARSE);
+    buf.put_u8(0);
+    buf.put_slice(sql);
+    buf.put_u8(0);
+    buf.put_i16(0);
+    finish(buf, at);
+    let at = begin(buf, BIND);
+    buf.put_u8(0); // portal
+    buf.put_u8(0); // statement
+    buf.put_i16(0); // parameter formats
+    buf.put_i16(0); // parameters
+    buf.put_i16(0); // result formats
+    finish(buf, at);
+    let at = begin(buf, EXECUTE);
+    buf.put_u8(0);
+    buf.put_i32(0);
     finish(buf, at);
 }
 

@@ -36,6 +36,9 @@ pub enum Expect {
     /// The proxy's own query for the WAL position after a client's write committed
     /// (read-your-writes); all of it is swallowed.
     CommitLsn,
+    /// The client's `BEGIN`, answered by the proxy and sent (Parse, Bind, Execute)
+    /// with the transaction's first statement; swallowed up to its CommandComplete.
+    DeferredBegin,
 }
 
 impl Expect {
@@ -45,6 +48,7 @@ impl Expect {
             Expect::Injected | Expect::CommitLsn | Expect::Ready { .. } | Expect::FunctionCall => {
                 tag == msg::READY_FOR_QUERY
             }
+            Expect::DeferredBegin => tag == msg::COMMAND_COMPLETE,
             Expect::InjectedParse { .. } | Expect::ParseNamed { .. } | Expect::Parse => {
                 tag == msg::PARSE_COMPLETE
             }
@@ -63,7 +67,10 @@ impl Expect {
     /// extended-protocol entries are abandoned by the server up to the next Sync.
     /// Answers to this entry are the proxy's business, not the client's.
     pub fn is_injected(&self) -> bool {
-        matches!(self, Expect::Injected | Expect::CommitLsn)
+        matches!(
+            self,
+            Expect::Injected | Expect::CommitLsn | Expect::DeferredBegin
+        )
     }
 
     pub fn survives_error(&self) -> bool {

@@ -13,6 +13,7 @@ mod expect;
 pub mod settings;
 pub mod startup;
 pub mod statements;
+mod transaction;
 pub mod users;
 
 use std::collections::{HashMap, VecDeque};
@@ -247,8 +248,22 @@ struct Session {
     /// Registry ids of the proxy-named statements bound or described since the server
     /// last had nothing in flight: the ones to retire if it refuses a cached plan.
     group_named: Vec<u64>,
+    /// A `BEGIN` the proxy answered itself, not yet sent to any server (see
+    /// `transaction.rs`).
+    deferred_begin: Option<DeferredBegin>,
     /// This client's entry in the registry behind SHOW CLIENTS.
     info: Arc<ClientInfo>,
+}
+
+/// A transaction the client started that no server has seen yet: its `BEGIN` goes out
+/// with the first statement, to the node the `BEGIN` itself routes to.
+struct DeferredBegin {
+    /// Its text (no NUL: checked by `transaction::deferrable_begin`).
+    sql: BytesMut,
+    route: Route,
+    /// Its first statement found no server: the client sees an aborted transaction,
+    /// which only its end leaves, as on Postgres.
+    aborted: bool,
 }
 
 /// A unit sent without its Parse because the server's unnamed statement was the same
@@ -350,6 +365,7 @@ impl Session {
             skipped_parse: false,
             reparse: None,
             group_named: Vec::new(),
+            deferred_begin: None,
             info,
         };
         session.ryw = ryw;
@@ -669,7 +685,7 @@ impl Session {
                 while let Some(frame) = self.pending.pop_front() {
                     if frame[0] == msg::SYNC || frame[0] == msg::QUERY {
                         self.skip_until_sync = false;
-                        msg::ready_for_query(&mut self.client_out, b'I');
+                        msg::ready_for_query(&mut self.client_out, self.tx_status);
                         if frame[0] == msg::QUERY {
                             self.pending.push_front(frame);
                         }
@@ -789,6 +805,98 @@ impl Session {
         true
     }
 
+    /// Transaction control the proxy answers without a server (see `transaction.rs`):
+    /// a `BEGIN` it can defer; the plain end of a transaction no server has seen; any
+    /// other statement in such a transaction once it is aborted. Only for a lone
+    /// statement (or, when aborted, any unit) with nothing in flight.
+    fn transaction_answered_here(
+        &mut self,
+        unit: &mut [BytesMut],
+        decision: &Decision,
+        parsed: &[Arc<PreparedStatement>],
+    ) -> bool {
+        if !self.expect.is_empty() || self.server.is_some() {
+            return false;
+        }
+        let lone = transaction::lone_statement(unit);
+        if let Some(begin) = &self.deferred_begin {
+            if let Some(lone) = &lone
+                && let Some(end) = transaction::plain_end(lone.sql)
+            {
+                // Postgres reports the end of an aborted transaction as a rollback.
+                let tag = if begin.aborted { "ROLLBACK" } else { end.tag() };
+                transaction::answer(&mut self.client_out, lone.extended, tag, b'I');
+                self.deferred_begin = None;
+                self.tx_status = b'I';
+                self.info.set_state(ClientState::Idle);
+                self.note_unnamed(lone.extended, parsed);
+                return true;
+            }
+            if begin.aborted {
+                self.unit_failed(
+                    unit,
+                    "25P02",
+                    "current transaction is aborted, commands ignored until end of transaction block",
+                );
+                return true;
+            }
+            return false;
+        }
+        if self.tx_status != b'I'
+            || self.session_mode
+            || self.pinned.is_some()
+            || decision.tx != TxEffect::Begin
+        {
+            return false;
+        }
+        let Some(lone) = lone else {
+            return false;
+        };
+        let Some(tag) = transaction::deferrable_begin(lone.sql) else {
+            return false;
+        };
+        let (extended, sql_len) = (lone.extended, lone.sql.len());
+        // The text, cut out of its frame without copying: after tag and length, and for
+        // a Parse the unnamed statement's empty name.
+        let mut sql = std::mem::take(&mut unit[0]);
+        let mut sql = sql.split_off(if extended.is_some() { 6 } else { 5 });
+        sql.truncate(sql_len);
+        debug!(user = %self.user.name, "BEGIN answered by the proxy; sent with the first statement");
+        transaction::answer(&mut self.client_out, extended, tag, b'T');
+        self.deferred_begin = Some(DeferredBegin {
+            sql,
+            route: decision.route,
+            aborted: false,
+        });
+        self.tx_status = b'T';
+        self.info.set_state(ClientState::InTransaction);
+        self.note_unnamed(extended, parsed);
+        true
+    }
+
+    /// A Parse the proxy answered itself still makes its statement the client's
+    /// unnamed one (a later Bind without Parse runs it).
+    fn note_unnamed(&mut self, extended: Option<u8>, parsed: &[Arc<PreparedStatement>]) {
+        if extended.is_some()
+            && let Some(statement) = parsed.first()
+        {
+            self.unnamed = Some(statement.clone());
+        }
+    }
+
+    /// Queues the deferred `BEGIN`, if any, in front of the unit about to be sent. It
+    /// goes as Parse/Bind/Execute without a Sync: were the server to refuse it, it would
+    /// skip everything up to a Sync (a simple query included) rather than run the
+    /// client's statements outside a transaction, and it sends the error at once.
+    fn send_deferred_begin(&mut self) {
+        let Some(begin) = self.deferred_begin.take() else {
+            return;
+        };
+        msg::run_unnamed(&mut self.server_out, &begin.sql);
+        self.push_expect(Expect::DeferredBegin);
+        self.forget_server_unnamed();
+    }
+
     fn decide(&self, sql: &[u8]) -> Arc<Decision> {
         self.shared.cache.decide_bytes(sql)
     }
@@ -807,7 +915,17 @@ impl Session {
             self.spare_parsed = parsed;
             return Ok(Dispatch::Done);
         }
-        let mut route = decision.route;
+        if self.transaction_answered_here(&mut unit, &decision, &parsed) {
+            parsed.clear();
+            self.spare_parsed = parsed;
+            self.recycle_unit(unit);
+            return Ok(Dispatch::Done);
+        }
+        // A deferred BEGIN decides where its transaction runs, as it would have sent it.
+        let mut route = match &self.deferred_begin {
+            Some(begin) => begin.route,
+            None => decision.route,
+        };
         if decision.pin.is_some() || self.pinned.is_some() {
             route = Route::Primary;
         }
@@ -830,7 +948,14 @@ impl Session {
                 let executes = unit
                     .iter()
                     .any(|f| matches!(f[0], msg::QUERY | msg::EXECUTE | msg::FUNCTION_CALL));
-                if let Err(e) = self.acquire(route, decision.hinted, executes).await {
+                let hinted = decision.hinted && self.deferred_begin.is_none();
+                if let Err(e) = self.acquire(route, hinted, executes).await {
+                    if let Some(begin) = self.deferred_begin.as_mut() {
+                        begin.aborted = true;
+                        self.tx_status = b'E';
+                    }
+                    parsed.clear();
+                    self.spare_parsed = parsed;
                     self.unit_failed(
                         &unit,
                         e.sqlstate(),
@@ -874,6 +999,7 @@ impl Session {
             .statements
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.prepare_server();
+        self.send_deferred_begin();
         let mut parsed_unnamed = false;
         let answered_before = self.client_out.len();
         let idle_before = self.tx_status == b'I';
@@ -1140,11 +1266,13 @@ impl Session {
     }
 
     /// A unit could not be sent anywhere: answer it with an error, as the server would.
+    /// Answers a unit no server ran. Without a server the client is outside a
+    /// transaction, unless its `BEGIN` was deferred (then aborted, see `DeferredBegin`).
     fn unit_failed(&mut self, unit: &[BytesMut], code: &str, message: &str) {
         msg::error_response(&mut self.client_out, "ERROR", code, message);
         match unit.last().map(|f| f[0]) {
             Some(msg::SYNC | msg::QUERY | msg::FUNCTION_CALL) => {
-                msg::ready_for_query(&mut self.client_out, b'I')
+                msg::ready_for_query(&mut self.client_out, self.tx_status)
             }
             _ => self.skip_until_sync = true,
         }
@@ -1446,6 +1574,15 @@ impl Session {
                 }
                 return Ok(());
             }
+            Expect::DeferredBegin => {
+                if tag == msg::ERROR_RESPONSE {
+                    return Err(self.deferred_begin_refused(&frame));
+                }
+                if tag == msg::COMMAND_COMPLETE {
+                    self.expect.pop_front();
+                }
+                return Ok(());
+            }
             Expect::InjectedParse { .. } if tag == msg::PARSE_COMPLETE => {
                 self.expect.pop_front();
                 return Ok(());
@@ -1521,6 +1658,29 @@ impl Session {
             }
         }
         Ok(())
+    }
+
+    /// A server refused a deferred `BEGIN` (the texts deferred cannot fail on a working
+    /// server, so this is a server in trouble). The client was told its transaction
+    /// started; the server skipped its statements, so nothing of it ran. The session
+    /// ends, as when a server is lost inside a transaction.
+    fn deferred_begin_refused(&mut self, frame: &[u8]) -> End {
+        let fields = msg::parse_error_fields(frame);
+        let node = match self.server.as_mut() {
+            Some(held) => {
+                held.conn.broken = true;
+                held.node.name.clone()
+            }
+            None => String::new(),
+        };
+        warn!(%node, user = %self.user.name, "server refused a deferred BEGIN: {fields}");
+        End::fatal(
+            "08006",
+            format!(
+                "server \"{node}\" could not start the transaction: {}; none of its statements ran",
+                fields.message
+            ),
+        )
     }
 
     /// Records a proxy-named statement the units in flight use (see `group_named`). A
