@@ -243,6 +243,26 @@ async fn settings_survive_transaction_pooling_and_stay_private() {
         .unwrap()
         .get(0);
     assert_eq!(v, "client_a");
+    // DISCARD PLANS, unlike DISCARD ALL, keeps the session's settings: they still follow
+    // the client, and the server it ran on still holds them for the proxy to undo.
+    a.batch_execute("DISCARD PLANS").await.unwrap();
+    for _ in 0..4 {
+        let v: String = a
+            .query_one("SHOW application_name", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(v, "client_a");
+        let v: String = b
+            .query_one(
+                "/* replicator: primary */ SELECT current_setting('application_name')",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_ne!(v, "client_a", "b must not inherit a's settings");
+    }
 }
 
 #[tokio::test]

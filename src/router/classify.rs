@@ -127,10 +127,14 @@ fn classify_statement(statement: &Statement) -> Decision {
             }
             d
         }
-        Statement::Discard { .. } => {
+        Statement::Discard { object_type } => {
             let mut d = Decision::primary();
-            d.effects.push(SessionEffect::ResetAll);
-            d.effects.push(SessionEffect::ForgetPrepared);
+            // Only DISCARD ALL resets settings and drops prepared statements; PLANS,
+            // SEQUENCES and TEMP leave both alone (and the server's SET values with them).
+            if matches!(object_type, sqlparser::ast::DiscardObject::ALL) {
+                d.effects.push(SessionEffect::ResetAll);
+                d.effects.push(SessionEffect::ForgetPrepared);
+            }
             d
         }
         Statement::Deallocate { .. } => {

@@ -139,6 +139,10 @@ fn set_statements_become_session_effects() {
             .effects
             .contains(&SessionEffect::ForgetPrepared)
     );
+    // The other DISCARDs keep settings and prepared statements.
+    for sql in ["DISCARD PLANS", "DISCARD SEQUENCES", "DISCARD TEMP"] {
+        assert_eq!(classify(sql).effects, vec![], "{sql}");
+    }
 }
 
 #[test]
