@@ -807,6 +807,22 @@ async fn deallocate_in_sql_drops_a_protocol_prepared_statement() {
     assert_eq!(status, b'I');
     let (_, error, _) = exchange(&mut c, &run_named("third")).await;
     assert_eq!(error.as_deref(), Some("26000"));
+    // DEALLOCATE ALL and DISCARD ALL forget every name the client prepared; the names
+    // can be prepared again.
+    for forget_all in ["DEALLOCATE ALL", "DISCARD ALL"] {
+        for (name, sql) in [("p1", "SELECT 5"), ("p2", "SELECT 6")] {
+            let (_, error, _) = exchange(&mut c, &parse_and_run(name, sql)).await;
+            assert_eq!(error, None, "{forget_all}: {name}");
+        }
+        let (_, error, status) = exchange(&mut c, &query_frame(forget_all)).await;
+        assert_eq!((error, status), (None, b'I'), "{forget_all}");
+        for gone in ["p1", "p2"] {
+            let (_, error, _) = exchange(&mut c, &run_named(gone)).await;
+            assert_eq!(error.as_deref(), Some("26000"), "{forget_all}: {gone}");
+        }
+    }
+    let (_, error, _) = exchange(&mut c, &parse_and_run("p1", "SELECT 7")).await;
+    assert_eq!(error, None);
 }
 
 #[tokio::test]

@@ -134,12 +134,17 @@ fn classify_statement(statement: &Statement) -> Decision {
             if matches!(object_type, sqlparser::ast::DiscardObject::ALL) {
                 d.effects.push(SessionEffect::ResetAll);
                 d.effects.push(SessionEffect::ForgetPrepared);
+                d.effects.push(SessionEffect::ForgetClientStatements);
             }
             d
         }
-        Statement::Deallocate { .. } => {
+        Statement::Deallocate { name, .. } => {
             let mut d = Decision::primary();
             d.effects.push(SessionEffect::ForgetPrepared);
+            // `ALL` unquoted is the keyword; "ALL" quoted is a statement of that name.
+            if name.quote_style.is_none() && name.value.eq_ignore_ascii_case("all") {
+                d.effects.push(SessionEffect::ForgetClientStatements);
+            }
             d
         }
         Statement::LISTEN { .. } => pinned("LISTEN"),

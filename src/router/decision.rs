@@ -29,6 +29,8 @@ pub enum SessionEffect {
     ResetAll,
     /// `DEALLOCATE` / `DISCARD`: the backend's prepared statements are gone.
     ForgetPrepared,
+    /// `DEALLOCATE ALL` / `DISCARD ALL`: so are the client's, whatever their names.
+    ForgetClientStatements,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1764,6 +1764,8 @@ impl Session {
     }
 
     fn on_ready(&mut self, status: u8, effects: Vec<SessionEffect>) {
+        // Nothing the client sent after this request is in flight (see below).
+        let last_in_flight = self.expect.is_empty();
         self.tx_status = status;
         self.copy_in = false;
         self.replays = 0;
@@ -1785,10 +1787,19 @@ impl Session {
         }
         if !self.group_error {
             for effect in &effects {
-                if *effect == SessionEffect::ForgetPrepared
-                    && let Some(held) = self.server.as_mut()
-                {
-                    held.conn.prepared.clear();
+                match effect {
+                    SessionEffect::ForgetPrepared => {
+                        if let Some(held) = self.server.as_mut() {
+                            held.conn.prepared.clear();
+                        }
+                    }
+                    // Immediately, as on Postgres, where DEALLOCATE is not undone by a
+                    // rollback. Names the client prepared in a pipeline after it are
+                    // already recorded and cannot be told apart: then all stay usable.
+                    SessionEffect::ForgetClientStatements if last_in_flight => {
+                        self.statements.clear();
+                    }
+                    _ => {}
                 }
             }
             self.tx_effects.extend(effects);
@@ -1840,7 +1851,7 @@ impl Session {
                         s.clear();
                     }
                 }
-                SessionEffect::ForgetPrepared => {}
+                SessionEffect::ForgetPrepared | SessionEffect::ForgetClientStatements => {}
             }
         }
         if let (Some(held), Some(s)) = (self.server.as_mut(), server_settings) {

@@ -139,6 +139,22 @@ fn set_statements_become_session_effects() {
             .effects
             .contains(&SessionEffect::ForgetPrepared)
     );
+    for sql in ["DISCARD ALL", "DEALLOCATE ALL", "deallocate prepare all"] {
+        assert!(
+            classify(sql)
+                .effects
+                .contains(&SessionEffect::ForgetClientStatements),
+            "{sql}"
+        );
+    }
+    for sql in ["DEALLOCATE s1", "DEALLOCATE \"ALL\""] {
+        assert!(
+            !classify(sql)
+                .effects
+                .contains(&SessionEffect::ForgetClientStatements),
+            "{sql}"
+        );
+    }
     // The other DISCARDs keep settings and prepared statements.
     for sql in ["DISCARD PLANS", "DISCARD SEQUENCES", "DISCARD TEMP"] {
         assert_eq!(classify(sql).effects, vec![], "{sql}");
