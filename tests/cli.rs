@@ -99,7 +99,14 @@ uri = "postgresql://127.0.0.1:5432/shop"
 fn demo_serves_and_cleans_up_on_ctrl_c() {
     use std::io::{BufRead, BufReader};
     let mut child = Command::new(env!("CARGO_BIN_EXE_replicator"))
-        .args(["demo", "--listen", "127.0.0.1:0"])
+        // Free ports for both listeners: a demo the developer left running keeps its own.
+        .args([
+            "demo",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()
