@@ -504,6 +504,16 @@ async fn server_connections_idle_past_the_timeout_are_closed() {
     assert_eq!((port, replica), (primary_port(), false));
 }
 
+/// A count the primary answers directly, past the proxy.
+async fn count_on_primary(sql: &str) -> i64 {
+    primary_client()
+        .await
+        .query_one(sql, &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
 #[tokio::test]
 async fn a_begin_takes_no_server_until_its_first_statement() {
     // One primary connection, and a short wait for it, to see who holds it.
@@ -537,12 +547,7 @@ async fn a_begin_takes_no_server_until_its_first_statement() {
         first.starts_with(&format!("{} ", primary_port())),
         "{first}"
     );
-    let seen: i64 = primary_client()
-        .await
-        .query_one("SELECT count(*) FROM deferred_begin WHERE id = 2", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let seen = count_on_primary("SELECT count(*) FROM deferred_begin WHERE id = 2").await;
     assert_eq!(seen, 0, "uncommitted rows are not visible outside");
 
     // Meanwhile the other client's transaction finds no server for its first
@@ -564,12 +569,7 @@ async fn a_begin_takes_no_server_until_its_first_statement() {
     );
 
     a.batch_execute("COMMIT").await.unwrap();
-    let rows: i64 = primary_client()
-        .await
-        .query_one("SELECT count(*) FROM deferred_begin", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let rows = count_on_primary("SELECT count(*) FROM deferred_begin").await;
     assert_eq!(rows, 2);
 
     // BEGIN and its end with nothing between need no server; both clients carry on.
@@ -588,11 +588,6 @@ async fn a_begin_takes_no_server_until_its_first_statement() {
         replica,
         "after its transactions the client reads from replicas again"
     );
-    let rows: i64 = primary_client()
-        .await
-        .query_one("SELECT count(*) FROM deferred_begin", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let rows = count_on_primary("SELECT count(*) FROM deferred_begin").await;
     assert_eq!(rows, 2, "a rolled back transaction leaves nothing");
 }
