@@ -818,9 +818,8 @@ impl Session {
         if !self.expect.is_empty() || self.server.is_some() {
             return false;
         }
-        let lone = transaction::lone_statement(unit);
         if let Some(begin) = &self.deferred_begin {
-            if let Some(lone) = &lone
+            if let Some(lone) = transaction::lone_statement(unit)
                 && let Some(end) = transaction::plain_end(lone.sql)
             {
                 // Postgres reports the end of an aborted transaction as a rollback.
@@ -849,7 +848,7 @@ impl Session {
         {
             return false;
         }
-        let Some(lone) = lone else {
+        let Some(lone) = transaction::lone_statement(unit) else {
             return false;
         };
         let Some(tag) = transaction::deferrable_begin(lone.sql) else {
@@ -858,8 +857,7 @@ impl Session {
         let (extended, sql_len) = (lone.extended, lone.sql.len());
         // The text, cut out of its frame without copying: after tag and length, and for
         // a Parse the unnamed statement's empty name.
-        let mut sql = std::mem::take(&mut unit[0]);
-        let mut sql = sql.split_off(if extended.is_some() { 6 } else { 5 });
+        let mut sql = unit[0].split_off(if extended.is_some() { 6 } else { 5 });
         sql.truncate(sql_len);
         debug!(user = %self.user.name, "BEGIN answered by the proxy; sent with the first statement");
         transaction::answer(&mut self.client_out, extended, tag, b'T');
@@ -1266,8 +1264,8 @@ impl Session {
     }
 
     /// A unit could not be sent anywhere: answer it with an error, as the server would.
-    /// Answers a unit no server ran. Without a server the client is outside a
-    /// transaction, unless its `BEGIN` was deferred (then aborted, see `DeferredBegin`).
+    /// Without a server the client is outside a transaction, unless its `BEGIN` was
+    /// deferred (then aborted, see `DeferredBegin`).
     fn unit_failed(&mut self, unit: &[BytesMut], code: &str, message: &str) {
         msg::error_response(&mut self.client_out, "ERROR", code, message);
         match unit.last().map(|f| f[0]) {
