@@ -469,7 +469,14 @@ async fn login_raw(mut stream: TcpStream) -> TcpStream {
 #[tokio::test]
 async fn broken_server_connections_are_replaced() {
     let proxy = start_proxy("", "").await;
-    let client = app_client(&proxy).await;
+    // Its application_name marks this test's server connections, so that killing them
+    // leaves the other tests' alone.
+    let client = connect(&format!(
+        "{}?application_name=broken_conns",
+        proxy_url(&proxy, "app", "secret", "app")
+    ))
+    .await
+    .unwrap();
     // Warm the pools, then kill every server connection of `app` behind the proxy's back.
     for _ in 0..6 {
         who(&client, WHO).await;
@@ -487,7 +494,8 @@ async fn broken_server_connections_are_replaced() {
         for node in nodes {
             node.psql(
                 "postgres",
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = 'app'",
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                 WHERE usename = 'app' AND application_name = 'broken_conns'",
             )
             .unwrap();
         }
