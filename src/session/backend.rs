@@ -1,0 +1,241 @@
+//! Choosing and holding a server for a session: checkout from the node's pool in route
+//! order (replicas by strategy, then the primary), waiting for a primary after failover
+//! or for a replica to catch up with the client's writes, and bringing the held
+//! server's session state (settings, reset) in line with the client's.
+
+use super::*;
+
+impl Session {
+    fn attach(&mut self, node: Arc<Node>, conn: Pooled) {
+        self.cancel_slot.set(&conn.addr, conn.pid, conn.secret);
+        self.server = Some(Held { node, conn });
+    }
+
+    pub(super) fn release(&mut self) {
+        self.reparse = None;
+        if let Some(mut held) = self.server.take() {
+            if held.conn.reader.buffered() > 0 {
+                // Unread bytes mean the proxy lost track of this connection's state.
+                warn!(node = %held.node.name, buffered = ?&held.conn.reader.peek_buffered()[..held.conn.reader.buffered().min(40)], "server connection had unexpected data; discarding it");
+                held.conn.broken = true;
+            }
+            self.cancel_slot.clear();
+        }
+    }
+
+    /// Queues what brings the held server's session state in line with this client's;
+    /// the answers are swallowed.
+    pub(super) fn prepare_server(&mut self) {
+        let sql = self.sync_sql();
+        if !sql.is_empty() {
+            msg::query(&mut self.server_out, &sql);
+            self.expect.push_back(Expect::Injected);
+            self.forget_server_unnamed();
+        }
+    }
+
+    /// SQL that brings the held server's session state in line with this client's.
+    fn sync_sql(&mut self) -> String {
+        let Some(held) = self.server.as_mut() else {
+            return String::new();
+        };
+        let conn = &mut *held.conn;
+        let mut sql = String::new();
+        if conn.needs_reset {
+            // DISCARD ALL refuses to run inside the implicit transaction of a
+            // multi-statement query, so it goes alone.
+            msg::query(&mut self.server_out, "DISCARD ALL");
+            self.expect.push_back(Expect::Injected);
+            conn.settings.clear();
+            conn.prepared.clear();
+            conn.unnamed = None;
+            conn.needs_reset = false;
+        }
+        if conn.prepared.len() > MAX_PREPARED_PER_SERVER {
+            sql.push_str("DEALLOCATE ALL;");
+            conn.prepared.clear();
+        }
+        if !conn.settings.same_as(&self.settings) {
+            sql.push_str(&conn.settings.transition_sql(&self.settings));
+            conn.settings = self.settings.clone();
+        }
+        sql
+    }
+
+    /// Checks out a server for `route`: reads try the replicas in strategy order, then
+    /// the primary, so a replica that is down costs the client nothing.
+    pub(super) async fn acquire(
+        &mut self,
+        route: Route,
+        hinted: bool,
+        executes: bool,
+    ) -> Result<(), BackendError> {
+        self.follow_reload();
+        if route == Route::Replica {
+            // A read hinted to a replica is the user's choice over read-your-writes.
+            let min_lsn = if self.ryw && !hinted { self.min_lsn } else { 0 };
+            let mut nodes = std::mem::take(&mut self.spare_nodes);
+            self.project
+                .read_candidates_into(min_lsn, executes, &mut nodes);
+            if nodes.is_empty() && min_lsn > 0 {
+                if !self.project.causal_wait.is_zero() && self.wait_for_replica(min_lsn).await {
+                    return Ok(());
+                }
+                self.project
+                    .causal_primary_reads
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            // Then the primary, which runs any read.
+            let Some(primary) = self.project.primary().cloned() else {
+                return self.attach_first(nodes).await;
+            };
+            if nodes.is_empty() {
+                self.spare_nodes = nodes;
+                return self.attach_from(primary).await;
+            }
+            nodes.push(primary);
+            return self.attach_first(nodes).await;
+        }
+        let paused = self
+            .project
+            .failover
+            .writes_paused
+            .load(std::sync::atomic::Ordering::SeqCst);
+        if paused {
+            return self
+                .wait_for_primary(BackendError::Timeout("a switchover is in progress".into()))
+                .await;
+        }
+        let attached = match self.project.primary().cloned() {
+            Some(node) => self.attach_from(node).await,
+            None => Err(BackendError::Timeout(
+                "the project has no primary now".into(),
+            )),
+        };
+        match attached {
+            Err(e) => self.wait_for_primary(e).await,
+            ok => ok,
+        }
+    }
+
+    /// After a reload, moves to the project's new topology (its old one keeps serving
+    /// only what is already in flight). A removed project keeps its old topology for
+    /// the clients still connected to it.
+    fn follow_reload(&mut self) {
+        if !self
+            .project
+            .retired
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            return;
+        }
+        if let Some(project) = self.shared.topology.load().projects.get(&self.project.name) {
+            self.project = project.clone();
+            self.ryw = project.read_your_writes_applies(self.session_mode);
+        }
+    }
+
+    /// A write found no primary (it is down, or a failover or switchover is running):
+    /// wait up to `write_wait_ms` for one instead of failing at once.
+    async fn wait_for_primary(&mut self, first: BackendError) -> Result<(), BackendError> {
+        let failover = &self.project.failover;
+        let wait = failover.settings.write_wait;
+        let deadline = Instant::now() + wait;
+        info!(project = %self.project.name, "no primary available ({first}); the write waits up to {} ms for one", wait.as_millis());
+        let mut last = first;
+        loop {
+            if Instant::now() >= deadline {
+                return Err(BackendError::Timeout(format!(
+                    "no primary after waiting {} ms ({last}); failover: {}",
+                    wait.as_millis(),
+                    failover.status().state
+                )));
+            }
+            tokio::time::sleep(WRITE_WAIT_POLL).await;
+            if failover
+                .writes_paused
+                .load(std::sync::atomic::Ordering::SeqCst)
+            {
+                continue;
+            }
+            let Some(primary) = self.project.primary().cloned() else {
+                continue;
+            };
+            match primary.checkout(&self.user).await {
+                Ok(conn) => {
+                    self.attach(primary, conn);
+                    return Ok(());
+                }
+                Err(e) => last = e,
+            }
+        }
+    }
+
+    /// Read-your-writes with `causal_wait_ms`: no replica is known to have replayed the
+    /// client's last commit, so ask the freshest one directly until it has, or until
+    /// the wait is over. True if a caught-up replica is now attached.
+    async fn wait_for_replica(&mut self, min_lsn: u64) -> bool {
+        let Some(node) = self
+            .project
+            .read_candidates(0, false)
+            .into_iter()
+            .max_by_key(|n| n.health.lsn())
+        else {
+            return false;
+        };
+        let deadline = Instant::now() + self.project.causal_wait;
+        let Ok(mut conn) = node.checkout(&self.user).await else {
+            return false;
+        };
+        loop {
+            let replayed = match conn.query_value("SELECT pg_last_wal_replay_lsn()").await {
+                Ok(Some(text)) => health::parse_lsn(&text).unwrap_or(0),
+                _ => return false,
+            };
+            node.health.advance_lsn(replayed);
+            if replayed >= min_lsn {
+                self.attach(node, conn);
+                return true;
+            }
+            if Instant::now() + CAUSAL_POLL > deadline {
+                return false;
+            }
+            tokio::time::sleep(CAUSAL_POLL).await;
+        }
+    }
+
+    /// Attaches a server from the first of `nodes` that yields one.
+    /// The vector is kept for the next read (see `spare_nodes`).
+    pub(super) async fn attach_first(
+        &mut self,
+        mut nodes: Vec<Arc<Node>>,
+    ) -> Result<(), BackendError> {
+        // The last node's outcome; none when there was no node to try.
+        let mut result = None;
+        for node in nodes.drain(..) {
+            let attached = self.attach_from(node).await;
+            let done = attached.is_ok();
+            result = Some(attached);
+            if done {
+                break;
+            }
+        }
+        if nodes.capacity() <= 16 {
+            self.spare_nodes = nodes;
+        }
+        result.unwrap_or_else(|| Err(BackendError::Timeout("no node available".into())))
+    }
+
+    async fn attach_from(&mut self, node: Arc<Node>) -> Result<(), BackendError> {
+        match node.checkout(&self.user).await {
+            Ok(conn) => {
+                self.attach(node, conn);
+                Ok(())
+            }
+            Err(e) => {
+                warn!(node = %node.name, project = %self.project.name, "cannot get a server connection: {e}");
+                Err(e)
+            }
+        }
+    }
+}

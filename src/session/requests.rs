@@ -1,0 +1,210 @@
+//! The client's messages on their way to the server: statement names rewritten to the
+//! proxy-wide ones, a Parse injected in front of a Bind or Describe of a statement the
+//! held server lacks, a Parse the server already holds as its unnamed statement answered
+//! here, and for every message sent, what the proxy expects back (`expect.rs`).
+
+use super::*;
+
+impl Session {
+    pub(super) fn push_expect(&mut self, e: Expect) {
+        self.expect.push_back(e);
+    }
+
+    fn server_unnamed_is(&self, id: u64) -> bool {
+        self.server
+            .as_ref()
+            .is_some_and(|h| h.conn.unnamed == Some(id))
+    }
+
+    fn set_server_unnamed(&mut self, id: Option<u64>) {
+        if let Some(held) = self.server.as_mut() {
+            held.conn.unnamed = id;
+        }
+    }
+
+    pub(super) fn forget_server_unnamed(&mut self) {
+        self.set_server_unnamed(None);
+    }
+
+    /// Makes sure the held server has `statement`, injecting a Parse if it does not.
+    fn ensure_prepared(&mut self, statement: &PreparedStatement) {
+        let Some(held) = self.server.as_mut() else {
+            return;
+        };
+        if held.conn.prepared.insert(statement.id) {
+            msg::parse_with_name(
+                &mut self.server_out,
+                &statement.server_name,
+                &statement.tail,
+            );
+            self.expect.push_back(Expect::InjectedParse {
+                id: Some(statement.id),
+            });
+        }
+    }
+
+    pub(super) fn forward_client_frame(
+        &mut self,
+        frame: &[u8],
+        statement: Option<Arc<PreparedStatement>>,
+        parsed_unnamed: &mut bool,
+        query_effects: &mut Vec<SessionEffect>,
+    ) -> Result<(), End> {
+        let tag = frame[0];
+        match tag {
+            msg::QUERY => {
+                let effects = std::mem::take(query_effects);
+                self.server_out.extend_from_slice(frame);
+                self.push_expect(Expect::Ready { effects });
+                self.forget_server_unnamed();
+            }
+            msg::PARSE => {
+                let mut f = Fields::of_frame(frame);
+                let name = f.cstr()?.to_string();
+                let tail = f.rest();
+                let query = Fields::new(tail).cstr_bytes()?;
+                let statement = match statement {
+                    Some(statement) => statement,
+                    None => self.shared.statements.register(tail, || self.decide(query)),
+                };
+                if name.is_empty() {
+                    *parsed_unnamed = true;
+                    if let Some(held) = self.server.as_ref()
+                        && held.conn.unnamed == Some(statement.id)
+                    {
+                        // The server's unnamed statement is this one already (left by
+                        // this client or another): parsing it again would only repeat
+                        // the server's parse analysis.
+                        held.node
+                            .stats
+                            .parses_saved
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        self.push_expect(Expect::Synthetic(msg::PARSE_COMPLETE));
+                        self.skipped_parse = true;
+                    } else {
+                        self.server_out.extend_from_slice(frame);
+                        self.push_expect(Expect::Parse);
+                        self.set_server_unnamed(Some(statement.id));
+                    }
+                    self.unnamed = Some(statement);
+                } else {
+                    self.statements.insert(name, statement.clone());
+                    let fresh = self
+                        .server
+                        .as_mut()
+                        .is_some_and(|h| h.conn.prepared.insert(statement.id));
+                    if fresh {
+                        msg::parse_with_name(
+                            &mut self.server_out,
+                            &statement.server_name,
+                            &statement.tail,
+                        );
+                        self.push_expect(Expect::ParseNamed { id: statement.id });
+                    } else {
+                        self.push_expect(Expect::Synthetic(msg::PARSE_COMPLETE));
+                    }
+                }
+            }
+            msg::BIND => {
+                let mut f = Fields::of_frame(frame);
+                let portal = f.cstr_bytes()?;
+                let name = f.cstr()?;
+                if name.is_empty() {
+                    if !*parsed_unnamed && let Some(statement) = self.unnamed.clone() {
+                        // The unnamed statement may have been parsed on another server.
+                        if !self.server_unnamed_is(statement.id) {
+                            msg::parse_with_name(&mut self.server_out, "", &statement.tail);
+                            self.expect.push_back(Expect::InjectedParse { id: None });
+                            self.set_server_unnamed(Some(statement.id));
+                        }
+                        *parsed_unnamed = true;
+                    }
+                    if let Some(statement) = &self.unnamed {
+                        self.group_effects
+                            .extend(statement.decision.effects.iter().cloned());
+                    }
+                    self.server_out.extend_from_slice(frame);
+                } else if let Some(statement) = self.statements.get(name).cloned() {
+                    self.ensure_prepared(&statement);
+                    self.note_named_use(statement.id);
+                    self.group_effects
+                        .extend(statement.decision.effects.iter().cloned());
+                    let mut prefix = Vec::with_capacity(portal.len() + 1);
+                    prefix.extend_from_slice(portal);
+                    prefix.push(0);
+                    msg::with_replaced_name(
+                        &mut self.server_out,
+                        msg::BIND,
+                        &prefix,
+                        &statement.server_name,
+                        f.rest(),
+                    );
+                } else {
+                    // Unknown to us: the server answers with the proper error.
+                    self.server_out.extend_from_slice(frame);
+                }
+                self.push_expect(Expect::Bind);
+            }
+            msg::DESCRIBE => {
+                let mut f = Fields::of_frame(frame);
+                let kind = f.u8()?;
+                let name = f.cstr()?;
+                match (kind, self.statements.get(name).cloned()) {
+                    (b'S', Some(statement)) if !name.is_empty() => {
+                        self.ensure_prepared(&statement);
+                        self.note_named_use(statement.id);
+                        msg::with_replaced_name(
+                            &mut self.server_out,
+                            msg::DESCRIBE,
+                            b"S",
+                            &statement.server_name,
+                            &[],
+                        );
+                    }
+                    _ => self.server_out.extend_from_slice(frame),
+                }
+                self.push_expect(Expect::Describe);
+            }
+            msg::CLOSE => {
+                let mut f = Fields::of_frame(frame);
+                let kind = f.u8()?;
+                let name = f.cstr()?;
+                if kind == b'S' && !name.is_empty() {
+                    // Proxy-named statements stay on the servers for other clients.
+                    self.statements.remove(name);
+                    self.push_expect(Expect::Synthetic(msg::CLOSE_COMPLETE));
+                } else {
+                    if kind == b'S' {
+                        self.forget_server_unnamed();
+                    }
+                    self.server_out.extend_from_slice(frame);
+                    self.push_expect(Expect::Close);
+                }
+            }
+            msg::EXECUTE => {
+                self.server_out.extend_from_slice(frame);
+                self.push_expect(Expect::Execute);
+            }
+            msg::SYNC => {
+                self.server_out.extend_from_slice(frame);
+                let effects = std::mem::take(&mut self.group_effects);
+                self.push_expect(Expect::Ready { effects });
+            }
+            msg::FLUSH => self.server_out.extend_from_slice(frame),
+            msg::FUNCTION_CALL => {
+                self.server_out.extend_from_slice(frame);
+                self.push_expect(Expect::FunctionCall);
+            }
+            msg::COPY_DATA | msg::COPY_DONE | msg::COPY_FAIL => {}
+            other => return Err(invalid_message(other)),
+        }
+        match tag {
+            msg::SYNC | msg::QUERY | msg::FUNCTION_CALL => self.mid_batch = false,
+            msg::PARSE | msg::BIND | msg::DESCRIBE | msg::CLOSE | msg::EXECUTE | msg::FLUSH => {
+                self.mid_batch = true
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,482 @@
+//! The server's side of a session: frames from the held server are matched against what
+//! the proxy expects (`expect.rs`), swallowed when the proxy injected the request,
+//! answered again after a transparent re-prepare, or forwarded to the client; at
+//! ReadyForQuery the unit's session effects are applied and, in transaction pooling, the
+//! server goes back to its pool. A server lost mid-unit ends here too.
+
+use super::*;
+
+impl Session {
+    pub(super) fn take_server_frames(&mut self) -> Result<(), End> {
+        loop {
+            let Some(held) = self.server.as_mut() else {
+                return Ok(());
+            };
+            let frame = match held.conn.reader.next_frame() {
+                Ok(Some(frame)) => frame,
+                Ok(None) => return Ok(()),
+                Err(e) => return self.server_lost(&e.to_string()),
+            };
+            self.on_server_frame(frame)?;
+        }
+    }
+
+    /// Writes responses the proxy answers itself once they reach the front of the queue.
+    pub(super) fn emit_synthetics(&mut self) {
+        while let Some(Expect::Synthetic(tag)) = self.expect.front() {
+            msg::empty_message(&mut self.client_out, *tag);
+            self.expect.pop_front();
+        }
+    }
+
+    fn on_server_frame(&mut self, frame: BytesMut) -> Result<(), End> {
+        let tag = frame[0];
+        let injected = self.expect.front().is_some_and(Expect::is_injected);
+        match tag {
+            msg::NOTIFICATION => {
+                self.client_out.extend_from_slice(&frame);
+                return Ok(());
+            }
+            msg::NOTICE_RESPONSE => {
+                if !injected {
+                    self.client_out.extend_from_slice(&frame);
+                }
+                return Ok(());
+            }
+            msg::PARAMETER_STATUS => {
+                if let Some(held) = self.server.as_mut() {
+                    held.conn.record_parameter(&frame);
+                }
+                if !injected {
+                    self.client_out.extend_from_slice(&frame);
+                }
+                return Ok(());
+            }
+            _ => {}
+        }
+        self.emit_synthetics();
+        let Some(front) = self.expect.front() else {
+            return self.unsolicited(frame);
+        };
+        match front {
+            Expect::Injected => {
+                if tag == msg::ERROR_RESPONSE {
+                    let fields = msg::parse_error_fields(&frame);
+                    warn!(user = %self.user.name, "restoring session settings failed: {fields}");
+                    msg::notice_response(
+                        &mut self.client_out,
+                        "01000",
+                        &format!(
+                            "replicator could not restore a session setting: {}",
+                            fields.message
+                        ),
+                    );
+                } else if tag == msg::READY_FOR_QUERY {
+                    self.expect.pop_front();
+                }
+                return Ok(());
+            }
+            Expect::CommitLsn => {
+                match tag {
+                    msg::DATA_ROW => {
+                        self.commit_lsn = msg::first_column(&frame)
+                            .and_then(|v| std::str::from_utf8(v).ok())
+                            .and_then(health::parse_lsn);
+                    }
+                    msg::READY_FOR_QUERY => {
+                        self.expect.pop_front();
+                        // Valid only if it ran outside a transaction, i.e. after the
+                        // commit; otherwise the next idle ReadyForQuery asks again.
+                        let status = frame.get(5).copied().unwrap_or(b'I');
+                        match self.commit_lsn.take() {
+                            Some(lsn) if status == b'I' => self.min_lsn = self.min_lsn.max(lsn),
+                            _ => self.wrote = true,
+                        }
+                        self.tx_status = status;
+                        self.release_if_idle();
+                    }
+                    _ => {}
+                }
+                return Ok(());
+            }
+            Expect::DeferredBegin => {
+                if tag == msg::ERROR_RESPONSE {
+                    return Err(self.deferred_begin_refused(&frame));
+                }
+                if tag == msg::COMMAND_COMPLETE {
+                    self.expect.pop_front();
+                }
+                return Ok(());
+            }
+            Expect::InjectedParse { .. } if tag == msg::PARSE_COMPLETE => {
+                self.expect.pop_front();
+                return Ok(());
+            }
+            _ => {}
+        }
+        if let Some(reparse) = self.reparse.take() {
+            if tag == msg::ERROR_RESPONSE && msg::parse_error_fields(&frame).code == "0A000" {
+                self.send_again_with_parse(reparse);
+                return Ok(());
+            }
+            // Answered: nothing to send again.
+            drop(reparse);
+        }
+        if tag == msg::ERROR_RESPONSE && self.replay.is_some() {
+            let fields = msg::parse_error_fields(&frame);
+            if fields.severity == "FATAL" || fields.severity == "PANIC" {
+                // The server is going away before answering a read: try another node.
+                return self.server_lost(&fields.to_string());
+            }
+        }
+        if tag == msg::ERROR_RESPONSE {
+            let survives = front.survives_error();
+            if !self.group_named.is_empty() && msg::parse_error_fields(&frame).code == "0A000" {
+                self.retire_refused_statements();
+            }
+            self.forget_server_unnamed();
+            self.forward_error(&frame);
+            self.group_error = true;
+            if !survives {
+                self.abandon_group();
+            }
+            return Ok(());
+        }
+        let ends = front.ends_with(tag);
+        let in_execute = matches!(front, Expect::Execute);
+        self.client_out.extend_from_slice(&frame);
+        match tag {
+            msg::COPY_IN_RESPONSE => {
+                self.copy_in = true;
+                if in_execute {
+                    // Extended protocol: the server ignores the Sync sent with this
+                    // Execute; the client sends another after CopyDone, which is the one
+                    // that gets answered.
+                    if let Some(i) = self
+                        .expect
+                        .iter()
+                        .position(|e| matches!(e, Expect::Ready { .. }))
+                    {
+                        self.expect.remove(i);
+                    }
+                    self.mid_batch = true;
+                }
+            }
+            msg::COMMAND_COMPLETE => {
+                self.copy_in = false;
+                if msg::command_tag(&frame) == b"ROLLBACK" {
+                    self.saw_rollback = true;
+                }
+            }
+            _ => {}
+        }
+        if ends {
+            let entry = self.expect.pop_front();
+            self.emit_synthetics();
+            if tag == msg::READY_FOR_QUERY {
+                let status = frame.get(5).copied().unwrap_or(b'I');
+                let effects = match entry {
+                    Some(Expect::Ready { effects }) => effects,
+                    _ => Vec::new(),
+                };
+                self.on_ready(status, effects);
+            }
+        }
+        Ok(())
+    }
+
+    /// A server refused a deferred `BEGIN` (the texts deferred cannot fail on a working
+    /// server, so this is a server in trouble). The client was told its transaction
+    /// started; the server skipped its statements, so nothing of it ran. The session
+    /// ends, as when a server is lost inside a transaction.
+    fn deferred_begin_refused(&mut self, frame: &[u8]) -> End {
+        let fields = msg::parse_error_fields(frame);
+        let node = match self.server.as_mut() {
+            Some(held) => {
+                held.conn.broken = true;
+                held.node.name.clone()
+            }
+            None => String::new(),
+        };
+        warn!(%node, user = %self.user.name, "server refused a deferred BEGIN: {fields}");
+        End::fatal(
+            "08006",
+            format!(
+                "server \"{node}\" could not start the transaction: {}; none of its statements ran",
+                fields.message
+            ),
+        )
+    }
+
+    /// Records a proxy-named statement the units in flight use (see `group_named`). A
+    /// batch that runs one statement many times before its Sync records it once, and a
+    /// pipeline that never lets the server go idle records at most a bounded number: a
+    /// refusal of one left out is retired at the client's next attempt instead.
+    pub(super) fn note_named_use(&mut self, id: u64) {
+        const MAX_NOTED: usize = 256;
+        if self.group_named.last() != Some(&id) && self.group_named.len() < MAX_NOTED {
+            self.group_named.push(id);
+        }
+    }
+
+    /// The server refused a statement's cached plan ("cached plan must not change
+    /// result type" after a schema change, 0A000; other 0A000 errors only cost a fresh
+    /// Parse). The client gets the error, as from Postgres; its next Parse of the same
+    /// text must plan afresh, whichever server it lands on, instead of meeting the same
+    /// refusal on every connection that holds the old statement.
+    fn retire_refused_statements(&mut self) {
+        for id in std::mem::take(&mut self.group_named) {
+            if let Some(statement) = self.statements.values().find(|s| s.id == id) {
+                debug!(user = %self.user.name, statement = %statement.server_name, "a server refused a prepared statement's cached plan; the next Parse of its text prepares it anew");
+                self.shared.statements.retire(statement);
+            }
+        }
+    }
+
+    /// The server refused to reuse its unnamed statement for a unit whose Parse the
+    /// proxy had answered: take back what the client was told, swallow the rest of
+    /// the server's answer to the unit, and send the unit again, Parse included.
+    fn send_again_with_parse(&mut self, reparse: Reparse) {
+        debug!(user = %self.user.name, "server refused its cached unnamed statement; parsing it again");
+        self.client_out.truncate(reparse.client_mark);
+        self.forget_server_unnamed();
+        self.forget_replay();
+        while let Some(entry) = self.expect.front_mut() {
+            if matches!(entry, Expect::Ready { .. }) {
+                // The server still ends the unit with ReadyForQuery: not the client's.
+                *entry = Expect::Injected;
+                break;
+            }
+            self.expect.pop_front();
+        }
+        self.group_effects.clear();
+        for frame in reparse.frames.into_iter().rev() {
+            self.pending.push_front(frame);
+        }
+    }
+
+    /// Forwards a server error. A FATAL one means the server is about to close this
+    /// connection; when the client's session does not depend on that server it carries
+    /// on elsewhere, so it gets the error as a plain ERROR.
+    fn forward_error(&mut self, frame: &[u8]) {
+        let fields = msg::parse_error_fields(frame);
+        if fields.severity == "FATAL" || fields.severity == "PANIC" {
+            if let Some(held) = self.server.as_mut() {
+                held.conn.broken = true;
+            }
+            if self.tx_status == b'I' && self.pinned.is_none() && !self.session_mode {
+                msg::error_response(&mut self.client_out, "ERROR", &fields.code, &fields.message);
+                return;
+            }
+        }
+        self.client_out.extend_from_slice(frame);
+    }
+
+    /// After an ErrorResponse the server skips extended-protocol messages up to Sync.
+    fn abandon_group(&mut self) {
+        self.copy_in = false;
+        while let Some(entry) = self.expect.front() {
+            if matches!(entry, Expect::Ready { .. }) {
+                break;
+            }
+            if let Some(Expect::ParseNamed { id } | Expect::InjectedParse { id: Some(id) }) =
+                self.expect.pop_front()
+                && let Some(held) = self.server.as_mut()
+            {
+                held.conn.prepared.remove(&id);
+            }
+        }
+    }
+
+    fn on_ready(&mut self, status: u8, effects: Vec<SessionEffect>) {
+        // Nothing the client sent after this request is in flight (see below).
+        let last_in_flight = self.expect.is_empty();
+        self.tx_status = status;
+        self.copy_in = false;
+        self.replays = 0;
+        self.info.set_state(if status == b'I' {
+            ClientState::Idle
+        } else {
+            ClientState::InTransaction
+        });
+        if let (Some(started), Some(held)) = (self.started.take(), self.server.as_ref()) {
+            held.node.stats.latency.observe(started.elapsed());
+        }
+        if status == b'I' && self.wrote {
+            // Learn where this commit put the WAL before the server goes back to the
+            // pool; the client already has its answer and is not kept waiting.
+            self.wrote = false;
+            msg::query(&mut self.server_out, COMMIT_LSN_SQL);
+            self.expect.push_back(Expect::CommitLsn);
+            self.forget_server_unnamed();
+        }
+        if !self.group_error {
+            for effect in &effects {
+                match effect {
+                    SessionEffect::ForgetPrepared => {
+                        if let Some(held) = self.server.as_mut() {
+                            held.conn.prepared.clear();
+                        }
+                    }
+                    // Immediately, as on Postgres, where DEALLOCATE is not undone by a
+                    // rollback. Names the client prepared in a pipeline after it are
+                    // already recorded and cannot be told apart: then all stay usable.
+                    SessionEffect::ForgetClientStatements if last_in_flight => {
+                        self.statements.clear();
+                    }
+                    _ => {}
+                }
+            }
+            self.tx_effects.extend(effects);
+        }
+        self.group_error = false;
+        if status == b'I' {
+            let effects = std::mem::take(&mut self.tx_effects);
+            if !self.saw_rollback {
+                self.apply_effects(&effects);
+            }
+        }
+        self.saw_rollback = false;
+        self.release_if_idle();
+    }
+
+    /// Transaction pooling: the server goes back to the pool once nothing is in flight.
+    fn release_if_idle(&mut self) {
+        if self.tx_status == b'I' && self.expect.is_empty() && !self.is_sticky() {
+            self.release();
+        }
+    }
+
+    /// Records committed SET/RESET effects on both the client and the server it ran on.
+    fn apply_effects(&mut self, effects: &[SessionEffect]) {
+        if effects.is_empty() {
+            return;
+        }
+        let mut server_settings = self.server.as_ref().map(|h| h.conn.settings.clone());
+        for effect in effects {
+            match effect {
+                SessionEffect::Set { name, value } => {
+                    self.settings.set(name, value);
+                    if let Some(s) = server_settings.as_mut() {
+                        s.set(name, value);
+                    }
+                }
+                SessionEffect::Reset { name } => {
+                    match self.startup_settings.get(name).map(str::to_string) {
+                        Some(v) => self.settings.set(name, &v),
+                        None => self.settings.remove(name),
+                    }
+                    if let Some(s) = server_settings.as_mut() {
+                        s.remove(name);
+                    }
+                }
+                SessionEffect::ResetAll => {
+                    self.settings = self.startup_settings.clone();
+                    if let Some(s) = server_settings.as_mut() {
+                        s.clear();
+                    }
+                }
+                SessionEffect::ForgetPrepared | SessionEffect::ForgetClientStatements => {}
+            }
+        }
+        if let (Some(held), Some(s)) = (self.server.as_mut(), server_settings) {
+            held.conn.settings = s;
+        }
+    }
+
+    /// A server message nothing was waiting for: typically a FATAL before shutdown.
+    fn unsolicited(&mut self, frame: BytesMut) -> Result<(), End> {
+        let node = self
+            .server
+            .as_ref()
+            .map(|h| h.node.name.clone())
+            .unwrap_or_default();
+        if frame[0] == msg::ERROR_RESPONSE {
+            let fields = msg::parse_error_fields(&frame);
+            warn!(%node, "server sent an error outside any request: {fields}");
+            if let Some(held) = self.server.as_mut() {
+                held.conn.broken = true;
+            }
+            if self.is_sticky() {
+                self.client_out.extend_from_slice(&frame);
+                return Err(End::fatal("08006", "server connection lost"));
+            }
+            self.release();
+            return Ok(());
+        }
+        warn!(%node, tag = %crate::protocol::framing::printable_tag(frame[0]), "unexpected server message; dropping the server connection");
+        if let Some(held) = self.server.as_mut() {
+            held.conn.broken = true;
+        }
+        self.release();
+        Ok(())
+    }
+
+    /// The server connection failed. Outside a transaction the client gets an error for
+    /// each request in flight and carries on; inside one the transaction cannot be
+    /// finished safely, so the client is disconnected with a clear message.
+    pub(super) fn server_lost(&mut self, reason: &str) -> Result<(), End> {
+        let node = self.server.as_ref().map(|h| h.node.clone());
+        if let Some(held) = self.server.as_mut() {
+            held.conn.broken = true;
+            held.node.mark_down();
+        }
+        self.release();
+        let node_name = node.as_ref().map(|n| n.name.as_str()).unwrap_or("?");
+        self.started = None;
+        if let Some(Replay {
+            frames: unit,
+            client_mark,
+        }) = self.replay.take()
+        {
+            // What the failed server had answered never left the proxy; take it back.
+            self.client_out.truncate(client_mark);
+            // A read its server never answered: the client sees nothing of this, the
+            // read runs again on another node (this one is now marked down).
+            info!(node = node_name, user = %self.user.name, "server failed before answering a read ({reason}); running it elsewhere");
+            self.replays += 1;
+            self.expect.clear();
+            self.mid_batch = false;
+            self.copy_in = false;
+            self.group_error = false;
+            self.group_effects.clear();
+            for frame in unit.into_iter().rev() {
+                self.pending.push_front(frame);
+            }
+            return Ok(());
+        }
+        warn!(node = node_name, user = %self.user.name, "server connection lost: {reason}");
+        if self.tx_status != b'I' || self.pinned.is_some() || self.session_mode {
+            return Err(End::fatal(
+                "08006",
+                format!(
+                    "connection to server \"{node_name}\" was lost: {reason}; the transaction or session state on it is gone"
+                ),
+            ));
+        }
+        let message = format!(
+            "connection to server \"{node_name}\" was lost while running the statement: {reason}"
+        );
+        let mut answered = false;
+        while let Some(entry) = self.expect.pop_front() {
+            if let Expect::Ready { .. } | Expect::FunctionCall = entry {
+                // The request in progress may already have its error (the server's FATAL).
+                if answered || !self.group_error {
+                    msg::error_response(&mut self.client_out, "ERROR", "08006", &message);
+                }
+                msg::ready_for_query(&mut self.client_out, b'I');
+                answered = true;
+            }
+        }
+        if self.mid_batch || !answered {
+            msg::error_response(&mut self.client_out, "ERROR", "08006", &message);
+            self.skip_until_sync = self.mid_batch;
+        }
+        self.copy_in = false;
+        self.mid_batch = false;
+        self.group_error = false;
+        self.group_effects.clear();
+        self.tx_effects.clear();
+        Ok(())
+    }
+}
