@@ -887,3 +887,330 @@ async fn a_begin_sent_through_the_extended_protocol_is_answered_as_the_server_wo
     let (_, error, status) = exchange(&mut c, &query_frame("SELECT 1")).await;
     assert_eq!((error, status), (None, b'I'));
 }
+
+/// A small deterministic generator (xorshift64*), so that a failing case can be replayed.
+struct Fuzz(u64);
+
+impl Fuzz {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[self.below(items.len() as u64) as usize]
+    }
+    /// A 16-bit count: usually small and right, sometimes negative or absurd.
+    fn count(&mut self, right: i16) -> i16 {
+        *self.pick(&[right, right, right, 0, 1, 2, -1, i16::MAX, i16::MIN])
+    }
+    fn string(&mut self, out: &mut BytesMut, choices: &[&[u8]]) {
+        let chosen: &[u8] = choices[self.below(choices.len() as u64) as usize];
+        out.put_slice(chosen);
+        out.put_u8(0);
+    }
+}
+
+/// A frontend message of a type the proxy knows, with a body that is plausible, truncated
+/// or random: the bodies the proxy itself must read (statement and portal names, parameter
+/// counts) and the ones only the server reads.
+fn fuzzed_message(rng: &mut Fuzz) -> Vec<u8> {
+    let tag = *rng.pick(b"QPBEDCHSFdcfp");
+    let names: &[&[u8]] = &[b"", b"s1", b"s2", b"__rp_1", b"nope", b"\xff\xfe"];
+    let texts: &[&[u8]] = &[
+        b"SELECT 1",
+        b"SELECT $1::int",
+        b"",
+        b"SELECT 'unterminated",
+        b"BEGIN",
+        b"COMMIT",
+        b"SELECT 1; SELECT 2",
+        b"INSERT INTO nowhere VALUES (1)",
+        b"SELECT \xc3\x28",
+        b"DEALLOCATE ALL",
+        b"SET application_name = 'fuzz'",
+    ];
+    let mut body = BytesMut::new();
+    if rng.below(4) == 0 {
+        for _ in 0..rng.below(48) {
+            body.put_u8(rng.next() as u8);
+        }
+    } else {
+        match tag {
+            b'Q' => rng.string(&mut body, texts),
+            b'P' => {
+                rng.string(&mut body, names);
+                rng.string(&mut body, texts);
+                let n = rng.count(1);
+                body.put_i16(n);
+                for _ in 0..n.clamp(0, 4) {
+                    body.put_u32(*rng.pick(&[23, 25, 0, 999_999]));
+                }
+            }
+            b'B' => {
+                rng.string(&mut body, names);
+                rng.string(&mut body, names);
+                let formats = rng.count(1);
+                body.put_i16(formats);
+                for _ in 0..formats.clamp(0, 4) {
+                    body.put_i16(*rng.pick(&[0, 1, 7, -1]));
+                }
+                let params = rng.count(1);
+                body.put_i16(params);
+                for _ in 0..params.clamp(0, 4) {
+                    let len = *rng.pick(&[-1, 0, 1, 4, 1_000_000, -7]);
+                    body.put_i32(len);
+                    for _ in 0..len.clamp(0, 8) {
+                        body.put_u8(b'7');
+                    }
+                }
+                let results = rng.count(1);
+                body.put_i16(results);
+                for _ in 0..results.clamp(0, 4) {
+                    body.put_i16(*rng.pick(&[0, 1, 9]));
+                }
+            }
+            b'E' => {
+                rng.string(&mut body, names);
+                body.put_i32(*rng.pick(&[0, 1, -1, i32::MAX]));
+            }
+            b'D' | b'C' => {
+                body.put_u8(*rng.pick(b"SPX\0"));
+                rng.string(&mut body, names);
+            }
+            b'F' => {
+                body.put_u32(*rng.pick(&[1299, 0, 4_000_000_000])); // 1299 = now()
+                let formats = rng.count(0);
+                body.put_i16(formats);
+                for _ in 0..formats.clamp(0, 4) {
+                    body.put_i16(0);
+                }
+                let args = rng.count(0);
+                body.put_i16(args);
+                for _ in 0..args.clamp(0, 4) {
+                    body.put_i32(-1);
+                }
+                body.put_i16(0);
+            }
+            _ => {
+                for _ in 0..rng.below(16) {
+                    body.put_u8(rng.next() as u8);
+                }
+            }
+        }
+        if rng.below(3) == 0 && !body.is_empty() {
+            let keep = rng.below(body.len() as u64) as usize;
+            body.truncate(keep);
+        }
+    }
+    let mut message = vec![tag];
+    message.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+    message.extend_from_slice(&body);
+    message
+}
+
+/// How a fuzzed case ended, as the client saw it.
+#[derive(Debug, PartialEq)]
+enum Outcome {
+    /// The session went on and answered the probe.
+    Answered,
+    /// An ErrorResponse, then a closed socket: a clean refusal.
+    Refused,
+    /// The socket closed without an ErrorResponse.
+    ClosedSilently,
+    /// Nothing more came for 10 s.
+    Hung,
+}
+
+/// Reads until the probe's row and the ReadyForQuery after it, or the end of the socket.
+async fn answer_to_probe(stream: &mut TcpStream) -> Outcome {
+    let mut buf = BytesMut::new();
+    let mut saw_error = false;
+    let mut saw_probe = false;
+    loop {
+        while buf.len() >= 5 {
+            let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+            if buf.len() < len + 1 {
+                break;
+            }
+            let frame = buf.split_to(len + 1);
+            match frame[0] {
+                b'E' => saw_error = true,
+                b'D' if frame.ends_with(b"4242") => saw_probe = true,
+                b'Z' if saw_probe => return Outcome::Answered,
+                _ => {}
+            }
+        }
+        let read = tokio::time::timeout(Duration::from_secs(10), stream.read_buf(&mut buf));
+        match read.await {
+            Err(_) => return Outcome::Hung,
+            Ok(Ok(0) | Err(_)) if saw_error => return Outcome::Refused,
+            Ok(Ok(0) | Err(_)) => return Outcome::ClosedSilently,
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+/// Hundreds of well-framed messages with broken or random bodies, one to three at a time
+/// followed by a Sync
+/// and a probe query. Every one must end in an answer (the session goes on and answers
+/// the probe) or in an ErrorResponse and a closed socket: never a hang, never a socket
+/// closed without a word (what a panicking session would leave), and the proxy keeps
+/// serving everyone else.
+#[tokio::test]
+async fn fuzzed_messages_get_an_answer_or_an_error_never_a_hang() {
+    let proxy = start_proxy("", "").await;
+    let mut rng = Fuzz(0x9e37_79b9_7f4a_7c15);
+    let probe_sql = b"ROLLBACK; SELECT '4242'::text\0";
+    let mut probe = vec![b'Q'];
+    probe.extend_from_slice(&((probe_sql.len() + 4) as u32).to_be_bytes());
+    probe.extend_from_slice(probe_sql);
+    let mut stream = login_raw(TcpStream::connect(proxy.addr).await.unwrap()).await;
+    let mut history: Vec<Vec<Vec<u8>>> = Vec::new();
+    let (mut answered, mut refused) = (0, 0);
+    for case in 0..400 {
+        // One to three messages before the Sync: a pipeline the proxy must keep apart.
+        let mut bytes = Vec::new();
+        let mut sent = Vec::new();
+        for _ in 0..1 + rng.below(3) {
+            let message = fuzzed_message(&mut rng);
+            bytes.extend_from_slice(&message);
+            sent.push(message);
+        }
+        history.push(sent);
+        bytes.extend_from_slice(&[b'S', 0, 0, 0, 4]);
+        bytes.extend_from_slice(&probe);
+        if stream.write_all(&bytes).await.is_err() {
+            panic!(
+                "case {case}: the proxy closed the socket early; since the last reconnect: {history:?}"
+            );
+        }
+        match answer_to_probe(&mut stream).await {
+            Outcome::Answered => answered += 1,
+            Outcome::Refused => {
+                refused += 1;
+                history.clear();
+                stream = login_raw(TcpStream::connect(proxy.addr).await.unwrap()).await;
+            }
+            other => panic!(
+                "case {case}: {other:?}; the messages of each case since the last reconnect, \
+                 each case followed by a Sync and the probe: {history:?}"
+            ),
+        }
+    }
+    eprintln!("answered {answered}, refused {refused}");
+    // Both outcomes occur: the generator reaches the proxy's own checks and the server's.
+    assert!(
+        answered > 50 && refused > 50,
+        "answered {answered}, refused {refused}"
+    );
+    let client = app_client(&proxy).await;
+    let row = client.query_one("SELECT 1", &[]).await.unwrap();
+    assert_eq!(row.get::<_, i32>(0), 1);
+}
+
+/// The frames a raw connection receives up to its `count`-th ReadyForQuery, as (tag,
+/// SQLSTATE or data row text), leaving out ParameterStatus and notices.
+async fn frames_until_ready(stream: &mut TcpStream, count: usize) -> Vec<(char, String)> {
+    let mut buf = BytesMut::new();
+    let mut seen = Vec::new();
+    let mut ready = 0;
+    while ready < count {
+        let frame = next_message(stream, &mut buf).await;
+        let detail = match frame[0] {
+            b'E' => error_code(&frame).unwrap_or_default(),
+            b'D' => String::from_utf8_lossy(&frame[11..]).into_owned(),
+            b'S' | b'N' => continue,
+            _ => String::new(),
+        };
+        if frame[0] == b'Z' {
+            ready += 1;
+        }
+        seen.push((frame[0] as char, detail));
+    }
+    seen
+}
+
+/// After an error in the extended protocol, Postgres discards every message up to the
+/// next Sync, a simple Query among them. The proxy must agree, or it waits for answers
+/// that never come and the session hangs: the same bytes get the same answers through
+/// the proxy as from the primary directly.
+#[tokio::test]
+async fn an_extended_protocol_error_skips_to_sync_as_on_postgres() {
+    let proxy = start_proxy("", "").await;
+    let query = |sql: &str| {
+        let mut m = vec![b'Q'];
+        m.extend_from_slice(&((sql.len() + 5) as u32).to_be_bytes());
+        m.extend_from_slice(sql.as_bytes());
+        m.push(0);
+        m
+    };
+    // Describe of a portal that does not exist, then a Flush: the error comes at once,
+    // and the simple Query behind it is discarded by the server.
+    let mut bytes = vec![b'D', 0, 0, 0, 10, b'P', b'n', b'o', b'p', b'e', 0];
+    bytes.extend_from_slice(&[b'H', 0, 0, 0, 4]);
+    bytes.extend_from_slice(&query("SELECT 'discarded'"));
+    bytes.extend_from_slice(&[b'S', 0, 0, 0, 4]);
+    bytes.extend_from_slice(&query("SELECT 'answered'"));
+    let direct = TcpStream::connect(("127.0.0.1", primary_port()))
+        .await
+        .unwrap();
+    let through = TcpStream::connect(proxy.addr).await.unwrap();
+    let mut answers = Vec::new();
+    let mut open = Vec::new();
+    for stream in [direct, through] {
+        let mut stream = login_raw(stream).await;
+        // Twice: once as sent in one write, once with the Query and the Sync arriving
+        // after the error did.
+        let mut seen = Vec::new();
+        stream.write_all(&bytes).await.unwrap();
+        seen.extend(frames_until_ready(&mut stream, 2).await);
+        stream.write_all(&bytes[..16]).await.unwrap();
+        seen.extend(frames_until_ready_or_nothing(&mut stream).await);
+        stream.write_all(&bytes[16..]).await.unwrap();
+        seen.extend(frames_until_ready(&mut stream, 2).await);
+        answers.push(seen);
+        open.push(stream);
+    }
+    let expected: Vec<(char, String)> = [
+        ('E', "34000"),
+        ('Z', ""),
+        ('T', ""),
+        ('D', "answered"),
+        ('C', ""),
+        ('Z', ""),
+    ]
+    .iter()
+    .map(|(t, d)| (*t, d.to_string()))
+    .collect();
+    let twice: Vec<_> = expected.iter().chain(expected.iter()).cloned().collect();
+    assert_eq!(answers[0], twice, "direct");
+    assert_eq!(answers[1], twice, "through the proxy");
+    // All answered, so the client, still connected, holds no server: in transaction
+    // pooling its server went back to the pool for the others.
+    wait_status(
+        &proxy,
+        Duration::from_secs(5),
+        "every server back in its pool",
+        |s| {
+            s.projects[0]
+                .nodes
+                .iter()
+                .all(|n| n.pools.iter().all(|p| p.active == 0))
+        },
+    )
+    .await;
+    drop(open);
+}
+
+/// Reads the error a Describe + Flush gets, which comes without a ReadyForQuery.
+async fn frames_until_ready_or_nothing(stream: &mut TcpStream) -> Vec<(char, String)> {
+    let mut buf = BytesMut::new();
+    let frame = next_message(stream, &mut buf).await;
+    assert!(buf.is_empty(), "more than the error arrived: {buf:?}");
+    vec![(frame[0] as char, error_code(&frame).unwrap_or_default())]
+}

@@ -28,9 +28,12 @@ pub enum Expect {
     Execute,
     Close,
     /// Sync or simple Query: ends at ReadyForQuery; carries the session effects of the
-    /// statements in its group, applied once the group succeeded.
+    /// statements in its group, applied once the group succeeded. `sync` tells the two
+    /// apart: a server skipping messages after an extended-protocol error skips a
+    /// simple Query too, and only a Sync ends the skipping.
     Ready {
         effects: Vec<SessionEffect>,
+        sync: bool,
     },
     FunctionCall,
     /// The proxy's own query for the WAL position after a client's write committed

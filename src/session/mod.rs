@@ -178,6 +178,16 @@ fn invalid_message(tag: u8) -> End {
     )
 }
 
+fn malformed_message(tag: u8) -> End {
+    End::fatal(
+        "08P01",
+        format!(
+            "invalid message format: '{}' carries no data",
+            crate::protocol::framing::printable_tag(tag)
+        ),
+    )
+}
+
 async fn refuse(writer: &mut OwnedWriteHalf, code: &str, message: &str) {
     let mut buf = BytesMut::new();
     msg::error_response(&mut buf, "FATAL", code, message);
@@ -225,8 +235,13 @@ struct Session {
     mid_batch: bool,
     group_error: bool,
     saw_rollback: bool,
-    /// After a failure without a server, drop client messages up to Sync (as Postgres does).
+    /// After a failure without a server, drop client messages up to Sync (as Postgres
+    /// does) and answer the Sync here.
     skip_until_sync: bool,
+    /// The held server answered an extended-protocol message with an error before the
+    /// client's Sync was sent: it discards everything up to that Sync, so the proxy
+    /// drops the client's messages up to it and sends the Sync on (see `abandon_group`).
+    server_skips_until_sync: bool,
 
     /// Read-your-writes is on for this client (and can matter: the project has replicas).
     ryw: bool,
@@ -359,6 +374,7 @@ impl Session {
             group_error: false,
             saw_rollback: false,
             skip_until_sync: false,
+            server_skips_until_sync: false,
             ryw: false,
             min_lsn: 0,
             wrote: false,
@@ -585,6 +601,17 @@ impl Session {
 
     fn take_client_frames(&mut self) -> Result<(), End> {
         while let Some(frame) = self.client.next_frame()? {
+            if frame.len() != 5
+                && matches!(
+                    frame[0],
+                    msg::SYNC | msg::FLUSH | msg::COPY_DONE | msg::TERMINATE
+                )
+            {
+                // These carry no body. The server would refuse one that does without
+                // the answer the proxy waits for (a Sync's ReadyForQuery), and the
+                // session would hang behind it.
+                return Err(malformed_message(frame[0]));
+            }
             if self.copy_in {
                 // COPY FROM STDIN: data goes straight to the server; CopyDone or CopyFail
                 // ends it, and what follows is routed as usual.
@@ -632,18 +659,29 @@ impl Session {
 
     async fn dispatch_pending(&mut self) -> Result<(), End> {
         loop {
+            // Postgres discards every message up to Sync after an extended-protocol
+            // error, simple Queries included.
             if self.skip_until_sync {
                 while let Some(frame) = self.pending.pop_front() {
-                    if frame[0] == msg::SYNC || frame[0] == msg::QUERY {
+                    if frame[0] == msg::SYNC {
                         self.skip_until_sync = false;
                         msg::ready_for_query(&mut self.client_out, self.tx_status);
-                        if frame[0] == msg::QUERY {
-                            self.pending.push_front(frame);
-                        }
                         break;
                     }
                 }
                 if self.skip_until_sync {
+                    return Ok(());
+                }
+            }
+            if self.server_skips_until_sync {
+                while let Some(frame) = self.pending.front() {
+                    if frame[0] == msg::SYNC {
+                        self.server_skips_until_sync = false;
+                        break;
+                    }
+                    self.pending.pop_front();
+                }
+                if self.server_skips_until_sync {
                     return Ok(());
                 }
             }

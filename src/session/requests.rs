@@ -55,7 +55,10 @@ impl Session {
             msg::QUERY => {
                 let effects = std::mem::take(query_effects);
                 self.server_out.extend_from_slice(frame);
-                self.push_expect(Expect::Ready { effects });
+                self.push_expect(Expect::Ready {
+                    effects,
+                    sync: false,
+                });
                 self.forget_server_unnamed();
             }
             msg::PARSE => {
@@ -188,7 +191,10 @@ impl Session {
             msg::SYNC => {
                 self.server_out.extend_from_slice(frame);
                 let effects = std::mem::take(&mut self.group_effects);
-                self.push_expect(Expect::Ready { effects });
+                self.push_expect(Expect::Ready {
+                    effects,
+                    sync: true,
+                });
             }
             msg::FLUSH => self.server_out.extend_from_slice(frame),
             msg::FUNCTION_CALL => {

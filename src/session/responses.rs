@@ -176,7 +176,7 @@ impl Session {
             if tag == msg::READY_FOR_QUERY {
                 let status = frame.get(5).copied().unwrap_or(b'I');
                 let effects = match entry {
-                    Some(Expect::Ready { effects }) => effects,
+                    Some(Expect::Ready { effects, .. }) => effects,
                     _ => Vec::new(),
                 };
                 self.on_ready(status, effects);
@@ -272,11 +272,21 @@ impl Session {
         self.client_out.extend_from_slice(frame);
     }
 
-    /// After an ErrorResponse the server skips extended-protocol messages up to Sync.
+    /// After an ErrorResponse to an extended-protocol message the server discards every
+    /// message up to the next Sync, simple Queries and FunctionCalls included: what was
+    /// sent behind the failed message gets no answer. If the client's Sync has not been
+    /// sent yet, its messages up to that Sync are dropped here instead, as the server
+    /// would drop them (`server_skips_until_sync`), and the server stays held: it must
+    /// get that Sync before it answers anything again.
     fn abandon_group(&mut self) {
         self.copy_in = false;
-        while let Some(entry) = self.expect.front() {
-            if matches!(entry, Expect::Ready { .. }) {
+        loop {
+            let Some(entry) = self.expect.front() else {
+                self.server_skips_until_sync = true;
+                self.mid_batch = true;
+                break;
+            };
+            if matches!(entry, Expect::Ready { sync: true, .. }) {
                 break;
             }
             if let Some(Expect::ParseNamed { id } | Expect::InjectedParse { id: Some(id) }) =
@@ -472,6 +482,7 @@ impl Session {
             msg::error_response(&mut self.client_out, "ERROR", "08006", &message);
             self.skip_until_sync = self.mid_batch;
         }
+        self.server_skips_until_sync = false;
         self.copy_in = false;
         self.mid_batch = false;
         self.group_error = false;
