@@ -220,6 +220,22 @@ pub fn parse_with_name(buf: &mut BytesMut, name: &str, query_and_types: &[u8]) {
     finish(buf, at);
 }
 
+/// Close of the prepared statement `name`.
+pub fn close_statement(buf: &mut BytesMut, name: &str) {
+    let at = begin(buf, CLOSE);
+    buf.put_u8(b'S');
+    put_cstr(buf, name);
+    finish(buf, at);
+}
+
+/// Close of the portal `name`.
+pub fn close_portal(buf: &mut BytesMut, name: &str) {
+    let at = begin(buf, CLOSE);
+    buf.put_u8(b'P');
+    put_cstr(buf, name);
+    finish(buf, at);
+}
+
 /// Parse, Bind and Execute of `sql` as the unnamed statement and portal, without
 /// parameters and without a Sync: after an error, the server skips what follows up to
 /// the next Sync. `sql` must not contain NUL.

@@ -5,8 +5,12 @@
 //! the server already has, a Close of a proxy-named statement) while the client sees
 //! exactly the responses a direct connection would give, in the same order.
 
+use std::sync::Arc;
+
 use crate::protocol::messages as msg;
 use crate::router::SessionEffect;
+
+use super::statements::PreparedStatement;
 
 #[derive(Debug)]
 pub enum Expect {
@@ -16,13 +20,21 @@ pub enum Expect {
     InjectedParse {
         id: Option<u64>,
     },
+    /// A Close of the server's unnamed statement the proxy sent itself, so that the
+    /// server answers a client's Bind or Describe of an unnamed statement it does not
+    /// have as Postgres would (26000); its CloseComplete is swallowed.
+    InjectedClose,
     /// A response the proxy writes itself when everything before it has been answered.
     Synthetic(u8),
     /// The client's own Parse of a proxy-named statement.
     ParseNamed {
         id: u64,
     },
+    /// The client's unnamed Parse.
     Parse,
+    /// The client's Parse of a name whose statement the server holds already, sent as
+    /// the unnamed statement so that the server judges it (in a failed transaction).
+    ParseChecked,
     Bind,
     Describe,
     Execute,
@@ -42,6 +54,14 @@ pub enum Expect {
     /// The client's `BEGIN`, answered by the proxy and sent (Parse, Bind, Execute)
     /// with the transaction's first statement; swallowed up to its CommandComplete.
     DeferredBegin,
+    /// Not an answer but a marker behind a client's Parse or Close: what the client's
+    /// statement name pointed at before (`None`: nothing). Reaching the front of the
+    /// queue means the message was answered and the change stands; abandoned after an
+    /// error (the server refused the message or skipped it on the way to Sync), the
+    /// name is put back, since on Postgres the message changed nothing.
+    UndoNamed(Box<(String, Option<Arc<PreparedStatement>>)>),
+    /// The same for the client's unnamed statement.
+    UndoUnnamed(Option<Arc<PreparedStatement>>),
 }
 
 impl Expect {
@@ -52,17 +72,18 @@ impl Expect {
                 tag == msg::READY_FOR_QUERY
             }
             Expect::DeferredBegin => tag == msg::COMMAND_COMPLETE,
-            Expect::InjectedParse { .. } | Expect::ParseNamed { .. } | Expect::Parse => {
-                tag == msg::PARSE_COMPLETE
-            }
+            Expect::InjectedParse { .. }
+            | Expect::ParseNamed { .. }
+            | Expect::Parse
+            | Expect::ParseChecked => tag == msg::PARSE_COMPLETE,
             Expect::Bind => tag == msg::BIND_COMPLETE,
             Expect::Describe => tag == msg::ROW_DESCRIPTION || tag == msg::NO_DATA,
             Expect::Execute => matches!(
                 tag,
                 msg::COMMAND_COMPLETE | msg::EMPTY_QUERY | msg::PORTAL_SUSPENDED
             ),
-            Expect::Close => tag == msg::CLOSE_COMPLETE,
-            Expect::Synthetic(_) => false,
+            Expect::Close | Expect::InjectedClose => tag == msg::CLOSE_COMPLETE,
+            Expect::Synthetic(_) | Expect::UndoNamed(_) | Expect::UndoUnnamed(_) => false,
         }
     }
 
@@ -73,6 +94,14 @@ impl Expect {
         matches!(
             self,
             Expect::Injected | Expect::CommitLsn | Expect::DeferredBegin
+        )
+    }
+
+    /// Entries the proxy resolves itself once they reach the front of the queue.
+    pub fn is_local(&self) -> bool {
+        matches!(
+            self,
+            Expect::Synthetic(_) | Expect::UndoNamed(_) | Expect::UndoUnnamed(_)
         )
     }
 

@@ -221,6 +221,9 @@ struct Session {
     tx_effects: Vec<SessionEffect>,
     /// Effects of the extended-protocol group being sent (applied at its Sync).
     group_effects: Vec<SessionEffect>,
+    /// Decisions of statements with session effects bound to open portals, by portal
+    /// name: a statement changes the session when it is executed, not when it is bound.
+    portal_effects: Vec<(Box<[u8]>, Arc<Decision>)>,
     statements: HashMap<String, Arc<PreparedStatement>>,
     unnamed: Option<Arc<PreparedStatement>>,
 
@@ -286,6 +289,9 @@ struct DeferredBegin {
     /// Its first statement found no server: the client sees an aborted transaction,
     /// which only its end leaves, as on Postgres.
     aborted: bool,
+    /// It came as a simple query, which leaves no portal behind on Postgres: the
+    /// unnamed portal it is run through is closed again.
+    simple: bool,
 }
 
 /// A unit sent without its Parse because the server's unnamed statement was the same
@@ -361,6 +367,7 @@ impl Session {
             startup_settings,
             tx_effects: Vec::new(),
             group_effects: Vec::new(),
+            portal_effects: Vec::new(),
             statements: HashMap::new(),
             unnamed: None,
             server: None,
@@ -854,6 +861,7 @@ impl Session {
             sql,
             route: decision.route,
             aborted: false,
+            simple: extended.is_none(),
         });
         self.tx_status = b'T';
         self.info.set_state(ClientState::InTransaction);
@@ -862,11 +870,12 @@ impl Session {
     }
 
     /// A Parse the proxy answered itself still makes its statement the client's
-    /// unnamed one (a later Bind without Parse runs it).
+    /// unnamed one (a later Bind without Parse runs it); a simple query leaves none, as
+    /// on Postgres.
     fn note_unnamed(&mut self, extended: Option<u8>, parsed: &[Arc<PreparedStatement>]) {
-        if extended.is_some()
-            && let Some(statement) = parsed.first()
-        {
+        if extended.is_none() {
+            self.unnamed = None;
+        } else if let Some(statement) = parsed.first() {
             self.unnamed = Some(statement.clone());
         }
     }
@@ -881,6 +890,10 @@ impl Session {
         };
         msg::run_unnamed(&mut self.server_out, &begin.sql);
         self.push_expect(Expect::DeferredBegin);
+        if begin.simple {
+            msg::close_portal(&mut self.server_out, "");
+            self.push_expect(Expect::InjectedClose);
+        }
         self.forget_server_unnamed();
     }
 
@@ -1012,11 +1025,7 @@ impl Session {
         self.reparse = None;
         // Answers the proxy gives itself wait for the server's first answer, unless the
         // server owes nothing.
-        if self
-            .expect
-            .iter()
-            .all(|e| matches!(e, Expect::Synthetic(_)))
-        {
+        if self.expect.iter().all(Expect::is_local) {
             self.emit_synthetics();
         }
         // A read that the server has not started answering can be sent again elsewhere

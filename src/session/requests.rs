@@ -26,6 +26,48 @@ impl Session {
         self.set_server_unnamed(None);
     }
 
+    /// Before a Bind or Describe of the unnamed statement: the held server's unnamed
+    /// statement must be the client's, which may have been parsed on another server
+    /// (a Parse is injected). A client without one must get Postgres's error, not
+    /// whatever the server was left with by others (a Close is injected).
+    fn ensure_unnamed_on_server(&mut self, parsed_unnamed: &mut bool) {
+        if *parsed_unnamed {
+            return;
+        }
+        *parsed_unnamed = true;
+        match self.unnamed.clone() {
+            Some(statement) if !self.server_unnamed_is(statement.id) => {
+                msg::parse_with_name(&mut self.server_out, "", &statement.tail);
+                self.expect.push_back(Expect::InjectedParse { id: None });
+                self.set_server_unnamed(Some(statement.id));
+            }
+            Some(_) => {}
+            None => {
+                msg::close_statement(&mut self.server_out, "");
+                self.expect.push_back(Expect::InjectedClose);
+                self.forget_server_unnamed();
+            }
+        }
+    }
+
+    /// Records what executing `portal` will change in the session (`None`: nothing).
+    fn note_bound(&mut self, portal: &[u8], decision: Option<Arc<Decision>>) {
+        let decision = decision.filter(|d| !d.effects.is_empty());
+        match self.portal_effects.iter().position(|(p, _)| &**p == portal) {
+            Some(i) => match decision {
+                Some(d) => self.portal_effects[i].1 = d,
+                None => {
+                    self.portal_effects.swap_remove(i);
+                }
+            },
+            None => {
+                if let Some(d) = decision {
+                    self.portal_effects.push((portal.into(), d));
+                }
+            }
+        }
+    }
+
     /// Makes sure the held server has `statement`, injecting a Parse if it does not.
     fn ensure_prepared(&mut self, statement: &PreparedStatement) {
         let Some(held) = self.server.as_mut() else {
@@ -60,6 +102,10 @@ impl Session {
                     sync: false,
                 });
                 self.forget_server_unnamed();
+                // A simple Query drops the unnamed statement on Postgres.
+                if let Some(previous) = self.unnamed.take() {
+                    self.push_expect(Expect::UndoUnnamed(Some(previous)));
+                }
             }
             msg::PARSE => {
                 let mut f = Fields::of_frame(frame);
@@ -72,8 +118,10 @@ impl Session {
                 };
                 if name.is_empty() {
                     *parsed_unnamed = true;
+                    let previous = self.unnamed.take();
                     if let Some(held) = self.server.as_ref()
                         && held.conn.unnamed == Some(statement.id)
+                        && self.tx_status != b'E'
                     {
                         // The server's unnamed statement is this one already (left by
                         // this client or another): parsing it again would only repeat
@@ -90,8 +138,9 @@ impl Session {
                         self.set_server_unnamed(Some(statement.id));
                     }
                     self.unnamed = Some(statement);
+                    self.push_expect(Expect::UndoUnnamed(previous));
                 } else {
-                    self.statements.insert(name, statement.clone());
+                    let previous = self.statements.insert(name.clone(), statement.clone());
                     let fresh = self
                         .server
                         .as_mut()
@@ -103,9 +152,17 @@ impl Session {
                             &statement.tail,
                         );
                         self.push_expect(Expect::ParseNamed { id: statement.id });
+                    } else if self.tx_status == b'E' {
+                        // In a failed transaction Postgres refuses a Parse (25P02) unless
+                        // it ends the transaction: let the server judge the text, as the
+                        // unnamed statement, since it holds the name already.
+                        msg::parse_with_name(&mut self.server_out, "", &statement.tail);
+                        self.push_expect(Expect::ParseChecked);
+                        self.forget_server_unnamed();
                     } else {
                         self.push_expect(Expect::Synthetic(msg::PARSE_COMPLETE));
                     }
+                    self.push_expect(Expect::UndoNamed(Box::new((name, previous))));
                 }
             }
             msg::BIND => {
@@ -113,25 +170,14 @@ impl Session {
                 let portal = f.cstr_bytes()?;
                 let name = f.cstr()?;
                 if name.is_empty() {
-                    if !*parsed_unnamed && let Some(statement) = self.unnamed.clone() {
-                        // The unnamed statement may have been parsed on another server.
-                        if !self.server_unnamed_is(statement.id) {
-                            msg::parse_with_name(&mut self.server_out, "", &statement.tail);
-                            self.expect.push_back(Expect::InjectedParse { id: None });
-                            self.set_server_unnamed(Some(statement.id));
-                        }
-                        *parsed_unnamed = true;
-                    }
-                    if let Some(statement) = &self.unnamed {
-                        self.group_effects
-                            .extend(statement.decision.effects.iter().cloned());
-                    }
+                    self.ensure_unnamed_on_server(parsed_unnamed);
+                    let decision = self.unnamed.as_ref().map(|s| s.decision.clone());
+                    self.note_bound(portal, decision);
                     self.server_out.extend_from_slice(frame);
                 } else if let Some(statement) = self.statements.get(name).cloned() {
                     self.ensure_prepared(&statement);
                     self.note_named_use(statement.id);
-                    self.group_effects
-                        .extend(statement.decision.effects.iter().cloned());
+                    self.note_bound(portal, Some(statement.decision.clone()));
                     let mut prefix = Vec::with_capacity(portal.len() + 1);
                     prefix.extend_from_slice(portal);
                     prefix.push(0);
@@ -144,6 +190,7 @@ impl Session {
                     );
                 } else {
                     // Unknown to us: the server answers with the proper error.
+                    self.note_bound(portal, None);
                     self.server_out.extend_from_slice(frame);
                 }
                 self.push_expect(Expect::Bind);
@@ -152,6 +199,9 @@ impl Session {
                 let mut f = Fields::of_frame(frame);
                 let kind = f.u8()?;
                 let name = f.cstr()?;
+                if kind == b'S' && name.is_empty() {
+                    self.ensure_unnamed_on_server(parsed_unnamed);
+                }
                 match (kind, self.statements.get(name).cloned()) {
                     (b'S', Some(statement)) if !name.is_empty() => {
                         self.ensure_prepared(&statement);
@@ -174,17 +224,34 @@ impl Session {
                 let name = f.cstr()?;
                 if kind == b'S' && !name.is_empty() {
                     // Proxy-named statements stay on the servers for other clients.
-                    self.statements.remove(name);
+                    let previous = self.statements.remove(name);
                     self.push_expect(Expect::Synthetic(msg::CLOSE_COMPLETE));
-                } else {
-                    if kind == b'S' {
-                        self.forget_server_unnamed();
+                    if previous.is_some() {
+                        self.push_expect(Expect::UndoNamed(Box::new((name.to_string(), previous))));
                     }
+                } else {
                     self.server_out.extend_from_slice(frame);
                     self.push_expect(Expect::Close);
+                    if kind == b'P' {
+                        self.note_bound(name.as_bytes(), None);
+                    }
+                    if kind == b'S' {
+                        self.forget_server_unnamed();
+                        if let Some(previous) = self.unnamed.take() {
+                            self.push_expect(Expect::UndoUnnamed(Some(previous)));
+                        }
+                    }
                 }
             }
             msg::EXECUTE => {
+                if !self.portal_effects.is_empty() {
+                    let portal = Fields::of_frame(frame).cstr_bytes()?;
+                    if let Some((_, decision)) =
+                        self.portal_effects.iter().find(|(p, _)| &**p == portal)
+                    {
+                        self.group_effects.extend(decision.effects.iter().cloned());
+                    }
+                }
                 self.server_out.extend_from_slice(frame);
                 self.push_expect(Expect::Execute);
             }

@@ -21,11 +21,38 @@ impl Session {
         }
     }
 
-    /// Writes responses the proxy answers itself once they reach the front of the queue.
+    /// Writes responses the proxy answers itself once they reach the front of the queue,
+    /// and settles the statement changes of messages that were answered.
     pub(super) fn emit_synthetics(&mut self) {
-        while let Some(Expect::Synthetic(tag)) = self.expect.front() {
-            msg::empty_message(&mut self.client_out, *tag);
+        while let Some(entry) = self.expect.front() {
+            match entry {
+                Expect::Synthetic(tag) => msg::empty_message(&mut self.client_out, *tag),
+                Expect::UndoNamed(_) | Expect::UndoUnnamed(_) => {}
+                _ => break,
+            }
             self.expect.pop_front();
+        }
+    }
+
+    /// Puts back the client's statement names that abandoned messages changed, newest
+    /// change first.
+    pub(super) fn undo_statement_changes(&mut self, abandoned: Vec<Expect>) {
+        for entry in abandoned.into_iter().rev() {
+            match entry {
+                Expect::UndoNamed(change) => {
+                    let (name, previous) = *change;
+                    match previous {
+                        Some(statement) => {
+                            self.statements.insert(name, statement);
+                        }
+                        None => {
+                            self.statements.remove(&name);
+                        }
+                    }
+                }
+                Expect::UndoUnnamed(previous) => self.unnamed = previous,
+                _ => {}
+            }
         }
     }
 
@@ -109,6 +136,10 @@ impl Session {
                 return Ok(());
             }
             Expect::InjectedParse { .. } if tag == msg::PARSE_COMPLETE => {
+                self.expect.pop_front();
+                return Ok(());
+            }
+            Expect::InjectedClose if tag == msg::CLOSE_COMPLETE => {
                 self.expect.pop_front();
                 return Ok(());
             }
@@ -241,14 +272,21 @@ impl Session {
         self.client_out.truncate(reparse.client_mark);
         self.forget_server_unnamed();
         self.forget_replay();
+        let mut abandoned = Vec::new();
         while let Some(entry) = self.expect.front_mut() {
             if matches!(entry, Expect::Ready { .. }) {
                 // The server still ends the unit with ReadyForQuery: not the client's.
                 *entry = Expect::Injected;
                 break;
             }
-            self.expect.pop_front();
+            if let Some(undo @ (Expect::UndoNamed(_) | Expect::UndoUnnamed(_))) =
+                self.expect.pop_front()
+            {
+                abandoned.push(undo);
+            }
         }
+        // The unit is processed again from its first message.
+        self.undo_statement_changes(abandoned);
         self.group_effects.clear();
         for frame in reparse.frames.into_iter().rev() {
             self.pending.push_front(frame);
@@ -280,6 +318,10 @@ impl Session {
     /// get that Sync before it answers anything again.
     fn abandon_group(&mut self) {
         self.copy_in = false;
+        // A refused Parse of the unnamed statement leaves none: Postgres drops the old
+        // one before parsing the new one.
+        let mut unnamed_refused = matches!(self.expect.front(), Some(Expect::Parse));
+        let mut abandoned = Vec::new();
         loop {
             let Some(entry) = self.expect.front() else {
                 self.server_skips_until_sync = true;
@@ -289,13 +331,23 @@ impl Session {
             if matches!(entry, Expect::Ready { sync: true, .. }) {
                 break;
             }
-            if let Some(Expect::ParseNamed { id } | Expect::InjectedParse { id: Some(id) }) =
-                self.expect.pop_front()
-                && let Some(held) = self.server.as_mut()
-            {
-                held.conn.prepared.remove(&id);
+            match self.expect.pop_front() {
+                Some(Expect::ParseNamed { id } | Expect::InjectedParse { id: Some(id) }) => {
+                    if let Some(held) = self.server.as_mut() {
+                        held.conn.prepared.remove(&id);
+                    }
+                }
+                Some(Expect::UndoUnnamed(_)) if unnamed_refused => {
+                    unnamed_refused = false;
+                    abandoned.push(Expect::UndoUnnamed(None));
+                }
+                Some(undo @ (Expect::UndoNamed(_) | Expect::UndoUnnamed(_))) => {
+                    abandoned.push(undo)
+                }
+                _ => {}
             }
         }
+        self.undo_statement_changes(abandoned);
     }
 
     fn on_ready(&mut self, status: u8, effects: Vec<SessionEffect>) {
@@ -341,6 +393,8 @@ impl Session {
         }
         self.group_error = false;
         if status == b'I' {
+            // Portals end with their transaction.
+            self.portal_effects.clear();
             let effects = std::mem::take(&mut self.tx_effects);
             if !self.saw_rollback {
                 self.apply_effects(&effects);
@@ -445,7 +499,9 @@ impl Session {
             // read runs again on another node (this one is now marked down).
             info!(node = node_name, user = %self.user.name, "server failed before answering a read ({reason}); running it elsewhere");
             self.replays += 1;
-            self.expect.clear();
+            // The unit is processed again from its first message.
+            let abandoned = self.expect.drain(..).collect();
+            self.undo_statement_changes(abandoned);
             self.mid_batch = false;
             self.copy_in = false;
             self.group_error = false;

@@ -14,6 +14,7 @@ use bytes::Bytes;
 
 use crate::router::Decision;
 
+#[derive(Debug)]
 pub struct PreparedStatement {
     pub id: u64,
     pub server_name: String,
