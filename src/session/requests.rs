@@ -50,24 +50,6 @@ impl Session {
         }
     }
 
-    /// Records what executing `portal` will change in the session (`None`: nothing).
-    fn note_bound(&mut self, portal: &[u8], decision: Option<Arc<Decision>>) {
-        let decision = decision.filter(|d| !d.effects.is_empty());
-        match self.portal_effects.iter().position(|(p, _)| &**p == portal) {
-            Some(i) => match decision {
-                Some(d) => self.portal_effects[i].1 = d,
-                None => {
-                    self.portal_effects.swap_remove(i);
-                }
-            },
-            None => {
-                if let Some(d) = decision {
-                    self.portal_effects.push((portal.into(), d));
-                }
-            }
-        }
-    }
-
     /// Makes sure the held server has `statement`, injecting a Parse if it does not.
     fn ensure_prepared(&mut self, statement: &PreparedStatement) {
         let Some(held) = self.server.as_mut() else {
@@ -171,13 +153,16 @@ impl Session {
                 let name = f.cstr()?;
                 if name.is_empty() {
                     self.ensure_unnamed_on_server(parsed_unnamed);
-                    let decision = self.unnamed.as_ref().map(|s| s.decision.clone());
-                    self.note_bound(portal, decision);
+                    note_bound(
+                        &mut self.portal_effects,
+                        portal,
+                        self.unnamed.as_ref().map(|s| &s.decision),
+                    );
                     self.server_out.extend_from_slice(frame);
                 } else if let Some(statement) = self.statements.get(name).cloned() {
                     self.ensure_prepared(&statement);
                     self.note_named_use(statement.id);
-                    self.note_bound(portal, Some(statement.decision.clone()));
+                    note_bound(&mut self.portal_effects, portal, Some(&statement.decision));
                     let mut prefix = Vec::with_capacity(portal.len() + 1);
                     prefix.extend_from_slice(portal);
                     prefix.push(0);
@@ -190,7 +175,7 @@ impl Session {
                     );
                 } else {
                     // Unknown to us: the server answers with the proper error.
-                    self.note_bound(portal, None);
+                    note_bound(&mut self.portal_effects, portal, None);
                     self.server_out.extend_from_slice(frame);
                 }
                 self.push_expect(Expect::Bind);
@@ -233,7 +218,7 @@ impl Session {
                     self.server_out.extend_from_slice(frame);
                     self.push_expect(Expect::Close);
                     if kind == b'P' {
-                        self.note_bound(name.as_bytes(), None);
+                        note_bound(&mut self.portal_effects, name.as_bytes(), None);
                     }
                     if kind == b'S' {
                         self.forget_server_unnamed();
@@ -279,5 +264,31 @@ impl Session {
             _ => {}
         }
         Ok(())
+    }
+}
+
+/// Records what executing `portal` will change in the session (`None`: nothing). Most
+/// statements change nothing, and then nothing is stored.
+fn note_bound(
+    portal_effects: &mut Vec<(Box<[u8]>, Arc<Decision>)>,
+    portal: &[u8],
+    decision: Option<&Arc<Decision>>,
+) {
+    let decision = decision.filter(|d| !d.effects.is_empty());
+    if portal_effects.is_empty() && decision.is_none() {
+        return;
+    }
+    match portal_effects.iter().position(|(p, _)| &**p == portal) {
+        Some(i) => match decision {
+            Some(d) => portal_effects[i].1 = d.clone(),
+            None => {
+                portal_effects.swap_remove(i);
+            }
+        },
+        None => {
+            if let Some(d) = decision {
+                portal_effects.push((portal.into(), d.clone()));
+            }
+        }
     }
 }
