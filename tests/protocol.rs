@@ -1303,9 +1303,10 @@ fn well_formed_group(rng: &mut Fuzz, names: &mut Vec<(String, usize)>, next: &mu
                 out.extend(message(b'B', &body));
             }
             4 => {
-                // The unnamed portal only once this group bound it: Execute of the one a
-                // failed simple query left in an aborted transaction crashes PostgreSQL
-                // 15.18 (SIGSEGV), with or without the proxy.
+                // The unnamed portal only once this group bound it: an Execute of the one
+                // a failed simple query left in an aborted transaction crashed a
+                // PostgreSQL 15.18 backend here (SIGSEGV), which restarts every server
+                // of the test bed under the other tests.
                 let portal = if rng.below(3) == 0 || !bound_unnamed {
                     "p1"
                 } else {
