@@ -1007,10 +1007,7 @@ fn fuzzed_message(rng: &mut Fuzz) -> Vec<u8> {
             body.truncate(keep);
         }
     }
-    let mut message = vec![tag];
-    message.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
-    message.extend_from_slice(&body);
-    message
+    message(tag, &body)
 }
 
 /// How a fuzzed case ended, as the client saw it.
@@ -1065,10 +1062,7 @@ async fn answer_to_probe(stream: &mut TcpStream) -> Outcome {
 async fn fuzzed_messages_get_an_answer_or_an_error_never_a_hang() {
     let proxy = start_proxy("", "").await;
     let mut rng = Fuzz(0x9e37_79b9_7f4a_7c15);
-    let probe_sql = b"ROLLBACK; SELECT '4242'::text\0";
-    let mut probe = vec![b'Q'];
-    probe.extend_from_slice(&((probe_sql.len() + 4) as u32).to_be_bytes());
-    probe.extend_from_slice(probe_sql);
+    let probe = query("ROLLBACK; SELECT '4242'::text");
     let mut stream = login_raw(TcpStream::connect(proxy.addr).await.unwrap()).await;
     let mut history: Vec<Vec<Vec<u8>>> = Vec::new();
     let (mut answered, mut refused) = (0, 0);
@@ -1142,13 +1136,6 @@ async fn frames_until_ready(stream: &mut TcpStream, count: usize) -> Vec<(char, 
 #[tokio::test]
 async fn an_extended_protocol_error_skips_to_sync_as_on_postgres() {
     let proxy = start_proxy("", "").await;
-    let query = |sql: &str| {
-        let mut m = vec![b'Q'];
-        m.extend_from_slice(&((sql.len() + 5) as u32).to_be_bytes());
-        m.extend_from_slice(sql.as_bytes());
-        m.push(0);
-        m
-    };
     // Describe of a portal that does not exist, then a Flush: the error comes at once,
     // and the simple Query behind it is discarded by the server.
     let mut bytes = vec![b'D', 0, 0, 0, 10, b'P', b'n', b'o', b'p', b'e', 0];
@@ -1232,11 +1219,19 @@ const DIFF_TEXTS: &[(&str, usize)] = &[
     ("", 0),
 ];
 
+/// A frontend message: type, length, body.
 fn message(tag: u8, body: &[u8]) -> Vec<u8> {
     let mut m = vec![tag];
     m.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
     m.extend_from_slice(body);
     m
+}
+
+/// A simple Query message.
+fn query(sql: &str) -> Vec<u8> {
+    let mut body = Vec::new();
+    cstr(&mut body, sql);
+    message(b'Q', &body)
 }
 
 fn cstr(out: &mut Vec<u8>, s: &str) {
@@ -1251,10 +1246,7 @@ fn cstr(out: &mut Vec<u8>, s: &str) {
 fn well_formed_group(rng: &mut Fuzz, names: &mut Vec<(String, usize)>, next: &mut u32) -> Vec<u8> {
     let text = |rng: &mut Fuzz| DIFF_TEXTS[rng.below(DIFF_TEXTS.len() as u64) as usize];
     if rng.below(5) == 0 {
-        let (sql, _) = text(rng);
-        let mut body = Vec::new();
-        cstr(&mut body, sql);
-        return message(b'Q', &body);
+        return query(text(rng).0);
     }
     let mut out = Vec::new();
     let mut bound_unnamed = false;

@@ -220,18 +220,10 @@ pub fn parse_with_name(buf: &mut BytesMut, name: &str, query_and_types: &[u8]) {
     finish(buf, at);
 }
 
-/// Close of the prepared statement `name`.
-pub fn close_statement(buf: &mut BytesMut, name: &str) {
+/// Close of the prepared statement (`kind` b'S') or portal (b'P') `name`.
+pub fn close(buf: &mut BytesMut, kind: u8, name: &str) {
     let at = begin(buf, CLOSE);
-    buf.put_u8(b'S');
-    put_cstr(buf, name);
-    finish(buf, at);
-}
-
-/// Close of the portal `name`.
-pub fn close_portal(buf: &mut BytesMut, name: &str) {
-    let at = begin(buf, CLOSE);
-    buf.put_u8(b'P');
+    buf.put_u8(kind);
     put_cstr(buf, name);
     finish(buf, at);
 }

@@ -891,7 +891,7 @@ impl Session {
         msg::run_unnamed(&mut self.server_out, &begin.sql);
         self.push_expect(Expect::DeferredBegin);
         if begin.simple {
-            msg::close_portal(&mut self.server_out, "");
+            msg::close(&mut self.server_out, b'P', "");
             self.push_expect(Expect::InjectedClose);
         }
         self.forget_server_unnamed();

@@ -43,7 +43,7 @@ impl Session {
             }
             Some(_) => {}
             None => {
-                msg::close_statement(&mut self.server_out, "");
+                msg::close(&mut self.server_out, b'S', "");
                 self.expect.push_back(Expect::InjectedClose);
                 self.forget_server_unnamed();
             }

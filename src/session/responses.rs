@@ -24,11 +24,9 @@ impl Session {
     /// Writes responses the proxy answers itself once they reach the front of the queue,
     /// and settles the statement changes of messages that were answered.
     pub(super) fn emit_synthetics(&mut self) {
-        while let Some(entry) = self.expect.front() {
-            match entry {
-                Expect::Synthetic(tag) => msg::empty_message(&mut self.client_out, *tag),
-                Expect::UndoNamed(_) | Expect::UndoUnnamed(_) => {}
-                _ => break,
+        while let Some(entry) = self.expect.front().filter(|e| e.is_local()) {
+            if let Expect::Synthetic(tag) = entry {
+                msg::empty_message(&mut self.client_out, *tag);
             }
             self.expect.pop_front();
         }
