@@ -77,6 +77,11 @@ impl CancelSlot {
     }
 }
 
+/// Process ids the proxy makes up for transaction-mode clients: above the largest pid
+/// Linux hands out (2^22), so that `pg_terminate_backend()` of one can never hit a real
+/// server process, another client's among them.
+pub const STAND_IN_PIDS: std::ops::Range<i32> = (1 << 22) + 1..i32::MAX;
+
 #[derive(Default)]
 pub struct CancelRegistry {
     slots: Mutex<HashMap<(i32, i32), Arc<CancelSlot>>>,
@@ -91,10 +96,29 @@ impl CancelRegistry {
             Err(p) => p.into_inner(),
         };
         loop {
-            let key: (i32, i32) = (rand::random_range(1..i32::MAX), rand::random());
+            let key: (i32, i32) = (rand::random_range(STAND_IN_PIDS), rand::random());
             if let std::collections::hash_map::Entry::Vacant(e) = slots.entry(key) {
                 e.insert(slot.clone());
                 return (key.0, key.1, slot);
+            }
+        }
+    }
+
+    /// Moves a client's slot to a key with the given process id (a session-mode
+    /// client gets its server's real one) and a fresh secret; returns the new key.
+    pub fn rekey(&self, old: (i32, i32), pid: i32) -> (i32, i32) {
+        let mut slots = match self.slots.lock() {
+            Ok(s) => s,
+            Err(p) => p.into_inner(),
+        };
+        let Some(slot) = slots.remove(&old) else {
+            return old;
+        };
+        loop {
+            let key: (i32, i32) = (pid, rand::random());
+            if let std::collections::hash_map::Entry::Vacant(e) = slots.entry(key) {
+                e.insert(slot);
+                return key;
             }
         }
     }
@@ -142,6 +166,28 @@ mod tests {
             port,
             dbname: None,
         })
+    }
+
+    #[test]
+    fn stand_in_process_ids_are_never_real_ones() {
+        let registry = CancelRegistry::default();
+        for _ in 0..1000 {
+            let (pid, _, _) = registry.register();
+            assert!(pid > 4_194_304, "{pid}");
+        }
+    }
+
+    #[test]
+    fn a_rekeyed_client_is_found_by_its_new_key_only() {
+        let registry = CancelRegistry::default();
+        let (pid, secret, slot) = registry.register();
+        slot.set(&node(5432), 4242, 17);
+        let key = registry.rekey((pid, secret), 4242);
+        assert_eq!(key.0, 4242);
+        let slots = registry.slots.lock().unwrap();
+        assert!(!slots.contains_key(&(pid, secret)) || key == (pid, secret));
+        let found = slots.get(&key).and_then(|s| s.get()).unwrap();
+        assert_eq!((found.pid, found.secret), (4242, 17));
     }
 
     #[test]

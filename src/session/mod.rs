@@ -15,6 +15,8 @@ mod backend;
 pub mod cancel;
 pub mod clients;
 mod expect;
+mod passthrough;
+mod pending;
 mod requests;
 mod responses;
 pub mod settings;
@@ -23,12 +25,12 @@ pub mod statements;
 mod transaction;
 pub mod users;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -43,7 +45,8 @@ use crate::router::{Decision, Route, SessionEffect, TxEffect};
 use crate::state::Shared;
 use cancel::CancelSlot;
 use clients::{ClientInfo, ClientState};
-use expect::Expect;
+use expect::{Expect, ExpectQueue};
+use pending::Pending;
 use settings::Settings;
 use startup::{Login, Refusal, Startup};
 use statements::PreparedStatement;
@@ -52,8 +55,18 @@ use users::UserEntry;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
 /// Client messages read ahead of the server before the proxy stops reading (backpressure).
 const MAX_PENDING: usize = 4096;
-/// A batch without Sync is sent on once it grows this long (JDBC batches, COPY-less bulk).
+/// Bytes of client messages read ahead of the server before the proxy stops reading.
+const MAX_PENDING_BYTES: usize = 1024 * 1024;
+/// A batch without Sync is sent on once it grows this long (JDBC batches, COPY-less
+/// bulk), in messages or in bytes.
 const PARTIAL_UNIT: usize = 512;
+const PARTIAL_UNIT_BYTES: usize = 256 * 1024;
+/// Bytes waiting for a slow server beyond which the client is not read, and bytes
+/// waiting for a slow client beyond which the server is not read: the session keeps
+/// reading each side while it writes to the other, with bounded buffers, so that a
+/// client that pipelines and a server that streams results never wait on each other.
+const SERVER_OUT_LIMIT: usize = 256 * 1024;
+const CLIENT_OUT_LIMIT: usize = 256 * 1024;
 /// Proxy-named statements one server connection may accumulate before it is cleared.
 const MAX_PREPARED_PER_SERVER: usize = 2000;
 /// How often one read is sent again elsewhere after its server failed before answering.
@@ -70,7 +83,13 @@ const CAUSAL_POLL: Duration = Duration::from_millis(1);
 enum End {
     ClientGone,
     ClientIo(std::io::Error),
-    Fatal { code: String, message: String },
+    /// The server of a session-mode client closed the connection (after its own FATAL
+    /// error, if it sent one): the client's connection closes too, as it would directly.
+    ServerGone(String),
+    Fatal {
+        code: String,
+        message: String,
+    },
 }
 
 impl End {
@@ -162,7 +181,8 @@ pub async fn serve_client(shared: Arc<Shared>, stream: TcpStream, peer: SocketAd
     let end = session.run().await;
     session.finish(end).await;
     shared.clients.unregister(info.id);
-    shared.cancels.unregister(key_pid, key_secret);
+    // Session mode gives the client its server's process id: the key may have changed.
+    shared.cancels.unregister(session.key.0, session.key.1);
     shared
         .active_clients
         .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
@@ -230,12 +250,16 @@ struct Session {
     server: Option<Held>,
     pinned: Option<&'static str>,
     shutdown: tokio::sync::watch::Receiver<bool>,
-    pending: VecDeque<BytesMut>,
-    expect: VecDeque<Expect>,
+    pending: Pending,
+    expect: ExpectQueue,
     tx_status: u8,
     copy_in: bool,
     /// Extended-protocol messages were sent since the last Sync.
     mid_batch: bool,
+    /// Session mode: Syncs, Queries and FunctionCalls forwarded and not yet answered
+    /// with ReadyForQuery (an over-count after a Query the server skipped only makes
+    /// the session look busy).
+    awaiting_ready: usize,
     group_error: bool,
     saw_rollback: bool,
     /// After a failure without a server, drop client messages up to Sync (as Postgres
@@ -328,6 +352,14 @@ enum Greeting {
     ServerLost(String),
 }
 
+/// What becomes of a simple-query `DEALLOCATE name` (see `Session::deallocated_here`).
+enum Deallocate {
+    NotHere,
+    Answered,
+    /// Answers still to come decide it.
+    Wait,
+}
+
 enum Dispatch {
     Done,
     /// The unit needs another node than the one still answering earlier units.
@@ -373,11 +405,12 @@ impl Session {
             server: None,
             pinned: None,
             shutdown,
-            pending: VecDeque::new(),
-            expect: VecDeque::new(),
+            pending: Pending::default(),
+            expect: ExpectQueue::default(),
             tx_status: b'I',
             copy_in: false,
             mid_batch: false,
+            awaiting_ready: 0,
             group_error: false,
             saw_rollback: false,
             skip_until_sync: false,
@@ -422,7 +455,7 @@ impl Session {
         let mut stop_registered = false;
         loop {
             self.dispatch_pending().await?;
-            self.flush().await?;
+            self.write_ready()?;
             if self.server.is_none() && !self.skip_until_sync && self.next_unit_len().is_some() {
                 // A failed write to the server sent a read back to the queue.
                 continue;
@@ -430,26 +463,46 @@ impl Session {
             enum Event {
                 Client(std::io::Result<usize>),
                 Server(std::io::Result<usize>),
+                ClientWrote(std::io::Result<usize>),
+                ServerWrote(std::io::Result<usize>),
                 Shutdown,
+                Stalled,
             }
-            let read_client = self.pending.len() < MAX_PENDING;
+            let read_client = self.pending.len() < MAX_PENDING
+                && self.pending.bytes() < MAX_PENDING_BYTES
+                && self.server_out.len() < SERVER_OUT_LIMIT;
+            let read_server = self.client_out.len() < CLIENT_OUT_LIMIT;
+            let listen_for_stop = !stop_seen && self.session_mode && self.passthrough_idle();
             let client = &mut self.client;
+            let writer = &mut self.writer;
+            let (client_out, server_out) = (&self.client_out, &self.server_out);
             let info = &self.info;
-            let server = self.server.as_mut().map(|h| &mut h.conn.reader);
             // `biased`: the order does not matter for fairness here (one client, one
-            // server), and it saves a random number per pass. A session holding a
-            // server is inside a request or transaction, which it finishes before a
-            // shutdown matters, so only an idle one listens for it.
-            let event = match server {
-                Some(server) => tokio::select! {
-                    biased;
-                    r = server.fill() => Event::Server(r),
-                    r = client.fill(), if read_client => Event::Client(r),
-                },
+            // server), and it saves a random number per pass. Writes come first, so
+            // that what is ready goes out before more is read; each side is read only
+            // while what waits for the other side is below its limit. A session
+            // holding a server is inside a request or transaction, which it finishes
+            // before a shutdown matters, so only an idle one listens for it.
+            let event = match self.server.as_mut() {
+                Some(held) => {
+                    let conn = &mut *held.conn;
+                    let (server, server_writer) = (&mut conn.reader, &mut conn.writer);
+                    tokio::select! {
+                        biased;
+                        r = server_writer.write(server_out), if !server_out.is_empty() => Event::ServerWrote(r),
+                        r = writer.write(client_out), if !client_out.is_empty() => Event::ClientWrote(r),
+                        r = server.fill(), if read_server => Event::Server(r),
+                        r = client.fill(), if read_client => Event::Client(r),
+                        _ = std::future::poll_fn(|cx| info.poll_stop(cx, &mut stop_registered)), if listen_for_stop => Event::Shutdown,
+                        else => Event::Stalled,
+                    }
+                }
                 None => tokio::select! {
                     biased;
-                    r = client.fill() => Event::Client(r),
+                    r = writer.write(client_out), if !client_out.is_empty() => Event::ClientWrote(r),
+                    r = client.fill(), if read_client => Event::Client(r),
                     _ = std::future::poll_fn(|cx| info.poll_stop(cx, &mut stop_registered)), if !stop_seen => Event::Shutdown,
+                    else => Event::Stalled,
                 },
             };
             match event {
@@ -458,19 +511,40 @@ impl Session {
                 Event::Client(Ok(_)) => self.take_client_frames()?,
                 Event::Server(Ok(0)) => self.server_lost("server closed the connection")?,
                 Event::Server(Err(e)) => self.server_lost(&e.to_string())?,
+                Event::Server(Ok(_)) if self.session_mode => self.pass_server_frames()?,
                 Event::Server(Ok(_)) => self.take_server_frames()?,
+                Event::ClientWrote(Ok(0)) => return Err(End::ClientGone),
+                Event::ClientWrote(Ok(n)) => self.client_wrote(n),
+                Event::ClientWrote(Err(e)) => return Err(End::ClientIo(e)),
+                Event::ServerWrote(Ok(n)) if n > 0 => self.server_wrote(n),
+                Event::ServerWrote(result) => {
+                    self.server_out.clear();
+                    let reason = match result {
+                        Err(e) => format!("write failed: {e}"),
+                        Ok(_) => "write failed: the server accepts no more data".to_string(),
+                    };
+                    self.server_lost(&reason)?;
+                }
                 Event::Shutdown => stop_seen = true,
+                Event::Stalled => {
+                    // Nothing to read or write: only a bug in the limits above can get
+                    // here, and waiting would hang the client.
+                    warn!(user = %self.user.name, pending = self.pending.len(), "session cannot make progress; closing it");
+                    return Err(End::fatal("XX000", "internal error: the session stalled"));
+                }
             }
             // Shutting down: a client leaves as soon as it holds no server (between
             // transactions); one inside a transaction may finish it first.
-            if self.info.stop_requested()
-                && self.tx_status == b'I'
-                && self.expect.is_empty()
-                && !self.mid_batch
-                && !self.copy_in
-                && self.pending.is_empty()
-            {
-                self.flush().await?;
+            let idle = if self.session_mode {
+                self.passthrough_idle()
+            } else {
+                self.tx_status == b'I'
+                    && self.expect.is_empty()
+                    && !self.mid_batch
+                    && !self.copy_in
+                    && self.pending.is_empty()
+            };
+            if self.info.stop_requested() && idle {
                 return Err(End::fatal(
                     "57P01",
                     "terminating connection: the proxy is shutting down",
@@ -479,33 +553,64 @@ impl Session {
         }
     }
 
-    async fn flush(&mut self) -> Result<(), End> {
-        if !self.server_out.is_empty() {
-            if let Some(held) = self.server.as_mut()
-                && let Err(e) = held.conn.writer.write_all(&self.server_out).await
-            {
+    /// Writes what each socket accepts now without waiting: the server's bytes first,
+    /// then the client's. The rest waits for the socket in the session loop.
+    fn write_ready(&mut self) -> Result<(), End> {
+        while !self.server_out.is_empty() {
+            let Some(held) = self.server.as_mut() else {
                 self.server_out.clear();
-                self.server_lost(&format!("write failed: {e}"))?;
-            }
-            self.server_out.clear();
-        }
-        if !self.client_out.is_empty() {
-            // Once answers to the reads in flight reach the client, they can no longer
-            // be replayed elsewhere.
-            if let Some(replay) = self.replay.as_mut() {
-                if self.client_out.len() > replay.client_mark {
-                    self.forget_replay();
-                } else {
-                    replay.client_mark = 0;
+                break;
+            };
+            match held.conn.writer.try_write(&self.server_out) {
+                Ok(n) if n > 0 => self.server_wrote(n),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                failed => {
+                    self.server_out.clear();
+                    let reason = match failed {
+                        Err(e) => format!("write failed: {e}"),
+                        Ok(_) => "write failed: the server accepts no more data".to_string(),
+                    };
+                    self.server_lost(&reason)?;
                 }
             }
-            self.writer
-                .write_all(&self.client_out)
-                .await
-                .map_err(End::ClientIo)?;
-            self.client_out.clear();
+        }
+        while !self.client_out.is_empty() {
+            match self.writer.try_write(&self.client_out) {
+                Ok(0) => return Err(End::ClientGone),
+                Ok(n) => self.client_wrote(n),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(End::ClientIo(e)),
+            }
         }
         Ok(())
+    }
+
+    fn server_wrote(&mut self, n: usize) {
+        if n >= self.server_out.len() {
+            self.server_out.clear();
+        } else {
+            self.server_out.advance(n);
+        }
+    }
+
+    /// `n` bytes of `client_out` reached the client's socket. Once answers to the reads
+    /// in flight are among them, those reads can no longer be replayed elsewhere.
+    fn client_wrote(&mut self, n: usize) {
+        if let Some(replay) = self.replay.as_mut() {
+            if n > replay.client_mark {
+                self.forget_replay();
+            } else {
+                replay.client_mark -= n;
+            }
+        }
+        if let Some(reparse) = self.reparse.as_mut() {
+            reparse.client_mark = reparse.client_mark.saturating_sub(n);
+        }
+        if n >= self.client_out.len() {
+            self.client_out.clear();
+        } else {
+            self.client_out.advance(n);
+        }
     }
 
     /// Finishes the login: ParameterStatus from a real server with the client's
@@ -549,6 +654,12 @@ impl Session {
         };
         for (name, value) in &held.conn.params {
             msg::parameter_status(&mut self.client_out, name, value);
+        }
+        if self.session_mode {
+            // The client keeps this server: it gets the server's real process id, so
+            // that pg_backend_pid(), pg_terminate_backend() and NOTIFY's sender agree
+            // with what the driver reports. Cancel requests still come to the proxy.
+            self.key = self.shared.cancels.rekey(self.key, held.conn.pid);
         }
         msg::backend_key_data(&mut self.client_out, self.key.0, self.key.1);
         msg::ready_for_query(&mut self.client_out, b'I');
@@ -608,6 +719,10 @@ impl Session {
 
     fn take_client_frames(&mut self) -> Result<(), End> {
         while let Some(frame) = self.client.next_frame()? {
+            if self.session_mode {
+                self.pass_client_frame(frame)?;
+                continue;
+            }
             if frame.len() != 5
                 && matches!(
                     frame[0],
@@ -659,7 +774,11 @@ impl Session {
         });
         match end {
             Some(i) => Some(i + 1),
-            None if self.pending.len() >= PARTIAL_UNIT => Some(self.pending.len()),
+            None if self.pending.len() >= PARTIAL_UNIT
+                || self.pending.bytes() >= PARTIAL_UNIT_BYTES =>
+            {
+                Some(self.pending.len())
+            }
             None => None,
         }
     }
@@ -692,17 +811,19 @@ impl Session {
                     return Ok(());
                 }
             }
+            // The server is not reading fast enough: more would only pile up here.
+            if self.server_out.len() >= SERVER_OUT_LIMIT {
+                return Ok(());
+            }
             let Some(len) = self.next_unit_len() else {
                 return Ok(());
             };
             let mut unit = std::mem::take(&mut self.spare_unit);
-            unit.extend(self.pending.drain(..len));
+            self.pending.take_front(len, &mut unit);
             match self.dispatch(unit).await? {
                 Dispatch::Done => {}
                 Dispatch::Later(unit) => {
-                    for frame in unit.into_iter().rev() {
-                        self.pending.push_front(frame);
-                    }
+                    self.pending.put_back(unit);
                     return Ok(());
                 }
             }
@@ -771,34 +892,39 @@ impl Session {
     /// `DEALLOCATE name` of a statement this client prepared through the protocol: the
     /// servers know it only by its proxy-wide name (shared with other clients), so the
     /// proxy forgets the client's name and answers itself, as Postgres would. Only when
-    /// nothing is in flight (the answer goes straight out) and the transaction is not
-    /// aborted (where Postgres refuses every statement); otherwise, and for names the
-    /// proxy does not know (SQL `PREPARE`), the server answers.
-    fn deallocated_here(&mut self, unit: &[BytesMut], effects: &[SessionEffect]) -> bool {
+    /// nothing is in flight (the answer goes straight out; a pipelined one waits for
+    /// the answers before it, which decide whether the name exists and whether the
+    /// transaction failed) and the transaction is not aborted (where Postgres refuses
+    /// every statement); otherwise, and for names the proxy does not know (SQL
+    /// `PREPARE`), the server answers.
+    fn deallocated_here(&mut self, unit: &[BytesMut], effects: &[SessionEffect]) -> Deallocate {
         let [query] = unit else {
-            return false;
+            return Deallocate::NotHere;
         };
-        if query[0] != msg::QUERY
-            || !self.expect.is_empty()
-            || self.tx_status == b'E'
-            || !effects.contains(&SessionEffect::ForgetPrepared)
-        {
-            return false;
+        if query[0] != msg::QUERY || !effects.contains(&SessionEffect::ForgetPrepared) {
+            return Deallocate::NotHere;
         }
         let Some(name) = Fields::of_frame(query)
             .cstr_bytes()
             .ok()
             .and_then(statements::deallocate_target)
         else {
-            return false;
+            return Deallocate::NotHere;
         };
-        if self.statements.remove(&name).is_none() {
-            return false;
+        if !self.expect.is_empty() {
+            return if self.statements.contains_key(&name) || self.expect.uncertain() {
+                Deallocate::Wait
+            } else {
+                Deallocate::NotHere
+            };
+        }
+        if self.tx_status == b'E' || self.statements.remove(&name).is_none() {
+            return Deallocate::NotHere;
         }
         debug!(user = %self.user.name, statement = %name, "DEALLOCATE answered by the proxy");
         msg::command_complete(&mut self.client_out, "DEALLOCATE");
         msg::ready_for_query(&mut self.client_out, self.tx_status);
-        true
+        Deallocate::Answered
     }
 
     /// Transaction control the proxy answers without a server (see `transaction.rs`):
@@ -909,11 +1035,23 @@ impl Session {
             // Leftovers of a COPY the server already ended; Postgres drops them too.
             return Ok(Dispatch::Done);
         }
+        if self.expect.uncertain() && requests::relies_on_statements(&unit) {
+            // What its statement names mean depends on an answer still to come.
+            return Ok(Dispatch::Later(unit));
+        }
         let mut parsed = std::mem::take(&mut self.spare_parsed);
         let (decision, mut query_effects) = self.unit_decision(&unit, &mut parsed);
-        if self.deallocated_here(&unit, &query_effects) {
-            self.spare_parsed = parsed;
-            return Ok(Dispatch::Done);
+        match self.deallocated_here(&unit, &query_effects) {
+            Deallocate::NotHere => {}
+            Deallocate::Answered => {
+                self.spare_parsed = parsed;
+                return Ok(Dispatch::Done);
+            }
+            Deallocate::Wait => {
+                parsed.clear();
+                self.spare_parsed = parsed;
+                return Ok(Dispatch::Later(unit));
+            }
         }
         if self.transaction_answered_here(&mut unit, &decision, &parsed) {
             parsed.clear();
@@ -1106,6 +1244,9 @@ impl Session {
         match end {
             Ok(()) | Err(End::ClientGone) => debug!(user = %self.user.name, "client disconnected"),
             Err(End::ClientIo(e)) => debug!(user = %self.user.name, "client connection error: {e}"),
+            Err(End::ServerGone(reason)) => {
+                info!(user = %self.user.name, "server connection of a session-mode client ended ({reason}); closing the client's")
+            }
             Err(End::Fatal { code, message }) => {
                 warn!(user = %self.user.name, code, "closing client connection: {message}");
                 msg::error_response(&mut self.client_out, "FATAL", &code, &message);
@@ -1116,8 +1257,11 @@ impl Session {
         }
         let _ = self.writer.shutdown().await;
         if let Some(mut held) = self.server.take() {
-            let busy =
-                !self.expect.is_empty() || self.tx_status != b'I' || self.copy_in || self.mid_batch;
+            let busy = !self.expect.is_empty()
+                || self.tx_status != b'I'
+                || self.copy_in
+                || self.mid_batch
+                || (self.session_mode && !self.passthrough_idle());
             if busy {
                 // Closing the socket makes the server roll back; cancel first so a long
                 // statement does not keep running until it next writes.

@@ -84,9 +84,13 @@ impl Session {
                     sync: false,
                 });
                 self.forget_server_unnamed();
-                // A simple Query drops the unnamed statement on Postgres.
-                if let Some(previous) = self.unnamed.take() {
-                    self.push_expect(Expect::UndoUnnamed(Some(previous)));
+                // A simple Query drops the unnamed statement on Postgres. With
+                // something in flight the change is recorded even when there is
+                // nothing to drop: an earlier change undone by an error hands its
+                // statement on to it (`undo_statement_changes`).
+                let previous = self.unnamed.take();
+                if previous.is_some() || self.expect.len() > 1 {
+                    self.push_expect(Expect::UndoUnnamed(previous));
                 }
             }
             msg::PARSE => {
@@ -104,10 +108,13 @@ impl Session {
                     if let Some(held) = self.server.as_ref()
                         && held.conn.unnamed == Some(statement.id)
                         && self.tx_status != b'E'
+                        && !self.expect.uncertain()
                     {
                         // The server's unnamed statement is this one already (left by
                         // this client or another): parsing it again would only repeat
-                        // the server's parse analysis.
+                        // the server's parse analysis. Not while an earlier request
+                        // that may change it is unanswered: a Parse refused or skipped
+                        // there would leave the server another statement or none.
                         held.node
                             .stats
                             .parses_saved
@@ -211,7 +218,7 @@ impl Session {
                     // Proxy-named statements stay on the servers for other clients.
                     let previous = self.statements.remove(name);
                     self.push_expect(Expect::Synthetic(msg::CLOSE_COMPLETE));
-                    if previous.is_some() {
+                    if previous.is_some() || self.expect.len() > 1 {
                         self.push_expect(Expect::UndoNamed(Box::new((name.to_string(), previous))));
                     }
                 } else {
@@ -222,8 +229,9 @@ impl Session {
                     }
                     if kind == b'S' {
                         self.forget_server_unnamed();
-                        if let Some(previous) = self.unnamed.take() {
-                            self.push_expect(Expect::UndoUnnamed(Some(previous)));
+                        let previous = self.unnamed.take();
+                        if previous.is_some() || self.expect.len() > 1 {
+                            self.push_expect(Expect::UndoUnnamed(previous));
                         }
                     }
                 }
@@ -291,4 +299,40 @@ fn note_bound(
             }
         }
     }
+}
+
+/// Whether forwarding `unit` depends on which prepared statements the client and its
+/// server have: a Parse of a name (the server may hold its statement already), a Bind
+/// or Describe of a name, or of the unnamed statement when the unit does not parse it
+/// first. Such a unit waits while the outcome of an earlier request that may change
+/// them is unknown (`ExpectQueue::uncertain`), since the server's answer to that
+/// request decides what the client's names mean.
+pub(super) fn relies_on_statements(unit: &[BytesMut]) -> bool {
+    let mut parsed_unnamed = false;
+    for frame in unit {
+        let mut f = Fields::of_frame(frame);
+        let statement = match frame[0] {
+            msg::PARSE => {
+                let Ok(name) = f.cstr_bytes() else {
+                    return true;
+                };
+                if !name.is_empty() {
+                    return true;
+                }
+                parsed_unnamed = true;
+                continue;
+            }
+            msg::BIND => f.cstr_bytes().and_then(|_| f.cstr_bytes()),
+            msg::DESCRIBE => match f.u8() {
+                Ok(b'S') => f.cstr_bytes(),
+                _ => continue,
+            },
+            _ => continue,
+        };
+        match statement {
+            Ok(name) if name.is_empty() && parsed_unnamed => {}
+            _ => return true,
+        }
+    }
+    false
 }

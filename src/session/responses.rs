@@ -33,12 +33,18 @@ impl Session {
     }
 
     /// Puts back the client's statement names that abandoned messages changed, newest
-    /// change first.
+    /// change first. A later change of the same name still in flight (behind a Sync
+    /// the error does not reach) keeps its effect: it now replaces what the abandoned
+    /// change had replaced, which is what it puts back should it be abandoned too.
     pub(super) fn undo_statement_changes(&mut self, abandoned: Vec<Expect>) {
         for entry in abandoned.into_iter().rev() {
             match entry {
                 Expect::UndoNamed(change) => {
                     let (name, previous) = *change;
+                    if let Some(later) = self.expect.next_change_of(Some(&name)) {
+                        *later = previous;
+                        continue;
+                    }
                     match previous {
                         Some(statement) => {
                             self.statements.insert(name, statement);
@@ -48,7 +54,10 @@ impl Session {
                         }
                     }
                 }
-                Expect::UndoUnnamed(previous) => self.unnamed = previous,
+                Expect::UndoUnnamed(previous) => match self.expect.next_change_of(None) {
+                    Some(later) => *later = previous,
+                    None => self.unnamed = previous,
+                },
                 _ => {}
             }
         }
@@ -181,11 +190,11 @@ impl Session {
                     // Extended protocol: the server ignores the Sync sent with this
                     // Execute; the client sends another after CopyDone, which is the one
                     // that gets answered.
-                    if let Some(i) = self
+                    let sync = self
                         .expect
                         .iter()
-                        .position(|e| matches!(e, Expect::Ready { .. }))
-                    {
+                        .position(|e| matches!(e, Expect::Ready { .. }));
+                    if let Some(i) = sync {
                         self.expect.remove(i);
                     }
                     self.mid_batch = true;
@@ -193,8 +202,11 @@ impl Session {
             }
             msg::COMMAND_COMPLETE => {
                 self.copy_in = false;
-                if msg::command_tag(&frame) == b"ROLLBACK" {
-                    self.saw_rollback = true;
+                match msg::command_tag(&frame) {
+                    b"ROLLBACK" => self.saw_rollback = true,
+                    b"DEALLOCATE ALL" | b"DISCARD ALL" => self.statements_deallocated(true),
+                    b"DEALLOCATE" => self.statements_deallocated(false),
+                    _ => {}
                 }
             }
             _ => {}
@@ -212,6 +224,22 @@ impl Session {
             }
         }
         Ok(())
+    }
+
+    /// The server ran a `DEALLOCATE` (`all`: `DEALLOCATE ALL` or `DISCARD ALL`, which
+    /// also drop the client's names). It takes effect when it runs, as on Postgres: a
+    /// later error or rollback does not undo it, and statements prepared by messages
+    /// still in flight behind it are prepared after it, so they stay.
+    fn statements_deallocated(&mut self, all: bool) {
+        let (kept_names, kept_ids) = self.expect.forget_before_in_flight();
+        if let Some(held) = self.server.as_mut() {
+            // A named DEALLOCATE that reaches the server names no statement of the
+            // client's (those are answered here), but could name a proxy-wide one.
+            held.conn.prepared.retain(|id| kept_ids.contains(id));
+        }
+        if all {
+            self.statements.retain(|name, _| kept_names.contains(name));
+        }
     }
 
     /// A server refused a deferred `BEGIN` (the texts deferred cannot fail on a working
@@ -270,25 +298,12 @@ impl Session {
         self.client_out.truncate(reparse.client_mark);
         self.forget_server_unnamed();
         self.forget_replay();
-        let mut abandoned = Vec::new();
-        while let Some(entry) = self.expect.front_mut() {
-            if matches!(entry, Expect::Ready { .. }) {
-                // The server still ends the unit with ReadyForQuery: not the client's.
-                *entry = Expect::Injected;
-                break;
-            }
-            if let Some(undo @ (Expect::UndoNamed(_) | Expect::UndoUnnamed(_))) =
-                self.expect.pop_front()
-            {
-                abandoned.push(undo);
-            }
-        }
+        // The server still ends the unit with ReadyForQuery: not the client's.
+        let abandoned = self.expect.replace_first_ready(Expect::Injected);
         // The unit is processed again from its first message.
         self.undo_statement_changes(abandoned);
         self.group_effects.clear();
-        for frame in reparse.frames.into_iter().rev() {
-            self.pending.push_front(frame);
-        }
+        self.pending.put_back(reparse.frames);
     }
 
     /// Forwards a server error. A FATAL one means the server is about to close this
@@ -349,8 +364,6 @@ impl Session {
     }
 
     fn on_ready(&mut self, status: u8, effects: Vec<SessionEffect>) {
-        // Nothing the client sent after this request is in flight (see below).
-        let last_in_flight = self.expect.is_empty();
         self.tx_status = status;
         self.copy_in = false;
         self.replays = 0;
@@ -371,22 +384,6 @@ impl Session {
             self.forget_server_unnamed();
         }
         if !self.group_error {
-            for effect in &effects {
-                match effect {
-                    SessionEffect::ForgetPrepared => {
-                        if let Some(held) = self.server.as_mut() {
-                            held.conn.prepared.clear();
-                        }
-                    }
-                    // Immediately, as on Postgres, where DEALLOCATE is not undone by a
-                    // rollback. Names the client prepared in a pipeline after it are
-                    // already recorded and cannot be told apart: then all stay usable.
-                    SessionEffect::ForgetClientStatements if last_in_flight => {
-                        self.statements.clear();
-                    }
-                    _ => {}
-                }
-            }
             self.tx_effects.extend(effects);
         }
         self.group_error = false;
@@ -478,6 +475,14 @@ impl Session {
     /// each request in flight and carries on; inside one the transaction cannot be
     /// finished safely, so the client is disconnected with a clear message.
     pub(super) fn server_lost(&mut self, reason: &str) -> Result<(), End> {
+        if self.session_mode {
+            // The client's session lived on that server: it ends with it, as it would
+            // on a direct connection, rather than moving on to another server.
+            if let Some(held) = self.server.as_mut() {
+                held.conn.broken = true;
+            }
+            return Err(End::ServerGone(reason.to_string()));
+        }
         let node = self.server.as_ref().map(|h| h.node.clone());
         if let Some(held) = self.server.as_mut() {
             held.conn.broken = true;
@@ -498,15 +503,13 @@ impl Session {
             info!(node = node_name, user = %self.user.name, "server failed before answering a read ({reason}); running it elsewhere");
             self.replays += 1;
             // The unit is processed again from its first message.
-            let abandoned = self.expect.drain(..).collect();
+            let abandoned = self.expect.take_all();
             self.undo_statement_changes(abandoned);
             self.mid_batch = false;
             self.copy_in = false;
             self.group_error = false;
             self.group_effects.clear();
-            for frame in unit.into_iter().rev() {
-                self.pending.push_front(frame);
-            }
+            self.pending.put_back(unit);
             return Ok(());
         }
         warn!(node = node_name, user = %self.user.name, "server connection lost: {reason}");

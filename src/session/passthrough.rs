@@ -1,0 +1,81 @@
+//! Session pooling: the client has its server for its whole session, so the proxy
+//! forwards every message both ways unchanged, as if the client were connected
+//! directly. Statement names stay the client's, the client's key carries its server's
+//! real process id, and when that server ends the session (a FATAL error, a crash) the
+//! client's connection ends with it. The proxy only watches ReadyForQuery (the
+//! transaction status, and whether a request is in flight) and ParameterStatus.
+
+use super::*;
+
+impl Session {
+    /// A client message in session mode: straight on to the server, which judges it.
+    pub(super) fn pass_client_frame(&mut self, frame: BytesMut) -> Result<(), End> {
+        match frame[0] {
+            msg::TERMINATE => return Err(End::ClientGone),
+            msg::SYNC | msg::QUERY | msg::FUNCTION_CALL => self.awaiting_ready += 1,
+            _ => {}
+        }
+        if matches!(frame[0], msg::QUERY | msg::EXECUTE) {
+            self.info
+                .statements
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if self.started.is_none() {
+                self.started = Some(Instant::now());
+            }
+            self.info.set_state(ClientState::Active);
+        }
+        self.server_out.extend_from_slice(&frame);
+        Ok(())
+    }
+
+    /// A server message in session mode: straight on to the client.
+    pub(super) fn pass_server_frames(&mut self) -> Result<(), End> {
+        let Some(held) = self.server.as_mut() else {
+            return Ok(());
+        };
+        loop {
+            let frame = match held.conn.reader.next_frame() {
+                Ok(Some(frame)) => frame,
+                Ok(None) => return Ok(()),
+                Err(e) => {
+                    held.conn.broken = true;
+                    return Err(End::ServerGone(e.to_string()));
+                }
+            };
+            match frame[0] {
+                msg::READY_FOR_QUERY => {
+                    self.tx_status = frame.get(5).copied().unwrap_or(b'I');
+                    self.awaiting_ready = self.awaiting_ready.saturating_sub(1);
+                    if let Some(started) = self.started.take() {
+                        held.node.stats.latency.observe(started.elapsed());
+                    }
+                    self.info.set_state(match self.tx_status {
+                        b'I' => ClientState::Idle,
+                        _ => ClientState::InTransaction,
+                    });
+                }
+                msg::PARAMETER_STATUS => held.conn.record_parameter(&frame),
+                msg::COPY_IN_RESPONSE => self.copy_in = true,
+                msg::COMMAND_COMPLETE | msg::ERROR_RESPONSE => {
+                    self.copy_in = false;
+                    if frame[0] == msg::ERROR_RESPONSE {
+                        let fields = msg::parse_error_fields(&frame);
+                        if fields.severity == "FATAL" || fields.severity == "PANIC" {
+                            // The server ends the session; the client learns it from
+                            // the server's own words, then from the closed connection.
+                            held.conn.broken = true;
+                            info!(node = %held.node.name, user = %self.user.name, "server ended the session: {fields}");
+                        }
+                    }
+                }
+                _ => {}
+            }
+            self.client_out.extend_from_slice(&frame);
+        }
+    }
+
+    /// Nothing is in flight on the session's server: no request unanswered, no COPY.
+    pub(super) fn passthrough_idle(&self) -> bool {
+        self.awaiting_ready == 0 && self.tx_status == b'I' && !self.copy_in
+    }
+}
