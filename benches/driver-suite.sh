@@ -7,10 +7,12 @@
 #   benches/driver-suite.sh                    # asyncpg 0.32.0, all tests
 #   ASYNCPG=0.32.0 TESTS='tests/test_prepare.py' benches/driver-suite.sh
 #   BIN=path/to/replicator benches/driver-suite.sh   # that binary, build nothing
+#   KEEP=1 benches/driver-suite.sh             # keep the logs and pytest's reports
 #
 # Needs the PostgreSQL server binaries, Python 3 with venv and pip, and PyPI. The suite
-# runs as the cluster's superuser (it creates extensions, types and roles), against a
-# project whose only node is the primary: this measures pooling, not read routing. It
+# runs as the cluster's superuser (it creates extensions, types and roles), against
+# projects (app, and postgres, which some tests name) whose only node is the primary:
+# this measures pooling, not read routing. It
 # takes a few minutes per target. Not part of `cargo test` (it needs PyPI and minutes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,20 +35,25 @@ cleanup() {
     if [ -n "$pid" ]; then kill "$pid" 2>/dev/null || true; fi
   done
   if [ -n "${DEMO_PID:-}" ] && kill -INT "$DEMO_PID" 2>/dev/null; then sleep 2; fi
-  rm -rf "$WORK"
+  if [ -n "${KEEP:-}" ]; then echo "outputs kept in $WORK" >&2; else rm -rf "$WORK"; fi
 }
 trap cleanup EXIT
 
 # asyncpg, pytest, and the tests from the source distribution (the wheel has none).
 VENV="$CACHE/venv-asyncpg-$ASYNCPG"
-if [ ! -x "$VENV/bin/pytest" ]; then
+if ! "$VENV/bin/python" -c 'import asyncpg, pytest, distro' 2>/dev/null; then
   python3 -m venv "$VENV"
-  "$VENV/bin/pip" install --quiet "asyncpg==$ASYNCPG" pytest
+  # distro: test_connect imports it (asyncpg's test extras).
+  "$VENV/bin/pip" install --quiet "asyncpg==$ASYNCPG" pytest distro
 fi
 SRC="$CACHE/asyncpg-$ASYNCPG"
 if [ ! -d "$SRC/tests" ]; then
-  url=$(curl -fsSL "https://pypi.org/pypi/asyncpg/$ASYNCPG/json" |
-    python3 -c 'import json,sys; print([u["url"] for u in json.load(sys.stdin)["urls"] if u["packagetype"]=="sdist"][0])')
+  index=https://pypi.org/pypi/asyncpg/json
+  url=$(curl -fsSL "$index" | python3 -c '
+import json, sys, urllib.parse
+release = json.load(sys.stdin)["releases"][sys.argv[2]]
+print(urllib.parse.urljoin(sys.argv[1], [u["url"] for u in release if u["packagetype"] == "sdist"][0]))
+' "$index" "$ASYNCPG")
   curl -fsSL "$url" | tar xz -C "$CACHE"
 fi
 # Run from a folder holding only the tests, so that the installed asyncpg is imported.
@@ -69,11 +76,17 @@ pool_mode = "$3"
 name = "postgres"
 password = "postgres"
 [projects.app]
-pool_size = 40
+pool_size = 90
 [[projects.app.replicas]]
 name = "master"
 role = "primary"
 uri = "postgresql://127.0.0.1:$PRIMARY_PORT/app"
+[projects.postgres]
+pool_size = 90
+[[projects.postgres.replicas]]
+name = "master"
+role = "primary"
+uri = "postgresql://127.0.0.1:$PRIMARY_PORT/postgres"
 TOML
   setsid "$BIN" serve --config "$WORK/$1.toml" > "$WORK/$1.log" 2>&1 &
 }
@@ -86,9 +99,9 @@ sleep 1
 run_suite() { # name port
   echo "== asyncpg $ASYNCPG tests: $1" >&2
   (cd "$WORK" && PGHOST=127.0.0.1 PGPORT=$2 PGUSER=postgres PGPASSWORD=postgres PGDATABASE=app \
-    timeout 1800 "$OLDPWD/$VENV/bin/pytest" -q -p no:cacheprovider -o junit_family=xunit1 \
+    timeout 1800 "$OLDPWD/$VENV/bin/pytest" -q -p no:cacheprovider --assert=plain -o junit_family=xunit1 \
     --junitxml="$WORK/$1.xml" "$TESTS" > "$WORK/$1.out" 2>&1) || true
-  tail -1 "$WORK/$1.out" >&2
+  grep -E '(passed|failed|error).* in [0-9.]+s' "$WORK/$1.out" | tail -1 >&2
   # The failing and erroring tests, one per line.
   python3 - "$WORK/$1.xml" > "$WORK/$1.failed" <<'PY'
 import sys, xml.etree.ElementTree as ET

@@ -10,6 +10,9 @@
 #     benches/pgbench.sh              # one pairing, many short rounds: a tight interval
 #   BUILD=plain benches/pgbench.sh    # measure a plain `cargo build --release` binary
 #   BIN=path/to/replicator benches/pgbench.sh   # measure that binary, build nothing
+#   BEFORE=path/to/older/replicator benches/pgbench.sh   # also that binary, primary-only,
+#                                     # as target replicator-before: a change's effect
+#                                     # measured in the same run, paired by round
 #
 # By default the proxy measured is the profile-guided build (scripts/pgo-build.sh), the
 # one the Docker image ships (it needs rustup's llvm-tools, added when missing);
@@ -51,7 +54,7 @@ PGBIN=$( (pg_config --bindir 2>/dev/null; ls -d /usr/lib/postgresql/*/bin 2>/dev
 PGBENCH="$PGBIN/pgbench"
 
 cleanup() {
-  for pid in "${BOUNCER_PID:-}" "${SOLO_PID:-}" "${RYW_PID:-}"; do
+  for pid in "${BOUNCER_PID:-}" "${SOLO_PID:-}" "${RYW_PID:-}" "${BEFORE_PID:-}"; do
     if [ -n "$pid" ]; then kill "$pid" 2>/dev/null || true; fi
   done
   if [ -n "${DEMO_PID:-}" ] && kill -INT "$DEMO_PID" 2>/dev/null; then sleep 2; fi
@@ -109,6 +112,16 @@ RYW_PID=$!
 sleep 0.5
 
 PROXIES="replicator:$PROXY_PORT replicator-primary-only:$SOLO_PORT replicator-ryw:$RYW_PORT"
+if [ -n "${BEFORE:-}" ]; then
+  # The same primary-only config, served by the older binary.
+  BEFORE_PORT=$((PROXY_PORT + 6))
+  sed -e "s/:$SOLO_PORT\"/:$BEFORE_PORT\"/" -e "s/:$((PROXY_PORT + 3))\"/:$((PROXY_PORT + 7))\"/" \
+    -e "s|$WORK/state.json|$WORK/state-before.json|" "$WORK/primary-only.toml" > "$WORK/before.toml"
+  setsid "$BEFORE" serve --config "$WORK/before.toml" > "$WORK/before.log" 2>&1 &
+  BEFORE_PID=$!
+  sleep 0.5
+  PROXIES="$PROXIES replicator-before:$BEFORE_PORT"
+fi
 TARGETS="direct:$PRIMARY_PORT $PROXIES"
 if command -v pgbouncer > /dev/null; then
   cat > "$WORK/pgbouncer.ini" <<INI
@@ -253,13 +266,13 @@ def interval(ratios):
     mean = statistics.fmean(logs)
     return f"[{math.exp(mean - half):.2f}-{math.exp(mean + half):.2f}]"
 
-# The same comparison paired by round: each replicator target against PgBouncer in the
-# same round (minutes apart at most), which cancels the machine's slow drifts that the
-# medians above keep.
-if "pgbouncer" in targets:
-    others = [t for t in targets if t.startswith("replicator")]
+# The same comparison paired by round: each replicator target against PgBouncer (and
+# against the older binary, with BEFORE) in the same round (minutes apart at most),
+# which cancels the machine's slow drifts that the medians above keep.
+for baseline in [b for b in ("pgbouncer", "replicator-before") if b in targets]:
+    others = [t for t in targets if t.startswith("replicator") and t != baseline]
     rounds = sorted({r for r, _, _ in by_round}, key=int)
-    print("\nper-round TPS ratio to PgBouncer in the same round: geometric mean, "
+    print(f"\nper-round TPS ratio to {baseline} in the same round: geometric mean, "
           "[95% confidence interval], (lowest-highest)\n")
     print("| workload | " + " | ".join(others) + " |")
     print("|" + "---|" * (1 + len(others)))
@@ -268,7 +281,7 @@ if "pgbouncer" in targets:
         for t in others:
             ratios = []
             for r in rounds:
-                b, x = by_round.get((r, w, "pgbouncer")), by_round.get((r, w, t))
+                b, x = by_round.get((r, w, baseline)), by_round.get((r, w, t))
                 if b in (None, "fail") or x in (None, "fail"):
                     ratios = None
                     break

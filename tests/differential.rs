@@ -85,6 +85,9 @@ fn libpq_query(sql: &str, params: usize) -> Vec<u8> {
 /// difference, see README), but Binds and Describes may name statements that failed to
 /// be prepared, or never were.
 fn well_formed_group(rng: &mut Fuzz, names: &mut Vec<(String, usize)>, next: &mut u32) -> Vec<u8> {
+    if rng.below(12) == 0 {
+        return copy_group(rng);
+    }
     if rng.below(5) == 0 {
         // DEALLOCATE of a name the client prepared through the protocol, sometimes.
         if rng.below(6) == 0
@@ -179,6 +182,56 @@ fn well_formed_group(rng: &mut Fuzz, names: &mut Vec<(String, usize)>, next: &mu
     }
     out.extend(message(b'S', &[]));
     out
+}
+
+/// A COPY FROM STDIN with its data sent right behind the statement, before the
+/// server's CopyInResponse (as asyncpg does): ended by CopyDone or CopyFail, of a table
+/// that exists or not (then Postgres ignores the data), through a simple query or the
+/// extended protocol; or a COPY TO STDOUT. (A Sync sent during the COPY, which the
+/// server ignores unless the COPY failed to start, gives a group one ReadyForQuery or
+/// two: `copy_data_sent_ahead_of_the_servers_answer` checks that case.)
+fn copy_group(rng: &mut Fuzz) -> Vec<u8> {
+    copy_variant(rng.below(3), rng)
+}
+
+fn copy_variant(variant: u64, rng: &mut Fuzz) -> Vec<u8> {
+    let table = if rng.below(4) == 0 {
+        "no_such_table"
+    } else {
+        "diff_items (itemno)"
+    };
+    let sql = format!("COPY {table} FROM STDIN");
+    let mut data = message(b'd', b"5\n");
+    if rng.below(3) == 0 {
+        data.extend(message(b'f', b"the client gave up\0"));
+    } else {
+        data.extend(message(b'c', &[]));
+    }
+    match variant {
+        0 => {
+            let mut out = query(&sql);
+            out.extend(data);
+            out
+        }
+        1 => {
+            let mut out = parse("", &sql);
+            out.extend(bind("", "", 0));
+            out.extend(execute(""));
+            out.extend(data);
+            out.extend(message(b'S', &[]));
+            out
+        }
+        2 => query("COPY (SELECT 1 UNION ALL SELECT 2) TO STDOUT"),
+        _ => {
+            let mut out = parse("", &sql);
+            out.extend(bind("", "", 0));
+            out.extend(execute(""));
+            out.extend(message(b'S', &[]));
+            out.extend(data);
+            out.extend(message(b'S', &[]));
+            out
+        }
+    }
 }
 
 /// A group in words, for failure messages: each message's type and its strings.
@@ -278,6 +331,7 @@ async fn differential(seed: u64, cases: usize, pipelined: bool, proxy_extra: &st
     let mut rng = Fuzz(seed);
     let (mut names, mut next) = (Vec::new(), 0);
     let mut history: Vec<Vec<u8>> = Vec::new();
+    let mut answered: Vec<String> = Vec::new();
     let mut failed_before = false;
     let mut case = 0;
     while case < cases {
@@ -318,17 +372,16 @@ async fn differential(seed: u64, cases: usize, pipelined: bool, proxy_extra: &st
                 }
             }
             failed_before = expected.last().is_some_and(|z| z == "ZE");
+            let last = history
+                .last()
+                .map(|g| describe_group(g))
+                .unwrap_or_default();
+            answered.push(format!("{last} -> {expected:?}"));
             assert_eq!(
                 got,
                 expected,
-                "group {case} answered differently through the proxy (right: direct); the last groups: {:#?}",
-                history
-                    .iter()
-                    .rev()
-                    .take(16)
-                    .rev()
-                    .map(|g| describe_group(g))
-                    .collect::<Vec<_>>()
+                "group {case} answered differently through the proxy (right: direct); the last groups and their answers: {:#?}",
+                answered.iter().rev().take(16).rev().collect::<Vec<_>>()
             );
         }
         if tolerated {
@@ -361,6 +414,55 @@ async fn pipelined_groups_get_the_answers_a_direct_connection_gets() {
 #[tokio::test]
 async fn pipelined_groups_in_session_mode_get_the_answers_a_direct_connection_gets() {
     differential(0xd1b5_4a32_d192_ed03, 800, true, "pool_mode = \"session\"").await;
+}
+
+/// COPY data sent right behind its statement, before the server's CopyInResponse, as
+/// asyncpg sends it; in every form of `copy_variant` (a Sync during an extended COPY
+/// among them), on a table that exists and one that does not, ended by CopyDone and by
+/// CopyFail. The proxy must hand the data to the server in order, and the answers
+/// (ReadyForQuery included: one or two, depending on whether the COPY started) must be
+/// those of a direct connection.
+#[tokio::test]
+async fn copy_data_sent_ahead_of_the_servers_answer() {
+    diff_table().await;
+    let proxy = start_proxy("", "").await;
+    let mut direct = login_raw(
+        TcpStream::connect(("127.0.0.1", primary_port()))
+            .await
+            .unwrap(),
+    )
+    .await;
+    let mut through = login_raw(TcpStream::connect(proxy.addr).await.unwrap()).await;
+    let mut rng = Fuzz(0x1234_5678_9abc_def1);
+    for round in 0..40 {
+        let group = copy_variant(round % 4, &mut rng);
+        // Then a query whose answer shows that both sessions are in step again.
+        let mut request = group.clone();
+        request.extend(query("SELECT 'in step'"));
+        direct.write_all(&request).await.unwrap();
+        through.write_all(&request).await.unwrap();
+        let expected = answers_until_in_step(&mut direct).await;
+        let got = answers_until_in_step(&mut through).await;
+        assert_eq!(got, expected, "round {round}: {}", describe_group(&group));
+    }
+}
+
+/// Every answer up to the row `in step` and the ReadyForQuery after it.
+async fn answers_until_in_step(stream: &mut TcpStream) -> Vec<String> {
+    let mut buf = BytesMut::new();
+    let mut seen = Vec::new();
+    loop {
+        let frame = next_message(stream, &mut buf).await;
+        if let Some(answer) = describe_answer(&frame) {
+            let done = answer == "Din step";
+            seen.push(answer);
+            if done {
+                let frame = next_message(stream, &mut buf).await;
+                seen.extend(describe_answer(&frame));
+                return seen;
+            }
+        }
+    }
 }
 
 /// The answers a whole pipeline gets, up to its `syncs`-th ReadyForQuery.

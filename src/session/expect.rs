@@ -63,6 +63,9 @@ pub enum Expect {
     UndoNamed(Box<(String, Option<Arc<PreparedStatement>>)>),
     /// The same for the client's unnamed statement.
     UndoUnnamed(Option<Arc<PreparedStatement>>),
+    /// Not an answer but a marker: the client's CopyDone or CopyFail went to the server
+    /// here. A Sync sent before it reached the server during COPY, which ignores it.
+    CopyEnd,
 }
 
 impl Expect {
@@ -84,7 +87,10 @@ impl Expect {
                 msg::COMMAND_COMPLETE | msg::EMPTY_QUERY | msg::PORTAL_SUSPENDED
             ),
             Expect::Close | Expect::InjectedClose => tag == msg::CLOSE_COMPLETE,
-            Expect::Synthetic(_) | Expect::UndoNamed(_) | Expect::UndoUnnamed(_) => false,
+            Expect::Synthetic(_)
+            | Expect::UndoNamed(_)
+            | Expect::UndoUnnamed(_)
+            | Expect::CopyEnd => false,
         }
     }
 
@@ -102,7 +108,7 @@ impl Expect {
     pub fn is_local(&self) -> bool {
         matches!(
             self,
-            Expect::Synthetic(_) | Expect::UndoNamed(_) | Expect::UndoUnnamed(_)
+            Expect::Synthetic(_) | Expect::UndoNamed(_) | Expect::UndoUnnamed(_) | Expect::CopyEnd
         )
     }
 

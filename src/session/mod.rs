@@ -188,6 +188,10 @@ pub async fn serve_client(shared: Arc<Shared>, stream: TcpStream, peer: SocketAd
         .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
 }
 
+fn is_copy_frame(frame: &[u8]) -> bool {
+    matches!(frame[0], msg::COPY_DATA | msg::COPY_DONE | msg::COPY_FAIL)
+}
+
 fn invalid_message(tag: u8) -> End {
     End::fatal(
         "08P01",
@@ -734,13 +738,8 @@ impl Session {
                 // session would hang behind it.
                 return Err(malformed_message(frame[0]));
             }
-            if self.copy_in {
-                // COPY FROM STDIN: data goes straight to the server; CopyDone or CopyFail
-                // ends it, and what follows is routed as usual.
-                if matches!(frame[0], msg::COPY_DONE | msg::COPY_FAIL) {
-                    self.copy_in = false;
-                }
-                self.server_out.extend_from_slice(&frame);
+            if is_copy_frame(&frame) && self.pending.is_empty() {
+                self.forward_copy_frame(&frame);
                 continue;
             }
             match frame[0] {
@@ -762,6 +761,25 @@ impl Session {
             self.pending.push_back(frame);
         }
         Ok(())
+    }
+
+    /// COPY FROM STDIN data, CopyDone or CopyFail, with nothing queued before it: it goes
+    /// to the held server in order, whether the server's CopyInResponse has arrived or
+    /// not (asyncpg sends the data right behind the COPY statement). A server that is
+    /// not copying ignores it, as Postgres does with COPY messages outside COPY; with
+    /// no server held, no COPY can be running and it is dropped for the same reason.
+    fn forward_copy_frame(&mut self, frame: &[u8]) {
+        if self.server.is_some() {
+            self.server_out.extend_from_slice(frame);
+            self.note_copy_end(frame[0]);
+        }
+    }
+
+    /// Marks where the client's CopyDone or CopyFail went, among the answers expected.
+    fn note_copy_end(&mut self, tag: u8) {
+        if matches!(tag, msg::COPY_DONE | msg::COPY_FAIL) && !self.expect.is_empty() {
+            self.expect.push_back(Expect::CopyEnd);
+        }
     }
 
     /// Number of pending messages that form the next complete unit.
@@ -809,6 +827,11 @@ impl Session {
                 }
                 if self.server_skips_until_sync {
                     return Ok(());
+                }
+            }
+            while self.pending.front().is_some_and(|f| is_copy_frame(f)) {
+                if let Some(frame) = self.pending.pop_front() {
+                    self.forward_copy_frame(&frame);
                 }
             }
             // The server is not reading fast enough: more would only pile up here.
@@ -1028,11 +1051,10 @@ impl Session {
     }
 
     async fn dispatch(&mut self, mut unit: Vec<BytesMut>) -> Result<Dispatch, End> {
-        if unit
-            .iter()
-            .all(|f| matches!(f[0], msg::COPY_DATA | msg::COPY_DONE | msg::COPY_FAIL))
-        {
-            // Leftovers of a COPY the server already ended; Postgres drops them too.
+        if unit.iter().all(|f| is_copy_frame(f)) {
+            for frame in &unit {
+                self.forward_copy_frame(frame);
+            }
             return Ok(Dispatch::Done);
         }
         if self.expect.uncertain() && requests::relies_on_statements(&unit) {

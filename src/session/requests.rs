@@ -261,7 +261,11 @@ impl Session {
                 self.server_out.extend_from_slice(frame);
                 self.push_expect(Expect::FunctionCall);
             }
-            msg::COPY_DATA | msg::COPY_DONE | msg::COPY_FAIL => {}
+            // COPY data pipelined into the unit, in order (see `forward_copy_frame`).
+            msg::COPY_DATA | msg::COPY_DONE | msg::COPY_FAIL => {
+                self.server_out.extend_from_slice(frame);
+                self.note_copy_end(tag);
+            }
             other => return Err(invalid_message(other)),
         }
         match tag {

@@ -187,17 +187,26 @@ impl Session {
             msg::COPY_IN_RESPONSE => {
                 self.copy_in = true;
                 if in_execute {
-                    // Extended protocol: the server ignores the Sync sent with this
-                    // Execute; the client sends another after CopyDone, which is the one
-                    // that gets answered.
-                    let sync = self
+                    // Extended protocol: the server ignores a Sync that reaches it during
+                    // COPY, i.e. one the client sent before its CopyDone or CopyFail (its
+                    // `CopyEnd` marker); the client sends another after those, which is
+                    // the one that gets answered.
+                    let ignored = self
                         .expect
                         .iter()
+                        .take_while(|e| !matches!(e, Expect::CopyEnd))
                         .position(|e| matches!(e, Expect::Ready { .. }));
-                    if let Some(i) = sync {
+                    if let Some(i) = ignored {
                         self.expect.remove(i);
+                        // Unless its Sync is already on the way, the batch is open again.
+                        if !self
+                            .expect
+                            .iter()
+                            .any(|e| matches!(e, Expect::Ready { .. }))
+                        {
+                            self.mid_batch = true;
+                        }
                     }
-                    self.mid_batch = true;
                 }
             }
             msg::COMMAND_COMPLETE => {
