@@ -18,7 +18,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 ASYNCPG=${ASYNCPG:-0.32.0}
-TESTS=${TESTS:-tests}
+TESTS=${TESTS:-tests}   # pytest's arguments: files, or nodes such as tests/test_copy.py::TestCopyTo
+read -r -a TEST_ARGS <<< "$TESTS"
 PROXY_PORT=${PROXY_PORT:-17432}
 WORK=$(mktemp -d /tmp/replicator-drivers.XXXXXX)
 chmod 755 "$WORK"
@@ -100,7 +101,7 @@ run_suite() { # name port
   echo "== asyncpg $ASYNCPG tests: $1" >&2
   (cd "$WORK" && PGHOST=127.0.0.1 PGPORT=$2 PGUSER=postgres PGPASSWORD=postgres PGDATABASE=app \
     timeout 1800 "$OLDPWD/$VENV/bin/pytest" -q -p no:cacheprovider --assert=plain -o junit_family=xunit1 \
-    --junitxml="$WORK/$1.xml" "$TESTS" > "$WORK/$1.out" 2>&1) || true
+    --junitxml="$WORK/$1.xml" "${TEST_ARGS[@]}" > "$WORK/$1.out" 2>&1) || true
   grep -E '(passed|failed|error).* in [0-9.]+s' "$WORK/$1.out" | tail -1 >&2
   # The failing and erroring tests, one per line.
   python3 - "$WORK/$1.xml" > "$WORK/$1.failed" <<'PY'

@@ -596,6 +596,45 @@ async fn named_statements_prepared_again_after_a_schema_change_see_the_new_shape
     assert_eq!(next.query_one(&fresh, &[&1i32]).await.unwrap().len(), 3);
 }
 
+/// DDL through the proxy: a statement prepared before it keeps the parameter types it
+/// was analysed with, so the next Parse of the same text must be a fresh one, as on a
+/// direct connection (asyncpg's codec tests recreate a table with another column type
+/// and insert into it with the same text).
+#[tokio::test]
+async fn a_parse_after_ddl_sees_the_new_parameter_types() {
+    use tokio_postgres::types::Type;
+    // One connection per node: the second Parse meets what the first one left.
+    let proxy = start_proxy("pool_size = 1", "").await;
+    let client = app_client(&proxy).await;
+    let sql = "INSERT INTO proto_ddl_types VALUES ($1)";
+    for (column, expected) in [
+        ("date", Type::DATE),
+        ("time", Type::TIME),
+        ("text", Type::TEXT),
+    ] {
+        client
+            .batch_execute(&format!(
+                "DROP TABLE IF EXISTS proto_ddl_types; CREATE TABLE proto_ddl_types (v {column})"
+            ))
+            .await
+            .unwrap();
+        let statement = client.prepare(sql).await.unwrap();
+        assert_eq!(
+            statement.params(),
+            std::slice::from_ref(&expected),
+            "{column}"
+        );
+        // A second client on the same server connection too.
+        let other = app_client(&proxy).await;
+        let again = other.prepare(sql).await.unwrap();
+        assert_eq!(again.params(), &[expected], "{column}, another client");
+    }
+    client
+        .batch_execute("DROP TABLE proto_ddl_types")
+        .await
+        .unwrap();
+}
+
 #[tokio::test]
 async fn a_refused_statement_is_prepared_anew_on_every_pooled_connection() {
     // Two connections to the primary, both holding the statement when the schema changes.

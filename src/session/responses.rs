@@ -215,6 +215,9 @@ impl Session {
                     b"ROLLBACK" => self.saw_rollback = true,
                     b"DEALLOCATE ALL" | b"DISCARD ALL" => self.statements_deallocated(true),
                     b"DEALLOCATE" => self.statements_deallocated(false),
+                    tag if statements::is_schema_change(tag) => {
+                        self.shared.statements.schema_changed()
+                    }
                     _ => {}
                 }
             }

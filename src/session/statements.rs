@@ -91,6 +91,21 @@ impl StatementRegistry {
         }
     }
 
+    /// A client's DDL ran (CREATE, ALTER, DROP): every statement is taken out of use
+    /// for new Parse messages, as `retire` does for one. A statement prepared on a
+    /// pooled connection before the change keeps the parameter types it was analysed
+    /// with (Postgres re-plans a cached statement, but never re-infers its parameter
+    /// types), so a client preparing the same text now must get a fresh one, as it
+    /// would on a direct connection: after `DROP TABLE t; CREATE TABLE t (v time)`,
+    /// `INSERT INTO t VALUES ($1)` takes a time, not the date of the old table.
+    pub fn schema_changed(&self) {
+        let mut map = match self.by_tail.lock() {
+            Ok(m) => m,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        map.clear();
+    }
+
     pub fn len(&self) -> usize {
         self.by_tail.lock().map(|m| m.len()).unwrap_or(0)
     }
@@ -98,6 +113,14 @@ impl StatementRegistry {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
+
+/// Whether a CommandComplete tag is that of DDL that can change what a statement text
+/// means: `CREATE ...`, `ALTER ...`, `DROP ...`.
+pub fn is_schema_change(tag: &[u8]) -> bool {
+    [&b"CREATE "[..], b"ALTER ", b"DROP "]
+        .iter()
+        .any(|prefix| tag.starts_with(prefix))
 }
 
 /// The statement name of a `DEALLOCATE [PREPARE] name` query that is nothing else (one
@@ -165,7 +188,26 @@ fn strip_keyword<'a>(text: &'a [u8], keyword: &[u8]) -> Option<&'a [u8]> {
 
 #[cfg(test)]
 mod tests {
-    use super::deallocate_target;
+    use super::*;
+
+    #[test]
+    fn ddl_gives_every_text_a_new_statement() {
+        let registry = StatementRegistry::default();
+        let decide = || Arc::new(Decision::primary());
+        let before = registry.register(b"INSERT INTO t VALUES ($1)\0\0\0", decide);
+        let same = registry.register(b"INSERT INTO t VALUES ($1)\0\0\0", decide);
+        assert_eq!(before.id, same.id);
+        for tag in [&b"CREATE TABLE"[..], b"ALTER TABLE", b"DROP TYPE"] {
+            assert!(is_schema_change(tag));
+        }
+        for tag in [&b"SELECT 1"[..], b"INSERT 0 1", b"CREATED", b"DROPPED"] {
+            assert!(!is_schema_change(tag));
+        }
+        registry.schema_changed();
+        let after = registry.register(b"INSERT INTO t VALUES ($1)\0\0\0", decide);
+        assert_ne!(after.id, before.id);
+        assert_ne!(after.server_name, before.server_name);
+    }
 
     #[test]
     fn deallocate_names_are_read_as_postgres_reads_them() {
