@@ -54,7 +54,25 @@ impl Config {
                 reason: format!("cannot read file: {e}"),
             }],
         })?;
-        Self::parse(&text).map_err(|issues| ConfigError { file, issues })
+        let mut config = Self::parse(&text).map_err(|issues| ConfigError { file, issues })?;
+        config.resolve_paths(path);
+        Ok(config)
+    }
+
+    /// A relative `state_file` is relative to the config file's folder, not to the
+    /// folder the proxy was started from: started elsewhere, it would read another (or
+    /// no) state file and bring a fenced old primary back as primary.
+    fn resolve_paths(&mut self, config_path: &Path) {
+        let state_file = Path::new(&self.proxy.state_file);
+        if state_file.is_absolute() {
+            return;
+        }
+        let folder = match config_path.parent() {
+            Some(folder) if !folder.as_os_str().is_empty() => folder,
+            _ => Path::new("."),
+        };
+        let folder = std::path::absolute(folder).unwrap_or_else(|_| folder.to_path_buf());
+        self.proxy.state_file = folder.join(state_file).to_string_lossy().into_owned();
     }
 
     /// Parses and validates config text.

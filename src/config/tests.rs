@@ -90,6 +90,36 @@ fn example_proxy_toml_is_valid() {
 }
 
 #[test]
+fn a_relative_state_file_is_found_beside_the_config_file() {
+    let folder = std::env::temp_dir().join(format!("replicator-config-{}", std::process::id()));
+    std::fs::create_dir_all(&folder).unwrap();
+    let path = folder.join("proxy.toml");
+    let with_state = |state: &str| {
+        MINIMAL.replacen(
+            "[proxy]\n",
+            &format!("[proxy]\nstate_file = \"{state}\"\n"),
+            1,
+        )
+    };
+    std::fs::write(&path, with_state("state/replicator.json")).unwrap();
+    let config = Config::load(&path).unwrap();
+    assert_eq!(
+        std::path::Path::new(&config.proxy.state_file),
+        std::path::absolute(&folder)
+            .unwrap()
+            .join("state/replicator.json")
+    );
+    // The default name too, and an absolute path stays as it is.
+    std::fs::write(&path, MINIMAL).unwrap();
+    let config = Config::load(&path).unwrap();
+    assert!(std::path::Path::new(&config.proxy.state_file).starts_with(&folder));
+    std::fs::write(&path, with_state("/var/lib/replicator/state.json")).unwrap();
+    let config = Config::load(&path).unwrap();
+    assert_eq!(config.proxy.state_file, "/var/lib/replicator/state.json");
+    std::fs::remove_dir_all(&folder).unwrap();
+}
+
+#[test]
 fn target_uris_are_checked_for_their_kind() {
     let with = |kind: &str, uri: &str| {
         format!("{MINIMAL}\n[targets.t]\nkind = \"{kind}\"\nuri = \"{uri}\"\n")
