@@ -81,9 +81,8 @@ fn libpq_query(sql: &str, params: usize) -> Vec<u8> {
 }
 
 /// One well-formed group: a simple Query, or one to four extended-protocol messages and
-/// a Sync. Statement names are never reused (a second Parse of a name is a known
-/// difference, see README), but Binds and Describes may name statements that failed to
-/// be prepared, or never were.
+/// a Sync. Parse may name a statement that exists (refused with 42P05) and Binds and
+/// Describes may name statements that failed to be prepared, or never were.
 fn well_formed_group(rng: &mut Fuzz, names: &mut Vec<(String, usize)>, next: &mut u32) -> Vec<u8> {
     if rng.below(12) == 0 {
         return copy_group(rng);
@@ -112,13 +111,18 @@ fn well_formed_group(rng: &mut Fuzz, names: &mut Vec<(String, usize)>, next: &mu
         match rng.below(8) {
             0 | 1 => {
                 let (sql, params) = text(rng);
-                let name = if rng.below(2) == 0 {
-                    String::new()
-                } else {
-                    *next += 1;
-                    format!("d{next}")
+                let name = match rng.below(8) {
+                    0..=3 => String::new(),
+                    // A name already used: refused (42P05) if it exists.
+                    4 if !names.is_empty() => {
+                        names[rng.below(names.len() as u64) as usize].0.clone()
+                    }
+                    _ => {
+                        *next += 1;
+                        format!("d{next}")
+                    }
                 };
-                if !name.is_empty() {
+                if name.starts_with('d') && !names.iter().any(|(n, _)| *n == name) {
                     names.push((name.clone(), params));
                 }
                 out.extend(parse(&name, sql));
@@ -318,6 +322,11 @@ async fn diff_table() {
 /// of up to eight groups written before any answer is read. Every group must get the
 /// answers a direct connection gets.
 async fn differential(seed: u64, cases: usize, pipelined: bool, proxy_extra: &str) {
+    // DIFF_SEED=<n> explores other sequences than the ones CI runs.
+    let seed = std::env::var("DIFF_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(seed);
     diff_table().await;
     let proxy = start_proxy("", proxy_extra).await;
     let mut direct = login_raw(

@@ -36,6 +36,10 @@ pub enum Expect {
     /// The client's Parse of a name whose statement the server holds already, sent as
     /// the unnamed statement so that the server judges it (in a failed transaction).
     ParseChecked,
+    /// The client's Parse of a name it already holds, sent as a Parse of that
+    /// statement's shared name, which the server refuses (42P05) as Postgres refuses
+    /// the client's; the error gets the client's name back.
+    ParseDuplicate(Box<str>),
     Bind,
     Describe,
     Execute,
@@ -79,7 +83,8 @@ impl Expect {
             Expect::InjectedParse { .. }
             | Expect::ParseNamed { .. }
             | Expect::Parse
-            | Expect::ParseChecked => tag == msg::PARSE_COMPLETE,
+            | Expect::ParseChecked
+            | Expect::ParseDuplicate(_) => tag == msg::PARSE_COMPLETE,
             Expect::Bind => tag == msg::BIND_COMPLETE,
             Expect::Describe => tag == msg::ROW_DESCRIPTION || tag == msg::NO_DATA,
             Expect::Execute => matches!(

@@ -250,6 +250,9 @@ struct Session {
     portal_effects: Vec<(Box<[u8]>, Arc<Decision>)>,
     statements: HashMap<String, Arc<PreparedStatement>>,
     unnamed: Option<Arc<PreparedStatement>>,
+    /// A `DEALLOCATE ALL` (or `DISCARD ALL`) was executed since the last Sync sent: the
+    /// names the client parsed after it, the only ones the server still knows.
+    deallocated_in_stretch: Option<Vec<String>>,
 
     server: Option<Held>,
     pinned: Option<&'static str>,
@@ -406,6 +409,7 @@ impl Session {
             portal_effects: Vec::new(),
             statements: HashMap::new(),
             unnamed: None,
+            deallocated_in_stretch: None,
             server: None,
             pinned: None,
             shutdown,
@@ -809,6 +813,7 @@ impl Session {
                 while let Some(frame) = self.pending.pop_front() {
                     if frame[0] == msg::SYNC {
                         self.skip_until_sync = false;
+                        self.deallocated_in_stretch = None;
                         msg::ready_for_query(&mut self.client_out, self.tx_status);
                         break;
                     }
@@ -945,6 +950,8 @@ impl Session {
             return Deallocate::NotHere;
         }
         debug!(user = %self.user.name, statement = %name, "DEALLOCATE answered by the proxy");
+        // A simple query drops the unnamed statement on Postgres, this one too.
+        self.unnamed = None;
         msg::command_complete(&mut self.client_out, "DEALLOCATE");
         msg::ready_for_query(&mut self.client_out, self.tx_status);
         Deallocate::Answered

@@ -50,6 +50,19 @@ impl Session {
         }
     }
 
+    /// The client's statement of that name, as the server will see it at this point
+    /// of the stream: after a `DEALLOCATE ALL` executed earlier before the same Sync,
+    /// only the names parsed since exist (the proxy forgets the others when the server
+    /// reports it ran, which is after this message is sent).
+    fn client_statement(&self, name: &str) -> Option<Arc<PreparedStatement>> {
+        if let Some(names) = &self.deallocated_in_stretch
+            && !names.iter().any(|n| n == name)
+        {
+            return None;
+        }
+        self.statements.get(name).cloned()
+    }
+
     /// Makes sure the held server has `statement`, injecting a Parse if it does not.
     fn ensure_prepared(&mut self, statement: &PreparedStatement) {
         let Some(held) = self.server.as_mut() else {
@@ -128,7 +141,19 @@ impl Session {
                     }
                     self.unnamed = Some(statement);
                     self.push_expect(Expect::UndoUnnamed(previous));
+                } else if let Some(existing) = self.client_statement(&name) {
+                    // The client holds this name: Postgres analyses the new text, then
+                    // refuses to store it (42P05), and skips to Sync. The server does the
+                    // same at this point of the stream when given the new text under the
+                    // existing statement's shared name (made sure to exist first), the
+                    // text's own errors first; the client's name stays.
+                    self.ensure_prepared(&existing);
+                    msg::parse_with_name(&mut self.server_out, &existing.server_name, tail);
+                    self.push_expect(Expect::ParseDuplicate(name.into()));
                 } else {
+                    if let Some(names) = self.deallocated_in_stretch.as_mut() {
+                        names.push(name.clone());
+                    }
                     let previous = self.statements.insert(name.clone(), statement.clone());
                     let fresh = self
                         .server
@@ -166,7 +191,7 @@ impl Session {
                         self.unnamed.as_ref().map(|s| &s.decision),
                     );
                     self.server_out.extend_from_slice(frame);
-                } else if let Some(statement) = self.statements.get(name).cloned() {
+                } else if let Some(statement) = self.client_statement(name) {
                     self.ensure_prepared(&statement);
                     self.note_named_use(statement.id);
                     note_bound(&mut self.portal_effects, portal, Some(&statement.decision));
@@ -194,7 +219,7 @@ impl Session {
                 if kind == b'S' && name.is_empty() {
                     self.ensure_unnamed_on_server(parsed_unnamed);
                 }
-                match (kind, self.statements.get(name).cloned()) {
+                match (kind, self.client_statement(name)) {
                     (b'S', Some(statement)) if !name.is_empty() => {
                         self.ensure_prepared(&statement);
                         self.note_named_use(statement.id);
@@ -242,6 +267,12 @@ impl Session {
                     if let Some((_, decision)) =
                         self.portal_effects.iter().find(|(p, _)| &**p == portal)
                     {
+                        if decision
+                            .effects
+                            .contains(&SessionEffect::ForgetClientStatements)
+                        {
+                            self.deallocated_in_stretch = Some(Vec::new());
+                        }
                         self.group_effects.extend(decision.effects.iter().cloned());
                     }
                 }
@@ -249,6 +280,7 @@ impl Session {
                 self.push_expect(Expect::Execute);
             }
             msg::SYNC => {
+                self.deallocated_in_stretch = None;
                 self.server_out.extend_from_slice(frame);
                 let effects = std::mem::take(&mut self.group_effects);
                 self.push_expect(Expect::Ready {

@@ -169,11 +169,21 @@ impl Session {
         }
         if tag == msg::ERROR_RESPONSE {
             let survives = front.survives_error();
+            let duplicate = match front {
+                Expect::ParseDuplicate(name) => Some(name.clone()),
+                _ => None,
+            };
             if !self.group_named.is_empty() && msg::parse_error_fields(&frame).code == "0A000" {
                 self.retire_refused_statements();
             }
             self.forget_server_unnamed();
-            self.forward_error(&frame);
+            match duplicate {
+                Some(name) if msg::parse_error_fields(&frame).code == "42P05" => {
+                    let message = format!("prepared statement \"{name}\" already exists");
+                    msg::error_response(&mut self.client_out, "ERROR", "42P05", &message);
+                }
+                _ => self.forward_error(&frame),
+            }
             self.group_error = true;
             if !survives {
                 self.abandon_group();
@@ -500,6 +510,7 @@ impl Session {
             held.conn.broken = true;
             held.node.mark_down();
         }
+        self.deallocated_in_stretch = None;
         self.release();
         let node_name = node.as_ref().map(|n| n.name.as_str()).unwrap_or("?");
         self.started = None;
