@@ -267,6 +267,9 @@ struct Session {
     /// with ReadyForQuery (an over-count after a Query the server skipped only makes
     /// the session look busy).
     awaiting_ready: usize,
+    /// Session mode: the cancel slot names the server (something was sent since the
+    /// server last became idle).
+    cancel_armed: bool,
     group_error: bool,
     saw_rollback: bool,
     /// After a failure without a server, drop client messages up to Sync (as Postgres
@@ -419,6 +422,7 @@ impl Session {
             copy_in: false,
             mid_batch: false,
             awaiting_ready: 0,
+            cancel_armed: true,
             group_error: false,
             saw_rollback: false,
             skip_until_sync: false,

@@ -10,6 +10,13 @@ use super::*;
 impl Session {
     /// A client message in session mode: straight on to the server, which judges it.
     pub(super) fn pass_client_frame(&mut self, frame: BytesMut) -> Result<(), End> {
+        if !self.cancel_armed
+            && let Some(held) = self.server.as_ref()
+        {
+            self.cancel_slot
+                .set(&held.conn.addr, held.conn.pid, held.conn.secret);
+            self.cancel_armed = true;
+        }
         match frame[0] {
             msg::TERMINATE => return Err(End::ClientGone),
             msg::SYNC | msg::QUERY | msg::FUNCTION_CALL => self.awaiting_ready += 1,
@@ -53,6 +60,14 @@ impl Session {
                         b'I' => ClientState::Idle,
                         _ => ClientState::InTransaction,
                     });
+                    if self.awaiting_ready == 0 {
+                        // Nothing runs: a cancel request arriving now has nothing to
+                        // cancel, as on the server itself. Forwarded, a late one (it
+                        // takes a detour through the proxy) could hit the client's
+                        // next statement instead.
+                        self.cancel_slot.clear();
+                        self.cancel_armed = false;
+                    }
                 }
                 msg::PARAMETER_STATUS => held.conn.record_parameter(&frame),
                 msg::COPY_IN_RESPONSE => self.copy_in = true,
