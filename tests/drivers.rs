@@ -125,3 +125,46 @@ async fn node_postgres_works_through_the_proxy() {
         assert!(stdout.contains(fact), "missing {fact} in {stdout}");
     }
 }
+
+/// libpq's own pipeline mode (pgbench's `\startpipeline`), in both pool modes: 500
+/// queries of 10 kB each, each returning 100 kB, in one pipeline. (The hang this shape
+/// once caused is reproduced byte for byte, with reads and writes interleaved as
+/// libpq-based drivers do, by the deep-pipeline tests in `tests/differential.rs`;
+/// pgbench paces its writes so that it did not hang here.)
+#[tokio::test]
+async fn libpq_pipelines_of_large_queries_and_results_complete() {
+    let pgbench = bindir().unwrap().join("pgbench");
+    let folder = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("libpq-pipeline");
+    std::fs::create_dir_all(&folder).unwrap();
+    let script = folder.join("pipeline.sql");
+    let query = format!(
+        "SELECT repeat('x', 100000), length('{}');\n",
+        "y".repeat(10_000)
+    );
+    std::fs::write(
+        &script,
+        format!("\\startpipeline\n{}\\endpipeline\n", query.repeat(500)),
+    )
+    .unwrap();
+    for mode in ["transaction", "session"] {
+        let proxy = start_proxy("", &format!("pool_mode = \"{mode}\"")).await;
+        let url = proxy_url(&proxy, "app", "secret", "app");
+        let run = tokio::process::Command::new(&pgbench)
+            .args(["-n", "-c", "1", "-t", "4", "-M", "extended", "-f"])
+            .arg(&script)
+            .arg(&url)
+            .kill_on_drop(true)
+            .output();
+        let out = tokio::time::timeout(std::time::Duration::from_secs(120), run)
+            .await
+            .unwrap_or_else(|_| panic!("{mode} mode: the pipeline hung"))
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success()
+                && stdout.contains("number of transactions actually processed: 4/4"),
+            "{mode} mode: {}{stdout}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
