@@ -76,19 +76,11 @@ pool_mode = "$3"
 [[users]]
 name = "postgres"
 password = "postgres"
-[projects.app]
-pool_size = 90
-[[projects.app.replicas]]
-name = "master"
-role = "primary"
-uri = "postgresql://127.0.0.1:$PRIMARY_PORT/app"
-[projects.postgres]
-pool_size = 90
-[[projects.postgres.replicas]]
-name = "master"
-role = "primary"
-uri = "postgresql://127.0.0.1:$PRIMARY_PORT/postgres"
 TOML
+  for db in app postgres; do
+    printf '[projects.%s]\npool_size = 90\n[[projects.%s.replicas]]\nname = "master"\nrole = "primary"\nuri = "postgresql://127.0.0.1:%s/%s"\n' \
+      "$db" "$db" "$PRIMARY_PORT" "$db" >> "$WORK/$1.toml"
+  done
   setsid "$BIN" serve --config "$WORK/$1.toml" > "$WORK/$1.log" 2>&1 &
 }
 proxy session $((PROXY_PORT + 10)) session

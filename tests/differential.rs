@@ -40,6 +40,16 @@ fn text(rng: &mut Fuzz) -> (&'static str, usize) {
     DIFF_TEXTS[rng.below(DIFF_TEXTS.len() as u64) as usize]
 }
 
+/// A raw session on the primary, as the `app` user.
+async fn login_direct() -> TcpStream {
+    login_raw(
+        TcpStream::connect(("127.0.0.1", primary_port()))
+            .await
+            .unwrap(),
+    )
+    .await
+}
+
 /// A Bind body: portal, statement, no format codes, `given` text parameters `7`.
 fn bind(portal: &str, statement: &str, given: usize) -> Vec<u8> {
     let mut body = Vec::new();
@@ -329,12 +339,7 @@ async fn differential(seed: u64, cases: usize, pipelined: bool, proxy_extra: &st
         .unwrap_or(seed);
     diff_table().await;
     let proxy = start_proxy("", proxy_extra).await;
-    let mut direct = login_raw(
-        TcpStream::connect(("127.0.0.1", primary_port()))
-            .await
-            .unwrap(),
-    )
-    .await;
+    let mut direct = login_direct().await;
     let mut through = login_raw(TcpStream::connect(proxy.addr).await.unwrap()).await;
     let mut bufs = [BytesMut::new(), BytesMut::new()];
     let mut rng = Fuzz(seed);
@@ -435,12 +440,7 @@ async fn pipelined_groups_in_session_mode_get_the_answers_a_direct_connection_ge
 async fn copy_data_sent_ahead_of_the_servers_answer() {
     diff_table().await;
     let proxy = start_proxy("", "").await;
-    let mut direct = login_raw(
-        TcpStream::connect(("127.0.0.1", primary_port()))
-            .await
-            .unwrap(),
-    )
-    .await;
+    let mut direct = login_direct().await;
     let mut through = login_raw(TcpStream::connect(proxy.addr).await.unwrap()).await;
     let mut rng = Fuzz(0x1234_5678_9abc_def1);
     for round in 0..40 {
@@ -525,12 +525,7 @@ async fn a_failed_parse_in_a_pipeline_leaves_no_unnamed_statement_behind() {
     request.extend(execute(""));
     request.extend(message(b'S', &[]));
 
-    let mut direct = login_raw(
-        TcpStream::connect(("127.0.0.1", primary_port()))
-            .await
-            .unwrap(),
-    )
-    .await;
+    let mut direct = login_direct().await;
     let expected = pipeline_answers(&mut direct, &request, 2).await;
     assert_eq!(
         expected.last().map(String::as_str),
@@ -636,12 +631,7 @@ async fn deep_pipelines_stream_through_with_the_answers_a_direct_connection_gets
             syncs += 1;
         }
     }
-    let direct = login_raw(
-        TcpStream::connect(("127.0.0.1", primary_port()))
-            .await
-            .unwrap(),
-    )
-    .await;
+    let direct = login_direct().await;
     let expected = run_deep_pipeline(direct, request.clone(), syncs).await;
     let rows = expected.iter().filter(|a| a.starts_with("D[")).count();
     assert!(rows > 1000, "{rows} rows");

@@ -41,6 +41,24 @@ async fn simple(stream: &mut TcpStream, sql: &str) -> (Vec<String>, Option<Strin
     }
 }
 
+/// Waits (up to 5 s) until server process `pid` runs a statement.
+async fn wait_until_running(admin: &tokio_postgres::Client, pid: i32) {
+    for _ in 0..200 {
+        let running = admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE pid = $1 AND state = 'active'",
+                &[&pid],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0);
+        if running == 1 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
 async fn one_value(stream: &mut TcpStream, sql: &str) -> String {
     let (rows, error, _) = simple(stream, sql).await;
     assert_eq!(error, None, "{sql}");
@@ -107,20 +125,7 @@ async fn a_cancel_with_the_real_process_id_reaches_the_statement_through_the_pro
         .unwrap();
     // Wait until it runs, then cancel through the proxy with the key the client got.
     let admin = primary_client().await;
-    for _ in 0..200 {
-        let running = admin
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE pid = $1 AND query LIKE 'SELECT pg_sleep%' AND state = 'active'",
-                &[&pid],
-            )
-            .await
-            .unwrap()
-            .get::<_, i64>(0);
-        if running == 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    wait_until_running(&admin, pid).await;
     let mut cancel = TcpStream::connect(proxy.addr).await.unwrap();
     let mut packet = Vec::new();
     packet.extend_from_slice(&16u32.to_be_bytes());
@@ -185,20 +190,7 @@ async fn a_terminated_server_closes_its_session_mode_client_with_the_servers_err
     let (mut busy, (pid, _)) =
         login_raw_with_key(TcpStream::connect(proxy.addr).await.unwrap()).await;
     busy.write_all(&query("SELECT pg_sleep(30)")).await.unwrap();
-    for _ in 0..200 {
-        let running = admin
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE pid = $1 AND state = 'active'",
-                &[&pid],
-            )
-            .await
-            .unwrap()
-            .get::<_, i64>(0);
-        if running == 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    wait_until_running(&admin, pid).await;
     admin
         .execute("SELECT pg_terminate_backend($1)", &[&pid])
         .await

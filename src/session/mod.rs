@@ -188,6 +188,16 @@ pub async fn serve_client(shared: Arc<Shared>, stream: TcpStream, peer: SocketAd
         .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
 }
 
+/// Drops the `n` bytes of `buf` a socket took. A buffer written whole is cleared, not
+/// advanced, so that the next message is written at its front again.
+fn consume(buf: &mut BytesMut, n: usize) {
+    if n >= buf.len() {
+        buf.clear();
+    } else {
+        buf.advance(n);
+    }
+}
+
 fn is_copy_frame(frame: &[u8]) -> bool {
     matches!(frame[0], msg::COPY_DATA | msg::COPY_DONE | msg::COPY_FAIL)
 }
@@ -528,15 +538,8 @@ impl Session {
                 Event::ClientWrote(Ok(0)) => return Err(End::ClientGone),
                 Event::ClientWrote(Ok(n)) => self.client_wrote(n),
                 Event::ClientWrote(Err(e)) => return Err(End::ClientIo(e)),
-                Event::ServerWrote(Ok(n)) if n > 0 => self.server_wrote(n),
-                Event::ServerWrote(result) => {
-                    self.server_out.clear();
-                    let reason = match result {
-                        Err(e) => format!("write failed: {e}"),
-                        Ok(_) => "write failed: the server accepts no more data".to_string(),
-                    };
-                    self.server_lost(&reason)?;
-                }
+                Event::ServerWrote(Ok(n)) if n > 0 => consume(&mut self.server_out, n),
+                Event::ServerWrote(failed) => self.server_write_failed(failed)?,
                 Event::Shutdown => stop_seen = true,
                 Event::Stalled => {
                     // Nothing to read or write: only a bug in the limits above can get
@@ -574,16 +577,9 @@ impl Session {
                 break;
             };
             match held.conn.writer.try_write(&self.server_out) {
-                Ok(n) if n > 0 => self.server_wrote(n),
+                Ok(n) if n > 0 => consume(&mut self.server_out, n),
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                failed => {
-                    self.server_out.clear();
-                    let reason = match failed {
-                        Err(e) => format!("write failed: {e}"),
-                        Ok(_) => "write failed: the server accepts no more data".to_string(),
-                    };
-                    self.server_lost(&reason)?;
-                }
+                failed => self.server_write_failed(failed)?,
             }
         }
         while !self.client_out.is_empty() {
@@ -597,12 +593,15 @@ impl Session {
         Ok(())
     }
 
-    fn server_wrote(&mut self, n: usize) {
-        if n >= self.server_out.len() {
-            self.server_out.clear();
-        } else {
-            self.server_out.advance(n);
-        }
+    /// A write to the server failed (or took nothing): what was waiting for it is
+    /// dropped and the server is lost.
+    fn server_write_failed(&mut self, failed: std::io::Result<usize>) -> Result<(), End> {
+        self.server_out.clear();
+        let reason = match failed {
+            Err(e) => format!("write failed: {e}"),
+            Ok(_) => "write failed: the server accepts no more data".to_string(),
+        };
+        self.server_lost(&reason)
     }
 
     /// `n` bytes of `client_out` reached the client's socket. Once answers to the reads
@@ -618,11 +617,7 @@ impl Session {
         if let Some(reparse) = self.reparse.as_mut() {
             reparse.client_mark = reparse.client_mark.saturating_sub(n);
         }
-        if n >= self.client_out.len() {
-            self.client_out.clear();
-        } else {
-            self.client_out.advance(n);
-        }
+        consume(&mut self.client_out, n);
     }
 
     /// Finishes the login: ParameterStatus from a real server with the client's

@@ -71,16 +71,15 @@ impl Session {
                 }
                 msg::PARAMETER_STATUS => held.conn.record_parameter(&frame),
                 msg::COPY_IN_RESPONSE => self.copy_in = true,
-                msg::COMMAND_COMPLETE | msg::ERROR_RESPONSE => {
+                msg::COMMAND_COMPLETE => self.copy_in = false,
+                msg::ERROR_RESPONSE => {
                     self.copy_in = false;
-                    if frame[0] == msg::ERROR_RESPONSE {
-                        let fields = msg::parse_error_fields(&frame);
-                        if fields.severity == "FATAL" || fields.severity == "PANIC" {
-                            // The server ends the session; the client learns it from
-                            // the server's own words, then from the closed connection.
-                            held.conn.broken = true;
-                            info!(node = %held.node.name, user = %self.user.name, "server ended the session: {fields}");
-                        }
+                    let fields = msg::parse_error_fields(&frame);
+                    if fields.severity == "FATAL" || fields.severity == "PANIC" {
+                        // The server ends the session; the client learns it from the
+                        // server's own words, then from the closed connection.
+                        held.conn.broken = true;
+                        info!(node = %held.node.name, user = %self.user.name, "server ended the session: {fields}");
                     }
                 }
                 _ => {}
