@@ -354,6 +354,10 @@ struct Replay {
     /// Length of `client_out` before the first answer to these frames: what a replay
     /// takes back.
     client_mark: usize,
+    /// Statement changes of these frames already answered (their undo markers reached
+    /// the front of the queue): a replay undoes them too, since it runs the frames
+    /// again from the first (a Parse of the name would otherwise find it taken).
+    settled: Vec<Expect>,
 }
 
 /// How other parts of the proxy find this session: its cancel key and its entry in
@@ -1216,6 +1220,7 @@ impl Session {
                 self.replay = Some(Replay {
                     frames: unit,
                     client_mark: answered_before,
+                    settled: Vec::new(),
                 })
             }
             (false, true, Some(earlier)) => {

@@ -28,7 +28,12 @@ impl Session {
             if let Expect::Synthetic(tag) = entry {
                 msg::empty_message(&mut self.client_out, *tag);
             }
-            self.expect.pop_front();
+            if let Some(entry) = self.expect.pop_front()
+                && matches!(entry, Expect::UndoNamed(_) | Expect::UndoUnnamed(_))
+                && let Some(replay) = self.replay.as_mut()
+            {
+                replay.settled.push(entry);
+            }
         }
     }
 
@@ -517,6 +522,7 @@ impl Session {
         if let Some(Replay {
             frames: unit,
             client_mark,
+            mut settled,
         }) = self.replay.take()
         {
             // What the failed server had answered never left the proxy; take it back.
@@ -525,9 +531,10 @@ impl Session {
             // read runs again on another node (this one is now marked down).
             info!(node = node_name, user = %self.user.name, "server failed before answering a read ({reason}); running it elsewhere");
             self.replays += 1;
-            // The unit is processed again from its first message.
-            let abandoned = self.expect.take_all();
-            self.undo_statement_changes(abandoned);
+            // The unit is processed again from its first message: everything it
+            // changed is undone, answered or not.
+            settled.extend(self.expect.take_all());
+            self.undo_statement_changes(settled);
             self.mid_batch = false;
             self.copy_in = false;
             self.group_error = false;
