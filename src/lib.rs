@@ -6,6 +6,7 @@ pub mod atomic_file;
 pub mod cdc;
 pub mod cluster;
 pub mod config;
+pub mod failpoint;
 pub mod pool;
 pub mod protocol;
 pub mod reload;

@@ -9,71 +9,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::failover::*;
 use common::*;
 use replicator::server::Proxy;
-use replicator::testbed::{Cluster, ClusterOptions, Node, SUPERUSER, SUPERUSER_PASSWORD};
-
-const FAILOVER_USER: &str = "[failover]\nuser = \"postgres\"\npassword = \"postgres\"\n";
-
-async fn own_cluster(extra_conf: &[&str]) -> Cluster {
-    let extra_conf = extra_conf.iter().map(|s| s.to_string()).collect();
-    tokio::task::spawn_blocking(move || {
-        Cluster::start(ClusterOptions {
-            extra_conf,
-            ..ClusterOptions::default()
-        })
-    })
-    .await
-    .expect("join")
-    .expect("start cluster")
-}
-
-fn config_for(
-    cluster: &Cluster,
-    project_extra: &str,
-    replica_extra: &str,
-    failover_extra: &str,
-) -> String {
-    let text = config_text(cluster, project_extra, "").replace(
-        "role = \"replica\"\n",
-        &format!("role = \"replica\"\n{replica_extra}\n"),
-    );
-    format!("{text}\n{FAILOVER_USER}{failover_extra}\n")
-}
-
-fn node_port(cluster: &Cluster, name: &str) -> u16 {
-    match name {
-        "master" => cluster.primary.port,
-        other => {
-            let i: usize = other
-                .trim_start_matches("slave-")
-                .parse()
-                .expect("node name");
-            cluster.replicas[i - 1].port
-        }
-    }
-}
-
-fn node_named<'a>(cluster: &'a Cluster, name: &str) -> &'a Node {
-    match name {
-        "master" => &cluster.primary,
-        other => {
-            let i: usize = other
-                .trim_start_matches("slave-")
-                .parse()
-                .expect("node name");
-            &cluster.replicas[i - 1]
-        }
-    }
-}
-
-async fn superuser(port: u16) -> tokio_postgres::Client {
-    connect(&format!(
-        "postgresql://{SUPERUSER}:{SUPERUSER_PASSWORD}@127.0.0.1:{port}/app"
-    ))
-    .await
-    .expect("superuser connection")
-}
+use replicator::testbed::Cluster;
 
 async fn create_log_table(cluster: &Cluster) {
     superuser(cluster.primary.port)

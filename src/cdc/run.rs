@@ -89,15 +89,6 @@ impl From<super::walsender::WalError> for RunError {
     }
 }
 
-/// Stops the process right after a batch is in the target and before its position is
-/// confirmed, when `REPLICATOR_FAILPOINT=cdc-after-apply`: how the tests prove that a
-/// crash there loses nothing.
-fn crash_after_apply_requested() -> bool {
-    static FLAG: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *FLAG
-        .get_or_init(|| std::env::var("REPLICATOR_FAILPOINT").is_ok_and(|v| v == "cdc-after-apply"))
-}
-
 pub struct Runner {
     pub rule: Rule,
     pub shared: Arc<Shared>,
@@ -721,10 +712,9 @@ impl Stream<'_> {
             .fetch_add(applied.skipped, Ordering::Relaxed);
         self.runner.stats.clear_error();
         debug!(rule = %self.runner.rule.name, changes = changes.len(), "batch written");
-        if crash_after_apply_requested() {
-            warn!("failpoint cdc-after-apply: exiting before the position is confirmed");
-            std::process::exit(86);
-        }
+        // A crash right after a batch is in the target and before its position is
+        // confirmed: the tests prove that it loses nothing.
+        crate::failpoint::crash_if_armed("cdc-after-apply");
         Ok(())
     }
 

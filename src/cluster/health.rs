@@ -110,8 +110,13 @@ pub struct Health {
     checks_failed: AtomicU64,
     last_error: Mutex<Option<String>>,
     /// Lag in ms at the last check that reached the primary: what failover judges by.
+    /// `LAG_UNKNOWN` until such a check (a fresh start knows nothing).
     lag_at_primary_seen_ms: AtomicU64,
+    /// Primary: the timeline it writes on (0 until known).
+    timeline: AtomicU64,
 }
+
+const LAG_UNKNOWN: u64 = u64::MAX;
 
 impl Default for Health {
     fn default() -> Self {
@@ -122,7 +127,8 @@ impl Default for Health {
             lsn: AtomicU64::new(0),
             checks_failed: AtomicU64::new(0),
             last_error: Mutex::new(None),
-            lag_at_primary_seen_ms: AtomicU64::new(0),
+            lag_at_primary_seen_ms: AtomicU64::new(LAG_UNKNOWN),
+            timeline: AtomicU64::new(0),
         }
     }
 }
@@ -149,12 +155,29 @@ impl Health {
         self.lag_bytes.store(bytes, Ordering::Relaxed);
     }
 
-    pub fn lag_at_primary_seen_ms(&self) -> u64 {
-        self.lag_at_primary_seen_ms.load(Ordering::Relaxed)
+    /// `None` when no check reached the primary and this node together yet.
+    pub fn lag_at_primary_seen_ms(&self) -> Option<u64> {
+        let ms = self.lag_at_primary_seen_ms.load(Ordering::Relaxed);
+        (ms != LAG_UNKNOWN).then_some(ms)
     }
 
     pub fn set_lag_at_primary_seen_ms(&self, ms: u64) {
-        self.lag_at_primary_seen_ms.store(ms, Ordering::Relaxed);
+        self.lag_at_primary_seen_ms
+            .store(ms.min(LAG_UNKNOWN - 1), Ordering::Relaxed);
+    }
+
+    /// After a promotion: lag against the old primary says nothing about the new one.
+    pub fn forget_lag_at_primary_seen(&self) {
+        self.lag_at_primary_seen_ms
+            .store(LAG_UNKNOWN, Ordering::Relaxed);
+    }
+
+    pub fn timeline(&self) -> u64 {
+        self.timeline.load(Ordering::Relaxed)
+    }
+
+    pub fn set_timeline(&self, timeline: u64) {
+        self.timeline.store(timeline, Ordering::Relaxed);
     }
 
     pub fn lsn(&self) -> u64 {

@@ -103,6 +103,8 @@ struct Probe {
 struct Position {
     in_recovery: bool,
     lsn: u64,
+    /// Out of recovery: the timeline it writes on.
+    timeline: Option<u64>,
 }
 
 struct Monitor {
@@ -167,6 +169,9 @@ impl Monitor {
                 } else {
                     primary_reachable = true;
                     self.history.record(now, position.lsn);
+                    if let Some(timeline) = position.timeline {
+                        node.health.set_timeline(timeline);
+                    }
                 }
             }
         }
@@ -205,13 +210,7 @@ impl Monitor {
                 report_change(&project.name, &node, before, after);
             }
         }
-        super::failover::after_checks(
-            &project,
-            &mut self.detector,
-            primary_reachable,
-            self.history.latest().unwrap_or(0),
-        )
-        .await;
+        super::failover::after_checks(&project, &mut self.detector, primary_reachable).await;
         true
     }
 }
@@ -283,7 +282,8 @@ impl Probe {
             .simple_query(
                 "SELECT pg_is_in_recovery(), CASE WHEN pg_is_in_recovery() \
                  THEN coalesce(pg_last_wal_replay_lsn(), pg_last_wal_receive_lsn(), '0/0') \
-                 ELSE pg_current_wal_lsn() END",
+                 ELSE pg_current_wal_lsn() END, CASE WHEN NOT pg_is_in_recovery() \
+                 THEN substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8) END",
             )
             .await
             .map_err(|e| e.to_string())?;
@@ -294,7 +294,13 @@ impl Probe {
                     .get(1)
                     .and_then(health::parse_lsn)
                     .ok_or("unreadable WAL position")?;
-                return Ok(Position { in_recovery, lsn });
+                // The WAL file name starts with the timeline, in hex.
+                let timeline = row.get(2).and_then(|t| u64::from_str_radix(t, 16).ok());
+                return Ok(Position {
+                    in_recovery,
+                    lsn,
+                    timeline,
+                });
             }
         }
         Err("empty answer".into())

@@ -50,6 +50,21 @@ pub struct ProjectState {
     /// Seconds since the Unix epoch.
     pub promoted_at: u64,
     pub reason: String,
+    /// A promotion decided and not yet done: finished, with this candidate, before
+    /// anything else is decided. Until then no node takes writes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub intent: Option<Intent>,
+}
+
+/// A promotion decision, recorded before pg_promote runs.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Intent {
+    pub candidate: String,
+    /// The primary it replaces (fenced once the decision is carried out).
+    pub replaces: Option<String>,
+    pub reason: String,
+    /// Seconds since the Unix epoch.
+    pub decided_at: u64,
 }
 
 /// Read-modify-write of the file by concurrent promotions goes through this lock.
@@ -89,7 +104,9 @@ pub fn record_cdc(path: &Path, rule: &str, state: Option<CdcState>) -> Result<()
 
 /// Gives every node of a freshly built project its role: the configured one, unless a
 /// recorded failover says otherwise. Nodes kept from before a reload change role (if at
-/// all) fenced-first, so that no session ever sees two primaries.
+/// all) fenced-first, so that no session ever sees two primaries. An unfinished decision
+/// leaves the project without a primary (and the node it replaces fenced) until the
+/// failover logic finishes it.
 pub fn assign_roles(project: &Project, state: Option<&ProjectState>) {
     let configured_primary = project
         .nodes
@@ -97,6 +114,13 @@ pub fn assign_roles(project: &Project, state: Option<&ProjectState>) {
         .find(|n| n.configured_role == Role::Primary)
         .map(|n| n.name.clone());
     let record = state.filter(|state| {
+        if let Some(intent) = &state.intent {
+            if project.nodes.iter().any(|n| n.name == intent.candidate) {
+                return true;
+            }
+            warn!(project = %project.name, candidate = %intent.candidate, "the state file holds an unfinished promotion of a node proxy.toml does not list; ignoring it");
+            return false;
+        }
         if configured_primary.as_deref() == Some(state.primary.as_str()) {
             info!(project = %project.name, primary = %state.primary, "proxy.toml now names the promoted node as primary; the failover record is no longer needed");
             return false;
@@ -108,14 +132,29 @@ pub fn assign_roles(project: &Project, state: Option<&ProjectState>) {
         true
     });
     let desired = |node: &super::Node| -> NodeRole {
-        match record {
-            Some(state) if node.name == state.primary => NodeRole::Primary,
-            Some(state)
-                if node.configured_role == Role::Primary || state.fenced.contains(&node.name) =>
-            {
+        let Some(state) = record else {
+            return node.configured_role.into();
+        };
+        let replaced = state
+            .intent
+            .as_ref()
+            .and_then(|i| i.replaces.as_deref())
+            .is_some_and(|r| r == node.name);
+        if state.fenced.contains(&node.name) || replaced {
+            return NodeRole::Fenced;
+        }
+        if node.name == state.primary {
+            // Under an unfinished decision the recorded primary is the one replaced.
+            return if state.intent.is_some() {
                 NodeRole::Fenced
-            }
-            _ => node.configured_role.into(),
+            } else {
+                NodeRole::Primary
+            };
+        }
+        if node.configured_role == Role::Primary {
+            NodeRole::Fenced
+        } else {
+            NodeRole::Replica
         }
     };
     for node in &project.nodes {
@@ -129,7 +168,11 @@ pub fn assign_roles(project: &Project, state: Option<&ProjectState>) {
             node.set_role(NodeRole::Primary);
         }
     }
-    if let Some(state) = record {
+    let intent = record.and_then(|state| state.intent.clone());
+    if let Some(intent) = &intent {
+        warn!(project = %project.name, candidate = %intent.candidate, replaces = ?intent.replaces, "the state file holds an unfinished promotion; writes wait until it is finished");
+    } else if let Some(state) = record {
         warn!(project = %project.name, primary = %state.primary, fenced = ?state.fenced, "applying the failover recorded in the state file");
     }
+    project.failover.set_pending(intent);
 }

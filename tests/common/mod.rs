@@ -2,6 +2,8 @@
 //! proxy per test on a free port in front of it.
 #![allow(dead_code)]
 
+pub mod failover;
+pub mod process;
 pub mod wire;
 
 use std::sync::OnceLock;
