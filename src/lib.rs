@@ -7,6 +7,7 @@ pub mod cdc;
 pub mod cluster;
 pub mod config;
 pub mod failpoint;
+pub mod fleet;
 pub mod pool;
 pub mod protocol;
 pub mod reload;

@@ -30,7 +30,12 @@ impl Proxy {
             .await
             .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.proxy.listen))?;
         let addr = listener.local_addr()?;
-        let shared = Shared::new(config, config_path.clone());
+        let fleet =
+            crate::fleet::FleetSettings::from_config(&config, addr).map(crate::fleet::Fleet::new);
+        let shared = Shared::new(config, config_path.clone(), fleet.clone());
+        if let Some(fleet) = &fleet {
+            fleet.start(&shared);
+        }
         crate::reload::spawn_monitors(&shared, &shared.topology.load(), &shared.config.load());
         crate::cdc::Cdc::reconcile(&shared);
         if let Some(path) = &config_path

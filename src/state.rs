@@ -35,14 +35,20 @@ pub struct Shared {
     pub reloads: crate::reload::ReloadStats,
     /// The CDC rules' tasks and figures.
     pub cdc: crate::cdc::Cdc,
+    /// Fleet mode (`[coordination]`): this instance's view of the fleet.
+    pub fleet: Option<Arc<crate::fleet::Fleet>>,
 }
 
 impl Shared {
-    pub fn new(config: Config, config_path: Option<PathBuf>) -> Arc<Shared> {
+    pub fn new(
+        config: Config,
+        config_path: Option<PathBuf>,
+        fleet: Option<Arc<crate::fleet::Fleet>>,
+    ) -> Arc<Shared> {
         Arc::new(Shared {
             config_path,
             users: ArcSwap::from_pointee(users::from_config(&config)),
-            topology: ArcSwap::from_pointee(Topology::from_config(&config)),
+            topology: ArcSwap::from_pointee(Topology::build(&config, None, fleet.as_ref())),
             cache: DecisionCache::new(config.proxy.statement_cache_size),
             statements: StatementRegistry::default(),
             cancels: CancelRegistry::default(),
@@ -53,6 +59,7 @@ impl Shared {
             reload_lock: tokio::sync::Mutex::new(()),
             reloads: crate::reload::ReloadStats::default(),
             cdc: crate::cdc::Cdc::default(),
+            fleet,
             config: ArcSwap::from_pointee(config),
         })
     }

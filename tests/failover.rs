@@ -4,145 +4,11 @@
 
 mod common;
 
-use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use common::failover::*;
 use common::*;
-use replicator::server::Proxy;
-use replicator::testbed::Cluster;
-
-async fn create_log_table(cluster: &Cluster) {
-    superuser(cluster.primary.port)
-        .await
-        .batch_execute(
-            "CREATE TABLE failover_log (writer int, seq int, PRIMARY KEY (writer, seq));
-             ALTER TABLE failover_log OWNER TO app;",
-        )
-        .await
-        .unwrap();
-    tokio::task::block_in_place(|| cluster.wait_caught_up(Duration::from_secs(20))).unwrap();
-}
-
-/// Clients writing through the proxy; every acknowledged row is remembered.
-struct Writers {
-    running: Arc<AtomicBool>,
-    acked: Arc<Mutex<HashSet<(i32, i32)>>>,
-    errors: Arc<Mutex<Vec<String>>>,
-    first_ok_after: Arc<Mutex<Option<Instant>>>,
-    mark: Arc<Mutex<Option<Instant>>>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-    total: Arc<AtomicU64>,
-}
-
-impl Writers {
-    async fn start(proxy: &Proxy, n: i32) -> Writers {
-        let running = Arc::new(AtomicBool::new(true));
-        let acked = Arc::new(Mutex::new(HashSet::new()));
-        let errors = Arc::new(Mutex::new(Vec::new()));
-        let first_ok_after = Arc::new(Mutex::new(None));
-        let mark: Arc<Mutex<Option<Instant>>> = Arc::new(Mutex::new(None));
-        let total = Arc::new(AtomicU64::new(0));
-        let url = proxy_url(proxy, "app", "secret", "app");
-        let mut tasks = Vec::new();
-        for writer in 0..n {
-            let (running, acked, errors, first_ok_after, mark, total, url) = (
-                running.clone(),
-                acked.clone(),
-                errors.clone(),
-                first_ok_after.clone(),
-                mark.clone(),
-                total.clone(),
-                url.clone(),
-            );
-            tasks.push(tokio::spawn(async move {
-                let mut client = connect(&url).await.expect("writer connects");
-                let mut seq = 0;
-                while running.load(Ordering::Relaxed) {
-                    seq += 1;
-                    let began = Instant::now();
-                    let r = client
-                        .execute(
-                            "INSERT INTO failover_log (writer, seq) VALUES ($1, $2)",
-                            &[&writer, &seq],
-                        )
-                        .await;
-                    match r {
-                        Ok(_) => {
-                            acked.lock().unwrap().insert((writer, seq));
-                            total.fetch_add(1, Ordering::Relaxed);
-                            // Only writes sent after the kill count: earlier ones may
-                            // have been answered before it.
-                            if mark.lock().unwrap().is_some_and(|m| began > m) {
-                                let mut first = first_ok_after.lock().unwrap();
-                                if first.is_none() {
-                                    *first = Some(Instant::now());
-                                }
-                            }
-                        }
-                        Err(e) => {
-                            errors.lock().unwrap().push(format!("{e:?}"));
-                            if client.is_closed() {
-                                // Same connection string as before.
-                                match connect(&url).await {
-                                    Ok(c) => client = c,
-                                    Err(e) => {
-                                        errors.lock().unwrap().push(format!("reconnect: {e:?}"));
-                                        tokio::time::sleep(Duration::from_millis(50)).await;
-                                    }
-                                }
-                            }
-                        }
-                    }
-                }
-            }));
-        }
-        Writers {
-            running,
-            acked,
-            errors,
-            first_ok_after,
-            mark,
-            tasks,
-            total,
-        }
-    }
-
-    /// From now on, the first acknowledged write is timed.
-    fn mark(&self) -> Instant {
-        let now = Instant::now();
-        *self.mark.lock().unwrap() = Some(now);
-        *self.first_ok_after.lock().unwrap() = None;
-        now
-    }
-
-    async fn stop(self) -> (HashSet<(i32, i32)>, Vec<String>, Option<Instant>) {
-        self.running.store(false, Ordering::Relaxed);
-        for t in self.tasks {
-            tokio::time::timeout(Duration::from_secs(30), t)
-                .await
-                .expect("a writer is stuck")
-                .unwrap();
-        }
-        let acked = self.acked.lock().unwrap().clone();
-        let errors = self.errors.lock().unwrap().clone();
-        let first = *self.first_ok_after.lock().unwrap();
-        (acked, errors, first)
-    }
-}
-
-async fn rows_on(port: u16) -> HashSet<(i32, i32)> {
-    superuser(port)
-        .await
-        .query("SELECT writer, seq FROM failover_log", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect()
-}
 
 /// Kills the primary under write load; returns (seconds to the first write after the
 /// kill, acknowledged writes missing on the new primary).
@@ -168,7 +34,7 @@ async fn kill_primary_under_load(synchronous: bool) -> (f64, usize) {
         s.projects[0].nodes.iter().all(|n| n.state == "up")
     })
     .await;
-    let writers = Writers::start(&proxy, 4).await;
+    let writers = Writers::start(&[proxy_url(&proxy, "app", "secret", "app")], 4).await;
     // Reads keep flowing from a client that never writes.
     let reader = app_client(&proxy).await;
     tokio::time::sleep(Duration::from_millis(1000)).await;
@@ -368,7 +234,7 @@ async fn a_replica_beyond_its_tolerance_is_never_promoted() {
         .batch_execute("SELECT pg_wal_replay_pause()")
         .await
         .unwrap();
-    let writers = Writers::start(&proxy, 2).await;
+    let writers = Writers::start(&[proxy_url(&proxy, "app", "secret", "app")], 2).await;
     wait_status(&proxy, Duration::from_secs(10), "slave-1 lagging", |s| {
         s.projects[0]
             .nodes
@@ -405,7 +271,7 @@ async fn a_planned_switchover_loses_nothing_and_fails_no_client() {
         s.projects[0].nodes.iter().all(|n| n.state == "up")
     })
     .await;
-    let writers = Writers::start(&proxy, 4).await;
+    let writers = Writers::start(&[proxy_url(&proxy, "app", "secret", "app")], 4).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let admin = connect(&proxy_url(&proxy, "app", "secret", "replicator"))
         .await

@@ -212,7 +212,10 @@ async fn a_replica_streaming_from_a_sibling_does_not_hold_failover_back() {
         ))
         .await
         .unwrap();
-    client.batch_execute("SELECT pg_reload_conf()").await.unwrap();
+    client
+        .batch_execute("SELECT pg_reload_conf()")
+        .await
+        .unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
         let row = client

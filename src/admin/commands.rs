@@ -79,6 +79,10 @@ pub const HELP: &[(&str, &str)] = &[
         "SHOW FAILOVER",
         "per project: primary, failover mode, state, last event",
     ),
+    (
+        "SHOW FLEET",
+        "fleet mode: every instance, its address, leader or follower, last heartbeat",
+    ),
     ("SHOW HELP", "this list"),
 ];
 
@@ -150,6 +154,7 @@ pub async fn execute(shared: &Arc<Shared>, statement: &str) -> Result<Reply, Com
                 .collect(),
         )),
         ["SHOW", "FAILOVER"] => Ok(show_failover(shared)),
+        ["SHOW", "FLEET"] => Ok(show_fleet(shared)),
         ["SHOW", "RULES"] => {
             let status = Status::collect(shared);
             Ok(rows(
@@ -260,6 +265,74 @@ fn show_failover(shared: &Shared) -> Reply {
         ],
         out,
     )
+}
+
+/// One row per instance of the fleet; every row also says what this instance sees
+/// (topology generations, whether etcd answers).
+fn show_fleet(shared: &Shared) -> Reply {
+    let columns = vec![
+        "instance",
+        "address",
+        "role",
+        "last_heartbeat",
+        "this_instance",
+        "generation",
+        "etcd_reachable",
+        "writes",
+    ];
+    let Some(fleet) = &shared.fleet else {
+        return rows(
+            columns,
+            vec![vec![
+                "(single instance)".into(),
+                shared.config.load().proxy.listen.clone(),
+                "leader".into(),
+                String::new(),
+                "true".into(),
+                String::new(),
+                "not used".into(),
+                "allowed".into(),
+            ]],
+        );
+    };
+    let view = fleet.view();
+    let generation = view
+        .generations
+        .iter()
+        .map(|(project, g)| format!("{project}={g}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let writes = match &view.why_no_writes {
+        None => "allowed".to_string(),
+        Some(why) => format!("held: {why}"),
+    };
+    let mut members = view.members.clone();
+    if !members.iter().any(|m| m.this_instance) {
+        // Not registered (etcd unreachable): still say who this is.
+        members.push(crate::fleet::MemberView {
+            instance: view.instance.clone(),
+            address: fleet.settings.advertise.clone(),
+            role: if view.is_leader { "leader" } else { "follower" }.into(),
+            last_heartbeat: 0,
+            this_instance: true,
+        });
+    }
+    let out = members
+        .into_iter()
+        .map(|m| {
+            vec![
+                m.instance,
+                m.address,
+                m.role,
+                m.last_heartbeat.to_string(),
+                m.this_instance.to_string(),
+                generation.clone(),
+                view.etcd_reachable.to_string(),
+                writes.clone(),
+            ]
+        })
+        .collect();
+    rows(columns, out)
 }
 
 pub const SYNC_COLUMNS: [&str; 8] = [

@@ -256,6 +256,9 @@ impl Collector for ProxyCollector {
             &[(vec![], shared.active_clients.load(Ordering::Relaxed) as i64)],
         )?;
         encode_rules(&mut encoder, &shared.cdc.views(&shared))?;
+        if let Some(fleet) = &shared.fleet {
+            encode_fleet(&mut encoder, &fleet.view())?;
+        }
         let mut family = encoder.encode_descriptor(
             "query_duration_seconds",
             "Time from sending a request to a server until its ReadyForQuery.",
@@ -346,4 +349,52 @@ fn encode_rules(
             .collect::<Vec<_>>(),
     )?;
     Ok(())
+}
+
+fn encode_fleet(
+    encoder: &mut DescriptorEncoder,
+    view: &crate::fleet::FleetView,
+) -> Result<(), std::fmt::Error> {
+    let me = || ("instance", view.instance.clone());
+    gauge(
+        encoder,
+        "fleet_leader",
+        "1 while this instance is the fleet's leader.",
+        &[(vec![me()], i64::from(view.is_leader))],
+    )?;
+    gauge(
+        encoder,
+        "fleet_etcd_reachable",
+        "1 while this instance's etcd lease is certainly alive.",
+        &[(vec![me()], i64::from(view.etcd_reachable))],
+    )?;
+    gauge(
+        encoder,
+        "fleet_writes_allowed",
+        "1 while this instance may send writes (topology read, etcd in contact).",
+        &[(vec![me()], i64::from(view.writes_allowed))],
+    )?;
+    let generations: Vec<(Labels, i64)> = view
+        .generations
+        .iter()
+        .map(|(project, g)| (vec![me(), ("project", project.clone())], *g as i64))
+        .collect();
+    gauge(
+        encoder,
+        "fleet_topology_generation",
+        "The generation of each project's topology applied here.",
+        &generations,
+    )?;
+    counter(
+        encoder,
+        "fleet_etcd_errors",
+        "etcd calls that failed or timed out.",
+        &[(vec![me()], view.etcd_errors)],
+    )?;
+    gauge(
+        encoder,
+        "fleet_members",
+        "Instances registered in the fleet.",
+        &[(vec![me()], view.members.len() as i64)],
+    )
 }

@@ -20,6 +20,9 @@ pub struct Status {
     /// CDC rules.
     #[serde(default)]
     pub rules: Vec<crate::cdc::RuleView>,
+    /// Fleet mode only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fleet: Option<crate::fleet::FleetView>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -110,6 +113,7 @@ impl Status {
             },
             projects,
             rules: shared.cdc.views(shared),
+            fleet: shared.fleet.as_ref().map(|f| f.view()),
         }
     }
 }

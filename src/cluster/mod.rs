@@ -370,13 +370,20 @@ pub struct Topology {
 
 impl Topology {
     pub fn from_config(config: &Config) -> Topology {
-        Topology::build(config, None)
+        Topology::build(config, None, None)
     }
 
     /// The topology for `config`. Nodes of `previous` whose settings did not change are
     /// kept as they are (pools, health, statistics, current role), so a reload drops no
     /// connection to them; the others are new.
-    pub fn build(config: &Config, previous: Option<&Topology>) -> Topology {
+    ///
+    /// In fleet mode the roles come from the fleet's topology in etcd (as last read),
+    /// else from the state file.
+    pub fn build(
+        config: &Config,
+        previous: Option<&Topology>,
+        fleet: Option<&Arc<crate::fleet::Fleet>>,
+    ) -> Topology {
         let epoch = Instant::now();
         let mut projects = HashMap::new();
         let state_path = std::path::PathBuf::from(&config.proxy.state_file);
@@ -459,13 +466,21 @@ impl Topology {
                     write_wait: Duration::from_millis(config.failover.write_wait_ms),
                     credentials: control_credentials.clone(),
                     state_path: state_path.clone(),
+                    fleet: fleet.cloned(),
                 }),
                 retired: AtomicBool::new(false),
             });
             if let Some(old) = old_project {
                 project.failover.carry_counters(&old.failover);
             }
-            state_file::assign_roles(&project, recorded.projects.get(name));
+            match fleet.and_then(|f| f.record(name)) {
+                Some(record) => state_file::assign_roles(&project, Some(&record), "etcd"),
+                None => state_file::assign_roles(
+                    &project,
+                    recorded.projects.get(name),
+                    "the state file",
+                ),
+            }
             projects.insert(name.clone(), project);
         }
         Topology { projects }

@@ -54,6 +54,18 @@ pub struct ProjectState {
     /// anything else is decided. Until then no node takes writes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub intent: Option<Intent>,
+    /// Fleet mode: the topology's generation in etcd, one more for every change (the
+    /// compare-and-swap every change goes through).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub generation: u64,
+    /// The timeline the primary writes on, when known (a node still on an older one
+    /// missed the promotion).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub timeline: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// A promotion decision, recorded before pg_promote runs.
@@ -107,7 +119,8 @@ pub fn record_cdc(path: &Path, rule: &str, state: Option<CdcState>) -> Result<()
 /// all) fenced-first, so that no session ever sees two primaries. An unfinished decision
 /// leaves the project without a primary (and the node it replaces fenced) until the
 /// failover logic finishes it.
-pub fn assign_roles(project: &Project, state: Option<&ProjectState>) {
+/// `source` names where the record comes from, for the log ("the state file", "etcd").
+pub fn assign_roles(project: &Project, state: Option<&ProjectState>, source: &str) {
     let configured_primary = project
         .nodes
         .iter()
@@ -118,15 +131,17 @@ pub fn assign_roles(project: &Project, state: Option<&ProjectState>) {
             if project.nodes.iter().any(|n| n.name == intent.candidate) {
                 return true;
             }
-            warn!(project = %project.name, candidate = %intent.candidate, "the state file holds an unfinished promotion of a node proxy.toml does not list; ignoring it");
+            warn!(project = %project.name, candidate = %intent.candidate, "{source} holds an unfinished promotion of a node proxy.toml does not list; ignoring it");
             return false;
         }
         if configured_primary.as_deref() == Some(state.primary.as_str()) {
-            info!(project = %project.name, primary = %state.primary, "proxy.toml now names the promoted node as primary; the failover record is no longer needed");
+            if state.promoted_at != 0 {
+                info!(project = %project.name, primary = %state.primary, "proxy.toml now names the promoted node as primary; the failover record is no longer needed");
+            }
             return false;
         }
         if !project.nodes.iter().any(|n| n.name == state.primary) {
-            warn!(project = %project.name, primary = %state.primary, "the state file names a primary that proxy.toml does not list; ignoring it");
+            warn!(project = %project.name, primary = %state.primary, "{source} names a primary that proxy.toml does not list; ignoring it");
             return false;
         }
         true
@@ -170,9 +185,9 @@ pub fn assign_roles(project: &Project, state: Option<&ProjectState>) {
     }
     let intent = record.and_then(|state| state.intent.clone());
     if let Some(intent) = &intent {
-        warn!(project = %project.name, candidate = %intent.candidate, replaces = ?intent.replaces, "the state file holds an unfinished promotion; writes wait until it is finished");
+        warn!(project = %project.name, candidate = %intent.candidate, replaces = ?intent.replaces, "{source} holds an unfinished promotion; writes wait until it is finished");
     } else if let Some(state) = record {
-        warn!(project = %project.name, primary = %state.primary, fenced = ?state.fenced, "applying the failover recorded in the state file");
+        warn!(project = %project.name, primary = %state.primary, fenced = ?state.fenced, "applying the failover recorded in {source}");
     }
     project.failover.set_pending(intent);
 }

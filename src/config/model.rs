@@ -18,6 +18,38 @@ pub struct Config {
     pub targets: BTreeMap<String, Target>,
     #[serde(default)]
     pub rules: Vec<Rule>,
+    /// Fleet mode: several proxies that share one view of the cluster through etcd.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub coordination: Option<Coordination>,
+}
+
+/// `[coordination]`: the etcd cluster a fleet of proxies agrees through.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Coordination {
+    /// etcd v3 endpoints (`http://host:2379`).
+    pub etcd: Vec<String>,
+    /// Key prefix: every proxy with the same prefix is in the same fleet.
+    #[serde(default = "default_coordination_prefix")]
+    pub prefix: String,
+    /// How long an instance's lease (and the leadership bound to it) outlives its last
+    /// contact with etcd; an instance cut off longer stops sending writes.
+    #[serde(default = "default_lease_ttl_ms")]
+    pub lease_ttl_ms: u64,
+    /// This instance's name in the fleet (default: host:port of `listen`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<String>,
+    /// The address other instances reach this one at (default: `listen`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub advertise: Option<String>,
+}
+
+fn default_coordination_prefix() -> String {
+    "/replicator".into()
+}
+
+fn default_lease_ttl_ms() -> u64 {
+    10_000
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]

@@ -7,7 +7,16 @@ use std::net::SocketAddr;
 use super::{Config, ConfigIssue, Role};
 
 /// Keys allowed at each level; anything else is an error, never silently ignored.
-const TOP: &[&str] = &["proxy", "users", "projects", "failover", "targets", "rules"];
+const TOP: &[&str] = &[
+    "proxy",
+    "users",
+    "projects",
+    "failover",
+    "targets",
+    "rules",
+    "coordination",
+];
+const COORDINATION: &[&str] = &["etcd", "prefix", "lease_ttl_ms", "instance", "advertise"];
 const PROXY: &[&str] = &[
     "listen",
     "admin_listen",
@@ -116,6 +125,9 @@ pub fn unknown_keys(root: &toml::Table) -> Vec<ConfigIssue> {
     }
     if let Some(t) = root.get("failover").and_then(|v| v.as_table()) {
         check_table(t, "failover.", FAILOVER, &mut out);
+    }
+    if let Some(t) = root.get("coordination").and_then(|v| v.as_table()) {
+        check_table(t, "coordination.", COORDINATION, &mut out);
     }
     for (i, t) in each_table(root.get("users")) {
         check_table(t, &format!("users[{i}]."), USER, &mut out);
@@ -295,6 +307,50 @@ pub fn semantics(config: &Config) -> Vec<ConfigIssue> {
             "failover.health_check_interval_ms",
             "must be greater than 0",
         ));
+    }
+    if let Some(c) = &config.coordination {
+        if c.etcd.is_empty() {
+            out.push(issue(
+                "coordination.etcd",
+                "must list at least one etcd endpoint",
+            ));
+        }
+        for (i, endpoint) in c.etcd.iter().enumerate() {
+            let rest = endpoint
+                .strip_prefix("http://")
+                .or_else(|| endpoint.strip_prefix("https://"))
+                .unwrap_or(endpoint);
+            let has_port = rest
+                .rsplit_once(':')
+                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+            if !has_port {
+                out.push(issue(
+                    format!("coordination.etcd[{i}]"),
+                    "must be http://host:port",
+                ));
+            }
+        }
+        if !c.prefix.starts_with('/') || c.prefix.len() < 2 {
+            out.push(issue(
+                "coordination.prefix",
+                "must start with / and name the fleet (\"/replicator/prod\")",
+            ));
+        }
+        if c.lease_ttl_ms < 2000 {
+            out.push(issue(
+                "coordination.lease_ttl_ms",
+                "must be at least 2000 (etcd leases count in whole seconds)",
+            ));
+        }
+        if c.instance
+            .as_deref()
+            .is_some_and(|i| i.is_empty() || i.contains('/'))
+        {
+            out.push(issue(
+                "coordination.instance",
+                "must be a non-empty name without /",
+            ));
+        }
     }
     for (name, target) in &config.targets {
         if let Err(reason) = check_target_uri(target) {

@@ -106,6 +106,11 @@ impl Session {
                 .wait_for_primary(BackendError::Timeout("a switchover is in progress".into()))
                 .await;
         }
+        if let Some(fleet) = &self.shared.fleet
+            && let Err(reason) = fleet.writes_allowed()
+        {
+            return self.wait_for_primary(BackendError::Timeout(reason)).await;
+        }
         let attached = match self.project.primary().cloned() {
             Some(node) => self.attach_from(node).await,
             None => Err(BackendError::Timeout(
@@ -156,6 +161,12 @@ impl Session {
                 .writes_paused
                 .load(std::sync::atomic::Ordering::SeqCst)
             {
+                continue;
+            }
+            if let Some(fleet) = &self.shared.fleet
+                && let Err(reason) = fleet.writes_allowed()
+            {
+                last = BackendError::Timeout(reason);
                 continue;
             }
             let Some(primary) = self.project.primary().cloned() else {

@@ -605,6 +605,7 @@ fn prepend(path: &Path, text: &str) -> Result<()> {
     fs::write(path, format!("{text}{old}"))?;
     Ok(())
 }
+pub mod etcd;
 pub mod mongo;
 
 /// Installs an npm package under `dir` (no scripts run, nothing saved to a manifest):

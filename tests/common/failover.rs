@@ -1,6 +1,11 @@
 //! Clusters of their own for tests that kill, promote or re-point nodes, and the
 //! failover settings they run the proxy with.
 
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
 use replicator::testbed::{Cluster, ClusterOptions, Node, SUPERUSER, SUPERUSER_PASSWORD};
 
 use super::{config_text, connect};
@@ -88,4 +93,136 @@ pub async fn out_of_recovery(cluster: &Cluster) -> Vec<String> {
         }
     }
     out
+}
+
+/// Clients writing through the proxy; every acknowledged row is remembered.
+pub struct Writers {
+    pub running: Arc<AtomicBool>,
+    pub acked: Arc<Mutex<HashSet<(i32, i32)>>>,
+    pub errors: Arc<Mutex<Vec<String>>>,
+    pub first_ok_after: Arc<Mutex<Option<Instant>>>,
+    pub mark: Arc<Mutex<Option<Instant>>>,
+    pub tasks: Vec<tokio::task::JoinHandle<()>>,
+    pub total: Arc<AtomicU64>,
+}
+
+impl Writers {
+    /// `n` writers, spread over `urls` (one proxy each).
+    pub async fn start(urls: &[String], n: i32) -> Writers {
+        let running = Arc::new(AtomicBool::new(true));
+        let acked = Arc::new(Mutex::new(HashSet::new()));
+        let errors = Arc::new(Mutex::new(Vec::new()));
+        let first_ok_after = Arc::new(Mutex::new(None));
+        let mark: Arc<Mutex<Option<Instant>>> = Arc::new(Mutex::new(None));
+        let total = Arc::new(AtomicU64::new(0));
+        let mut tasks = Vec::new();
+        for writer in 0..n {
+            let url = urls[writer as usize % urls.len()].clone();
+            let (running, acked, errors, first_ok_after, mark, total, url) = (
+                running.clone(),
+                acked.clone(),
+                errors.clone(),
+                first_ok_after.clone(),
+                mark.clone(),
+                total.clone(),
+                url,
+            );
+            tasks.push(tokio::spawn(async move {
+                let mut client = connect(&url).await.expect("writer connects");
+                let mut seq = 0;
+                while running.load(Ordering::Relaxed) {
+                    seq += 1;
+                    let began = Instant::now();
+                    let r = client
+                        .execute(
+                            "INSERT INTO failover_log (writer, seq) VALUES ($1, $2)",
+                            &[&writer, &seq],
+                        )
+                        .await;
+                    match r {
+                        Ok(_) => {
+                            acked.lock().unwrap().insert((writer, seq));
+                            total.fetch_add(1, Ordering::Relaxed);
+                            // Only writes sent after the kill count: earlier ones may
+                            // have been answered before it.
+                            if mark.lock().unwrap().is_some_and(|m| began > m) {
+                                let mut first = first_ok_after.lock().unwrap();
+                                if first.is_none() {
+                                    *first = Some(Instant::now());
+                                }
+                            }
+                        }
+                        Err(e) => {
+                            errors.lock().unwrap().push(format!("{e:?}"));
+                            if client.is_closed() {
+                                // Same connection string as before.
+                                match connect(&url).await {
+                                    Ok(c) => client = c,
+                                    Err(e) => {
+                                        errors.lock().unwrap().push(format!("reconnect: {e:?}"));
+                                        tokio::time::sleep(Duration::from_millis(50)).await;
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }));
+        }
+        Writers {
+            running,
+            acked,
+            errors,
+            first_ok_after,
+            mark,
+            tasks,
+            total,
+        }
+    }
+
+    /// From now on, the first acknowledged write is timed.
+    pub fn mark(&self) -> Instant {
+        let now = Instant::now();
+        *self.mark.lock().unwrap() = Some(now);
+        *self.first_ok_after.lock().unwrap() = None;
+        now
+    }
+
+    pub async fn stop(self) -> (HashSet<(i32, i32)>, Vec<String>, Option<Instant>) {
+        self.running.store(false, Ordering::Relaxed);
+        for t in self.tasks {
+            tokio::time::timeout(Duration::from_secs(30), t)
+                .await
+                .expect("a writer is stuck")
+                .unwrap();
+        }
+        let acked = self.acked.lock().unwrap().clone();
+        let errors = self.errors.lock().unwrap().clone();
+        let first = *self.first_ok_after.lock().unwrap();
+        (acked, errors, first)
+    }
+}
+
+pub async fn rows_on(port: u16) -> HashSet<(i32, i32)> {
+    superuser(port)
+        .await
+        .query("SELECT writer, seq FROM failover_log", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+/// The table the writers fill, owned by the application user, on every replica.
+pub async fn create_log_table(cluster: &Cluster) {
+    superuser(cluster.primary.port)
+        .await
+        .batch_execute(
+            "CREATE TABLE failover_log (writer int, seq int, PRIMARY KEY (writer, seq));
+             ALTER TABLE failover_log OWNER TO app;",
+        )
+        .await
+        .unwrap();
+    tokio::task::block_in_place(|| cluster.wait_caught_up(Duration::from_secs(20))).unwrap();
 }

@@ -201,12 +201,20 @@ fn choose(
     answers: &[Answer],
     silent: &[String],
 ) -> Result<Arc<Node>, String> {
-    let primary_last_lsn = primary.health.lsn();
+    // A leader that just took over judges by what its predecessor published.
+    let fleet = project.failover.settings.fleet.as_ref();
+    let primary_last_lsn = match primary.health.lsn() {
+        0 => fleet
+            .and_then(|f| f.published_primary_lsn(&project.name))
+            .unwrap_or(0),
+        known => known,
+    };
     let mut best: Option<(u64, Arc<Node>)> = None;
     let mut why_not: Vec<String> = silent.to_vec();
     for answer in answers {
         let node = &answer.node;
-        let Some(lag_when_seen) = node.health.lag_at_primary_seen_ms() else {
+        let published = || fleet.and_then(|f| f.published_lag(&project.name, &node.name));
+        let Some(lag_when_seen) = node.health.lag_at_primary_seen_ms().or_else(published) else {
             why_not.push(format!(
                 "{}: its lag is unknown, as this proxy has not reached the primary while \
                  watching it (fresh start); check it and PROMOTE by hand",

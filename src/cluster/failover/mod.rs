@@ -41,6 +41,8 @@ pub struct FailoverSettings {
     pub write_wait: Duration,
     pub credentials: Option<Credentials>,
     pub state_path: PathBuf,
+    /// Fleet mode: decisions are the leader's, recorded in etcd.
+    pub fleet: Option<Arc<crate::fleet::Fleet>>,
 }
 
 /// A project's failover machinery: settings, what it is doing, and its counters.
@@ -155,6 +157,22 @@ pub async fn after_checks(
     primary_reachable: bool,
 ) {
     let failover = &project.failover;
+    if let Some(fleet) = &failover.settings.fleet {
+        if !fleet.is_leader() {
+            // Followers route and watch; the leader decides (and finishes decisions).
+            *detector = Detector::default();
+            failover.set_state(match fleet.leader() {
+                Some(leader) => {
+                    format!("follower: failover is decided by the fleet's leader {leader}")
+                }
+                None => "follower: the fleet has no leader now".to_string(),
+            });
+            return;
+        }
+        if primary_reachable {
+            publish_knowledge(project, fleet).await;
+        }
+    }
     // A decision left unfinished comes first, and is finished with its own candidate.
     if let Some(intent) = failover.pending() {
         if let Err(e) = promote::finish_pending(project, &intent).await {
@@ -220,4 +238,28 @@ pub async fn after_checks(
         }
         Err(e) => detector.refuse(project, format!("promoting {} failed: {e}", candidate.name)),
     }
+}
+
+/// The leader publishes what a successor needs to judge replicas the moment it takes
+/// over: the primary's last position and each replica's lag when it was last seen.
+async fn publish_knowledge(project: &Project, fleet: &crate::fleet::Fleet) {
+    let Some(primary) = project.primary() else {
+        return;
+    };
+    let lag_ms = project
+        .nodes
+        .iter()
+        .filter(|n| n.role() == super::NodeRole::Replica)
+        .filter_map(|n| Some((n.name.clone(), n.health.lag_at_primary_seen_ms()?)))
+        .collect();
+    let knowledge = crate::fleet::Knowledge {
+        leader: fleet.settings.instance.clone(),
+        primary_lsn: primary.health.lsn(),
+        lag_ms,
+        at: std::time::SystemTime::now()
+            .duration_since(std::time::SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+    };
+    fleet.publish_knowledge(&project.name, knowledge).await;
 }

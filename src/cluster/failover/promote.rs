@@ -39,6 +39,20 @@ fn fenced_names(project: &Project, also: Option<&str>, except: &str) -> Vec<Stri
     fenced
 }
 
+/// Records a decision: in the state file, or in fleet mode by compare-and-swap of the
+/// fleet's topology in etcd (the state file then caches it).
+async fn record_decision(project: &Project, record: ProjectState) -> Result<(), String> {
+    let settings = &project.failover.settings;
+    match &settings.fleet {
+        None => state_file::record(&settings.state_path, &project.name, record),
+        Some(fleet) => {
+            let stored = fleet.swap_topology(&project.name, record).await?;
+            crate::fleet::cache_topology(&settings.state_path, &project.name, stored);
+            Ok(())
+        }
+    }
+}
+
 /// Decides to promote `candidate` (recorded first), then carries the decision out.
 pub async fn promote(
     project: &Arc<Project>,
@@ -48,7 +62,6 @@ pub async fn promote(
 ) -> Result<(), String> {
     let failover = &project.failover;
     let _one_at_a_time = failover.promoting.lock().await;
-    let settings = &failover.settings;
     let old_primary = project.primary().map(|n| n.name.clone());
     let intent = Intent {
         candidate: candidate.name.clone(),
@@ -64,8 +77,11 @@ pub async fn promote(
         promoted_at: 0,
         reason: String::new(),
         intent: Some(intent.clone()),
+        generation: 0,
+        timeline: 0,
     };
-    state_file::record(&settings.state_path, &project.name, record)
+    record_decision(project, record)
+        .await
         .map_err(|e| format!("cannot record the decision, so nothing was promoted: {e}"))?;
     failover.set_pending(Some(intent.clone()));
     warn!(project = %project.name, candidate = %candidate.name, old = ?old_primary, reason, "promoting a replica");
@@ -122,6 +138,17 @@ async fn carry_out(
         info!(project = %project.name, node = %candidate.name, "already out of recovery: adopted as primary");
     }
     crate::failpoint::crash_if_armed("failover-crash-after-promote");
+    let timeline = query_value(
+        &client,
+        "SELECT substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8)",
+    )
+    .await
+    .ok()
+    .and_then(|t| u64::from_str_radix(&t, 16).ok())
+    .unwrap_or(0);
+    if timeline != 0 {
+        candidate.health.set_timeline(timeline);
+    }
 
     // The intent is durable, so traffic may move before the commit: a restart finishes
     // with this same node. Fenced first, so no session ever sees two primaries.
@@ -168,11 +195,13 @@ async fn carry_out(
         promoted_at: now_secs(),
         reason: intent.reason.clone(),
         intent: None,
+        generation: 0,
+        timeline,
     };
     let committed = if crate::failpoint::armed("failover-commit-fails") {
         Err("failpoint failover-commit-fails".to_string())
     } else {
-        state_file::record(&settings.state_path, &project.name, record)
+        record_decision(project, record).await
     };
     match committed {
         Ok(()) => {

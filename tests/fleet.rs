@@ -1,0 +1,319 @@
+//! Fleet mode on a real etcd and three proxy processes in front of one cluster with
+//! synchronous replication: one promotion however many proxies see the primary die,
+//! every proxy following it, nothing promoted and no write sent while cut off from
+//! etcd, and a restarted proxy that knows the new primary without its state file.
+
+mod common;
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use common::failover::*;
+use common::process::{ProxyProcess, proxy_dir};
+use common::*;
+use replicator::admin::status::Status;
+use replicator::testbed::Cluster;
+use replicator::testbed::etcd::Etcd;
+
+/// A short lease so that the tests see leadership move within seconds.
+const LEASE_TTL_MS: u64 = 3000;
+
+fn start_etcd() -> Etcd {
+    Etcd::start(&PathBuf::from(env!("CARGO_TARGET_TMPDIR"))).expect("etcd")
+}
+
+async fn synchronous_cluster() -> Cluster {
+    let cluster = own_cluster(&[]).await;
+    create_log_table(&cluster).await;
+    let primary = superuser(cluster.primary.port).await;
+    primary
+        .batch_execute("ALTER SYSTEM SET synchronous_standby_names = 'ANY 1 (*)'")
+        .await
+        .unwrap();
+    primary
+        .batch_execute("SELECT pg_reload_conf()")
+        .await
+        .unwrap();
+    cluster
+}
+
+fn fleet_config(cluster: &Cluster, etcd: &Etcd, prefix: &str) -> String {
+    let text = config_for(
+        cluster,
+        "lag_check_interval_ms = 200",
+        "",
+        "health_check_interval_ms = 500\nfailure_threshold = 2\nwrite_wait_ms = 8000\n",
+    );
+    format!(
+        "{text}\n[coordination]\netcd = [\"{}\"]\nprefix = \"{prefix}\"\nlease_ttl_ms = {LEASE_TTL_MS}\n",
+        etcd.endpoint()
+    )
+}
+
+/// Three proxies of one fleet; the first is started first so it leads.
+async fn start_fleet(test: &str, text: &str, first_env: &[(&str, &str)]) -> Vec<ProxyProcess> {
+    let mut proxies = Vec::new();
+    for i in 0..3 {
+        let name = format!("proxy-{}", i + 1);
+        let env = if i == 0 { first_env } else { &[] };
+        let proxy = ProxyProcess::start(&name, &proxy_dir(test, &name), text, env);
+        if i == 0 {
+            proxy
+                .wait_status(Duration::from_secs(30), "the first proxy leads", |s| {
+                    s.fleet.as_ref().is_some_and(|f| f.is_leader)
+                })
+                .await;
+        }
+        proxies.push(proxy);
+    }
+    for proxy in &proxies {
+        proxy
+            .wait_status(
+                Duration::from_secs(30),
+                "a fleet of three, all nodes up",
+                |s| {
+                    s.fleet
+                        .as_ref()
+                        .is_some_and(|f| f.members.len() == 3 && f.writes_allowed)
+                        && s.projects[0].nodes.iter().all(|n| n.state == "up")
+                },
+            )
+            .await;
+    }
+    proxies
+}
+
+fn primary_of(s: &Status) -> Option<String> {
+    s.projects[0].primary.clone()
+}
+
+async fn kill_primary(cluster: &Cluster) -> Instant {
+    let killer = cluster.primary.clone();
+    tokio::task::spawn_blocking(move || killer.kill())
+        .await
+        .unwrap()
+        .unwrap();
+    Instant::now()
+}
+
+/// Port of the server that takes a write through `url`.
+async fn write_port(url: &str) -> Result<u16, String> {
+    let client = connect(url).await.map_err(|e| e.to_string())?;
+    let row = client
+        .query_one(
+            "INSERT INTO failover_log VALUES (1000 + (random() * 1000000)::int, 1) \
+             RETURNING inet_server_port()",
+            &[],
+        )
+        .await
+        .map_err(|e| {
+            e.as_db_error()
+                .map(|d| d.message().to_string())
+                .unwrap_or_else(|| e.to_string())
+        })?;
+    Ok(row.get::<_, i32>(0) as u16)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_primary_under_three_proxies_promotes_once_and_moves_them_all() {
+    let etcd = start_etcd();
+    let cluster = synchronous_cluster().await;
+    let text = fleet_config(&cluster, &etcd, "/fleet-kill");
+    let proxies = start_fleet("fleet-kill", &text, &[]).await;
+    let urls: Vec<String> = proxies
+        .iter()
+        .map(|p| p.url("app", "secret", "app"))
+        .collect();
+    let writers = Writers::start(&urls, 6).await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert!(writers.total.load(Ordering::Relaxed) > 10);
+
+    let killed_at = kill_primary(&cluster).await;
+    writers.mark();
+    let mut moved = Vec::new();
+    for proxy in &proxies {
+        let s = proxy
+            .wait_status(Duration::from_secs(30), "a new primary", |s| {
+                primary_of(s).is_some_and(|p| p != "master")
+            })
+            .await;
+        moved.push(primary_of(&s).unwrap());
+    }
+    assert!(
+        moved.iter().all(|p| *p == moved[0]),
+        "proxies disagree: {moved:?}"
+    );
+    let new_primary = moved[0].clone();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (acked, errors, first_ok) = writers.stop().await;
+    let resume = first_ok
+        .expect("a write succeeded after the kill")
+        .duration_since(killed_at);
+    assert_eq!(out_of_recovery(&cluster).await, std::slice::from_ref(&new_primary));
+    let new_port = node_port(&cluster, &new_primary);
+    for url in &urls {
+        assert_eq!(write_port(url).await, Ok(new_port));
+    }
+    let present = rows_on(new_port).await;
+    let lost = acked.difference(&present).count();
+    let promotions: u64 = futures_util::future::join_all(proxies.iter().map(|p| p.status()))
+        .await
+        .into_iter()
+        .flatten()
+        .map(|s| s.projects[0].failover.automatic)
+        .sum();
+    eprintln!(
+        "fleet failover: first write {:.2} s after the kill; {} acknowledged, {lost} lost; {} client errors",
+        resume.as_secs_f64(),
+        acked.len(),
+        errors.len()
+    );
+    assert_eq!(promotions, 1, "exactly one promotion in the fleet");
+    assert_eq!(
+        lost, 0,
+        "acknowledged writes lost with synchronous replication"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cut_off_from_etcd_nothing_is_promoted_and_no_write_is_sent_until_it_returns() {
+    let mut etcd = start_etcd();
+    let cluster = synchronous_cluster().await;
+    let text = fleet_config(&cluster, &etcd, "/fleet-cut");
+    let proxies = start_fleet("fleet-cut", &text, &[]).await;
+    etcd.stop();
+    // Past the lease: every proxy knows it may be out of date.
+    for proxy in &proxies {
+        proxy
+            .wait_status(Duration::from_secs(20), "writes held", |s| {
+                s.fleet.as_ref().is_some_and(|f| !f.writes_allowed)
+            })
+            .await;
+    }
+    kill_primary(&cluster).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(
+        out_of_recovery(&cluster).await.is_empty(),
+        "promoted while cut off"
+    );
+    let url = proxies[1].url("app", "secret", "app");
+    let refused = write_port(&url).await.expect_err("no write while cut off");
+    assert!(refused.contains("etcd"), "{refused}");
+    for proxy in &proxies {
+        let s = proxy.status().await.expect("status");
+        assert_eq!(primary_of(&s).as_deref(), Some("master"), "{s:#?}");
+    }
+
+    etcd.resume().expect("etcd again");
+    let mut moved = Vec::new();
+    for proxy in &proxies {
+        let s = proxy
+            .wait_status(
+                Duration::from_secs(40),
+                "failover after etcd returns",
+                |s| {
+                    primary_of(s).is_some_and(|p| p != "master")
+                        && s.fleet.as_ref().is_some_and(|f| f.writes_allowed)
+                },
+            )
+            .await;
+        moved.push(primary_of(&s).unwrap());
+    }
+    assert!(moved.iter().all(|p| *p == moved[0]), "{moved:?}");
+    assert_eq!(out_of_recovery(&cluster).await, [moved[0].clone()]);
+    assert_eq!(write_port(&url).await, Ok(node_port(&cluster, &moved[0])));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_killed_between_pg_promote_and_the_commit_is_finished_by_the_next() {
+    let etcd = start_etcd();
+    let cluster = synchronous_cluster().await;
+    let text = fleet_config(&cluster, &etcd, "/fleet-leader");
+    let mut proxies = start_fleet(
+        "fleet-leader",
+        &text,
+        &[("REPLICATOR_FAILPOINT", "failover-crash-after-promote")],
+    )
+    .await;
+    kill_primary(&cluster).await;
+    let exit = tokio::task::block_in_place(|| proxies[0].wait_exit(Duration::from_secs(30)));
+    assert_eq!(
+        exit.and_then(|e| e.code()),
+        Some(replicator::failpoint::CRASH_EXIT_CODE),
+        "{}",
+        proxies[0].log()
+    );
+    let promoted = out_of_recovery(&cluster).await;
+    assert_eq!(promoted.len(), 1, "{promoted:?}");
+    for proxy in &proxies[1..] {
+        proxy
+            .wait_status(
+                Duration::from_secs(30),
+                "the same promotion finished",
+                |s| primary_of(s).as_deref() == Some(promoted[0].as_str()),
+            )
+            .await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        out_of_recovery(&cluster).await,
+        promoted,
+        "a second promotion"
+    );
+    // The crashed leader, restarted, follows the recorded topology.
+    proxies[0].restart(&[]);
+    proxies[0]
+        .wait_status(
+            Duration::from_secs(30),
+            "the restarted proxy follows",
+            |s| primary_of(s).as_deref() == Some(promoted[0].as_str()),
+        )
+        .await;
+    let url = proxies[0].url("app", "secret", "app");
+    assert_eq!(
+        write_port(&url).await,
+        Ok(node_port(&cluster, &promoted[0]))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_restarted_without_its_state_file_writes_to_the_new_primary_first() {
+    let etcd = start_etcd();
+    let cluster = synchronous_cluster().await;
+    let text = fleet_config(&cluster, &etcd, "/fleet-restart");
+    let mut proxies = start_fleet("fleet-restart", &text, &[]).await;
+    kill_primary(&cluster).await;
+    let s = proxies[2]
+        .wait_status(Duration::from_secs(30), "a new primary", |s| {
+            primary_of(s).is_some_and(|p| p != "master")
+        })
+        .await;
+    let new_primary = primary_of(&s).unwrap();
+    proxies[2].kill();
+    let _ = std::fs::remove_file(proxies[2].dir.join("state.json"));
+    // The old primary is back (as a stale primary): a proxy that trusted proxy.toml
+    // would write to it.
+    let restarter = cluster.primary.clone();
+    tokio::task::spawn_blocking(move || restarter.start())
+        .await
+        .unwrap()
+        .unwrap();
+    proxies[2].restart(&[]);
+    let url = proxies[2].url("app", "secret", "app");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let port = loop {
+        match write_port(&url).await {
+            Ok(port) => break port,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "{e}\n{}", proxies[2].log());
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    assert_eq!(
+        port,
+        node_port(&cluster, &new_primary),
+        "the first write went elsewhere"
+    );
+}
