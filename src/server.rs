@@ -34,6 +34,7 @@ impl Proxy {
             crate::fleet::FleetSettings::from_config(&config, addr).map(crate::fleet::Fleet::new);
         let shared = Shared::new(config, config_path.clone(), fleet.clone());
         if let Some(fleet) = &fleet {
+            shared.cancels.set_instance_tag(fleet.cancel_tag());
             fleet.start(&shared);
         }
         crate::reload::spawn_monitors(&shared, &shared.topology.load(), &shared.config.load());

@@ -150,7 +150,10 @@ async fn killing_the_primary_under_three_proxies_promotes_once_and_moves_them_al
     let resume = first_ok
         .expect("a write succeeded after the kill")
         .duration_since(killed_at);
-    assert_eq!(out_of_recovery(&cluster).await, std::slice::from_ref(&new_primary));
+    assert_eq!(
+        out_of_recovery(&cluster).await,
+        std::slice::from_ref(&new_primary)
+    );
     let new_port = node_port(&cluster, &new_primary);
     for url in &urls {
         assert_eq!(write_port(url).await, Ok(new_port));
@@ -316,4 +319,46 @@ async fn a_proxy_restarted_without_its_state_file_writes_to_the_new_primary_firs
         node_port(&cluster, &new_primary),
         "the first write went elsewhere"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_is_cancelled_whichever_instance_gets_the_cancel_request() {
+    use common::wire::{cancel_packet, error_code, login_raw_with_key, next_message, query};
+    use tokio::io::AsyncWriteExt;
+    let etcd = start_etcd();
+    let cluster = own_cluster(&[]).await;
+    let text = fleet_config(&cluster, &etcd, "/fleet-cancel");
+    let proxies = start_fleet("fleet-cancel", &text, &[]).await;
+    for (runs_on, cancelled_through) in [(0, 1), (2, 0)] {
+        let address = format!("127.0.0.1:{}", proxies[runs_on].port);
+        let stream = tokio::net::TcpStream::connect(&address).await.unwrap();
+        let (mut client, (pid, secret)) = login_raw_with_key(stream).await;
+        let started = Instant::now();
+        client
+            .write_all(&query("SELECT pg_sleep(30)"))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let other = format!("127.0.0.1:{}", proxies[cancelled_through].port);
+        let mut cancel = tokio::net::TcpStream::connect(&other).await.unwrap();
+        cancel.write_all(&cancel_packet(pid, secret)).await.unwrap();
+        let mut buf = bytes::BytesMut::new();
+        let mut code = None;
+        let answer = async {
+            loop {
+                let frame = next_message(&mut client, &mut buf).await;
+                if frame[0] == b'E' {
+                    code = error_code(&frame);
+                }
+                if frame[0] == b'Z' {
+                    break;
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(20), answer)
+            .await
+            .expect("the statement was not cancelled");
+        assert_eq!(code.as_deref(), Some("57014"));
+        assert!(started.elapsed() < Duration::from_secs(20));
+    }
 }

@@ -127,12 +127,7 @@ async fn a_cancel_with_the_real_process_id_reaches_the_statement_through_the_pro
     let admin = primary_client().await;
     wait_until_running(&admin, pid).await;
     let mut cancel = TcpStream::connect(proxy.addr).await.unwrap();
-    let mut packet = Vec::new();
-    packet.extend_from_slice(&16u32.to_be_bytes());
-    packet.extend_from_slice(&80_877_102u32.to_be_bytes());
-    packet.extend_from_slice(&pid.to_be_bytes());
-    packet.extend_from_slice(&secret.to_be_bytes());
-    cancel.write_all(&packet).await.unwrap();
+    cancel.write_all(&cancel_packet(pid, secret)).await.unwrap();
     let mut buf = BytesMut::new();
     let mut code = None;
     loop {

@@ -58,6 +58,9 @@ impl FleetSettings {
 pub struct Member {
     pub instance: String,
     pub advertise: String,
+    /// The tag in the secret keys this instance hands out.
+    #[serde(default)]
+    pub cancel_tag: u16,
     /// Seconds since the Unix epoch of its last heartbeat.
     pub heartbeat: u64,
 }
@@ -296,6 +299,50 @@ impl Fleet {
             return Err("this proxy is not the fleet's leader (or lost contact with etcd); nothing was changed".into());
         }
         topology::swap(self, project, next).await
+    }
+
+    /// The tag this instance puts in its clients' secret keys.
+    pub fn cancel_tag(&self) -> u16 {
+        crate::session::cancel::instance_tag_for(&self.settings.instance)
+    }
+
+    /// A CancelRequest whose key another instance issued is sent on to it; true when
+    /// it was not this instance's to handle.
+    pub async fn forward_cancel_elsewhere(&self, pid: i32, secret: i32) -> bool {
+        let tag = crate::session::cancel::instance_tag_of(secret);
+        if tag == self.cancel_tag() {
+            return false;
+        }
+        let address = self.members.lock().ok().and_then(|m| {
+            m.values()
+                .find(|member| {
+                    member.cancel_tag == tag && member.instance != self.settings.instance
+                })
+                .map(|member| member.advertise.clone())
+        });
+        let Some(address) = address else {
+            tracing::debug!(
+                tag,
+                "cancel request for an instance not in the fleet; ignored"
+            );
+            return true;
+        };
+        let mut buf = bytes::BytesMut::new();
+        crate::protocol::messages::cancel_request(&mut buf, pid, secret);
+        let sent = async {
+            use tokio::io::AsyncWriteExt;
+            let mut stream = tokio::net::TcpStream::connect(&address).await?;
+            stream.write_all(&buf).await?;
+            stream.shutdown().await
+        };
+        match tokio::time::timeout(Duration::from_secs(2), sent).await {
+            Ok(Ok(())) => {
+                tracing::info!(to = %address, "cancel request forwarded to the instance that holds the client")
+            }
+            Ok(Err(e)) => tracing::warn!(to = %address, "cannot forward a cancel request: {e}"),
+            Err(_) => tracing::warn!(to = %address, "cannot forward a cancel request: no answer"),
+        }
+        true
     }
 
     /// The leader publishes what a successor needs (at most once a second per project).

@@ -106,6 +106,7 @@ async fn run(fleet: &Fleet, lease_out: &mut i64) -> Result<(), String> {
         let member = Member {
             instance: fleet.settings.instance.clone(),
             advertise: fleet.settings.advertise.clone(),
+            cancel_tag: fleet.cancel_tag(),
             heartbeat: now_secs(),
         };
         let text = serde_json::to_string(&member).map_err(|e| e.to_string())?;
@@ -178,7 +179,14 @@ async fn refresh_members(fleet: &Fleet, client: &mut Client) -> Result<(), Strin
         .iter()
         .filter_map(|kv| serde_json::from_slice::<Member>(kv.value()).ok())
         .map(|m| (m.instance.clone(), m))
-        .collect();
+        .collect::<std::collections::BTreeMap<String, Member>>();
+    let mine = fleet.cancel_tag();
+    if let Some(twin) = members
+        .values()
+        .find(|m| m.cancel_tag == mine && m.instance != fleet.settings.instance)
+    {
+        warn!(instance = %fleet.settings.instance, other = %twin.instance, "two instances share a cancel tag; cancel requests between them may go astray (rename one with coordination.instance)");
+    }
     if let Ok(mut slot) = fleet.members.lock() {
         *slot = members;
     }

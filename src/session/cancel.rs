@@ -5,7 +5,7 @@
 //! the client right now.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::BytesMut;
@@ -82,12 +82,54 @@ impl CancelSlot {
 /// server process, another client's among them.
 pub const STAND_IN_PIDS: std::ops::Range<i32> = (1 << 22) + 1..i32::MAX;
 
+/// In fleet mode the top bits of every secret key name the instance that issued it, so
+/// that a CancelRequest reaching another instance can be forwarded there (as
+/// PgBouncer's peering does). 0 outside a fleet: every bit is random.
+const INSTANCE_TAG_BITS: u32 = 12;
+const RANDOM_BITS: u32 = 32 - INSTANCE_TAG_BITS;
+
+/// The instance tag carried by a secret key (0: none).
+pub fn instance_tag_of(secret: i32) -> u16 {
+    ((secret as u32) >> RANDOM_BITS) as u16
+}
+
+/// The tag of a fleet instance, from its name: 1..=4095.
+pub fn instance_tag_for(name: &str) -> u16 {
+    // FNV-1a: stable across processes and builds, unlike the std hasher.
+    let mut hash: u32 = 0x811c_9dc5;
+    for byte in name.bytes() {
+        hash ^= u32::from(byte);
+        hash = hash.wrapping_mul(0x0100_0193);
+    }
+    1 + (hash % ((1 << INSTANCE_TAG_BITS) - 1)) as u16
+}
+
 #[derive(Default)]
 pub struct CancelRegistry {
     slots: Mutex<HashMap<(i32, i32), Arc<CancelSlot>>>,
+    /// This instance's tag in fleet mode, else 0.
+    instance_tag: AtomicU32,
 }
 
 impl CancelRegistry {
+    /// Fleet mode: every secret from now on names this instance.
+    pub fn set_instance_tag(&self, tag: u16) {
+        self.instance_tag.store(u32::from(tag), Ordering::Relaxed);
+    }
+
+    pub fn instance_tag(&self) -> u16 {
+        self.instance_tag.load(Ordering::Relaxed) as u16
+    }
+
+    fn new_secret(&self) -> i32 {
+        let tag = self.instance_tag.load(Ordering::Relaxed);
+        if tag == 0 {
+            return rand::random();
+        }
+        let random: u32 = rand::random::<u32>() >> INSTANCE_TAG_BITS;
+        ((tag << RANDOM_BITS) | random) as i32
+    }
+
     /// Gives a new client its key and slot.
     pub fn register(&self) -> (i32, i32, Arc<CancelSlot>) {
         let slot = Arc::new(CancelSlot::default());
@@ -96,7 +138,7 @@ impl CancelRegistry {
             Err(p) => p.into_inner(),
         };
         loop {
-            let key: (i32, i32) = (rand::random_range(STAND_IN_PIDS), rand::random());
+            let key: (i32, i32) = (rand::random_range(STAND_IN_PIDS), self.new_secret());
             if let std::collections::hash_map::Entry::Vacant(e) = slots.entry(key) {
                 e.insert(slot.clone());
                 return (key.0, key.1, slot);
@@ -115,7 +157,7 @@ impl CancelRegistry {
             return old;
         };
         loop {
-            let key: (i32, i32) = (pid, rand::random());
+            let key: (i32, i32) = (pid, self.new_secret());
             if let std::collections::hash_map::Entry::Vacant(e) = slots.entry(key) {
                 e.insert(slot);
                 return key;
@@ -175,6 +217,27 @@ mod tests {
             let (pid, _, _) = registry.register();
             assert!(pid > 4_194_304, "{pid}");
         }
+    }
+
+    #[test]
+    fn in_a_fleet_every_secret_names_the_instance_that_issued_it() {
+        let registry = CancelRegistry::default();
+        let tag = instance_tag_for("10.0.0.7:6432");
+        assert!((1..4096).contains(&tag));
+        assert_ne!(tag, instance_tag_for("10.0.0.8:6432"));
+        registry.set_instance_tag(tag);
+        for _ in 0..1000 {
+            let (pid, secret, _) = registry.register();
+            assert_eq!(instance_tag_of(secret), tag);
+            let (_, secret) = registry.rekey((pid, secret), 4242);
+            assert_eq!(instance_tag_of(secret), tag);
+        }
+        // Outside a fleet the secret is all random, and its top bits mean nothing.
+        let single = CancelRegistry::default();
+        let tags: std::collections::HashSet<u16> = (0..200)
+            .map(|_| instance_tag_of(single.register().1))
+            .collect();
+        assert!(tags.len() > 50, "{tags:?}");
     }
 
     #[test]

@@ -137,6 +137,11 @@ pub async fn serve_client(shared: Arc<Shared>, stream: TcpStream, peer: SocketAd
             return;
         }
         Ok(Ok(Startup::Cancel { pid, secret })) => {
+            if let Some(fleet) = &shared.fleet
+                && fleet.forward_cancel_elsewhere(pid, secret).await
+            {
+                return;
+            }
             shared.cancels.cancel(pid, secret).await;
             return;
         }

@@ -155,3 +155,13 @@ pub fn cstr(out: &mut Vec<u8>, s: &str) {
     out.extend_from_slice(s.as_bytes());
     out.push(0);
 }
+
+/// A CancelRequest for the key a client got in BackendKeyData.
+pub fn cancel_packet(pid: i32, secret: i32) -> Vec<u8> {
+    let mut packet = Vec::new();
+    packet.extend_from_slice(&16u32.to_be_bytes());
+    packet.extend_from_slice(&80_877_102u32.to_be_bytes());
+    packet.extend_from_slice(&pid.to_be_bytes());
+    packet.extend_from_slice(&secret.to_be_bytes());
+    packet
+}
