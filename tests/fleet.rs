@@ -362,3 +362,102 @@ async fn a_statement_is_cancelled_whichever_instance_gets_the_cancel_request() {
         assert!(started.elapsed() < Duration::from_secs(20));
     }
 }
+
+/// Rows of `table` at `url` as text, sorted (none while the table does not exist).
+async fn table_rows(url: &str, table: &str) -> Vec<String> {
+    let client = connect(url).await.expect("connect");
+    client
+        .query(
+            &format!("SELECT id::text || ':' || v FROM {table} ORDER BY id"),
+            &[],
+        )
+        .await
+        .map(|rows| rows.iter().map(|r| r.get(0)).collect())
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cdc_rule_keeps_mirroring_across_the_death_of_the_leader_proxy() {
+    use replicator::testbed::{SUPERUSER, SUPERUSER_PASSWORD};
+    let etcd = start_etcd();
+    let cluster = own_cluster(&[]).await;
+    let admin = superuser(cluster.primary.port).await;
+    admin
+        .batch_execute(
+            "CREATE TABLE fleet_cdc (id int PRIMARY KEY, v text);
+             ALTER TABLE fleet_cdc OWNER TO app;",
+        )
+        .await
+        .unwrap();
+    admin
+        .batch_execute("CREATE DATABASE fleet_mirror")
+        .await
+        .unwrap();
+    let target = format!(
+        "postgresql://{SUPERUSER}:{SUPERUSER_PASSWORD}@127.0.0.1:{}/fleet_mirror",
+        cluster.primary.port
+    );
+    let text = format!(
+        "{}\n[targets.sink]\nkind = \"postgres\"\nuri = \"{target}\"\n\n\
+         [[rules]]\nname = \"fleet-mirror\"\nsource = \"app\"\ntarget = \"sink\"\n\
+         collections = [\"fleet_cdc\"]\ninterval_ms = 0\n",
+        fleet_config(&cluster, &etcd, "/fleet-cdc")
+    );
+    let mut proxies = start_fleet("fleet-cdc", &text, &[]).await;
+    let source = cluster.primary.url(SUPERUSER, SUPERUSER_PASSWORD, "app");
+    let app = connect(&proxies[1].url("app", "secret", "app"))
+        .await
+        .unwrap();
+    app.batch_execute("INSERT INTO fleet_cdc SELECT g, 'before' FROM generate_series(1, 100) g")
+        .await
+        .unwrap();
+    let wait_mirrored = |what: &'static str| {
+        let (source, target) = (source.clone(), target.clone());
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                let want = table_rows(&source, "fleet_cdc").await;
+                if table_rows(&target, "fleet_cdc").await == want {
+                    return want.len();
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "{what}: the mirror never caught up"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    assert_eq!(wait_mirrored("before").await, 100);
+    // Only the leader runs the rule.
+    for (i, proxy) in proxies.iter().enumerate() {
+        let s = proxy.status().await.expect("status");
+        assert_eq!(
+            s.rules.len(),
+            usize::from(i == 0),
+            "{}: {:?}",
+            proxy.name,
+            s.rules
+        );
+    }
+    proxies[0].kill();
+    app.batch_execute(
+        "INSERT INTO fleet_cdc SELECT g, 'after' FROM generate_series(101, 200) g;
+         UPDATE fleet_cdc SET v = 'changed' WHERE id <= 10;
+         DELETE FROM fleet_cdc WHERE id BETWEEN 11 AND 20;",
+    )
+    .await
+    .unwrap();
+    assert_eq!(wait_mirrored("after the leader died").await, 190);
+    let runner = futures_util::future::join_all(proxies[1..].iter().map(|p| p.status()))
+        .await
+        .into_iter()
+        .flatten()
+        .filter(|s| !s.rules.is_empty())
+        .collect::<Vec<_>>();
+    assert_eq!(runner.len(), 1, "one new leader runs the rule");
+    assert_eq!(
+        runner[0].rules[0].snapshot_rows, 0,
+        "the new leader resumed from the slot, without a new snapshot"
+    );
+}

@@ -91,11 +91,19 @@ impl Cdc {
 
     /// Starts, stops and restarts rule tasks so they match the live config. A rule
     /// whose settings did not change keeps running untouched.
+    ///
+    /// In fleet mode only the leader runs rules: a follower stops its own, and starts
+    /// them when it becomes the leader (called again on every change of leadership).
     pub fn reconcile(shared: &Arc<Shared>) {
         let config = shared.config.load_full();
         let mut handles = shared.cdc.handles();
-        let wanted: BTreeMap<&str, &Rule> =
-            config.rules.iter().map(|r| (r.name.as_str(), r)).collect();
+        let runs_rules = shared.fleet.as_ref().is_none_or(|f| f.is_leader());
+        let wanted: BTreeMap<&str, &Rule> = config
+            .rules
+            .iter()
+            .filter(|_| runs_rules)
+            .map(|r| (r.name.as_str(), r))
+            .collect();
         let mut previous = BTreeMap::new();
         let names: Vec<String> = handles.keys().cloned().collect();
         for name in names {

@@ -279,6 +279,34 @@ impl Runner {
         PathBuf::from(&self.config().proxy.state_file)
     }
 
+    /// What is known about the rule's slot: in fleet mode from etcd (a new leader
+    /// resumes from the slot its predecessor made, without a new snapshot), else from
+    /// the state file.
+    async fn recorded_slot(&self) -> Result<Option<CdcState>, RunError> {
+        match &self.shared.fleet {
+            Some(fleet) => fleet
+                .cdc_state(&self.rule.name)
+                .await
+                .map_err(RunError::failed),
+            None => Ok(state_file::load(&self.state_path())
+                .map_err(RunError::failed)?
+                .cdc
+                .get(&self.rule.name)
+                .cloned()),
+        }
+    }
+
+    async fn record_slot(&self, state: CdcState) -> Result<(), RunError> {
+        if let Some(fleet) = &self.shared.fleet {
+            fleet
+                .record_cdc_state(&self.rule.name, &state)
+                .await
+                .map_err(RunError::failed)?;
+        }
+        state_file::record_cdc(&self.state_path(), &self.rule.name, Some(state))
+            .map_err(RunError::failed)
+    }
+
     /// Makes sure the slot exists with a completed snapshot; creates it (and copies the
     /// tables) when it does not. Returns whether a snapshot was taken.
     async fn prepare_slot(
@@ -289,12 +317,7 @@ impl Runner {
         slot: &str,
         timeline: u32,
     ) -> Result<bool, RunError> {
-        let path = self.state_path();
-        let recorded = state_file::load(&path)
-            .map_err(RunError::failed)?
-            .cdc
-            .get(&self.rule.name)
-            .cloned();
+        let recorded = self.recorded_slot().await?;
         let existing = schema::slot_position(&source.control, slot).await?;
         let table_names: Vec<String> = tables
             .ordered
@@ -330,8 +353,7 @@ impl Runner {
             snapshot_complete: false,
             tables: table_names,
         };
-        state_file::record_cdc(&path, &self.rule.name, Some(marker.clone()))
-            .map_err(RunError::failed)?;
+        self.record_slot(marker.clone()).await?;
         info!(rule = %self.rule.name, slot, position = %marker.consistent_point, tables = tables.ordered.len(), "slot created; copying existing rows");
         let mode = self.rule.conflict_resolution;
         let stats = self.stats.clone();
@@ -366,7 +388,7 @@ impl Runner {
             info!(rule = %self.rule.name, swept, "removed target rows the source no longer has");
         }
         marker.snapshot_complete = true;
-        state_file::record_cdc(&path, &self.rule.name, Some(marker)).map_err(RunError::failed)?;
+        self.record_slot(marker).await?;
         self.stats
             .position
             .store(created.consistent_point, Ordering::Relaxed);

@@ -34,3 +34,7 @@ pub fn knowledge(s: &FleetSettings, project: &str) -> String {
 pub fn name_under<'a>(key: &'a [u8], folder: &str) -> Option<&'a str> {
     std::str::from_utf8(key).ok()?.strip_prefix(folder)
 }
+
+pub fn cdc(s: &FleetSettings, rule: &str) -> String {
+    format!("{}/cdc/{rule}", s.prefix)
+}

@@ -156,6 +156,17 @@ impl Fleet {
     pub fn start(self: &Arc<Fleet>, shared: &Arc<crate::state::Shared>) {
         session::spawn(self.clone(), shared);
         topology::spawn(self.clone(), shared);
+        // Leader-only work follows leadership.
+        let mut changes = self.leadership_changes();
+        let weak = Arc::downgrade(shared);
+        tokio::spawn(async move {
+            while changes.changed().await.is_ok() {
+                let Some(shared) = weak.upgrade() else {
+                    return;
+                };
+                crate::cdc::Cdc::reconcile(&shared);
+            }
+        });
     }
 
     fn now_ms(&self) -> u64 {
@@ -299,6 +310,38 @@ impl Fleet {
             return Err("this proxy is not the fleet's leader (or lost contact with etcd); nothing was changed".into());
         }
         topology::swap(self, project, next).await
+    }
+
+    /// A CDC rule's slot record, as the leader that runs it last wrote it.
+    pub async fn cdc_state(
+        &self,
+        rule: &str,
+    ) -> Result<Option<crate::cluster::state_file::CdcState>, String> {
+        let mut client = session::connect(self).await?;
+        let key = keys::cdc(&self.settings, rule);
+        let answer = session::call(self, "cdc read", client.get(key, None)).await?;
+        match answer.kvs().first() {
+            None => Ok(None),
+            Some(kv) => serde_json::from_slice(kv.value())
+                .map(Some)
+                .map_err(|e| format!("unreadable CDC record of {rule} in etcd: {e}")),
+        }
+    }
+
+    /// Records a CDC rule's slot for whoever runs the rule next; only the leader may.
+    pub async fn record_cdc_state(
+        &self,
+        rule: &str,
+        state: &crate::cluster::state_file::CdcState,
+    ) -> Result<(), String> {
+        if !self.is_leader() {
+            return Err("this proxy is no longer the fleet's leader".into());
+        }
+        let text = serde_json::to_string(state).map_err(|e| e.to_string())?;
+        let mut client = session::connect(self).await?;
+        let key = keys::cdc(&self.settings, rule);
+        session::call(self, "cdc record", client.put(key, text, None)).await?;
+        Ok(())
     }
 
     /// The tag this instance puts in its clients' secret keys.
