@@ -67,13 +67,35 @@ pub fn spawn_monitors(shared: &Shared, topology: &Topology, config: &Config) {
     }
 }
 
+/// proxy.toml as it stands, with the fleet's runtime changes applied in fleet mode.
+fn load_effective(
+    shared: &Shared,
+    path: &std::path::Path,
+) -> Result<Config, crate::config::ConfigError> {
+    let Some(fleet) = &shared.fleet else {
+        return Config::load(path);
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| crate::config::ConfigError {
+        file: path.display().to_string(),
+        issues: vec![crate::config::ConfigIssue {
+            key: String::new(),
+            reason: format!("cannot read file: {e}"),
+        }],
+    })?;
+    let (text, skipped) = crate::fleet::runtime::apply(&text, &fleet.runtime_changes());
+    for change in skipped {
+        warn!("a runtime change of the fleet no longer applies to proxy.toml: {change}");
+    }
+    Config::from_text_at(path, &text)
+}
+
 /// Reloads proxy.toml. Returns a summary of what changed, or why nothing did.
 pub async fn reload(shared: &Arc<Shared>, trigger: &str) -> Result<String, String> {
     let _one_at_a_time = shared.reload_lock.lock().await;
     let Some(path) = shared.config_path.clone() else {
         return Err("the proxy was started without a config file".into());
     };
-    let mut next = match Config::load(&path) {
+    let mut next = match load_effective(shared, &path) {
         Ok(c) => c,
         Err(e) => {
             let message = e.to_string();

@@ -461,3 +461,92 @@ async fn a_cdc_rule_keeps_mirroring_across_the_death_of_the_leader_proxy() {
         "the new leader resumed from the slot, without a new snapshot"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_added_on_one_instance_serves_reads_through_the_others() {
+    let etcd = start_etcd();
+    let cluster = tokio::task::spawn_blocking(|| {
+        Cluster::start(replicator::testbed::ClusterOptions {
+            replicas: 3,
+            ..Default::default()
+        })
+    })
+    .await
+    .unwrap()
+    .expect("cluster");
+    // proxy.toml knows two of the three replicas.
+    let full = fleet_config(&cluster, &etcd, "/fleet-runtime");
+    let third = cluster.replicas[2].port;
+    let block_start = full.find("name = \"slave-3\"").expect("slave-3 block");
+    let block_start = full[..block_start].rfind("[[projects").unwrap();
+    let uri_line = format!("uri = \"postgresql://127.0.0.1:{third}/app\"");
+    let block_end = full.find(&uri_line).unwrap() + uri_line.len();
+    let text = format!("{}{}", &full[..block_start], &full[block_end..]);
+    assert!(!text.contains("slave-3"));
+    let mut proxies = start_fleet("fleet-runtime", &text, &[]).await;
+
+    let admin = connect(&proxies[0].url("app", "secret", "replicator"))
+        .await
+        .unwrap();
+    admin
+        .simple_query(&format!(
+            "ADD REPLICA app slave-3 replica 'postgresql://127.0.0.1:{third}/app'"
+        ))
+        .await
+        .expect("ADD REPLICA");
+    let added_at = Instant::now();
+    let has_third = |s: &Status| s.projects[0].nodes.iter().any(|n| n.name == "slave-3");
+    for proxy in &proxies[1..] {
+        proxy
+            .wait_status(Duration::from_secs(5), "slave-3 in the topology", has_third)
+            .await;
+        eprintln!(
+            "{} has slave-3 {} ms after ADD REPLICA",
+            proxy.name,
+            added_at.elapsed().as_millis()
+        );
+    }
+    for proxy in &proxies[1..] {
+        let client = connect(&proxy.url("app", "secret", "app")).await.unwrap();
+        let mut seen = false;
+        for _ in 0..60 {
+            if who(&client, WHO).await == (third, true) {
+                seen = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(seen, "{}: no read reached slave-3", proxy.name);
+    }
+    let other = connect(&proxies[1].url("app", "secret", "replicator"))
+        .await
+        .unwrap();
+    let rows = other.simple_query("SHOW CONFIG").await.unwrap();
+    let source = rows
+        .iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) if r.get("value") == Some("slave-3") => {
+                r.get("source").map(str::to_string)
+            }
+            _ => None,
+        })
+        .expect("slave-3 in SHOW CONFIG");
+    assert!(
+        source.starts_with("etcd: ADD REPLICA app slave-3"),
+        "{source}"
+    );
+    // proxy.toml is untouched; a restarted instance still has the node.
+    assert!(
+        !std::fs::read_to_string(proxies[2].dir.join("proxy.toml"))
+            .unwrap()
+            .contains("slave-3")
+    );
+    proxies[2].restart(&[]);
+    proxies[2]
+        .wait_status(
+            Duration::from_secs(30),
+            "slave-3 after a restart",
+            has_third,
+        )
+        .await;
+}

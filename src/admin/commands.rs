@@ -488,13 +488,41 @@ fn show_stats(shared: &Shared) -> Reply {
     )
 }
 
+/// The running configuration, each value with where it comes from: `proxy.toml`, a
+/// `default`, or (fleet mode) the runtime change stored in etcd that set it.
 fn show_config(shared: &Shared) -> Reply {
     let config = shared.config.load();
     let mut out = Vec::new();
     if let Ok(value) = toml::Value::try_from(&**config) {
         flatten("", &value, &mut out);
     }
-    rows(vec!["key", "value"], out)
+    let mut in_file = Vec::new();
+    if let Some(path) = &shared.config_path
+        && let Ok(text) = std::fs::read_to_string(path)
+        && let Ok(table) = text.parse::<toml::Table>()
+    {
+        flatten("", &toml::Value::Table(table), &mut in_file);
+    }
+    let file_value = |key: &str| in_file.iter().find(|r| r[0] == key).map(|r| r[1].as_str());
+    let changes = shared
+        .fleet
+        .as_ref()
+        .map(|f| f.runtime_changes())
+        .unwrap_or_default();
+    for row in &mut out {
+        let from_fleet = changes
+            .iter()
+            .rev()
+            .find(|e| row[0].starts_with(&format!("projects.{}.", e.change.project())));
+        let source = match (file_value(&row[0]), from_fleet) {
+            (Some(value), _) if value == row[1] => "proxy.toml".to_string(),
+            (_, Some(entry)) => format!("etcd: {} (by {})", entry.change.describe(), entry.by),
+            (Some(_), None) => "proxy.toml (as applied)".to_string(),
+            (None, None) => "default".to_string(),
+        };
+        row.push(source);
+    }
+    rows(vec!["key", "value", "source"], out)
 }
 
 /// Dotted keys with their values; passwords never leave the proxy.
@@ -542,6 +570,43 @@ pub async fn persist_and_reload(
             "the proxy runs without a config file, so there is nothing to change it in",
         ));
     };
+    if let Some(fleet) = &shared.fleet {
+        // For the whole fleet: stored in etcd, proxy.toml untouched.
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| error("58030", format!("cannot read {}: {e}", path.display())))?;
+        let change = crate::fleet::runtime::RuntimeChange::from_change(change);
+        let project = change.project().to_string();
+        fleet
+            .record_change(change, |entries| {
+                let (edited, skipped) = crate::fleet::runtime::apply(&text, entries);
+                match skipped.last() {
+                    // The new change is the last one: it must apply.
+                    Some(last)
+                        if entries
+                            .last()
+                            .is_some_and(|e| last.starts_with(&e.change.describe())) =>
+                    {
+                        Err(last.clone())
+                    }
+                    _ => Config::from_text_at(&path, &edited)
+                        .map(|_| ())
+                        .map_err(|e| e.to_string()),
+                }
+            })
+            .await
+            .map_err(|e| {
+                let code = if e.contains("does not exist") || e.contains("has no node") {
+                    "42704"
+                } else {
+                    "22023"
+                };
+                error(code, e)
+            })?;
+        tracing::info!(project, "runtime change recorded for the fleet");
+        return crate::reload::reload(shared, trigger)
+            .await
+            .map_err(|e| error("F0000", e));
+    }
     persist::apply_to_file(&path, change).map_err(|e| {
         let code = if e.contains("does not exist") {
             "42704"

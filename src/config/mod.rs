@@ -54,7 +54,14 @@ impl Config {
                 reason: format!("cannot read file: {e}"),
             }],
         })?;
-        let mut config = Self::parse(&text).map_err(|issues| ConfigError { file, issues })?;
+        Self::from_text_at(path, &text)
+    }
+
+    /// Parses and validates `text` as the config file at `path` (relative paths
+    /// resolve against its folder): proxy.toml with the fleet's runtime changes applied.
+    pub fn from_text_at(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let mut config = Self::parse(text).map_err(|issues| ConfigError { file, issues })?;
         config.resolve_paths(path);
         Ok(config)
     }

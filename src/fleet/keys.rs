@@ -38,3 +38,7 @@ pub fn name_under<'a>(key: &'a [u8], folder: &str) -> Option<&'a str> {
 pub fn cdc(s: &FleetSettings, rule: &str) -> String {
     format!("{}/cdc/{rule}", s.prefix)
 }
+
+pub fn runtime(s: &FleetSettings) -> String {
+    format!("{}/runtime", s.prefix)
+}

@@ -13,6 +13,7 @@
 //! watches and swaps the topology, `keys` names everything stored.
 
 mod keys;
+pub mod runtime;
 mod session;
 mod topology;
 
@@ -122,6 +123,8 @@ pub struct Fleet {
     published_at: Mutex<BTreeMap<String, u64>>,
     members: Mutex<BTreeMap<String, Member>>,
     pub etcd_errors: AtomicU64,
+    /// Runtime changes made in the fleet, and the revision of their key.
+    runtime: Mutex<(Vec<runtime::Entry>, i64)>,
     /// Leadership changes are told to whoever starts and stops leader-only work.
     leadership: tokio::sync::watch::Sender<bool>,
 }
@@ -148,6 +151,7 @@ impl Fleet {
             published_at: Mutex::new(BTreeMap::new()),
             members: Mutex::new(BTreeMap::new()),
             etcd_errors: AtomicU64::new(0),
+            runtime: Mutex::new((Vec::new(), 0)),
             leadership: tokio::sync::watch::Sender::new(false),
         })
     }

@@ -41,7 +41,7 @@ pub fn spawn(fleet: Arc<Fleet>, shared: &Arc<Shared>) {
 }
 
 /// Reads everything, creates what is missing, then follows the watch.
-async fn follow(fleet: &Fleet, shared: &Shared) -> Result<(), String> {
+async fn follow(fleet: &Fleet, shared: &Arc<Shared>) -> Result<(), String> {
     let mut client = connect(fleet).await?;
     let revision = read_all(fleet, shared, &mut client).await?;
     fleet.topology_read.store(true, Ordering::SeqCst);
@@ -62,6 +62,12 @@ async fn follow(fleet: &Fleet, shared: &Shared) -> Result<(), String> {
         fleet,
         "watch",
         client.watch(keys::all_knowledge(&fleet.settings), options()),
+    )
+    .await?;
+    let mut runtime_events = call(
+        fleet,
+        "watch",
+        client.watch(keys::runtime(&fleet.settings), options()),
     )
     .await?;
     let mut resync = tokio::time::interval(RESYNC);
@@ -98,6 +104,16 @@ async fn follow(fleet: &Fleet, shared: &Shared) -> Result<(), String> {
                     }
                 }
             }
+            message = runtime_events.message() => {
+                let answer = message
+                    .map_err(|e| format!("watch: {e}"))?
+                    .ok_or("watch ended")?;
+                for event in answer.events() {
+                    if let Some(kv) = event.kv() {
+                        take_runtime(fleet, shared, kv.value(), kv.mod_revision());
+                    }
+                }
+            }
             _ = resync.tick() => {
                 read_all(fleet, shared, &mut client).await?;
             }
@@ -108,7 +124,7 @@ async fn follow(fleet: &Fleet, shared: &Shared) -> Result<(), String> {
 /// Reads every project's topology and the published knowledge; creates the record of
 /// a project etcd does not know yet from this instance's view. Returns the revision
 /// read at.
-async fn read_all(fleet: &Fleet, shared: &Shared, client: &mut Client) -> Result<i64, String> {
+async fn read_all(fleet: &Fleet, shared: &Arc<Shared>, client: &mut Client) -> Result<i64, String> {
     let folder = keys::topologies(&fleet.settings);
     let get = client.get(folder.clone(), Some(GetOptions::new().with_prefix()));
     let answer = call(fleet, "topology read", get).await?;
@@ -123,6 +139,11 @@ async fn read_all(fleet: &Fleet, shared: &Shared, client: &mut Client) -> Result
         if fleet.record(&project.name).is_none() {
             create(fleet, shared, client, project).await?;
         }
+    }
+    let get = client.get(keys::runtime(&fleet.settings), None);
+    let answer = call(fleet, "runtime read", get).await?;
+    if let Some(kv) = answer.kvs().first() {
+        take_runtime(fleet, shared, kv.value(), kv.mod_revision());
     }
     let folder = keys::all_knowledge(&fleet.settings);
     let get = client.get(folder.clone(), Some(GetOptions::new().with_prefix()));
@@ -317,4 +338,25 @@ pub async fn publish_knowledge(fleet: &Fleet, project: &str, knowledge: Knowledg
                 .as_slice(),
         );
     }
+}
+
+/// A new list of runtime changes: every instance reloads with it applied.
+fn take_runtime(fleet: &Fleet, shared: &Arc<Shared>, value: &[u8], revision: i64) {
+    let entries: Vec<super::runtime::Entry> = match serde_json::from_slice(value) {
+        Ok(e) => e,
+        Err(e) => {
+            warn!("unreadable runtime changes in etcd: {e}");
+            return;
+        }
+    };
+    if !fleet.remember_runtime(entries, revision) {
+        return;
+    }
+    let shared = shared.clone();
+    tokio::spawn(async move {
+        match crate::reload::reload(&shared, "fleet runtime change").await {
+            Ok(summary) => info!("applied the fleet's runtime changes: {summary}"),
+            Err(e) => warn!("the fleet's runtime changes do not apply here: {e}"),
+        }
+    });
 }
