@@ -126,8 +126,11 @@ async fn killing_the_primary_under_three_proxies_promotes_once_and_moves_them_al
         .map(|p| p.url("app", "secret", "app"))
         .collect();
     let writers = Writers::start(&urls, 6).await;
-    tokio::time::sleep(Duration::from_millis(1000)).await;
-    assert!(writers.total.load(Ordering::Relaxed) > 10);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while writers.total.load(Ordering::Relaxed) <= 10 {
+        assert!(Instant::now() < deadline, "the writers do not get going");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     let killed_at = kill_primary(&cluster).await;
     writers.mark();
