@@ -3,6 +3,12 @@
 //! first write the proxy acknowledges afterwards, with the same connection string.
 //! Each round uses a fresh cluster; medians of FAILOVER_ROUNDS (default 3) per setting.
 //!
+//! The fleet case runs three proxy processes (the release binary) on a real etcd, a
+//! client writing through each: the primary killed alone, then the leader proxy and the
+//! primary killed together; the figure is the time to the first acknowledged write
+//! through every surviving proxy (the slowest of them). Needs an etcd binary
+//! (FAILOVER_FLEET=0 skips it).
+//!
 //!   cargo bench --bench failover
 //!   FAILOVER_ROUNDS=5 cargo bench --bench failover
 
@@ -72,6 +78,9 @@ async fn round(failover_settings: &str) -> anyhow::Result<f64> {
     Ok(resume)
 }
 
+#[path = "failover/fleet.rs"]
+mod fleet;
+
 fn median(mut values: Vec<f64>) -> f64 {
     values.sort_by(f64::total_cmp);
     values[values.len() / 2]
@@ -101,6 +110,32 @@ fn main() -> anyhow::Result<()> {
         let shown: Vec<String> = times.iter().map(|t| format!("{t:.2}")).collect();
         println!(
             "{label:<40} median {:.2} s  (rounds: {} s)",
+            median(times.clone()),
+            shown.join(", ")
+        );
+    }
+    if std::env::var("FAILOVER_FLEET").as_deref() == Ok("0") {
+        return Ok(());
+    }
+    println!(
+        "Fleet of three proxies on etcd: time to the first acknowledged write through every surviving proxy"
+    );
+    for (label, settings, kill_leader) in [
+        ("primary killed (defaults)", "", false),
+        ("leader proxy + primary killed (defaults)", "", true),
+        (
+            "leader proxy + primary killed (lease 3000 ms)",
+            "lease_ttl_ms = 3000",
+            true,
+        ),
+    ] {
+        let mut times = Vec::new();
+        for _ in 0..rounds {
+            times.push(runtime.block_on(fleet::round(settings, kill_leader))?);
+        }
+        let shown: Vec<String> = times.iter().map(|t| format!("{t:.2}")).collect();
+        println!(
+            "{label:<48} median {:.2} s  (rounds: {} s)",
             median(times.clone()),
             shown.join(", ")
         );

@@ -157,24 +157,32 @@ pub async fn after_checks(
     primary_reachable: bool,
 ) {
     let failover = &project.failover;
-    if let Some(fleet) = &failover.settings.fleet {
-        if !fleet.is_leader() {
-            // Followers route and watch; the leader decides (and finishes decisions).
-            *detector = Detector::default();
-            failover.set_state(match fleet.leader() {
-                Some(leader) => {
-                    format!("follower: failover is decided by the fleet's leader {leader}")
-                }
-                None => "follower: the fleet has no leader now".to_string(),
-            });
-            return;
+    // Fleet mode: followers route and count the primary's failures (so that one that
+    // becomes leader acts at once), but only the leader decides and finishes decisions.
+    let follower_of = match &failover.settings.fleet {
+        Some(fleet) if !fleet.is_leader() => Some(
+            fleet
+                .leader()
+                .map(|l| format!("the fleet's leader {l}"))
+                .unwrap_or_else(|| "the fleet's next leader (none now)".into()),
+        ),
+        Some(fleet) => {
+            if primary_reachable {
+                publish_knowledge(project, fleet).await;
+            }
+            None
         }
-        if primary_reachable {
-            publish_knowledge(project, fleet).await;
-        }
-    }
+        None => None,
+    };
     // A decision left unfinished comes first, and is finished with its own candidate.
     if let Some(intent) = failover.pending() {
+        if let Some(leader) = &follower_of {
+            failover.set_state(format!(
+                "the promotion of {} is being finished by {leader}",
+                intent.candidate
+            ));
+            return;
+        }
         if let Err(e) = promote::finish_pending(project, &intent).await {
             detector.refuse(
                 project,
@@ -194,7 +202,10 @@ pub async fn after_checks(
             info!(project = %project.name, node = %primary.name, "primary answers again");
         }
         *detector = Detector::default();
-        failover.set_state("primary healthy");
+        failover.set_state(match &follower_of {
+            Some(leader) => format!("primary healthy; failover is decided by {leader}"),
+            None => "primary healthy".into(),
+        });
         return;
     }
     let now = Instant::now();
@@ -210,6 +221,13 @@ pub async fn after_checks(
     if detector.failures < threshold {
         failover.set_state(format!(
             "primary {} failed {} of {threshold} checks",
+            primary.name, detector.failures
+        ));
+        return;
+    }
+    if let Some(leader) = follower_of {
+        failover.set_state(format!(
+            "primary {} failed {} checks; failover is decided by {leader}",
             primary.name, detector.failures
         ));
         return;

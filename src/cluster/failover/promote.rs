@@ -310,6 +310,16 @@ pub async fn switchover(project: &Arc<Project>, candidate: &Arc<Node>) -> Result
 /// an unfinished earlier decision, but never makes a second primary: a replica already
 /// out of recovery is adopted only when it is the one named).
 pub async fn promote_on_request(project: &Arc<Project>, replica: &str) -> Result<String, String> {
+    if let Some(fleet) = &project.failover.settings.fleet
+        && !fleet.is_leader()
+    {
+        return Err(match fleet.leader() {
+            Some(leader) => format!(
+                "this proxy is a follower in the fleet; run PROMOTE on the leader, {leader}"
+            ),
+            None => "the fleet has no leader now (is etcd reachable?); nothing was changed".into(),
+        });
+    }
     let Some(candidate) = project.nodes.iter().find(|n| n.name == replica).cloned() else {
         return Err(format!(
             "project \"{}\" has no node \"{replica}\"",
