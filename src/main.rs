@@ -40,6 +40,10 @@ enum Command {
         /// Address of the HTTP admin endpoints (/status, /metrics, /health).
         #[arg(long, default_value = "127.0.0.1:9930")]
         admin_listen: String,
+        /// Proxies to start; more than one forms a fleet on a local etcd (needs the
+        /// etcd binary), listening on consecutive ports from --listen and --admin-listen.
+        #[arg(long, default_value_t = 1)]
+        proxies: usize,
     },
     /// Promote a replica of a running proxy's project: a planned switchover with no loss
     /// when the primary is healthy, a failover to that replica when it is not.
@@ -123,9 +127,10 @@ fn main() -> ExitCode {
         Command::Demo {
             listen,
             admin_listen,
+            proxies,
         } => {
             init_logging();
-            run_async(1, demo(listen, admin_listen))
+            run_async(1, demo(listen, admin_listen, proxies))
         }
         Command::Status {
             config,
@@ -320,7 +325,23 @@ async fn status(admin: String, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn demo(listen: String, admin_listen: String) -> anyhow::Result<()> {
+/// `addr` with its port moved on by `n` (port 0 stays 0: any free port).
+fn nth_address(addr: &str, n: usize) -> String {
+    match addr.rsplit_once(':') {
+        Some((host, port)) => match port.parse::<usize>() {
+            Ok(0) | Err(_) => addr.to_string(),
+            Ok(port) => format!("{host}:{}", port + n),
+        },
+        None => addr.to_string(),
+    }
+}
+
+async fn demo(listen: String, admin_listen: String, proxies: usize) -> anyhow::Result<()> {
+    let proxies = proxies.max(1);
+    // A fleet needs etcd: say how to get it before starting anything.
+    if proxies > 1 {
+        replicator::testbed::etcd::binary()?;
+    }
     // Ports of the example proxy.toml when free, so it works unchanged against the demo.
     let wanted = [15432u16, 15433, 15434];
     let ports = if wanted
@@ -366,20 +387,72 @@ async fn demo(listen: String, admin_listen: String) -> anyhow::Result<()> {
             eprintln!("no MongoDB for the CDC part of the tour ({e}); set MONGODB_URI to use one")
         }
     }
-    let config_path = cluster.dir.join("proxy.toml");
-    std::fs::write(&config_path, &toml)?;
-    let config = Config::parse(&toml)
-        .map_err(|issues| anyhow::anyhow!("demo config is invalid: {:?}", issues))?;
-    let proxy = Proxy::start(config, Some(config_path.clone())).await?;
+    let etcd = if proxies > 1 {
+        let dir = cluster.dir.clone();
+        Some(
+            tokio::task::spawn_blocking(move || replicator::testbed::etcd::Etcd::start(&dir))
+                .await??,
+        )
+    } else {
+        None
+    };
+    let mut fleet = Vec::new();
+    let mut config_path = cluster.dir.join("proxy.toml");
+    for i in 0..proxies {
+        let mut text = toml.clone();
+        let path = if let Some(etcd) = &etcd {
+            let base_state = cluster.dir.join("replicator-state.json");
+            let own_state = cluster.dir.join(format!("replicator-state-{}.json", i + 1));
+            text = text
+                .replacen(
+                    &format!("listen = \"{listen}\""),
+                    &format!("listen = \"{}\"", nth_address(&listen, i)),
+                    1,
+                )
+                .replacen(
+                    &format!("admin_listen = \"{admin_listen}\""),
+                    &format!("admin_listen = \"{}\"", nth_address(&admin_listen, i)),
+                    1,
+                )
+                .replace(
+                    &base_state.display().to_string(),
+                    &own_state.display().to_string(),
+                );
+            text.push_str(&format!(
+                "\n[coordination]\netcd = [\"{}\"]\nprefix = \"/replicator-demo\"\ninstance = \"demo-{}\"\n",
+                etcd.endpoint(),
+                i + 1
+            ));
+            cluster.dir.join(format!("proxy-{}.toml", i + 1))
+        } else {
+            cluster.dir.join("proxy.toml")
+        };
+        std::fs::write(&path, &text)?;
+        let config = Config::parse(&text)
+            .map_err(|issues| anyhow::anyhow!("demo config is invalid: {:?}", issues))?;
+        fleet.push(Proxy::start(config, Some(path.clone())).await?);
+        if i == 0 {
+            config_path = path;
+        }
+    }
+    let proxy = &fleet[0];
     let o = &cluster.options;
     println!();
     println!("  primary   127.0.0.1:{}", cluster.primary.port);
     for r in &cluster.replicas {
         println!("  replica   127.0.0.1:{}", r.port);
     }
-    println!("  proxy     {}", proxy.addr);
-    if let Some(admin) = proxy.admin_addr {
-        println!("  admin     http://{admin}/status  /metrics  /health");
+    for p in &fleet {
+        println!("  proxy     {}", p.addr);
+        if let Some(admin) = p.admin_addr {
+            println!("  admin     http://{admin}/status  /metrics  /health");
+        }
+    }
+    if let Some(etcd) = &etcd {
+        println!(
+            "  etcd      {} (fleet prefix /replicator-demo; SHOW FLEET on any proxy)",
+            etcd.endpoint()
+        );
     }
     if let Ok(server) = &mongo {
         println!("  mongodb   {}", server.uri("analytics"));
@@ -423,7 +496,10 @@ async fn demo(listen: String, admin_listen: String) -> anyhow::Result<()> {
     println!();
     println!("Ctrl-C stops the proxy and the cluster and removes its data.");
     wait_for_shutdown_signal().await;
-    proxy.stop(std::time::Duration::from_secs(2)).await;
+    for p in fleet {
+        p.stop(std::time::Duration::from_secs(2)).await;
+    }
+    drop(etcd);
     if let Ok(server) = &mongo {
         server.stop();
     }

@@ -177,3 +177,75 @@ fn demo_serves_and_cleans_up_on_ctrl_c() {
         .unwrap();
     assert!(!out.status.success(), "primary still running after Ctrl-C");
 }
+
+/// `replicator demo --proxies 3`: a fleet of three proxies on a local etcd, every one
+/// listed, SHOW FLEET on the first one naming all three and one leader.
+#[test]
+fn demo_with_three_proxies_starts_a_fleet() {
+    use std::io::{BufRead, BufReader};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_replicator"))
+        .args([
+            "demo",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--proxies",
+            "3",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start demo");
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    let mut proxies = Vec::new();
+    let mut etcd = false;
+    let mut url = None;
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        if let Some(rest) = line.trim().strip_prefix("proxy ") {
+            proxies.push(rest.trim().to_string());
+        }
+        etcd |= line.trim().starts_with("etcd");
+        if let Some(rest) = line.strip_prefix("connect:") {
+            url = Some(
+                rest.trim()
+                    .trim_start_matches("psql")
+                    .trim()
+                    .trim_matches('\'')
+                    .to_string(),
+            );
+            break;
+        }
+    }
+    assert_eq!(proxies.len(), 3, "{proxies:?}");
+    assert!(etcd, "the demo names its etcd");
+    let url = url.expect("demo printed a connection string");
+    let admin_url = format!(
+        "{}/replicator",
+        url.strip_suffix("/app").expect("the app database")
+    );
+    let psql = replicator::testbed::bindir().unwrap().join("psql");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let fleet = loop {
+        let out = Command::new(&psql)
+            .args([admin_url.as_str(), "-X", "-A", "-t", "-c", "SHOW FLEET"])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        if text.lines().count() == 3 && text.contains("|leader|") {
+            break text;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no fleet of three: {text}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    assert_eq!(fleet.matches("|leader|").count(), 1, "{fleet}");
+    // SAFETY: plain signal to our child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let status = child.wait().unwrap();
+    assert!(status.success(), "demo exit: {status:?}");
+}
