@@ -332,6 +332,23 @@ async fn a_statement_is_cancelled_whichever_instance_gets_the_cancel_request() {
     let cluster = own_cluster(&[]).await;
     let text = fleet_config(&cluster, &etcd, "/fleet-cancel");
     let proxies = start_fleet("fleet-cancel", &text, &[]).await;
+    // The fleet in the metrics: one leader among the three, the topology's generation.
+    let mut leaders = 0;
+    for proxy in &proxies {
+        let (code, metrics) = replicator::admin::http::get(&proxy.admin, "/metrics")
+            .await
+            .expect("GET /metrics");
+        assert_eq!(code, 200);
+        assert!(
+            metrics.contains("replicator_fleet_topology_generation{"),
+            "{metrics}"
+        );
+        leaders += metrics
+            .lines()
+            .filter(|l| l.starts_with("replicator_fleet_leader{") && l.ends_with(" 1"))
+            .count();
+    }
+    assert_eq!(leaders, 1);
     for (runs_on, cancelled_through) in [(0, 1), (2, 0)] {
         let address = format!("127.0.0.1:{}", proxies[runs_on].port);
         let stream = tokio::net::TcpStream::connect(&address).await.unwrap();

@@ -20,7 +20,7 @@ mod topology;
 pub use topology::cache_own as cache_topology;
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -113,6 +113,8 @@ pub struct Fleet {
     last_contact_ms: AtomicU64,
     /// This instance holds the leader key (valid only while contact is fresh).
     holds_leadership: AtomicBool,
+    /// The lease of the current session (0: none); the leader key is bound to it.
+    lease: AtomicI64,
     leader: Mutex<Option<String>>,
     /// The topology was read from etcd at least once.
     topology_read: AtomicBool,
@@ -144,6 +146,7 @@ impl Fleet {
             epoch: Instant::now(),
             last_contact_ms: AtomicU64::new(0),
             holds_leadership: AtomicBool::new(false),
+            lease: AtomicI64::new(0),
             leader: Mutex::new(None),
             topology_read: AtomicBool::new(false),
             records: Mutex::new(BTreeMap::new()),

@@ -92,10 +92,12 @@ async fn run(fleet: &Fleet, lease_out: &mut i64) -> Result<(), String> {
         .await?
         .id();
     *lease_out = lease;
+    fleet.lease.store(lease, Ordering::SeqCst);
     fleet.note_contact(granted_at);
     let (mut keeper, mut stream) =
         call(fleet, "lease keepalive", client.lease_keep_alive(lease)).await?;
     info!(instance = %fleet.settings.instance, lease, ttl_secs, "joined the fleet");
+    let mut refused = 0;
     loop {
         let sent = fleet.now_ms();
         call(fleet, "lease keepalive", keeper.keep_alive()).await?;
@@ -113,15 +115,64 @@ async fn run(fleet: &Fleet, lease_out: &mut i64) -> Result<(), String> {
         let key = keys::member(&fleet.settings, &fleet.settings.instance);
         let put = client.put(key, text, Some(PutOptions::new().with_lease(lease)));
         call(fleet, "member put", put).await?;
-        campaign(fleet, &mut client, lease).await?;
+        let holder = campaign(fleet, &mut client, lease).await?;
         refresh_members(fleet, &mut client).await?;
+        if let Some((leader, leader_lease)) = holder {
+            if leader == fleet.settings.instance {
+                // This instance's own earlier session (before a restart) still holds it.
+                info!(instance = %leader, "the leader key is held by this instance's previous session; revoking it");
+                let _ = call(fleet, "lease revoke", client.lease_revoke(leader_lease)).await;
+                continue;
+            }
+            if leader_process_gone(fleet, &leader).await {
+                refused += 1;
+            } else {
+                refused = 0;
+            }
+            if refused >= DEAD_LEADER_CHECKS {
+                // Its process is gone (the port refuses, twice); waiting for its lease
+                // to expire would only delay the next failover.
+                warn!(instance = %fleet.settings.instance, leader = %leader, "the fleet's leader refuses connections at its address: its process is gone; revoking its lease so that leadership moves now");
+                let _ = call(fleet, "lease revoke", client.lease_revoke(leader_lease)).await;
+                refused = 0;
+                continue;
+            }
+        } else {
+            refused = 0;
+        }
         tokio::time::sleep(tick(fleet)).await;
     }
 }
 
+/// Consecutive ticks a leader's address must refuse connections before its lease is
+/// revoked.
+const DEAD_LEADER_CHECKS: u32 = 2;
+
+/// The leader's process is certainly gone: its advertised address answers with a
+/// refusal (the host is up and nothing listens). A timeout proves nothing (a
+/// partition, a busy host) and leaves it to the lease.
+async fn leader_process_gone(fleet: &Fleet, leader: &str) -> bool {
+    let address = fleet
+        .members
+        .lock()
+        .ok()
+        .and_then(|m| m.get(leader).map(|member| member.advertise.clone()));
+    let Some(address) = address else {
+        return false;
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_millis(500), tokio::net::TcpStream::connect(&address)).await,
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused
+    )
+}
+
 /// Takes the leader key if nobody holds it (bound to this lease), else learns who
-/// does.
-async fn campaign(fleet: &Fleet, client: &mut Client, lease: i64) -> Result<(), String> {
+/// does: returns another instance's name and lease when it leads.
+async fn campaign(
+    fleet: &Fleet,
+    client: &mut Client,
+    lease: i64,
+) -> Result<Option<(String, i64)>, String> {
     let key = keys::leader(&fleet.settings);
     let me = fleet.settings.instance.clone();
     let txn = Txn::new()
@@ -133,6 +184,7 @@ async fn campaign(fleet: &Fleet, client: &mut Client, lease: i64) -> Result<(), 
         )])
         .or_else([TxnOp::get(key, None)]);
     let answer = call(fleet, "leader campaign", client.txn(txn)).await?;
+    let mut other = None;
     let (holder, ours) = if answer.succeeded() {
         (Some(me.clone()), true)
     } else {
@@ -146,6 +198,9 @@ async fn campaign(fleet: &Fleet, client: &mut Client, lease: i64) -> Result<(), 
         match held {
             Some((name, holder_lease)) => {
                 let ours = name == me && holder_lease == lease;
+                if !ours {
+                    other = Some((name.clone(), holder_lease));
+                }
                 (Some(name), ours)
             }
             None => (None, false),
@@ -155,7 +210,7 @@ async fn campaign(fleet: &Fleet, client: &mut Client, lease: i64) -> Result<(), 
         *leader = holder;
     }
     set_leadership(fleet, ours);
-    Ok(())
+    Ok(other)
 }
 
 fn set_leadership(fleet: &Fleet, ours: bool) {

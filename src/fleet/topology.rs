@@ -269,18 +269,30 @@ pub async fn swap(
     next.generation = current.generation + 1;
     let text = serde_json::to_string(&next).map_err(|e| e.to_string())?;
     let key = keys::topology(&fleet.settings, project);
+    // Fenced by leadership as well: the swap happens only while this instance's lease
+    // still holds the leader key, so a leader that lost it (a long pause) changes nothing.
+    let leader_key = keys::leader(&fleet.settings);
     let txn = Txn::new()
-        .when([Compare::mod_revision(
-            key.clone(),
-            CompareOp::Equal,
-            revision,
-        )])
+        .when([
+            Compare::mod_revision(key.clone(), CompareOp::Equal, revision),
+            Compare::value(
+                leader_key.clone(),
+                CompareOp::Equal,
+                fleet.settings.instance.clone(),
+            ),
+            Compare::lease(
+                leader_key,
+                CompareOp::Equal,
+                fleet.lease.load(Ordering::SeqCst),
+            ),
+        ])
         .and_then([TxnOp::put(key, text, None)]);
     let mut client = connect(fleet).await?;
     let answer = call(fleet, "topology swap", client.txn(txn)).await?;
     if !answer.succeeded() {
         return Err(format!(
-            "the topology of {project} changed in etcd since generation {}; nothing was changed",
+            "the topology of {project} changed in etcd since generation {}, or this proxy no \
+             longer leads the fleet; nothing was changed",
             current.generation
         ));
     }
