@@ -125,6 +125,15 @@ fn the_dockerfile_builds_the_binary_and_runs_it_unprivileged() {
     assert!(dockerfile.contains("ARG PGO=1"));
     assert!(dockerfile.contains("scripts/pgo-build.sh"));
     assert!(dockerfile.contains("cargo build --release --locked --bin replicator"));
+    // The etcd client's build script runs protoc on etcd's .proto files (which import
+    // the protobuf well-known types): without them no build compiles.
+    let build_stage = dockerfile.split("\nFROM ").nth(1).unwrap_or_default();
+    let protoc = build_stage.find("protobuf-compiler libprotobuf-dev");
+    let cargo = build_stage.find("cargo build");
+    assert!(
+        protoc.is_some() && protoc < cargo,
+        "protoc is installed in the build stage, before cargo runs"
+    );
     assert!(dockerfile.contains("COPY --from=build /src/replicator /usr/local/bin/replicator"));
     assert!(dockerfile.contains("\nUSER replicator\n"));
     assert!(dockerfile.contains("HEALTHCHECK") && dockerfile.contains("/health"));

@@ -243,6 +243,24 @@ async fn edits_under_load_apply_live_and_a_broken_file_changes_nothing() {
     }
     assert_eq!(Config::parse(&saved).unwrap(), expected);
     assert_eq!(status(&proxy).await.projects[0].read_routing, "least-lag");
+    // SHOW CONFIG says where each value comes from.
+    let shown = admin.simple_query("SHOW CONFIG").await.unwrap();
+    let source_of = |key: &str| {
+        shown.iter().find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) if r.get("key") == Some(key) => {
+                r.get("source").map(str::to_string)
+            }
+            _ => None,
+        })
+    };
+    assert_eq!(
+        source_of("projects.app.read_routing").as_deref(),
+        Some("proxy.toml")
+    );
+    assert_eq!(
+        source_of("proxy.connect_timeout_ms").as_deref(),
+        Some("default")
+    );
     // The same over HTTP.
     let addr = proxy.admin_addr.unwrap().to_string();
     let (code, body) = http::request(

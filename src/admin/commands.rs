@@ -515,6 +515,7 @@ fn show_config(shared: &Shared) -> Reply {
             .rev()
             .find(|e| row[0].starts_with(&format!("projects.{}.", e.change.project())));
         let source = match (file_value(&row[0]), from_fleet) {
+            _ if shared.config_path.is_none() => "no config file".to_string(),
             (Some(value), _) if value == row[1] => "proxy.toml".to_string(),
             (_, Some(entry)) => format!("etcd: {} (by {})", entry.change.describe(), entry.by),
             (Some(_), None) => "proxy.toml (as applied)".to_string(),
