@@ -130,15 +130,15 @@ async fn a_failed_record_after_pg_promote_never_leads_to_a_second_promotion() {
         "{}",
         proxy.log()
     );
-    let s = proxy.status().await.expect("status");
+    let s = proxy
+        .wait_status(Duration::from_secs(10), "the failed record reported", |s| {
+            s.projects[0]
+                .failover
+                .state
+                .contains("recording the decision failed")
+        })
+        .await;
     assert_eq!(s.projects[0].primary.as_deref(), Some(primary.as_str()));
-    assert!(
-        s.projects[0]
-            .failover
-            .state
-            .contains("recording the decision failed"),
-        "{s:#?}"
-    );
     let url = proxy.url("app", "secret", "app");
     assert_eq!(write_port(&url).await, node_port(&cluster, &primary));
 
@@ -179,14 +179,20 @@ async fn a_replica_promoted_outside_the_proxy_is_adopted_not_joined_by_a_second_
     })
     .await;
     assert_eq!(s.projects[0].primary.as_deref(), Some("slave-2"), "{s:#?}");
-    assert!(
-        s.projects[0]
-            .failover
-            .last_event
-            .as_deref()
-            .is_some_and(|e| e.contains("adopted")),
-        "{s:#?}"
-    );
+    // The event is written just after traffic moves.
+    wait_status(
+        &proxy,
+        Duration::from_secs(10),
+        "the adoption reported",
+        |s| {
+            s.projects[0]
+                .failover
+                .last_event
+                .as_deref()
+                .is_some_and(|e| e.contains("adopted"))
+        },
+    )
+    .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(out_of_recovery(&cluster).await, ["slave-2"]);
     let url = proxy_url(&proxy, "app", "secret", "app");

@@ -120,7 +120,10 @@ async fn carry_out(
             intent.candidate
         ));
     };
-    failover.set_state(format!("promoting {}", candidate.name));
+    // A retry of a decision already carried out (only its record failed) keeps saying so.
+    if candidate.role() != NodeRole::Primary {
+        failover.set_state(format!("promoting {}", candidate.name));
+    }
     let client = control(&candidate, settings).await?;
     if query_value(&client, "SELECT pg_is_in_recovery()").await? == "t" {
         let promoted = query_value(&client, "SELECT pg_promote(true, 60)").await?;
