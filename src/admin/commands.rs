@@ -548,7 +548,7 @@ fn flatten(prefix: &str, value: &toml::Value, out: &mut Vec<Vec<String>>) {
             let shown = if prefix.ends_with(".password") {
                 "********".to_string()
             } else {
-                s.clone()
+                crate::config::mask_passwords(s)
             };
             out.push(vec![prefix.to_string(), shown]);
         }
@@ -692,6 +692,34 @@ mod tests {
             vec!["SHOW POOLS", "ADD REPLICA p r replica 'host=a;b'"]
         );
         assert!(split_statements(" ; ").is_empty());
+    }
+
+    #[test]
+    fn shown_config_hides_every_password() {
+        let config: toml::Table = r#"
+[[users]]
+name = "app"
+password = "plain"
+
+[projects.app]
+[[projects.app.replicas]]
+uri = "postgresql://admin:in-uri@10.0.0.1/app"
+
+[targets.sink]
+uri = "mongodb://root:mongo-secret@10.0.0.9/analytics"
+"#
+        .parse()
+        .unwrap();
+        let mut out = Vec::new();
+        flatten("", &toml::Value::Table(config), &mut out);
+        let shown = format!("{out:?}");
+        for secret in ["plain", "in-uri", "mongo-secret"] {
+            assert!(!shown.contains(secret), "{shown}");
+        }
+        assert!(
+            shown.contains("postgresql://admin:********@10.0.0.1/app"),
+            "{shown}"
+        );
     }
 
     #[test]

@@ -3,9 +3,11 @@
 
 mod model;
 pub mod persist;
+mod secrets;
 mod validate;
 
 pub use model::*;
+pub use secrets::mask_passwords;
 pub use validate::{ADMIN_DATABASE, NodeAddress};
 
 use std::fmt;
