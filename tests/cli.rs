@@ -93,6 +93,18 @@ uri = "postgresql://127.0.0.1:5432/shop"
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// The connection string of the demo's `connect:  psql '...'` line.
+fn connection_string(line: &str) -> Option<String> {
+    let rest = line.strip_prefix("connect:")?;
+    Some(
+        rest.trim()
+            .trim_start_matches("psql")
+            .trim()
+            .trim_matches('\'')
+            .to_string(),
+    )
+}
+
 /// `replicator demo`: a cluster and the proxy come up, the printed connection string
 /// works, and Ctrl-C (SIGINT) stops everything and removes the data.
 #[test]
@@ -120,14 +132,8 @@ fn demo_serves_and_cleans_up_on_ctrl_c() {
         if let Some(rest) = line.trim().strip_prefix("primary") {
             primary_port = rest.trim().rsplit(':').next().map(str::to_string);
         }
-        if let Some(rest) = line.strip_prefix("connect:") {
-            url = Some(
-                rest.trim()
-                    .trim_start_matches("psql")
-                    .trim()
-                    .trim_matches('\'')
-                    .to_string(),
-            );
+        if let Some(printed) = connection_string(&line) {
+            url = Some(printed);
             break;
         }
     }
@@ -208,14 +214,8 @@ fn demo_with_three_proxies_starts_a_fleet() {
             proxies.push(rest.trim().to_string());
         }
         etcd |= line.trim().starts_with("etcd");
-        if let Some(rest) = line.strip_prefix("connect:") {
-            url = Some(
-                rest.trim()
-                    .trim_start_matches("psql")
-                    .trim()
-                    .trim_matches('\'')
-                    .to_string(),
-            );
+        if let Some(printed) = connection_string(&line) {
+            url = Some(printed);
             break;
         }
     }

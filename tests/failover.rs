@@ -16,16 +16,7 @@ async fn kill_primary_under_load(synchronous: bool) -> (f64, usize) {
     let cluster = own_cluster(&[]).await;
     create_log_table(&cluster).await;
     if synchronous {
-        // Set once the replicas stream (the test bed's own setup would wait forever).
-        let primary = superuser(cluster.primary.port).await;
-        primary
-            .batch_execute("ALTER SYSTEM SET synchronous_standby_names = 'ANY 1 (*)'")
-            .await
-            .unwrap();
-        primary
-            .batch_execute("SELECT pg_reload_conf()")
-            .await
-            .unwrap();
+        make_synchronous(&cluster).await;
     }
     // Default failover settings: 3 failed checks 1 s apart.
     let text = config_for(&cluster, "", "", "");
@@ -40,11 +31,7 @@ async fn kill_primary_under_load(synchronous: bool) -> (f64, usize) {
     tokio::time::sleep(Duration::from_millis(1000)).await;
     assert!(writers.total.load(Ordering::Relaxed) > 10);
 
-    let killer = cluster.primary.clone();
-    tokio::task::spawn_blocking(move || killer.kill())
-        .await
-        .unwrap()
-        .unwrap();
+    kill_primary(&cluster).await;
     let killed_at = writers.mark();
     let mut read_errors = 0;
     let s = {
@@ -242,11 +229,7 @@ async fn a_replica_beyond_its_tolerance_is_never_promoted() {
             .any(|n| n.name == "slave-1" && n.state == "lagging")
     })
     .await;
-    let killer = cluster.primary.clone();
-    tokio::task::spawn_blocking(move || killer.kill())
-        .await
-        .unwrap()
-        .unwrap();
+    kill_primary(&cluster).await;
     writers.mark();
     let s = wait_status(&proxy, Duration::from_secs(30), "failover", |s| {
         s.projects[0]
@@ -345,11 +328,7 @@ async fn without_an_eligible_replica_nothing_is_promoted_and_writes_fail_clearly
     }
     // Let the monitor see the replicas behind while the primary is still up.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let killer = cluster.primary.clone();
-    tokio::task::spawn_blocking(move || killer.kill())
-        .await
-        .unwrap()
-        .unwrap();
+    kill_primary(&cluster).await;
     let s = wait_status(&proxy, Duration::from_secs(20), "refusal", |s| {
         s.projects[0].failover.state.contains("no eligible replica")
     })
@@ -389,11 +368,7 @@ async fn manual_mode_only_reports_until_an_operator_promotes() {
         s.projects[0].nodes.iter().all(|n| n.state == "up")
     })
     .await;
-    let killer = cluster.primary.clone();
-    tokio::task::spawn_blocking(move || killer.kill())
-        .await
-        .unwrap()
-        .unwrap();
+    kill_primary(&cluster).await;
     let s = wait_status(&proxy, Duration::from_secs(20), "manual report", |s| {
         s.projects[0].failover.state.contains("manual")
     })

@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use common::failover::*;
@@ -18,28 +19,26 @@ fn fast_config(cluster: &Cluster) -> String {
     config_for(cluster, "lag_check_interval_ms = 100", "", FAST_CHECKS)
 }
 
-async fn kill_primary(cluster: &Cluster) {
-    let killer = cluster.primary.clone();
-    tokio::task::spawn_blocking(move || killer.kill())
-        .await
-        .unwrap()
-        .unwrap();
-}
-
-/// Port of the server that takes a write through the proxy at `url`.
-async fn write_port(url: &str) -> u16 {
-    let mut client = connect(url).await.expect("connect through the proxy");
-    let tx = client.transaction().await.expect("BEGIN");
-    tx.batch_execute("CREATE TEMP TABLE w (x int) ON COMMIT DROP; INSERT INTO w VALUES (1)")
-        .await
-        .expect("a write through the proxy");
-    let port: i32 = tx
-        .query_one("SELECT inet_server_port()", &[])
-        .await
-        .expect("port")
-        .get(0);
-    tx.commit().await.expect("COMMIT");
-    port as u16
+/// The proxy binary with `failpoint` armed, all nodes seen up (and lag known), then the
+/// primary killed.
+async fn kill_primary_under(
+    test: &str,
+    cluster: &Cluster,
+    failpoint: &str,
+) -> (ProxyProcess, PathBuf) {
+    let dir = proxy_dir("failover_safety", test);
+    let proxy = ProxyProcess::start(
+        "proxy",
+        &dir,
+        &fast_config(cluster),
+        &[("REPLICATOR_FAILPOINT", failpoint)],
+    );
+    proxy
+        .wait_status(Duration::from_secs(30), "all up", all_up)
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    kill_primary(cluster).await;
+    (proxy, dir)
 }
 
 fn all_up(s: &replicator::admin::status::Status) -> bool {
@@ -53,18 +52,8 @@ fn state_file_text(dir: &std::path::Path) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_between_pg_promote_and_the_record_is_finished_with_the_same_node() {
     let cluster = own_cluster(&[]).await;
-    let dir = proxy_dir("failover_safety", "crash");
-    let mut proxy = ProxyProcess::start(
-        "proxy",
-        &dir,
-        &fast_config(&cluster),
-        &[("REPLICATOR_FAILPOINT", "failover-crash-after-promote")],
-    );
-    proxy
-        .wait_status(Duration::from_secs(30), "all up", all_up)
-        .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    kill_primary(&cluster).await;
+    let (mut proxy, dir) =
+        kill_primary_under("crash", &cluster, "failover-crash-after-promote").await;
     let exit = tokio::task::block_in_place(|| proxy.wait_exit(Duration::from_secs(30)));
     assert_eq!(
         exit.and_then(|e| e.code()),
@@ -91,7 +80,10 @@ async fn a_crash_between_pg_promote_and_the_record_is_finished_with_the_same_nod
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(out_of_recovery(&cluster).await, promoted, "{}", proxy.log());
     let url = proxy.url("app", "secret", "app");
-    assert_eq!(write_port(&url).await, node_port(&cluster, &promoted[0]));
+    assert_eq!(
+        write_port(&url).await,
+        Ok(node_port(&cluster, &promoted[0]))
+    );
     assert!(
         !state_file_text(&dir).contains("intent"),
         "{}",
@@ -102,18 +94,8 @@ async fn a_crash_between_pg_promote_and_the_record_is_finished_with_the_same_nod
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_record_after_pg_promote_never_leads_to_a_second_promotion() {
     let cluster = own_cluster(&[]).await;
-    let dir = proxy_dir("failover_safety", "record-fails");
-    let mut proxy = ProxyProcess::start(
-        "proxy",
-        &dir,
-        &fast_config(&cluster),
-        &[("REPLICATOR_FAILPOINT", "failover-commit-fails")],
-    );
-    proxy
-        .wait_status(Duration::from_secs(30), "all up", all_up)
-        .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    kill_primary(&cluster).await;
+    let (mut proxy, dir) =
+        kill_primary_under("record-fails", &cluster, "failover-commit-fails").await;
     let s = proxy
         .wait_status(Duration::from_secs(30), "a promotion", |s| {
             s.projects[0]
@@ -140,7 +122,7 @@ async fn a_failed_record_after_pg_promote_never_leads_to_a_second_promotion() {
         .await;
     assert_eq!(s.projects[0].primary.as_deref(), Some(primary.as_str()));
     let url = proxy.url("app", "secret", "app");
-    assert_eq!(write_port(&url).await, node_port(&cluster, &primary));
+    assert_eq!(write_port(&url).await, Ok(node_port(&cluster, &primary)));
 
     // Restarted with a working disk: the recorded intent is finished, nothing else.
     proxy.restart(&[]);
@@ -196,7 +178,7 @@ async fn a_replica_promoted_outside_the_proxy_is_adopted_not_joined_by_a_second_
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(out_of_recovery(&cluster).await, ["slave-2"]);
     let url = proxy_url(&proxy, "app", "secret", "app");
-    assert_eq!(write_port(&url).await, cluster.replicas[1].port);
+    assert_eq!(write_port(&url).await, Ok(cluster.replicas[1].port));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -290,6 +272,6 @@ async fn a_proxy_started_after_the_primary_died_promotes_nothing_and_says_why() 
         .await
         .expect("PROMOTE");
     let url = proxy_url(&proxy, "app", "secret", "app");
-    assert_eq!(write_port(&url).await, cluster.replicas[0].port);
+    assert_eq!(write_port(&url).await, Ok(cluster.replicas[0].port));
     assert_eq!(out_of_recovery(&cluster).await, ["slave-1"]);
 }

@@ -26,15 +26,7 @@ fn start_etcd() -> Etcd {
 async fn synchronous_cluster() -> Cluster {
     let cluster = own_cluster(&[]).await;
     create_log_table(&cluster).await;
-    let primary = superuser(cluster.primary.port).await;
-    primary
-        .batch_execute("ALTER SYSTEM SET synchronous_standby_names = 'ANY 1 (*)'")
-        .await
-        .unwrap();
-    primary
-        .batch_execute("SELECT pg_reload_conf()")
-        .await
-        .unwrap();
+    make_synchronous(&cluster).await;
     cluster
 }
 
@@ -86,33 +78,6 @@ async fn start_fleet(test: &str, text: &str, first_env: &[(&str, &str)]) -> Vec<
 
 fn primary_of(s: &Status) -> Option<String> {
     s.projects[0].primary.clone()
-}
-
-async fn kill_primary(cluster: &Cluster) -> Instant {
-    let killer = cluster.primary.clone();
-    tokio::task::spawn_blocking(move || killer.kill())
-        .await
-        .unwrap()
-        .unwrap();
-    Instant::now()
-}
-
-/// Port of the server that takes a write through `url`.
-async fn write_port(url: &str) -> Result<u16, String> {
-    let client = connect(url).await.map_err(|e| e.to_string())?;
-    let row = client
-        .query_one(
-            "INSERT INTO failover_log VALUES (1000 + (random() * 1000000)::int, 1) \
-             RETURNING inet_server_port()",
-            &[],
-        )
-        .await
-        .map_err(|e| {
-            e.as_db_error()
-                .map(|d| d.message().to_string())
-                .unwrap_or_else(|| e.to_string())
-        })?;
-    Ok(row.get::<_, i32>(0) as u16)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -326,7 +291,7 @@ async fn a_proxy_restarted_without_its_state_file_writes_to_the_new_primary_firs
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_statement_is_cancelled_whichever_instance_gets_the_cancel_request() {
-    use common::wire::{cancel_packet, error_code, login_raw_with_key, next_message, query};
+    use common::wire::{cancel_packet, error_until_ready, login_raw_with_key, query};
     use tokio::io::AsyncWriteExt;
     let etcd = start_etcd();
     let cluster = own_cluster(&[]).await;
@@ -363,19 +328,8 @@ async fn a_statement_is_cancelled_whichever_instance_gets_the_cancel_request() {
         let mut cancel = tokio::net::TcpStream::connect(&other).await.unwrap();
         cancel.write_all(&cancel_packet(pid, secret)).await.unwrap();
         let mut buf = bytes::BytesMut::new();
-        let mut code = None;
-        let answer = async {
-            loop {
-                let frame = next_message(&mut client, &mut buf).await;
-                if frame[0] == b'E' {
-                    code = error_code(&frame);
-                }
-                if frame[0] == b'Z' {
-                    break;
-                }
-            }
-        };
-        tokio::time::timeout(Duration::from_secs(20), answer)
+        let answer = error_until_ready(&mut client, &mut buf);
+        let code = tokio::time::timeout(Duration::from_secs(20), answer)
             .await
             .expect("the statement was not cancelled");
         assert_eq!(code.as_deref(), Some("57014"));

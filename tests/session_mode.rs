@@ -129,16 +129,7 @@ async fn a_cancel_with_the_real_process_id_reaches_the_statement_through_the_pro
     let mut cancel = TcpStream::connect(proxy.addr).await.unwrap();
     cancel.write_all(&cancel_packet(pid, secret)).await.unwrap();
     let mut buf = BytesMut::new();
-    let mut code = None;
-    loop {
-        let frame = next_message(&mut client, &mut buf).await;
-        if frame[0] == b'E' {
-            code = error_code(&frame);
-        }
-        if frame[0] == b'Z' {
-            break;
-        }
-    }
+    let code = error_until_ready(&mut client, &mut buf).await;
     assert_eq!(code.as_deref(), Some("57014"));
     // The session goes on, on the same server.
     assert_eq!(

@@ -79,6 +79,14 @@ pub struct Intent {
     pub decided_at: u64,
 }
 
+/// Seconds since the Unix epoch, as the records carry them.
+pub fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
 /// Read-modify-write of the file by concurrent promotions goes through this lock.
 static WRITE_LOCK: Mutex<()> = Mutex::new(());
 

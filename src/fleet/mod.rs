@@ -17,16 +17,16 @@ pub mod runtime;
 mod session;
 mod topology;
 
-pub use topology::cache_own as cache_topology;
+pub use topology::cache as cache_topology;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::cluster::state_file::ProjectState;
+use crate::cluster::state_file::{ProjectState, now_secs};
 use crate::config::Config;
 
 /// What `[coordination]` resolves to for this instance.
@@ -129,13 +129,6 @@ pub struct Fleet {
     runtime: Mutex<(Vec<runtime::Entry>, i64)>,
     /// Leadership changes are told to whoever starts and stops leader-only work.
     leadership: tokio::sync::watch::Sender<bool>,
-}
-
-fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 impl Fleet {

@@ -242,7 +242,8 @@ fn apply(fleet: &Fleet, shared: &Shared, project: &str, value: &[u8], revision: 
     }
 }
 
-fn cache(path: &std::path::Path, project: &str, record: ProjectState) {
+/// Keeps the fleet's record in the state file, as a cache for a restart.
+pub fn cache(path: &std::path::Path, project: &str, record: ProjectState) {
     if let Err(e) = state_file::record(path, project, record) {
         warn!(
             project,
@@ -306,11 +307,6 @@ pub async fn swap(
     Ok(next)
 }
 
-/// Caches the state after a swap this instance made (its roles are already moved).
-pub fn cache_own(path: &std::path::Path, project: &str, record: ProjectState) {
-    cache(path, project, record);
-}
-
 fn remember_knowledge(fleet: &Fleet, project: &str, value: &[u8]) {
     if let Ok(knowledge) = serde_json::from_slice::<Knowledge>(value)
         && let Ok(mut all) = fleet.knowledge.lock()
@@ -341,14 +337,10 @@ pub async fn publish_knowledge(fleet: &Fleet, project: &str, knowledge: Knowledg
     };
     let key = keys::knowledge(&fleet.settings, project);
     let put = client.put(key, text, None::<PutOptions>);
-    if call(fleet, "knowledge put", put).await.is_ok() {
-        remember_knowledge(
-            fleet,
-            project,
-            serde_json::to_vec(&knowledge)
-                .unwrap_or_default()
-                .as_slice(),
-        );
+    if call(fleet, "knowledge put", put).await.is_ok()
+        && let Ok(mut all) = fleet.knowledge.lock()
+    {
+        all.insert(project.to_string(), knowledge);
     }
 }
 

@@ -226,3 +226,49 @@ pub async fn create_log_table(cluster: &Cluster) {
         .unwrap();
     tokio::task::block_in_place(|| cluster.wait_caught_up(Duration::from_secs(20))).unwrap();
 }
+
+/// kill -9 of the cluster's primary; returns when it is gone.
+pub async fn kill_primary(cluster: &Cluster) -> Instant {
+    let killer = cluster.primary.clone();
+    tokio::task::spawn_blocking(move || killer.kill())
+        .await
+        .expect("join")
+        .expect("kill the primary");
+    Instant::now()
+}
+
+/// Commits wait for one replica (set once the replicas stream: the test bed's own setup
+/// would wait forever).
+pub async fn make_synchronous(cluster: &Cluster) {
+    let primary = superuser(cluster.primary.port).await;
+    primary
+        .batch_execute("ALTER SYSTEM SET synchronous_standby_names = 'ANY 1 (*)'")
+        .await
+        .unwrap();
+    primary
+        .batch_execute("SELECT pg_reload_conf()")
+        .await
+        .unwrap();
+}
+
+/// Port of the server that takes a write through the proxy at `url`, or the error the
+/// client got.
+pub async fn write_port(url: &str) -> Result<u16, String> {
+    let message = |e: tokio_postgres::Error| {
+        e.as_db_error()
+            .map(|d| d.message().to_string())
+            .unwrap_or_else(|| e.to_string())
+    };
+    let mut client = connect(url).await.map_err(message)?;
+    let tx = client.transaction().await.map_err(message)?;
+    tx.batch_execute("CREATE TEMP TABLE w (x int) ON COMMIT DROP; INSERT INTO w VALUES (1)")
+        .await
+        .map_err(message)?;
+    let port: i32 = tx
+        .query_one("SELECT inet_server_port()", &[])
+        .await
+        .map_err(message)?
+        .get(0);
+    tx.commit().await.map_err(message)?;
+    Ok(port as u16)
+}

@@ -165,3 +165,16 @@ pub fn cancel_packet(pid: i32, secret: i32) -> Vec<u8> {
     packet.extend_from_slice(&secret.to_be_bytes());
     packet
 }
+
+/// Reads up to ReadyForQuery; the SQLSTATE of the last error before it, if any.
+pub async fn error_until_ready(stream: &mut TcpStream, buf: &mut BytesMut) -> Option<String> {
+    let mut code = None;
+    loop {
+        let frame = next_message(stream, buf).await;
+        match frame[0] {
+            b'E' => code = error_code(&frame),
+            b'Z' => return code,
+            _ => {}
+        }
+    }
+}

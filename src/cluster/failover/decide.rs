@@ -60,7 +60,7 @@ pub async fn survey(project: &Project, settings: &FailoverSettings) -> (Vec<Answ
     (answers, silent)
 }
 
-pub async fn ask(node: &Arc<Node>, settings: &FailoverSettings) -> Result<Answer, String> {
+async fn ask(node: &Arc<Node>, settings: &FailoverSettings) -> Result<Answer, String> {
     let client = control(node, settings).await?;
     let rows = query_nullable(
         &client,

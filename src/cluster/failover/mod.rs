@@ -274,10 +274,7 @@ async fn publish_knowledge(project: &Project, fleet: &crate::fleet::Fleet) {
         leader: fleet.settings.instance.clone(),
         primary_lsn: primary.health.lsn(),
         lag_ms,
-        at: std::time::SystemTime::now()
-            .duration_since(std::time::SystemTime::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0),
+        at: super::state_file::now_secs(),
     };
     fleet.publish_knowledge(&project.name, knowledge).await;
 }

@@ -7,22 +7,15 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use tracing::{error, info, warn};
 
 use super::control::{PROMOTE_TIMEOUT, control, query, query_value, repoint};
 use super::decide;
 use crate::cluster::health::{self, NodeState};
-use crate::cluster::state_file::{self, Intent, ProjectState};
+use crate::cluster::state_file::{self, Intent, ProjectState, now_secs};
 use crate::cluster::{Node, NodeRole, Project};
-
-fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
 
 /// Nodes fenced now, plus `also` (the primary being replaced), without `except`.
 fn fenced_names(project: &Project, also: Option<&str>, except: &str) -> Vec<String> {
@@ -343,8 +336,14 @@ pub async fn promote_on_request(project: &Arc<Project>, replica: &str) -> Result
     if primary_up {
         switchover(project, &candidate).await?;
     } else {
-        decide::ask(&candidate, settings).await?;
-        let (answers, _) = decide::survey(project, settings).await;
+        let (answers, silent) = decide::survey(project, settings).await;
+        if !answers.iter().any(|a| a.node.name == candidate.name) {
+            let why = silent
+                .into_iter()
+                .find(|s| s.starts_with(&format!("{}:", candidate.name)))
+                .unwrap_or_else(|| format!("{}: no answer", candidate.name));
+            return Err(why);
+        }
         if let Some(other) = answers
             .iter()
             .find(|a| !a.in_recovery && a.node.name != candidate.name)
