@@ -353,13 +353,24 @@ async fn demo(listen: String, admin_listen: String, proxies: usize) -> anyhow::R
         Vec::new()
     };
     println!("starting a primary and two replicas (initdb + pg_basebackup)...");
-    let cluster = tokio::task::spawn_blocking(move || {
-        Cluster::start(ClusterOptions {
-            ports,
-            ..ClusterOptions::default()
+    let start = |ports: Vec<u16>| {
+        tokio::task::spawn_blocking(move || {
+            Cluster::start(ClusterOptions {
+                ports,
+                ..ClusterOptions::default()
+            })
         })
-    })
-    .await??;
+    };
+    let cluster = match start(ports.clone()).await? {
+        Ok(cluster) => cluster,
+        // Another program took one of the example's ports after the check above:
+        // any free ports will do, the demo prints the ones it got.
+        Err(e) if !ports.is_empty() => {
+            eprintln!("example ports {ports:?} unavailable ({e:#}); using free ports");
+            start(Vec::new()).await??
+        }
+        Err(e) => return Err(e),
+    };
     let mut toml = cluster.proxy_toml(&listen, &admin_listen, "read_routing = \"round-robin\"");
     // The superuser promotes replicas and reads the WAL for CDC rules.
     toml.push_str(&format!(

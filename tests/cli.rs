@@ -105,11 +105,23 @@ fn connection_string(line: &str) -> Option<String> {
     )
 }
 
+/// The demos in this file run one at a time: each would take the example's ports.
+static ONE_DEMO_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// A file for a demo's stderr, read back when the demo does not come up.
+fn demo_stderr(name: &str) -> (std::path::PathBuf, std::fs::File) {
+    let path = std::env::temp_dir().join(format!("{name}-{}.stderr", std::process::id()));
+    let file = std::fs::File::create(&path).expect("stderr file");
+    (path, file)
+}
+
 /// `replicator demo`: a cluster and the proxy come up, the printed connection string
 /// works, and Ctrl-C (SIGINT) stops everything and removes the data.
 #[test]
 fn demo_serves_and_cleans_up_on_ctrl_c() {
     use std::io::{BufRead, BufReader};
+    let _one = ONE_DEMO_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let (stderr_path, stderr) = demo_stderr("demo_serves_and_cleans_up_on_ctrl_c");
     let mut child = Command::new(env!("CARGO_BIN_EXE_replicator"))
         // Free ports for both listeners: a demo the developer left running keeps its own.
         .args([
@@ -120,7 +132,7 @@ fn demo_serves_and_cleans_up_on_ctrl_c() {
             "127.0.0.1:0",
         ])
         .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
+        .stderr(stderr)
         .spawn()
         .expect("start demo");
     let stdout = child.stdout.take().unwrap();
@@ -137,7 +149,12 @@ fn demo_serves_and_cleans_up_on_ctrl_c() {
             break;
         }
     }
-    let url = url.expect("demo printed a connection string");
+    let url = url.unwrap_or_else(|| {
+        panic!(
+            "demo printed no connection string; its stderr:\n{}",
+            std::fs::read_to_string(&stderr_path).unwrap_or_default()
+        )
+    });
     let psql = replicator::testbed::bindir().unwrap().join("psql");
     let out = Command::new(&psql)
         .args([
@@ -182,6 +199,7 @@ fn demo_serves_and_cleans_up_on_ctrl_c() {
         .output()
         .unwrap();
     assert!(!out.status.success(), "primary still running after Ctrl-C");
+    let _ = std::fs::remove_file(&stderr_path);
 }
 
 /// `replicator demo --proxies 3`: a fleet of three proxies on a local etcd, every one
@@ -189,6 +207,8 @@ fn demo_serves_and_cleans_up_on_ctrl_c() {
 #[test]
 fn demo_with_three_proxies_starts_a_fleet() {
     use std::io::{BufRead, BufReader};
+    let _one = ONE_DEMO_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let (stderr_path, stderr) = demo_stderr("demo_with_three_proxies_starts_a_fleet");
     let mut child = Command::new(env!("CARGO_BIN_EXE_replicator"))
         .args([
             "demo",
@@ -200,7 +220,7 @@ fn demo_with_three_proxies_starts_a_fleet() {
             "3",
         ])
         .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
+        .stderr(stderr)
         .spawn()
         .expect("start demo");
     let stdout = child.stdout.take().unwrap();
@@ -221,7 +241,12 @@ fn demo_with_three_proxies_starts_a_fleet() {
     }
     assert_eq!(proxies.len(), 3, "{proxies:?}");
     assert!(etcd, "the demo names its etcd");
-    let url = url.expect("demo printed a connection string");
+    let url = url.unwrap_or_else(|| {
+        panic!(
+            "demo printed no connection string; its stderr:\n{}",
+            std::fs::read_to_string(&stderr_path).unwrap_or_default()
+        )
+    });
     let admin_url = format!(
         "{}/replicator",
         url.strip_suffix("/app").expect("the app database")
@@ -248,4 +273,5 @@ fn demo_with_three_proxies_starts_a_fleet() {
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let status = child.wait().unwrap();
     assert!(status.success(), "demo exit: {status:?}");
+    let _ = std::fs::remove_file(&stderr_path);
 }
