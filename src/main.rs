@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use replicator::admin::http::AdminClient;
 use replicator::config::Config;
 use replicator::server::Proxy;
 use replicator::testbed::{Cluster, ClusterOptions};
@@ -136,7 +137,7 @@ fn main() -> ExitCode {
             config,
             admin,
             json,
-        } => match admin_address(admin, &config) {
+        } => match admin_client(admin, &config) {
             Ok(admin) => run_async(1, status(admin, json)),
             Err(e) => {
                 eprintln!("{e}");
@@ -147,7 +148,7 @@ fn main() -> ExitCode {
             rule,
             config,
             admin,
-        } => match admin_address(admin, &config) {
+        } => match admin_client(admin, &config) {
             Ok(admin) => run_async(1, sync(admin, rule)),
             Err(e) => {
                 eprintln!("{e}");
@@ -159,7 +160,7 @@ fn main() -> ExitCode {
             replica,
             config,
             admin,
-        } => match admin_address(admin, &config) {
+        } => match admin_client(admin, &config) {
             Ok(admin) => run_async(1, promote(admin, project, replica)),
             Err(e) => {
                 eprintln!("{e}");
@@ -235,24 +236,33 @@ async fn serve(config: Config, path: PathBuf) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Where a running proxy's HTTP admin endpoints are: `--admin`, else the config's.
-fn admin_address(admin: Option<String>, config: &std::path::Path) -> Result<String, String> {
-    if let Some(a) = admin {
-        return Ok(a);
-    }
-    match Config::load(config) {
-        Ok(c) if !c.proxy.admin_listen.is_empty() => Ok(c.proxy.admin_listen),
-        Ok(_) => Err(format!(
-            "{}: proxy.admin_listen is empty; pass --admin HOST:PORT",
-            config.display()
-        )),
-        Err(e) => Err(e.to_string()),
-    }
+/// Where a running proxy's HTTP admin endpoints are (`--admin`, else the config's
+/// admin_listen) and the token to show there (REPLICATOR_ADMIN_TOKEN, else the
+/// config's admin_token).
+fn admin_client(admin: Option<String>, config: &std::path::Path) -> Result<AdminClient, String> {
+    let loaded = Config::load(config);
+    let token = match &loaded {
+        Ok(c) => replicator::admin::access::configured_token(&c.proxy),
+        Err(_) => std::env::var(replicator::admin::access::TOKEN_ENV)
+            .ok()
+            .filter(|t| !t.is_empty()),
+    };
+    let addr = match (admin, loaded) {
+        (Some(a), _) => a,
+        (None, Ok(c)) if !c.proxy.admin_listen.is_empty() => c.proxy.admin_listen,
+        (None, Ok(_)) => {
+            return Err(format!(
+                "{}: proxy.admin_listen is empty; pass --admin HOST:PORT",
+                config.display()
+            ));
+        }
+        (None, Err(e)) => return Err(e.to_string()),
+    };
+    Ok(AdminClient::new(addr, token.as_deref()))
 }
 
-async fn promote(admin: String, project: String, replica: String) -> anyhow::Result<()> {
-    let (code, body) =
-        replicator::admin::http::post_to(&admin, &format!("/promote/{project}/{replica}")).await?;
+async fn promote(admin: AdminClient, project: String, replica: String) -> anyhow::Result<()> {
+    let (code, body) = admin.post(&format!("/promote/{project}/{replica}")).await?;
     if code != 200 {
         anyhow::bail!("{}", body.trim());
     }
@@ -260,14 +270,14 @@ async fn promote(admin: String, project: String, replica: String) -> anyhow::Res
     Ok(())
 }
 
-async fn sync(admin: String, rule: String) -> anyhow::Result<()> {
+async fn sync(admin: AdminClient, rule: String) -> anyhow::Result<()> {
     use replicator::admin::{commands, status};
-    let (code, body) = replicator::admin::http::post_to(&admin, &format!("/sync/{rule}")).await?;
+    let (code, body) = admin.post(&format!("/sync/{rule}")).await?;
     if code != 200 {
         anyhow::bail!("{}", body.trim());
     }
     let report: replicator::cdc::stats::RunReport = serde_json::from_str(&body)
-        .map_err(|e| anyhow::anyhow!("unexpected /sync answer from {admin}: {e}"))?;
+        .map_err(|e| anyhow::anyhow!("unexpected /sync answer from {}: {e}", admin.addr))?;
     print!(
         "{}",
         status::render_table(&commands::SYNC_COLUMNS, &[commands::sync_row(&report)])
@@ -275,18 +285,18 @@ async fn sync(admin: String, rule: String) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn status(admin: String, json: bool) -> anyhow::Result<()> {
-    use replicator::admin::{http, status};
-    let (code, body) = http::get(&admin, "/status").await?;
+async fn status(admin: AdminClient, json: bool) -> anyhow::Result<()> {
+    use replicator::admin::status;
+    let (code, body) = admin.get("/status").await?;
     if code != 200 {
-        anyhow::bail!("{admin}/status answered {code}: {body}");
+        anyhow::bail!("{}/status answered {code}: {}", admin.addr, body.trim());
     }
     if json {
         println!("{body}");
         return Ok(());
     }
     let parsed: status::Status = serde_json::from_str(&body)
-        .map_err(|e| anyhow::anyhow!("unexpected /status answer from {admin}: {e}"))?;
+        .map_err(|e| anyhow::anyhow!("unexpected /status answer from {}: {e}", admin.addr))?;
     print!(
         "{}",
         status::render_table(&status::REPLICA_COLUMNS, &status::replica_rows(&parsed))
@@ -371,7 +381,11 @@ async fn demo(listen: String, admin_listen: String, proxies: usize) -> anyhow::R
         }
         Err(e) => return Err(e),
     };
-    let mut toml = cluster.proxy_toml(&listen, &admin_listen, "read_routing = \"round-robin\"");
+    // A token of its own: the demo's admin endpoints are as closed as a real setup's.
+    let admin_token = format!("{:032x}", rand::random::<u128>());
+    let mut toml = cluster
+        .proxy_toml(&listen, &admin_listen, "read_routing = \"round-robin\"")
+        .replacen(replicator::testbed::ADMIN_TOKEN, &admin_token, 1);
     // The superuser promotes replicas and reads the WAL for CDC rules.
     toml.push_str(&format!(
         "[failover]\nuser = \"{}\"\npassword = \"{}\"\n\n",
@@ -469,6 +483,10 @@ async fn demo(listen: String, admin_listen: String, proxies: usize) -> anyhow::R
         println!("  mongodb   {}", server.uri("analytics"));
     }
     println!("  config    {} (edits apply live)", config_path.display());
+    println!(
+        "  token     {admin_token} (admin HTTP: 'Authorization: Bearer ...'; replicator status --config {} reads it)",
+        config_path.display()
+    );
     println!();
     println!(
         "connect:  psql 'postgresql://{}:{}@{}/{}'",

@@ -4,10 +4,11 @@
 mod common;
 
 use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use common::*;
-use replicator::admin::http;
 use replicator::admin::status::Status;
 use replicator::server::Proxy;
 use tokio_postgres::SimpleQueryMessage;
@@ -200,7 +201,7 @@ async fn http_status_metrics_and_health_tell_the_truth() {
     app.batch_execute("SELECT 1").await.unwrap();
     let addr = proxy.admin_addr.unwrap().to_string();
 
-    let (code, body) = http::get(&addr, "/status").await.unwrap();
+    let (code, body) = admin_http(&addr).get("/status").await.unwrap();
     assert_eq!(code, 200);
     let status: Status = serde_json::from_str(&body).unwrap();
     let project = &status.projects[0];
@@ -219,7 +220,7 @@ async fn http_status_metrics_and_health_tell_the_truth() {
     }
     assert!(status.clients >= 1);
 
-    let (code, metrics) = http::get(&addr, "/metrics").await.unwrap();
+    let (code, metrics) = admin_http(&addr).get("/metrics").await.unwrap();
     assert_eq!(code, 200);
     for needle in [
         "# TYPE replicator_queries_total counter",
@@ -240,9 +241,9 @@ async fn http_status_metrics_and_health_tell_the_truth() {
         .sum();
     assert!(reads >= 4, "{metrics}");
 
-    let (code, body) = http::get(&addr, "/health").await.unwrap();
+    let (code, body) = admin_http(&addr).get("/health").await.unwrap();
     assert_eq!((code, body.as_str()), (200, "ok\n"));
-    let (code, _) = http::get(&addr, "/nope").await.unwrap();
+    let (code, _) = admin_http(&addr).get("/nope").await.unwrap();
     assert_eq!(code, 404);
 }
 
@@ -251,14 +252,29 @@ async fn status_command_prints_the_replica_table() {
     let proxy = start_proxy("lag_check_interval_ms = 100", "").await;
     wait_all_up(&proxy).await;
     let addr = proxy.admin_addr.unwrap().to_string();
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new(env!("CARGO_BIN_EXE_replicator"))
-            .args(["status", "--admin", &addr])
-            .output()
-            .expect("run replicator status")
-    })
-    .await
-    .unwrap();
+    let run = |addr: String, token: Option<&'static str>| {
+        tokio::task::spawn_blocking(move || {
+            let mut command = Command::new(env!("CARGO_BIN_EXE_replicator"));
+            command
+                .args(["status", "--admin", &addr])
+                .env_remove("REPLICATOR_ADMIN_TOKEN");
+            if let Some(token) = token {
+                command.env("REPLICATOR_ADMIN_TOKEN", token);
+            }
+            command.output().expect("run replicator status")
+        })
+    };
+    // Without the token the proxy refuses, and the CLI says what to do.
+    let out = run(addr.clone(), None).await.unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("401") && stderr.contains("REPLICATOR_ADMIN_TOKEN"),
+        "{stderr}"
+    );
+    let out = run(addr, Some(replicator::testbed::ADMIN_TOKEN))
+        .await
+        .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -283,4 +299,163 @@ async fn status_command_prints_the_replica_table() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach"));
+}
+
+/// A listener standing in for an attacker's server: counts the connections it gets.
+async fn fake_server() -> (u16, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let connections = Arc::new(AtomicUsize::new(0));
+    let seen = connections.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            seen.fetch_add(1, Ordering::SeqCst);
+            drop(stream);
+        }
+    });
+    (port, connections)
+}
+
+/// A proxy started from a file, so that runtime changes could be written (and would
+/// be, if the request were let through).
+async fn proxy_from_file(name: &str, text: &str) -> (Proxy, std::path::PathBuf) {
+    init_logs();
+    let dir = std::env::temp_dir().join(format!("replicator-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("proxy.toml");
+    std::fs::write(&path, text).unwrap();
+    let config = replicator::config::Config::parse(text).unwrap();
+    (
+        Proxy::start(config, Some(path.clone())).await.unwrap(),
+        path,
+    )
+}
+
+/// The credential-theft path: an unauthenticated `POST /replicas/...` with an
+/// attacker's address must change nothing, and the attacker's server must never be
+/// contacted. Every endpoint but /health and /metrics asks for the token.
+#[tokio::test]
+async fn admin_http_without_the_token_changes_nothing() {
+    let text = config_text(cluster(), "lag_check_interval_ms = 100", "");
+    let (proxy, path) = proxy_from_file("admin-token", &text).await;
+    wait_all_up(&proxy).await;
+    let addr = proxy.admin_addr.unwrap().to_string();
+    let (evil_port, evil_connections) = fake_server().await;
+    let evil_uri = format!("postgresql://127.0.0.1:{evil_port}/app");
+    for client in [
+        replicator::admin::http::AdminClient::new(addr.as_str(), None),
+        replicator::admin::http::AdminClient::new(addr.as_str(), Some("not-the-token")),
+    ] {
+        use hyper::Method;
+        for (method, path, body) in [
+            (
+                Method::POST,
+                "/replicas/app/evil/replica",
+                evil_uri.as_str(),
+            ),
+            (Method::POST, "/read_routing/app/random", ""),
+            (Method::POST, "/promote/app/slave-1", ""),
+            (Method::DELETE, "/replicas/app/slave-1", ""),
+            (Method::POST, "/sync/anything", ""),
+            (Method::GET, "/status", ""),
+        ] {
+            let (code, answer) = client
+                .request(method.clone(), path, body.to_string())
+                .await
+                .unwrap();
+            assert_eq!(code, 401, "{method} {path}: {answer}");
+            assert!(answer.contains("admin token"), "{answer}");
+        }
+        assert_eq!(client.get("/health").await.unwrap().0, 200);
+        assert_eq!(client.get("/metrics").await.unwrap().0, 200);
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        evil_connections.load(Ordering::SeqCst),
+        0,
+        "the proxy contacted the attacker's address"
+    );
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), text);
+    let status = status(&proxy).await;
+    let names: Vec<&str> = status.projects[0]
+        .nodes
+        .iter()
+        .map(|n| n.name.as_str())
+        .collect();
+    assert_eq!(names.len(), 3, "{names:?}");
+    assert!(!names.contains(&"evil"), "{names:?}");
+    assert_eq!(status.projects[0].read_routing, "round-robin");
+
+    // A body past the limit is refused before it is read in full.
+    let admin = admin_http(&addr);
+    let (code, _) = admin
+        .request(
+            hyper::Method::POST,
+            "/replicas/app/big/replica",
+            "x".repeat(200 * 1024),
+        )
+        .await
+        .unwrap();
+    assert_eq!(code, 413);
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), text);
+
+    // The token lets the same request through: it is the only thing that stopped it.
+    let (code, answer) = admin
+        .request(
+            hyper::Method::DELETE,
+            "/replicas/app/slave-2",
+            String::new(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(code, 200, "{answer}");
+    assert!(!std::fs::read_to_string(&path).unwrap().contains("slave-2"));
+    let _ = std::fs::remove_dir_all(path.parent().unwrap());
+}
+
+/// Without a configured token nobody may change anything over HTTP, and the answer
+/// says how to enable it; `metrics_auth` closes /metrics too.
+#[tokio::test]
+async fn admin_http_without_a_configured_token_refuses_and_says_how() {
+    let text = config_text(cluster(), "", "metrics_auth = true").replacen(
+        &format!("admin_token = \"{}\"\n", replicator::testbed::ADMIN_TOKEN),
+        "",
+        1,
+    );
+    assert!(!text.contains("admin_token"));
+    let (proxy, path) = proxy_from_file("admin-no-token", &text).await;
+    let addr = proxy.admin_addr.unwrap().to_string();
+    let admin = admin_http(&addr);
+    let (code, answer) = admin.post("/read_routing/app/random").await.unwrap();
+    assert_eq!(code, 403, "{answer}");
+    assert!(
+        answer.contains("admin_token") && answer.contains("REPLICATOR_ADMIN_TOKEN"),
+        "{answer}"
+    );
+    assert_eq!(admin.get("/status").await.unwrap().0, 403);
+    assert_eq!(admin.get("/metrics").await.unwrap().0, 403);
+    assert_eq!(admin.get("/health").await.unwrap().0, 200);
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), text);
+
+    // A token added to the file applies on reload, without a restart.
+    let with_token = text.replacen(
+        "[proxy]\n",
+        &format!(
+            "[proxy]\nadmin_token = \"{}\"\n",
+            replicator::testbed::ADMIN_TOKEN
+        ),
+        1,
+    );
+    std::fs::write(&path, &with_token).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while admin.get("/metrics").await.unwrap().0 != 200 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "token not picked up on reload"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let unauthenticated = replicator::admin::http::AdminClient::new(addr.as_str(), None);
+    assert_eq!(unauthenticated.get("/metrics").await.unwrap().0, 401);
+    let _ = std::fs::remove_dir_all(path.parent().unwrap());
 }

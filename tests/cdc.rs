@@ -249,10 +249,10 @@ async fn snapshot_then_stream_into_mongodb() {
         .expect("a rule row");
     assert_eq!(row.get("rule"), Some("users-to-mongo"));
     assert_eq!(row.get("inserted"), Some("20"));
-    let (code, metrics) =
-        replicator::admin::http::get(&proxy.admin_addr.unwrap().to_string(), "/metrics")
-            .await
-            .unwrap();
+    let (code, metrics) = admin_http(&proxy.admin_addr.unwrap().to_string())
+        .get("/metrics")
+        .await
+        .unwrap();
     assert_eq!(code, 200);
     assert!(
         metrics.contains("replicator_cdc_rows_total{rule=\"users-to-mongo\",op=\"snapshot\"} 300"),
@@ -724,9 +724,7 @@ fn binary_config(rule: &str, tables: &[&str], target: &str) -> (PathBuf, String)
 async fn sync_over_http(admin: &str, rule: &str) -> String {
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
-        if let Ok((200, body)) =
-            replicator::admin::http::post_to(admin, &format!("/sync/{rule}")).await
-        {
+        if let Ok((200, body)) = admin_http(admin).post(&format!("/sync/{rule}")).await {
             return body;
         }
         assert!(Instant::now() < deadline, "the proxy never synced {rule}");
@@ -820,9 +818,7 @@ async fn a_crash_between_apply_and_acknowledgement_loses_nothing() {
     assert!(!report.snapshot, "the slot was reused, not re-created");
     let expected = table_rows(&source_url(), "cdc_crash").await;
     assert_eq!(table_rows(&target_url, "cdc_crash").await, expected);
-    let (_, status_body) = replicator::admin::http::get(&admin, "/status")
-        .await
-        .unwrap();
+    let (_, status_body) = admin_http(&admin).get("/status").await.unwrap();
     let s: replicator::admin::status::Status = serde_json::from_str(&status_body).unwrap();
     assert!(
         s.rules[0].inserted >= 20,

@@ -300,7 +300,8 @@ async fn a_statement_is_cancelled_whichever_instance_gets_the_cancel_request() {
     // The fleet in the metrics: one leader among the three, the topology's generation.
     let mut leaders = 0;
     for proxy in &proxies {
-        let (code, metrics) = replicator::admin::http::get(&proxy.admin, "/metrics")
+        let (code, metrics) = admin_http(&proxy.admin)
+            .get("/metrics")
             .await
             .expect("GET /metrics");
         assert_eq!(code, 200);

@@ -484,7 +484,8 @@ async fn a_server_dying_mid_statement_costs_only_that_statement() {
 /// Sum of `replicator_parses_saved_total` over all nodes.
 async fn parses_saved(proxy: &replicator::server::Proxy) -> u64 {
     let addr = proxy.admin_addr.expect("admin address").to_string();
-    let (code, metrics) = replicator::admin::http::get(&addr, "/metrics")
+    let (code, metrics) = admin_http(&addr)
+        .get("/metrics")
         .await
         .expect("GET /metrics");
     assert_eq!(code, 200);

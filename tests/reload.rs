@@ -9,18 +9,18 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
-use replicator::admin::http;
 use replicator::config::Config;
 use replicator::server::Proxy;
 
 fn config_with(replicas: &[usize], project_extra: &str, more: &str) -> String {
     let c = cluster();
     let mut text = format!(
-        "[proxy]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nstate_file = \"{}\"\n\n\
+        "[proxy]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nadmin_token = \"{}\"\nstate_file = \"{}\"\n\n\
          # Comments and layout are the operator's.\n\
          [[users]]\nname = \"app\"\npassword = \"secret\"\nadmin = true\n\n\
          [projects.app]\nlag_check_interval_ms = 100\n{project_extra}\n\n\
          [[projects.app.replicas]]\nname = \"master\"\nrole = \"primary\"\nuri = \"postgresql://127.0.0.1:{}/app\"\n\n",
+        replicator::testbed::ADMIN_TOKEN,
         c.dir.join("reload-state.json").display(),
         c.primary.port
     );
@@ -263,14 +263,14 @@ async fn edits_under_load_apply_live_and_a_broken_file_changes_nothing() {
     );
     // The same over HTTP.
     let addr = proxy.admin_addr.unwrap().to_string();
-    let (code, body) = http::request(
-        &addr,
-        hyper::Method::DELETE,
-        "/replicas/app/slave-1",
-        String::new(),
-    )
-    .await
-    .unwrap();
+    let (code, body) = admin_http(&addr)
+        .request(
+            hyper::Method::DELETE,
+            "/replicas/app/slave-1",
+            String::new(),
+        )
+        .await
+        .unwrap();
     assert_eq!(code, 200, "{body}");
     assert!(!std::fs::read_to_string(&path).unwrap().contains("slave-1"));
     for _ in 0..20 {

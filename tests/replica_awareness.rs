@@ -9,7 +9,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use common::*;
-use replicator::admin::http;
 use replicator::admin::status::{NodeStatus, Status};
 use replicator::server::Proxy;
 use replicator::testbed::{Cluster, ClusterOptions, Node, SUPERUSER, SUPERUSER_PASSWORD};
@@ -134,7 +133,8 @@ async fn paused_replica_shows_lag_leaves_the_rotation_and_comes_back() {
     for n in &s.projects[0].nodes {
         assert_eq!(n.lag_ms, 0, "idle primary, no lag expected: {n:?}");
     }
-    let metrics = http::get(&proxy.admin_addr.unwrap().to_string(), "/metrics")
+    let metrics = admin_http(&proxy.admin_addr.unwrap().to_string())
+        .get("/metrics")
         .await
         .unwrap()
         .1;

@@ -52,9 +52,13 @@ fn spawn(dir: &Path, text: &str) -> anyhow::Result<Instance> {
 }
 
 async fn status(instance: &Instance) -> Option<Status> {
-    let (code, body) = replicator::admin::http::get(&instance.admin, "/status")
-        .await
-        .ok()?;
+    let (code, body) = replicator::admin::http::AdminClient::new(
+        instance.admin.as_str(),
+        Some(replicator::testbed::ADMIN_TOKEN),
+    )
+    .get("/status")
+    .await
+    .ok()?;
     (code == 200).then(|| serde_json::from_str(&body).ok())?
 }
 

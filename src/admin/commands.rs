@@ -545,7 +545,7 @@ fn flatten(prefix: &str, value: &toml::Value, out: &mut Vec<Vec<String>>) {
             }
         }
         toml::Value::String(s) => {
-            let shown = if prefix.ends_with(".password") {
+            let shown = if crate::config::secrets::is_secret_key(prefix) {
                 "********".to_string()
             } else {
                 crate::config::mask_passwords(s)

@@ -13,6 +13,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tracing::{debug, info, warn};
 
+use super::access;
 use super::status::Status;
 use crate::state::Shared;
 
@@ -56,21 +57,49 @@ pub async fn start(shared: Arc<Shared>, addr: &str) -> anyhow::Result<SocketAddr
 }
 
 async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Full<Bytes>> {
-    if req.method() == Method::POST {
-        let path = req.uri().path().to_string();
-        let body = match http_body_util::BodyExt::collect(req.into_body()).await {
-            Ok(b) => String::from_utf8_lossy(&b.to_bytes()).trim().to_string(),
-            Err(e) => return text(StatusCode::BAD_REQUEST, &format!("{e}\n")),
+    let path = req.uri().path().to_string();
+    let method = req.method().clone();
+    let need = match (&method, path.as_str()) {
+        (&Method::GET, "/health") => access::Need::Nothing,
+        (&Method::GET, "/metrics") if !shared.config.load().proxy.metrics_auth => {
+            access::Need::Nothing
+        }
+        _ => access::Need::Token,
+    };
+    let configured = access::configured_token(&shared.config.load().proxy);
+    let presented = req
+        .headers()
+        .get(hyper::header::AUTHORIZATION)
+        .map(|v| v.as_bytes());
+    if let Err(refusal) = access::check(need, configured.as_deref(), presented) {
+        warn!(%method, %path, "admin HTTP request refused: {}", refusal.message());
+        let code = match refusal {
+            access::Refusal::NotConfigured => StatusCode::FORBIDDEN,
+            access::Refusal::BadToken => StatusCode::UNAUTHORIZED,
+        };
+        let mut response = text(code, &format!("{}\n", refusal.message()));
+        if code == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                hyper::header::WWW_AUTHENTICATE,
+                hyper::header::HeaderValue::from_static("Bearer realm=\"replicator\""),
+            );
+        }
+        return response;
+    }
+    if method == Method::POST {
+        let body = match read_body(req).await {
+            Ok(body) => body,
+            Err(response) => return response,
         };
         return post(shared, &path, &body).await;
     }
-    if req.method() == Method::DELETE {
-        return delete(shared, req.uri().path()).await;
+    if method == Method::DELETE {
+        return delete(shared, &path).await;
     }
-    if req.method() != Method::GET {
-        return text(StatusCode::METHOD_NOT_ALLOWED, "GET or POST only\n");
+    if method != Method::GET {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "GET, POST or DELETE only\n");
     }
-    match req.uri().path() {
+    match path.as_str() {
         "/status" => {
             let status = Status::collect(shared);
             match serde_json::to_string_pretty(&status) {
@@ -88,6 +117,34 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Full<By
             StatusCode::NOT_FOUND,
             "not found; try /status, /metrics or /health\n",
         ),
+    }
+}
+
+/// A POST's body as text, refused (413) past [`access::MAX_BODY_BYTES`] without
+/// reading more than that.
+async fn read_body(req: Request<Incoming>) -> Result<String, Response<Full<Bytes>>> {
+    use http_body_util::BodyExt;
+    let too_large = || {
+        text(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            &format!("request body over {} bytes\n", access::MAX_BODY_BYTES),
+        )
+    };
+    let declared = req
+        .headers()
+        .get(hyper::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > access::MAX_BODY_BYTES as u64) {
+        return Err(too_large());
+    }
+    match http_body_util::Limited::new(req.into_body(), access::MAX_BODY_BYTES)
+        .collect()
+        .await
+    {
+        Ok(b) => Ok(String::from_utf8_lossy(&b.to_bytes()).trim().to_string()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        Err(e) => Err(text(StatusCode::BAD_REQUEST, &format!("{e}\n"))),
     }
 }
 
@@ -194,39 +251,61 @@ fn respond(code: StatusCode, content_type: &str, body: String) -> Response<Full<
     response
 }
 
-/// `GET path` against a running proxy's admin address (the CLI's `status`).
-pub async fn get(addr: &str, path: &str) -> anyhow::Result<(u16, String)> {
-    request(addr, Method::GET, path, String::new()).await
+/// A running proxy's admin HTTP address and the token to present there (the CLI's
+/// `status`, `promote`, `sync`).
+#[derive(Debug, Clone)]
+pub struct AdminClient {
+    pub addr: String,
+    pub token: Option<String>,
 }
 
-/// `POST path` (the CLI's `promote`).
-pub async fn post_to(addr: &str, path: &str) -> anyhow::Result<(u16, String)> {
-    request(addr, Method::POST, path, String::new()).await
-}
+impl AdminClient {
+    pub fn new(addr: impl Into<String>, token: Option<&str>) -> AdminClient {
+        AdminClient {
+            addr: addr.into(),
+            token: token.map(str::to_string),
+        }
+    }
 
-/// Any request with a text body (status code and body of the answer).
-pub async fn request(
-    addr: &str,
-    method: Method,
-    path: &str,
-    body: String,
-) -> anyhow::Result<(u16, String)> {
-    use http_body_util::BodyExt;
-    let stream = tokio::net::TcpStream::connect(addr)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot reach the proxy's admin address {addr}: {e}"))?;
-    let (mut sender, connection) =
-        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    let request = Request::builder()
-        .method(method)
-        .uri(path)
-        .header(hyper::header::HOST, addr)
-        .body(Full::new(Bytes::from(body)))?;
-    let response = sender.send_request(request).await?;
-    let code = response.status().as_u16();
-    let body = response.into_body().collect().await?.to_bytes();
-    Ok((code, String::from_utf8_lossy(&body).into_owned()))
+    /// `GET path`: status code and body of the answer.
+    pub async fn get(&self, path: &str) -> anyhow::Result<(u16, String)> {
+        self.request(Method::GET, path, String::new()).await
+    }
+
+    /// `POST path` with no body.
+    pub async fn post(&self, path: &str) -> anyhow::Result<(u16, String)> {
+        self.request(Method::POST, path, String::new()).await
+    }
+
+    /// Any request with a text body.
+    pub async fn request(
+        &self,
+        method: Method,
+        path: &str,
+        body: String,
+    ) -> anyhow::Result<(u16, String)> {
+        use http_body_util::BodyExt;
+        let addr = &self.addr;
+        let stream = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot reach the proxy's admin address {addr}: {e}"))?;
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        let mut request = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(hyper::header::HOST, addr.as_str());
+        if let Some(token) = &self.token {
+            request = request.header(hyper::header::AUTHORIZATION, format!("Bearer {token}"));
+        }
+        let response = sender
+            .send_request(request.body(Full::new(Bytes::from(body)))?)
+            .await?;
+        let code = response.status().as_u16();
+        let body = response.into_body().collect().await?.to_bytes();
+        Ok((code, String::from_utf8_lossy(&body).into_owned()))
+    }
 }

@@ -2,6 +2,7 @@
 //! port), HTTP `/status`, `/metrics` and `/health` on `admin_listen`, and the status
 //! snapshot they all render.
 
+pub mod access;
 pub mod commands;
 pub mod console;
 pub mod http;

@@ -3,7 +3,7 @@
 
 mod model;
 pub mod persist;
-mod secrets;
+pub mod secrets;
 mod validate;
 
 pub use model::*;

@@ -79,6 +79,13 @@ pub struct ProxySettings {
     /// On SIGTERM/SIGINT, how long clients inside a transaction may take to finish it.
     #[serde(default = "default_shutdown_timeout_ms")]
     pub shutdown_timeout_ms: u64,
+    /// Bearer token for the admin HTTP endpoints that change things or show the
+    /// topology (REPLICATOR_ADMIN_TOKEN wins when set). Empty: those endpoints refuse.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub admin_token: String,
+    /// `/metrics` asks for the admin token too.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub metrics_auth: bool,
 }
 
 impl ProxySettings {

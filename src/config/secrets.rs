@@ -4,6 +4,12 @@
 
 const HIDDEN: &str = "********";
 
+/// Keys whose whole value is a secret (`users[0].password`, `proxy.admin_token`).
+pub fn is_secret_key(key: &str) -> bool {
+    let last = key.rsplit('.').next().unwrap_or(key);
+    matches!(last, "password" | "admin_token" | "token")
+}
+
 /// `text` with every password in it replaced by asterisks.
 pub fn mask_passwords(text: &str) -> String {
     mask_conninfo_passwords(&mask_uri_password(text))

@@ -27,6 +27,8 @@ const PROXY: &[&str] = &[
     "statement_cache_size",
     "workers",
     "shutdown_timeout_ms",
+    "admin_token",
+    "metrics_auth",
 ];
 const USER: &[&str] = &["name", "password", "admin"];
 const PROJECT: &[&str] = &[

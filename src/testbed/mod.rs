@@ -20,6 +20,8 @@ use anyhow::{Context, Result, anyhow, bail};
 /// Superuser created by the harness; tests use it to inspect and break nodes.
 pub const SUPERUSER: &str = "postgres";
 pub const SUPERUSER_PASSWORD: &str = "postgres";
+/// The admin HTTP token of the configs [`Cluster::proxy_toml`] writes.
+pub const ADMIN_TOKEN: &str = "testbed-admin-token";
 
 const DIR_PREFIX: &str = "replicator-testbed-";
 
@@ -548,7 +550,7 @@ impl Cluster {
     pub fn proxy_toml(&self, listen: &str, admin_listen: &str, extra_project: &str) -> String {
         let o = &self.options;
         let mut s = format!(
-            "[proxy]\nlisten = \"{listen}\"\nadmin_listen = \"{admin_listen}\"\nstate_file = \"{}\"\n\n\
+            "[proxy]\nlisten = \"{listen}\"\nadmin_listen = \"{admin_listen}\"\nadmin_token = \"{ADMIN_TOKEN}\"\nstate_file = \"{}\"\n\n\
              [[users]]\nname = \"{}\"\npassword = \"{}\"\nadmin = true\n\n\
              [projects.{}]\n{extra_project}\n\n",
             self.dir.join("replicator-state.json").display(),

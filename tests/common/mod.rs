@@ -140,12 +140,15 @@ pub fn assert_sqlstate(err: &tokio_postgres::Error, expected: tokio_postgres::er
     assert_eq!(err.code(), Some(&expected), "{err:?}");
 }
 
+/// The admin HTTP endpoints at `addr`, with the token of the testbed's configs.
+pub fn admin_http(addr: &str) -> replicator::admin::http::AdminClient {
+    replicator::admin::http::AdminClient::new(addr, Some(replicator::testbed::ADMIN_TOKEN))
+}
+
 /// The proxy's `/status`, as `replicator status` reads it.
 pub async fn status(proxy: &Proxy) -> replicator::admin::status::Status {
     let addr = proxy.admin_addr.expect("admin address").to_string();
-    let (code, body) = replicator::admin::http::get(&addr, "/status")
-        .await
-        .expect("GET /status");
+    let (code, body) = admin_http(&addr).get("/status").await.expect("GET /status");
     assert_eq!(code, 200, "{body}");
     serde_json::from_str(&body).expect("status JSON")
 }

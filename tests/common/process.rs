@@ -106,9 +106,7 @@ impl ProxyProcess {
     }
 
     pub async fn status(&self) -> Option<Status> {
-        let (code, body) = replicator::admin::http::get(&self.admin, "/status")
-            .await
-            .ok()?;
+        let (code, body) = super::admin_http(&self.admin).get("/status").await.ok()?;
         if code != 200 {
             return None;
         }
