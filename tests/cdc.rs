@@ -213,6 +213,7 @@ async fn snapshot_then_stream_into_mongodb() {
     let cli = |rule: &str| {
         std::process::Command::new(env!("CARGO_BIN_EXE_replicator"))
             .args(["sync", rule, "--admin", &admin])
+            .env("REPLICATOR_ADMIN_TOKEN", replicator::testbed::ADMIN_TOKEN)
             .output()
             .expect("run replicator sync")
     };

@@ -283,6 +283,7 @@ async fn a_planned_switchover_loses_nothing_and_fails_no_client() {
     let out = tokio::task::spawn_blocking(move || {
         std::process::Command::new(env!("CARGO_BIN_EXE_replicator"))
             .args(["promote", "app", "master", "--admin", &addr])
+            .env("REPLICATOR_ADMIN_TOKEN", replicator::testbed::ADMIN_TOKEN)
             .output()
             .unwrap()
     })
@@ -384,6 +385,7 @@ async fn manual_mode_only_reports_until_an_operator_promotes() {
     let out = tokio::task::spawn_blocking(move || {
         std::process::Command::new(env!("CARGO_BIN_EXE_replicator"))
             .args(["promote", "app", "slave-2", "--admin", &addr])
+            .env("REPLICATOR_ADMIN_TOKEN", replicator::testbed::ADMIN_TOKEN)
             .output()
             .unwrap()
     })

@@ -1126,3 +1126,115 @@ async fn frames_until_ready_or_nothing(stream: &mut TcpStream) -> Vec<(char, Str
     assert!(buf.is_empty(), "more than the error arrived: {buf:?}");
     vec![(frame[0] as char, error_code(&frame).unwrap_or_default())]
 }
+
+/// The salt and mechanisms the proxy offers `user`: the start of a SCRAM exchange,
+/// abandoned after the server-first-message.
+async fn offered_salt(addr: std::net::SocketAddr, user: &str) -> (Vec<u8>, String) {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(&startup_packet(user, "app"))
+        .await
+        .unwrap();
+    let mut buf = BytesMut::new();
+    let request = next_message(&mut stream, &mut buf).await;
+    assert_eq!(request[0], b'R');
+    let mechanisms = request[5..].to_vec();
+    let code = i32::from_be_bytes([request[5], request[6], request[7], request[8]]);
+    assert_eq!(code, 10, "{user}: SASL expected, got {request:?}");
+    let first = b"n,,n=,r=abcdefghijklmnop";
+    let mut out = BytesMut::new();
+    out.put_u8(b'p');
+    let body_len = "SCRAM-SHA-256".len() + 1 + 4 + first.len();
+    out.put_u32(4 + body_len as u32);
+    out.put_slice(b"SCRAM-SHA-256\0");
+    out.put_u32(first.len() as u32);
+    out.put_slice(first);
+    stream.write_all(&out).await.unwrap();
+    let answer = next_message(&mut stream, &mut buf).await;
+    let text = String::from_utf8_lossy(&answer[9..]).to_string();
+    let salt = text
+        .split(',')
+        .find_map(|a| a.strip_prefix("s="))
+        .unwrap_or_else(|| panic!("no salt in {text}"))
+        .to_string();
+    (mechanisms, salt)
+}
+
+/// No user enumeration by method or salt; nothing big is reserved for a client that
+/// has not logged in; allow-lists refuse other addresses with 28000.
+#[tokio::test]
+async fn login_reveals_nothing_and_reserves_nothing_for_strangers() {
+    let proxy = start_proxy("", "").await;
+    let (app_mechanisms, app_salt) = offered_salt(proxy.addr, "app").await;
+    let (nobody_mechanisms, nobody_salt) = offered_salt(proxy.addr, "nobody").await;
+    assert_eq!(app_mechanisms, nobody_mechanisms);
+    assert_eq!(offered_salt(proxy.addr, "app").await.1, app_salt);
+    assert_eq!(
+        offered_salt(proxy.addr, "nobody").await.1,
+        nobody_salt,
+        "an unknown user's salt changes between attempts: it gives the user away"
+    );
+    assert_ne!(app_salt, nobody_salt);
+    assert_ne!(offered_salt(proxy.addr, "nobody2").await.1, nobody_salt);
+    // The same config in another proxy (a restart, a fleet member) offers the same salts.
+    let twin = start_proxy("", "").await;
+    assert_eq!(offered_salt(twin.addr, "app").await.1, app_salt);
+    assert_eq!(offered_salt(twin.addr, "nobody").await.1, nobody_salt);
+
+    // A SASL message announcing 100 MB: refused at once, not waited for.
+    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+    stream
+        .write_all(&startup_packet("app", "app"))
+        .await
+        .unwrap();
+    let mut buf = BytesMut::new();
+    assert_eq!(next_message(&mut stream, &mut buf).await[0], b'R');
+    stream
+        .write_all(&[b'p', 0x06, 0x40, 0x00, 0x00])
+        .await
+        .unwrap();
+    let reply = read_until_closed(&mut stream).await;
+    assert_eq!(error_code(&reply).as_deref(), Some("08P01"), "{reply:?}");
+    assert!(
+        String::from_utf8_lossy(&reply).contains("65536"),
+        "{}",
+        String::from_utf8_lossy(&reply)
+    );
+    // A startup packet over 10,000 bytes: refused the same way.
+    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+    stream.write_all(&10_001u32.to_be_bytes()).await.unwrap();
+    let reply = read_until_closed(&mut stream).await;
+    assert_eq!(error_code(&reply).as_deref(), Some("08P01"), "{reply:?}");
+
+    // Allow-lists: a user only from 10/8, a project only from 192.0.2.0/24.
+    let text = config_text(cluster(), "", "")
+        .replacen(
+            "name = \"plain_user\"\npassword = \"secret\"",
+            "name = \"plain_user\"\npassword = \"secret\"\nallow = [\"10.0.0.0/8\"]",
+            1,
+        )
+        .replacen(
+            "[projects.app]\n",
+            "[projects.app]\nallow = [\"127.0.0.1/32\", \"::1\"]\n",
+            1,
+        );
+    let listed = start_proxy_with(&text).await;
+    let err = connect(&proxy_url(&listed, "plain_user", "secret", "app"))
+        .await
+        .expect_err("plain_user is allowed from 10/8 only");
+    assert_eq!(err.code().map(|c| c.code()), Some("28000"), "{err:?}");
+    let message = err.as_db_error().map(|e| e.message().to_string());
+    assert!(
+        message.as_deref().is_some_and(|m| m.contains("127.0.0.1")),
+        "{message:?}"
+    );
+    connect(&proxy_url(&listed, "app", "secret", "app"))
+        .await
+        .expect("app may connect from loopback");
+    let closed =
+        start_proxy_with(&text.replace("\"127.0.0.1/32\", \"::1\"", "\"192.0.2.0/24\"")).await;
+    let err = connect(&proxy_url(&closed, "app", "secret", "app"))
+        .await
+        .expect_err("the project allows 192.0.2.0/24 only");
+    assert_eq!(err.code().map(|c| c.code()), Some("28000"), "{err:?}");
+}

@@ -1,6 +1,7 @@
 //! Loading and validating proxy.toml. Every problem found is reported as
 //! `file: key: reason`, all of them at once, so a user fixes a config in one pass.
 
+pub mod allow;
 mod model;
 pub mod persist;
 pub mod secrets;

@@ -115,6 +115,9 @@ pub struct User {
     pub password: String,
     #[serde(default)]
     pub admin: bool,
+    /// Client addresses this user may connect from (empty: any).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -134,6 +137,9 @@ pub struct Project {
     pub pool_size: u32,
     #[serde(default)]
     pub replicas: Vec<Replica>,
+    /// Client addresses that may connect to this project (empty: any).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]

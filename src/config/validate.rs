@@ -30,7 +30,7 @@ const PROXY: &[&str] = &[
     "admin_token",
     "metrics_auth",
 ];
-const USER: &[&str] = &["name", "password", "admin"];
+const USER: &[&str] = &["name", "password", "admin", "allow"];
 const PROJECT: &[&str] = &[
     "database",
     "read_routing",
@@ -39,6 +39,7 @@ const PROJECT: &[&str] = &[
     "lag_check_interval_ms",
     "pool_size",
     "replicas",
+    "allow",
 ];
 const REPLICA: &[&str] = &["name", "role", "uri", "lag_tolerance_ms", "weight"];
 const FAILOVER: &[&str] = &[
@@ -199,6 +200,14 @@ impl std::fmt::Display for NodeAddress {
     }
 }
 
+fn check_allow(key: &str, allow: &[String], out: &mut Vec<ConfigIssue>) {
+    for (i, entry) in allow.iter().enumerate() {
+        if let Err(reason) = super::allow::Network::parse(entry) {
+            out.push(issue(format!("{key}[{i}]"), reason));
+        }
+    }
+}
+
 pub fn semantics(config: &Config) -> Vec<ConfigIssue> {
     let mut out = Vec::new();
     if config.proxy.listen.parse::<SocketAddr>().is_err() {
@@ -250,6 +259,7 @@ pub fn semantics(config: &Config) -> Vec<ConfigIssue> {
                 "looks like a SCRAM verifier but cannot be parsed",
             ));
         }
+        check_allow(&format!("users[{i}].allow"), &user.allow, &mut out);
     }
     if config.projects.is_empty() {
         out.push(issue("projects", "at least one [projects.NAME] is needed"));
@@ -262,6 +272,7 @@ pub fn semantics(config: &Config) -> Vec<ConfigIssue> {
                 format!("\"{ADMIN_DATABASE}\" is reserved for the admin console"),
             ));
         }
+        check_allow(&format!("{key}.allow"), &project.allow, &mut out);
         if project.pool_size == 0 {
             out.push(issue(format!("{key}.pool_size"), "must be greater than 0"));
         }

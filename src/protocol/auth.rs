@@ -44,10 +44,26 @@ impl ScramVerifier {
         })
     }
 
+    /// The verifier Postgres would store for `password` with `salt` (4096 iterations,
+    /// the password SASLprep'ed when it can be, as libpq and the server do).
+    pub fn from_password_and_salt(password: &str, salt: &[u8]) -> Self {
+        let prepared = stringprep::saslprep(password)
+            .map(|p| p.into_owned())
+            .unwrap_or_else(|_| password.to_string());
+        let salted = salted_password(prepared.as_bytes(), salt, SCRAM_ITERATIONS);
+        let client_key = hmac(&salted, b"Client Key");
+        Self {
+            iterations: SCRAM_ITERATIONS,
+            salt: salt.to_vec(),
+            stored_key: Sha256::digest(client_key).into(),
+            server_key: hmac(&salted, b"Server Key"),
+        }
+    }
+
+    /// A verifier for `password` with a random salt.
     pub fn from_password(password: &str) -> Self {
-        let verifier = postgres_protocol::password::scram_sha_256(password.as_bytes());
-        // The library produces the exact format `parse` reads.
-        Self::parse(&verifier).unwrap_or_else(Self::random)
+        let salt: [u8; 16] = rand::rng().random();
+        Self::from_password_and_salt(password, &salt)
     }
 
     /// A verifier no password matches, used for unknown users so that the exchange looks
@@ -55,16 +71,80 @@ impl ScramVerifier {
     pub fn random() -> Self {
         let mut rng = rand::rng();
         Self {
-            iterations: 4096,
+            iterations: SCRAM_ITERATIONS,
             salt: rng.random::<[u8; 16]>().to_vec(),
             stored_key: rng.random(),
             server_key: rng.random(),
         }
     }
+
+    /// Like [`ScramVerifier::random`], but the salt is the one `secret` gives this user
+    /// name every time: asking twice for an unknown user shows the same salt, as it does
+    /// for a known one.
+    pub fn unmatchable(secret: &LoginSecret, user: &str) -> Self {
+        Self {
+            salt: secret.salt_for(user).to_vec(),
+            ..Self::random()
+        }
+    }
+}
+
+/// Iterations of the verifiers the proxy makes (Postgres' default).
+const SCRAM_ITERATIONS: u32 = 4096;
+
+/// RFC 5802's Hi(): PBKDF2 with HMAC-SHA-256 and one output block.
+fn salted_password(password: &[u8], salt: &[u8], iterations: u32) -> [u8; 32] {
+    let mut block = Vec::with_capacity(salt.len() + 4);
+    block.extend_from_slice(salt);
+    block.extend_from_slice(&1u32.to_be_bytes());
+    let mut u = hmac(password, &block);
+    let mut out = u;
+    for _ in 1..iterations {
+        u = hmac(password, &u);
+        for (o, x) in out.iter_mut().zip(u.iter()) {
+            *o ^= x;
+        }
+    }
+    out
+}
+
+/// The proxy's secret for the salts it makes up: the same user name gets the same salt
+/// across reloads, restarts and every proxy of a fleet with the same config, whether
+/// the user exists or not, so salts give no hint of who exists.
+#[derive(Clone)]
+pub struct LoginSecret([u8; 32]);
+
+impl LoginSecret {
+    /// Derived from the config's secrets (users' passwords, the auth_query password,
+    /// the admin token): nobody who lacks them can predict the salts.
+    pub fn from_secrets<'a>(secrets: impl IntoIterator<Item = &'a str>) -> Self {
+        let mut hasher = Sha256::new();
+        hasher.update(b"replicator login salts v1");
+        for secret in secrets {
+            hasher.update((secret.len() as u64).to_be_bytes());
+            hasher.update(secret.as_bytes());
+        }
+        LoginSecret(hasher.finalize().into())
+    }
+
+    pub fn salt_for(&self, user: &str) -> [u8; 16] {
+        let full = hmac(&self.0, user.as_bytes());
+        let mut salt = [0u8; 16];
+        salt.copy_from_slice(&full[..16]);
+        salt
+    }
+}
+
+impl std::fmt::Debug for LoginSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LoginSecret(..)")
+    }
 }
 
 impl Secret {
-    pub fn from_config(user: &str, password: &str) -> Secret {
+    /// The secret for a configured password: a SCRAM verifier or md5 hash as given, or
+    /// a verifier made from a plain password with the salt `secret` gives this user.
+    pub fn from_config(user: &str, password: &str, secret: &LoginSecret) -> Secret {
         if let Some(v) = ScramVerifier::parse(password) {
             Secret::Scram(v)
         } else if is_md5_hash(password) {
@@ -72,8 +152,10 @@ impl Secret {
                 hash: password.to_string(),
             }
         } else {
-            let _ = user;
-            Secret::Scram(ScramVerifier::from_password(password))
+            Secret::Scram(ScramVerifier::from_password_and_salt(
+                password,
+                &secret.salt_for(user),
+            ))
         }
     }
 }
@@ -242,6 +324,41 @@ mod tests {
                 assert_eq!(result.unwrap_err(), ScramError::WrongProof);
             }
         }
+    }
+
+    #[test]
+    fn verifiers_match_what_postgres_stores() {
+        // libpq's (and the server's) verifier, recomputed from its own salt.
+        let theirs = ScramVerifier::parse(&postgres_protocol::password::scram_sha_256(
+            "sécret\u{00A0}pw".as_bytes(),
+        ))
+        .unwrap();
+        let again = ScramVerifier::from_password_and_salt("sécret\u{00A0}pw", &theirs.salt);
+        assert_eq!(again, theirs);
+        let salt = [7u8; 16];
+        let ours = ScramVerifier::from_password_and_salt("secret", &salt);
+        let mut client = ScramSha256::new(b"secret", ChannelBinding::unrequested());
+        let (server, first) = ScramServer::start(ours.clone(), client.message()).unwrap();
+        client.update(first.as_bytes()).unwrap();
+        let last = server.finish(client.message()).unwrap();
+        client.finish(last.as_bytes()).unwrap();
+        assert_eq!(ours.salt, salt);
+        assert_eq!(ours.iterations, 4096);
+    }
+
+    #[test]
+    fn made_up_salts_are_stable_per_user_and_secret() {
+        let secret = LoginSecret::from_secrets(["a", "b"]);
+        let again = LoginSecret::from_secrets(["a", "b"]);
+        let other = LoginSecret::from_secrets(["ab"]);
+        assert_eq!(secret.salt_for("bob"), again.salt_for("bob"));
+        assert_ne!(secret.salt_for("bob"), secret.salt_for("alice"));
+        assert_ne!(secret.salt_for("bob"), other.salt_for("bob"));
+        let known = Secret::from_config("bob", "pw", &secret);
+        let Secret::Scram(known) = known else {
+            panic!("plain passwords become SCRAM verifiers")
+        };
+        assert_eq!(known.salt, ScramVerifier::unmatchable(&again, "bob").salt);
     }
 
     #[test]

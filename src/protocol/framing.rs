@@ -29,6 +29,12 @@ impl<R: AsyncRead + Unpin> MessageReader<R> {
         }
     }
 
+    /// Changes the largest frame accepted from now on (a client gets more once it has
+    /// logged in).
+    pub fn set_max_len(&mut self, max_len: usize) {
+        self.max_len = max_len;
+    }
+
     pub fn get_mut(&mut self) -> &mut R {
         &mut self.inner
     }

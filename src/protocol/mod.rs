@@ -9,6 +9,9 @@ pub use framing::MessageReader;
 
 /// Largest message a client may send (a Bind with big parameters, a CopyData chunk).
 pub const MAX_CLIENT_MESSAGE: usize = 256 * 1024 * 1024;
+/// Largest message a client may send before it has logged in (password and SASL
+/// messages are a few hundred bytes): nothing bigger is reserved for a stranger.
+pub const MAX_LOGIN_MESSAGE: usize = 64 * 1024;
 /// Servers may send anything Postgres itself allows (1 GB field plus framing).
 pub const MAX_SERVER_MESSAGE: usize = 1 << 31;
 

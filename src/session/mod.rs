@@ -115,10 +115,10 @@ impl From<ProtocolError> for End {
 pub async fn serve_client(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
     let _ = stream.set_nodelay(true);
     let (read, mut writer) = stream.into_split();
-    let mut reader = MessageReader::new(read, MAX_CLIENT_MESSAGE);
+    let mut reader = MessageReader::new(read, crate::protocol::MAX_LOGIN_MESSAGE);
     let startup = tokio::time::timeout(
         HANDSHAKE_TIMEOUT,
-        startup::handshake(&mut reader, &mut writer, &shared),
+        startup::handshake(&mut reader, &mut writer, &shared, peer),
     )
     .await;
     let login = match startup {
@@ -147,6 +147,7 @@ pub async fn serve_client(shared: Arc<Shared>, stream: TcpStream, peer: SocketAd
         }
         Ok(Ok(Startup::Login(login))) => login,
     };
+    reader.set_max_len(MAX_CLIENT_MESSAGE);
     if login.database == crate::config::ADMIN_DATABASE {
         crate::admin::console::serve(shared, reader, writer, login, peer).await;
         return;

@@ -1,13 +1,15 @@
 //! The first moments of a client connection: SSL/GSS negotiation (declined), cancel
 //! requests, the startup packet, and password authentication against `[[users]]`.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::{Buf, BytesMut};
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
-use crate::protocol::auth::{ScramServer, ScramVerifier, Secret, md5_response_matches};
+use crate::config::allow;
+use crate::protocol::auth::{ScramServer, Secret, md5_response_matches};
 use crate::protocol::messages::{self as msg, Fields};
 use crate::protocol::{MessageReader, ProtocolError};
 use crate::session::users::UserEntry;
@@ -51,6 +53,7 @@ pub async fn handshake(
     reader: &mut MessageReader<OwnedReadHalf>,
     writer: &mut OwnedWriteHalf,
     shared: &Shared,
+    peer: SocketAddr,
 ) -> Result<Startup, Refusal> {
     let mut negotiations = 0;
     let params = loop {
@@ -120,8 +123,32 @@ pub async fn handshake(
             "replication connections are not supported through the proxy",
         ));
     }
-    let user = shared.users.load().get(&user_name).cloned();
-    authenticate(reader, writer, &user_name, user.as_deref()).await?;
+    let users = shared.users.load();
+    let user = users.get(&user_name).cloned();
+    // Addresses first, as pg_hba does: a client outside a list gets no exchange.
+    let project_allow = shared
+        .config
+        .load()
+        .projects
+        .get(&database)
+        .map(|p| p.allow.clone())
+        .unwrap_or_default();
+    let user_allow = user.as_ref().map(|u| u.allow.as_slice()).unwrap_or(&[]);
+    if !allow::allows(&project_allow, peer.ip()) || !allow::allows(user_allow, peer.ip()) {
+        return Err(Refusal::new(
+            "28000",
+            format!(
+                "no allow entry for host \"{}\", user \"{user_name}\", database \"{database}\"",
+                peer.ip()
+            ),
+        ));
+    }
+    let secret = match &user {
+        Some(u) => u.secret.clone(),
+        None => users.unknown(&user_name),
+    };
+    drop(users);
+    authenticate(reader, writer, &user_name, &secret, user.is_some()).await?;
     let user = user.ok_or_else(|| auth_failed(&user_name))?;
     let params = params
         .into_iter()
@@ -184,32 +211,30 @@ fn auth_failed(user: &str) -> Refusal {
     )
 }
 
+/// Runs the exchange for `secret`; `known` is false for a name that is not a user,
+/// whose exchange runs the same way and then fails as a wrong password would.
 async fn authenticate(
     reader: &mut MessageReader<OwnedReadHalf>,
     writer: &mut OwnedWriteHalf,
     user_name: &str,
-    user: Option<&UserEntry>,
+    secret: &Secret,
+    known: bool,
 ) -> Result<(), Refusal> {
     let mut out = BytesMut::new();
-    match user.map(|u| &u.secret) {
-        Some(Secret::Md5 { hash }) => {
+    match secret {
+        Secret::Md5 { hash } => {
             let salt: [u8; 4] = rand::random();
             msg::authentication(&mut out, 5, &salt);
             writer.write_all(&out).await.map_err(ProtocolError::from)?;
             let frame = read_password(reader).await?;
             let mut f = Fields::of_frame(&frame);
             let response = f.cstr_bytes()?;
-            if !md5_response_matches(hash, salt, response) {
+            if !known || !md5_response_matches(hash, salt, response) {
                 return Err(auth_failed(user_name));
             }
         }
-        secret => {
-            // Unknown users go through the same exchange against a random verifier, so
-            // a client cannot tell a wrong name from a wrong password.
-            let verifier = match secret {
-                Some(Secret::Scram(v)) => v.clone(),
-                _ => ScramVerifier::random(),
-            };
+        Secret::Scram(verifier) => {
+            let verifier = verifier.clone();
             msg::authentication(&mut out, 10, b"SCRAM-SHA-256\0\0");
             writer.write_all(&out).await.map_err(ProtocolError::from)?;
             let frame = read_password(reader).await?;
@@ -236,7 +261,7 @@ async fn authenticate(
             let final_message = server
                 .finish(Fields::of_frame(&frame).rest())
                 .map_err(|_| auth_failed(user_name))?;
-            if user.is_none() {
+            if !known {
                 return Err(auth_failed(user_name));
             }
             out.clear();

@@ -1,11 +1,11 @@
 //! Users allowed to log in, with what the proxy needs to check them and to log in to
-//! servers on their behalf.
+//! servers on their behalf, and how it answers a name it does not know.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::config::Config;
-use crate::protocol::auth::Secret;
+use crate::protocol::auth::{LoginSecret, ScramVerifier, Secret};
 
 pub struct UserEntry {
     pub name: String,
@@ -13,12 +13,52 @@ pub struct UserEntry {
     /// What the proxy presents to servers: the configured password as written.
     pub backend_password: String,
     pub admin: bool,
+    /// Client addresses this user may connect from (empty: any).
+    pub allow: Vec<String>,
 }
 
-pub type Users = HashMap<String, Arc<UserEntry>>;
+/// Every configured user, and the secret that makes up salts.
+pub struct Users {
+    by_name: HashMap<String, Arc<UserEntry>>,
+    login_secret: LoginSecret,
+    /// Unknown names get md5 when most listed users have md5 hashes, else SCRAM:
+    /// what most real users get, so the method says little about who exists.
+    unknown_gets_md5: bool,
+}
+
+impl Users {
+    pub fn get(&self, name: &str) -> Option<&Arc<UserEntry>> {
+        self.by_name.get(name)
+    }
+
+    /// The secret to run the exchange against for a name that is not a user: one no
+    /// password matches, with the method and (for SCRAM) the salt a real user would get.
+    pub fn unknown(&self, name: &str) -> Secret {
+        if self.unknown_gets_md5 {
+            // An md5 hash no password produces (not hex), so the check always fails.
+            Secret::Md5 {
+                hash: format!("md5{}", "x".repeat(32)),
+            }
+        } else {
+            Secret::Scram(ScramVerifier::unmatchable(&self.login_secret, name))
+        }
+    }
+}
+
+/// The secrets that seed made-up salts: everything secret in the config.
+pub fn login_secret(config: &Config) -> LoginSecret {
+    let passwords = config.users.iter().map(|u| u.password.as_str());
+    let failover = config.failover.password.as_deref().into_iter();
+    LoginSecret::from_secrets(
+        passwords
+            .chain(failover)
+            .chain(std::iter::once(config.proxy.admin_token.as_str())),
+    )
+}
 
 pub fn from_config(config: &Config) -> Users {
-    config
+    let login_secret = login_secret(config);
+    let by_name: HashMap<String, Arc<UserEntry>> = config
         .users
         .iter()
         .map(|u| {
@@ -26,11 +66,21 @@ pub fn from_config(config: &Config) -> Users {
                 u.name.clone(),
                 Arc::new(UserEntry {
                     name: u.name.clone(),
-                    secret: Secret::from_config(&u.name, &u.password),
+                    secret: Secret::from_config(&u.name, &u.password, &login_secret),
                     backend_password: u.password.clone(),
                     admin: u.admin,
+                    allow: u.allow.clone(),
                 }),
             )
         })
-        .collect()
+        .collect();
+    let md5 = by_name
+        .values()
+        .filter(|u| matches!(u.secret, Secret::Md5 { .. }))
+        .count();
+    Users {
+        unknown_gets_md5: md5 * 2 > by_name.len(),
+        by_name,
+        login_secret,
+    }
 }
