@@ -16,3 +16,4 @@ pub mod server;
 pub mod session;
 pub mod state;
 pub mod testbed;
+pub mod tls;

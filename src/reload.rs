@@ -122,11 +122,26 @@ pub async fn reload(shared: &Arc<Shared>, trigger: &str) -> Result<String, Strin
         warn!(keys = ?restart, "these settings change only with a restart; the running values stay");
     }
 
+    // The certificate and key are read again: a renewed certificate applies to new
+    // connections; open ones keep the one they were made with.
+    let tls = match crate::tls::load_server_tls(&next.proxy) {
+        Ok(tls) => tls,
+        Err(e) => {
+            let message = format!("proxy.tls_cert_file: {e}");
+            error!(
+                trigger,
+                "config reload rejected; the running config stays in force:\n{message}"
+            );
+            shared.reloads.record(trigger, false, message.clone());
+            return Err(message);
+        }
+    };
     let old_topology = shared.topology.load_full();
     let topology = Topology::build(&next, Some(&old_topology), shared.fleet.as_ref());
     let summary = describe_changes(&old_topology, &topology);
     spawn_monitors(shared, &topology, &next);
     shared.users.store(Arc::new(users::from_config(&next)));
+    shared.tls.store(tls);
     shared.config.store(Arc::new(next));
     shared.topology.store(Arc::new(topology));
     // Only now, so that a session that looks up its project finds the new one.

@@ -32,7 +32,9 @@ impl Proxy {
         let addr = listener.local_addr()?;
         let fleet =
             crate::fleet::FleetSettings::from_config(&config, addr).map(crate::fleet::Fleet::new);
-        let shared = Shared::new(config, config_path.clone(), fleet.clone());
+        let tls = crate::tls::load_server_tls(&config.proxy)
+            .map_err(|e| anyhow::anyhow!("cannot set up client TLS: {e}"))?;
+        let shared = Shared::new(config, config_path.clone(), fleet.clone(), tls);
         if let Some(fleet) = &fleet {
             shared.cancels.set_instance_tag(fleet.cancel_tag());
             fleet.start(&shared);

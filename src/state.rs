@@ -37,6 +37,8 @@ pub struct Shared {
     pub cdc: crate::cdc::Cdc,
     /// Fleet mode (`[coordination]`): this instance's view of the fleet.
     pub fleet: Option<Arc<crate::fleet::Fleet>>,
+    /// The TLS offered to clients (re-read on reload; `None`: clear text only).
+    pub tls: arc_swap::ArcSwapOption<crate::tls::ServerTls>,
 }
 
 impl Shared {
@@ -44,8 +46,10 @@ impl Shared {
         config: Config,
         config_path: Option<PathBuf>,
         fleet: Option<Arc<crate::fleet::Fleet>>,
+        tls: Option<Arc<crate::tls::ServerTls>>,
     ) -> Arc<Shared> {
         Arc::new(Shared {
+            tls: arc_swap::ArcSwapOption::new(tls),
             config_path,
             users: ArcSwap::from_pointee(users::from_config(&config)),
             topology: ArcSwap::from_pointee(Topology::build(&config, None, fleet.as_ref())),

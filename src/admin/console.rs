@@ -5,9 +5,9 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use crate::tls::stream::{ClientRead, ClientWrite};
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tracing::{info, warn};
 
 use super::commands::{self, Reply};
@@ -22,8 +22,8 @@ const SERVER_VERSION: &str = "15.0 (replicator admin console)";
 
 pub async fn serve(
     shared: Arc<Shared>,
-    mut reader: MessageReader<OwnedReadHalf>,
-    mut writer: OwnedWriteHalf,
+    mut reader: MessageReader<ClientRead>,
+    mut writer: ClientWrite,
     login: Login,
     peer: SocketAddr,
 ) {
@@ -62,7 +62,7 @@ pub async fn serve(
     let mut failed_batch = false;
     loop {
         if !out.is_empty() {
-            if writer.write_all(&out).await.is_err() {
+            if writer.write_all(&out).await.is_err() || writer.flush().await.is_err() {
                 break;
             }
             out.clear();

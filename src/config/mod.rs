@@ -64,25 +64,52 @@ impl Config {
     /// resolve against its folder): proxy.toml with the fleet's runtime changes applied.
     pub fn from_text_at(path: &Path, text: &str) -> Result<Config, ConfigError> {
         let file = path.display().to_string();
-        let mut config = Self::parse(text).map_err(|issues| ConfigError { file, issues })?;
+        let mut config = Self::parse(text).map_err(|issues| ConfigError {
+            file: file.clone(),
+            issues,
+        })?;
         config.resolve_paths(path);
+        let issues = config.check_files();
+        if !issues.is_empty() {
+            return Err(ConfigError { file, issues });
+        }
         Ok(config)
     }
 
     /// A relative `state_file` is relative to the config file's folder, not to the
     /// folder the proxy was started from: started elsewhere, it would read another (or
     /// no) state file and bring a fenced old primary back as primary.
+    /// Certificate and key files too.
     fn resolve_paths(&mut self, config_path: &Path) {
-        let state_file = Path::new(&self.proxy.state_file);
-        if state_file.is_absolute() {
-            return;
-        }
         let folder = match config_path.parent() {
             Some(folder) if !folder.as_os_str().is_empty() => folder,
             _ => Path::new("."),
         };
         let folder = std::path::absolute(folder).unwrap_or_else(|_| folder.to_path_buf());
-        self.proxy.state_file = folder.join(state_file).to_string_lossy().into_owned();
+        let resolve = |path: &mut String| {
+            if !Path::new(path.as_str()).is_absolute() {
+                *path = folder.join(path.as_str()).to_string_lossy().into_owned();
+            }
+        };
+        resolve(&mut self.proxy.state_file);
+        for file in [&mut self.proxy.tls_cert_file, &mut self.proxy.tls_key_file]
+            .into_iter()
+            .flatten()
+        {
+            resolve(file);
+        }
+    }
+
+    /// Problems only the files named in the config show: a certificate that cannot be
+    /// read or does not go with its key.
+    fn check_files(&self) -> Vec<ConfigIssue> {
+        match crate::tls::load_server_tls(&self.proxy) {
+            Ok(_) => Vec::new(),
+            Err(reason) => vec![ConfigIssue {
+                key: "proxy.tls_cert_file".into(),
+                reason,
+            }],
+        }
     }
 
     /// Parses and validates config text.

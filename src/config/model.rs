@@ -86,9 +86,37 @@ pub struct ProxySettings {
     /// `/metrics` asks for the admin token too.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub metrics_auth: bool,
+    /// The proxy's certificate (PEM, the leaf first, its chain after it) and key, for
+    /// clients that ask for TLS; re-read on reload.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_cert_file: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_key_file: Option<String>,
+    /// Whether clients may (allow), must (require) or cannot (disable) use TLS;
+    /// default: allow with a certificate, disable without.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_tls: Option<ClientTls>,
+}
+
+/// `[proxy] client_tls`.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientTls {
+    Disable,
+    Allow,
+    Require,
 }
 
 impl ProxySettings {
+    /// The effective `client_tls`.
+    pub fn client_tls(&self) -> ClientTls {
+        match self.client_tls {
+            Some(mode) => mode,
+            None if self.tls_cert_file.is_some() => ClientTls::Allow,
+            None => ClientTls::Disable,
+        }
+    }
+
     pub fn worker_threads(&self) -> usize {
         if self.workers == 0 {
             std::thread::available_parallelism()

@@ -29,6 +29,9 @@ const PROXY: &[&str] = &[
     "shutdown_timeout_ms",
     "admin_token",
     "metrics_auth",
+    "tls_cert_file",
+    "tls_key_file",
+    "client_tls",
 ];
 const USER: &[&str] = &["name", "password", "admin", "allow"];
 const PROJECT: &[&str] = &[
@@ -223,6 +226,25 @@ pub fn semantics(config: &Config) -> Vec<ConfigIssue> {
             "proxy.admin_listen",
             "must be an address like 127.0.0.1:9930 (or \"\" for no HTTP endpoints)",
         ));
+    }
+    let proxy = &config.proxy;
+    match (&proxy.tls_cert_file, &proxy.tls_key_file) {
+        (Some(_), None) => out.push(issue("proxy.tls_key_file", "tls_cert_file needs its key")),
+        (None, Some(_)) => out.push(issue(
+            "proxy.tls_cert_file",
+            "tls_key_file needs its certificate",
+        )),
+        (None, None)
+            if proxy
+                .client_tls
+                .is_some_and(|m| m != super::ClientTls::Disable) =>
+        {
+            out.push(issue(
+                "proxy.client_tls",
+                "needs tls_cert_file and tls_key_file",
+            ))
+        }
+        _ => {}
     }
     if config.proxy.connect_timeout_ms == 0 {
         out.push(issue("proxy.connect_timeout_ms", "must be greater than 0"));

@@ -189,13 +189,31 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// Server side of one SCRAM-SHA-256 exchange (RFC 5802/7677, no channel binding).
+/// Server side of one SCRAM-SHA-256 or SCRAM-SHA-256-PLUS exchange (RFC 5802/7677,
+/// channel binding tls-server-end-point as RFC 5929 and PostgreSQL have it).
 pub struct ScramServer {
     verifier: ScramVerifier,
     client_first_bare: String,
     server_first: String,
     nonce: String,
-    gs2_header: String,
+    /// What the client must send as `c=`: the gs2 header, then the binding data.
+    expected_channel: Vec<u8>,
+}
+
+/// The mechanism a client chose and what it can bind to.
+#[derive(Debug, Clone, Copy)]
+pub struct Binding<'a> {
+    /// The client chose SCRAM-SHA-256-PLUS.
+    pub plus: bool,
+    /// The connection is TLS with this tls-server-end-point hash (PLUS was offered).
+    pub end_point: Option<&'a [u8]>,
+}
+
+impl Binding<'_> {
+    pub const NONE: Binding<'static> = Binding {
+        plus: false,
+        end_point: None,
+    };
 }
 
 #[derive(Debug, PartialEq)]
@@ -209,16 +227,48 @@ impl ScramServer {
     pub fn start(
         verifier: ScramVerifier,
         client_first: &[u8],
+        binding: Binding<'_>,
     ) -> Result<(Self, String), ScramError> {
         let text =
             std::str::from_utf8(client_first).map_err(|_| ScramError::Malformed("not UTF-8"))?;
-        // gs2-header: "n,," or "y,," (no channel binding); "p=" would require TLS.
         let (cbind, rest) = text
             .split_once(',')
             .ok_or(ScramError::Malformed("missing gs2 header"))?;
-        if cbind != "n" && cbind != "y" {
-            return Err(ScramError::Malformed("channel binding is not supported"));
-        }
+        // gs2 cbind-flag: "n" (no binding), "y" (the client could bind but believes
+        // the server cannot), "p=tls-server-end-point" (bound).
+        let binding_data: &[u8] = match (cbind, binding.plus, binding.end_point) {
+            ("p=tls-server-end-point", true, Some(end_point)) => end_point,
+            ("p=tls-server-end-point", true, None) => {
+                return Err(ScramError::Malformed(
+                    "channel binding needs an encrypted connection",
+                ));
+            }
+            (flag, true, _) if !flag.starts_with("p=") => {
+                return Err(ScramError::Malformed(
+                    "SCRAM-SHA-256-PLUS chosen without channel binding data",
+                ));
+            }
+            (flag, true, _) => {
+                let _ = flag;
+                return Err(ScramError::Malformed(
+                    "unsupported channel binding type (only tls-server-end-point)",
+                ));
+            }
+            (flag, false, _) if flag.starts_with("p=") => {
+                return Err(ScramError::Malformed(
+                    "channel binding requested with SCRAM-SHA-256; choose SCRAM-SHA-256-PLUS",
+                ));
+            }
+            // PLUS was offered: a client that says it would bind but thinks we
+            // cannot has had the offer stripped on the way (a downgrade).
+            ("y", false, Some(_)) => {
+                return Err(ScramError::Malformed(
+                    "SCRAM channel binding negotiation error: the client believes the server does not support channel binding",
+                ));
+            }
+            ("n" | "y", false, _) => &[],
+            _ => return Err(ScramError::Malformed("invalid gs2 header")),
+        };
         let (authzid, bare) = rest
             .split_once(',')
             .ok_or(ScramError::Malformed("missing gs2 header"))?;
@@ -236,12 +286,14 @@ impl ScramServer {
             B64.encode(&verifier.salt),
             verifier.iterations
         );
+        let mut expected_channel = format!("{cbind},{authzid},").into_bytes();
+        expected_channel.extend_from_slice(binding_data);
         let state = Self {
             verifier,
             client_first_bare: bare.to_string(),
             server_first: server_first.clone(),
             nonce,
-            gs2_header: format!("{cbind},{authzid},"),
+            expected_channel,
         };
         Ok((state, server_first))
     }
@@ -262,7 +314,7 @@ impl ScramServer {
                 nonce = Some(r);
             }
         }
-        let expected_channel = B64.encode(self.gs2_header.as_bytes());
+        let expected_channel = B64.encode(&self.expected_channel);
         if channel != Some(expected_channel.as_str()) {
             return Err(ScramError::Malformed("channel binding data does not match"));
         }
@@ -314,7 +366,8 @@ mod tests {
         let verifier = ScramVerifier::from_password("secret");
         for (password, ok) in [("secret", true), ("wrong", false)] {
             let mut client = ScramSha256::new(password.as_bytes(), ChannelBinding::unrequested());
-            let (server, first) = ScramServer::start(verifier.clone(), client.message()).unwrap();
+            let (server, first) =
+                ScramServer::start(verifier.clone(), client.message(), Binding::NONE).unwrap();
             client.update(first.as_bytes()).unwrap();
             let result = server.finish(client.message());
             if ok {
@@ -338,7 +391,8 @@ mod tests {
         let salt = [7u8; 16];
         let ours = ScramVerifier::from_password_and_salt("secret", &salt);
         let mut client = ScramSha256::new(b"secret", ChannelBinding::unrequested());
-        let (server, first) = ScramServer::start(ours.clone(), client.message()).unwrap();
+        let (server, first) =
+            ScramServer::start(ours.clone(), client.message(), Binding::NONE).unwrap();
         client.update(first.as_bytes()).unwrap();
         let last = server.finish(client.message()).unwrap();
         client.finish(last.as_bytes()).unwrap();
@@ -362,6 +416,48 @@ mod tests {
     }
 
     #[test]
+    fn channel_binding_binds_to_the_certificate_and_refuses_downgrades() {
+        let verifier = ScramVerifier::from_password("secret");
+        let end_point = [9u8; 32];
+        let plus = Binding {
+            plus: true,
+            end_point: Some(&end_point),
+        };
+        let run = |client_binding: ChannelBinding, binding: Binding<'_>| {
+            let mut client = ScramSha256::new(b"secret", client_binding);
+            let (server, first) = ScramServer::start(verifier.clone(), client.message(), binding)?;
+            client.update(first.as_bytes()).unwrap();
+            server.finish(client.message())
+        };
+        assert!(
+            run(
+                ChannelBinding::tls_server_end_point(end_point.to_vec()),
+                plus
+            )
+            .is_ok()
+        );
+        // Another certificate (a man in the middle's): the proof does not bind.
+        assert!(run(ChannelBinding::tls_server_end_point(vec![1; 32]), plus).is_err());
+        // "y" while PLUS was offered over TLS: the offer was stripped.
+        let offered = Binding {
+            plus: false,
+            end_point: Some(&end_point),
+        };
+        // (postgres-protocol: `unrequested` sends "y", `unsupported` sends "n".)
+        assert!(run(ChannelBinding::unrequested(), offered).is_err());
+        assert!(run(ChannelBinding::unsupported(), offered).is_ok());
+        // PLUS chosen without binding data, or binding without PLUS: refused.
+        assert!(run(ChannelBinding::unsupported(), plus).is_err());
+        assert!(
+            run(
+                ChannelBinding::tls_server_end_point(end_point.to_vec()),
+                offered
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
     fn md5_matches_libpq_response() {
         let stored = postgres_protocol::password::md5(b"pw", "bob");
         let salt = [1, 2, 3, 4];
@@ -377,9 +473,9 @@ mod tests {
     #[test]
     fn garbage_is_rejected_not_panicked_on() {
         let verifier = ScramVerifier::random();
-        assert!(ScramServer::start(verifier.clone(), b"").is_err());
-        assert!(ScramServer::start(verifier.clone(), b"p=tls,,n=,r=x").is_err());
-        let (server, _) = ScramServer::start(verifier, b"n,,n=,r=abc").unwrap();
+        assert!(ScramServer::start(verifier.clone(), b"", Binding::NONE).is_err());
+        assert!(ScramServer::start(verifier.clone(), b"p=tls,,n=,r=x", Binding::NONE).is_err());
+        let (server, _) = ScramServer::start(verifier, b"n,,n=,r=abc", Binding::NONE).unwrap();
         assert!(server.finish(b"c=biws,r=wrong,p=AAAA").is_err());
     }
 }

@@ -29,6 +29,13 @@ impl<R: AsyncRead + Unpin> MessageReader<R> {
         }
     }
 
+    /// A reader whose first bytes were already taken off the socket.
+    pub fn with_prefix(inner: R, max_len: usize, prefix: &[u8]) -> Self {
+        let mut reader = Self::new(inner, max_len);
+        reader.buf.extend_from_slice(prefix);
+        reader
+    }
+
     /// Changes the largest frame accepted from now on (a client gets more once it has
     /// logged in).
     pub fn set_max_len(&mut self, max_len: usize) {

@@ -30,10 +30,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::tls::stream::{ClientRead, ClientWrite, Sent};
 use bytes::{Buf, BytesMut};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tracing::{debug, info, warn};
 
 use crate::cluster::{Node, NodeRole, Project, health};
@@ -114,11 +114,40 @@ impl From<ProtocolError> for End {
 /// Accepts one client: handshake, then the session loop, then cleanup.
 pub async fn serve_client(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
     let _ = stream.set_nodelay(true);
-    let (read, mut writer) = stream.into_split();
-    let mut reader = MessageReader::new(read, crate::protocol::MAX_LOGIN_MESSAGE);
-    let startup = tokio::time::timeout(
+    let started = tokio::time::Instant::now();
+    let tls = shared.tls.load_full();
+    let negotiated = match tokio::time::timeout(
         HANDSHAKE_TIMEOUT,
-        startup::handshake(&mut reader, &mut writer, &shared, peer),
+        crate::tls::negotiate::negotiate(stream, tls.as_deref()),
+    )
+    .await
+    {
+        Ok(Ok(negotiated)) => negotiated,
+        Ok(Err(failed)) => {
+            debug!(%peer, "connection ended during encryption negotiation: {}", failed.0);
+            return;
+        }
+        Err(_) => {
+            warn!(%peer, "client did not finish encryption negotiation in time");
+            return;
+        }
+    };
+    let crate::tls::negotiate::Negotiated {
+        read,
+        write: mut writer,
+        prefix,
+        channel_binding,
+    } = negotiated;
+    let mut reader = MessageReader::with_prefix(read, crate::protocol::MAX_LOGIN_MESSAGE, &prefix);
+    let startup = tokio::time::timeout_at(
+        started + HANDSHAKE_TIMEOUT,
+        startup::handshake(
+            &mut reader,
+            &mut writer,
+            &shared,
+            peer,
+            channel_binding.as_deref(),
+        ),
     )
     .await;
     let login = match startup {
@@ -228,7 +257,7 @@ fn malformed_message(tag: u8) -> End {
     )
 }
 
-async fn refuse(writer: &mut OwnedWriteHalf, code: &str, message: &str) {
+async fn refuse(writer: &mut ClientWrite, code: &str, message: &str) {
     let mut buf = BytesMut::new();
     msg::error_response(&mut buf, "FATAL", code, message);
     let _ = writer.write_all(&buf).await;
@@ -243,8 +272,8 @@ struct Held {
 
 struct Session {
     shared: Arc<Shared>,
-    client: MessageReader<OwnedReadHalf>,
-    writer: OwnedWriteHalf,
+    client: MessageReader<ClientRead>,
+    writer: ClientWrite,
     /// Bytes waiting to go to the client / to the server.
     client_out: BytesMut,
     server_out: BytesMut,
@@ -399,8 +428,8 @@ enum Dispatch {
 impl Session {
     fn new(
         shared: Arc<Shared>,
-        client: MessageReader<OwnedReadHalf>,
-        writer: OwnedWriteHalf,
+        client: MessageReader<ClientRead>,
+        writer: ClientWrite,
         login: Login,
         project: Arc<Project>,
         registration: Registration,
@@ -495,7 +524,7 @@ impl Session {
             enum Event {
                 Client(std::io::Result<usize>),
                 Server(std::io::Result<usize>),
-                ClientWrote(std::io::Result<usize>),
+                ClientWrote(std::io::Result<Sent>),
                 ServerWrote(std::io::Result<usize>),
                 Shutdown,
                 Stalled,
@@ -505,6 +534,7 @@ impl Session {
                 && self.server_out.len() < SERVER_OUT_LIMIT;
             let read_server = self.client_out.len() < CLIENT_OUT_LIMIT;
             let listen_for_stop = !stop_seen && self.session_mode && self.passthrough_idle();
+            let flush_client = self.writer.has_unflushed();
             let client = &mut self.client;
             let writer = &mut self.writer;
             let (client_out, server_out) = (&self.client_out, &self.server_out);
@@ -522,7 +552,7 @@ impl Session {
                     tokio::select! {
                         biased;
                         r = server_writer.write(server_out), if !server_out.is_empty() => Event::ServerWrote(r),
-                        r = writer.write(client_out), if !client_out.is_empty() => Event::ClientWrote(r),
+                        r = writer.send(client_out), if !client_out.is_empty() || flush_client => Event::ClientWrote(r),
                         r = server.fill(), if read_server => Event::Server(r),
                         r = client.fill(), if read_client => Event::Client(r),
                         _ = std::future::poll_fn(|cx| info.poll_stop(cx, &mut stop_registered)), if listen_for_stop => Event::Shutdown,
@@ -531,7 +561,7 @@ impl Session {
                 }
                 None => tokio::select! {
                     biased;
-                    r = writer.write(client_out), if !client_out.is_empty() => Event::ClientWrote(r),
+                    r = writer.send(client_out), if !client_out.is_empty() || flush_client => Event::ClientWrote(r),
                     r = client.fill(), if read_client => Event::Client(r),
                     _ = std::future::poll_fn(|cx| info.poll_stop(cx, &mut stop_registered)), if !stop_seen => Event::Shutdown,
                     else => Event::Stalled,
@@ -545,8 +575,9 @@ impl Session {
                 Event::Server(Err(e)) => self.server_lost(&e.to_string())?,
                 Event::Server(Ok(_)) if self.session_mode => self.pass_server_frames()?,
                 Event::Server(Ok(_)) => self.take_server_frames()?,
-                Event::ClientWrote(Ok(0)) => return Err(End::ClientGone),
-                Event::ClientWrote(Ok(n)) => self.client_wrote(n),
+                Event::ClientWrote(Ok(Sent::Wrote(0))) => return Err(End::ClientGone),
+                Event::ClientWrote(Ok(Sent::Wrote(n))) => self.client_wrote(n),
+                Event::ClientWrote(Ok(Sent::Flushed)) => {}
                 Event::ClientWrote(Err(e)) => return Err(End::ClientIo(e)),
                 Event::ServerWrote(Ok(n)) if n > 0 => consume(&mut self.server_out, n),
                 Event::ServerWrote(failed) => self.server_write_failed(failed)?,

@@ -4,12 +4,12 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use crate::tls::stream::{ClientRead, ClientWrite};
 use bytes::{Buf, BytesMut};
 use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
-use crate::config::allow;
-use crate::protocol::auth::{ScramServer, Secret, md5_response_matches};
+use crate::config::{ClientTls, allow};
+use crate::protocol::auth::{Binding, ScramServer, Secret, md5_response_matches};
 use crate::protocol::messages::{self as msg, Fields};
 use crate::protocol::{MessageReader, ProtocolError};
 use crate::session::users::UserEntry;
@@ -50,26 +50,23 @@ impl From<ProtocolError> for Refusal {
 }
 
 pub async fn handshake(
-    reader: &mut MessageReader<OwnedReadHalf>,
-    writer: &mut OwnedWriteHalf,
+    reader: &mut MessageReader<ClientRead>,
+    writer: &mut ClientWrite,
     shared: &Shared,
     peer: SocketAddr,
+    channel_binding: Option<&[u8]>,
 ) -> Result<Startup, Refusal> {
-    let mut negotiations = 0;
-    let params = loop {
-        let mut packet = reader.read_startup_packet().await?;
-        let code = packet.get_u32();
+    let mut packet = reader.read_startup_packet().await?;
+    let code = packet.get_u32();
+    let params = {
         match code {
             msg::SSL_REQUEST | msg::GSSENC_REQUEST => {
-                negotiations += 1;
-                if negotiations > 2 {
-                    return Err(Refusal::new(
-                        "08P01",
-                        "too many encryption negotiation requests",
-                    ));
-                }
-                // No TLS/GSS yet: the client may continue in clear text or give up.
-                writer.write_all(b"N").await.map_err(ProtocolError::from)?;
+                // Negotiation happened before (tls::negotiate): one now comes inside
+                // TLS or after too many.
+                return Err(Refusal::new(
+                    "08P01",
+                    "unexpected encryption negotiation request",
+                ));
             }
             msg::CANCEL_REQUEST => {
                 if packet.len() < 8 {
@@ -84,7 +81,7 @@ pub async fn handshake(
                 if code & 0xffff != 0 {
                     negotiate_version(writer, &params).await?;
                 }
-                break params;
+                params
             }
             code => {
                 return Err(Refusal::new(
@@ -123,6 +120,15 @@ pub async fn handshake(
             "replication connections are not supported through the proxy",
         ));
     }
+    if channel_binding.is_none() && shared.config.load().proxy.client_tls() == ClientTls::Require {
+        return Err(Refusal::new(
+            "28000",
+            format!(
+                "the proxy accepts only encrypted connections (client_tls = \"require\"): host \"{}\", user \"{user_name}\", no encryption; connect with sslmode=require",
+                peer.ip()
+            ),
+        ));
+    }
     let users = shared.users.load();
     let user = users.get(&user_name).cloned();
     // Addresses first, as pg_hba does: a client outside a list gets no exchange.
@@ -148,7 +154,15 @@ pub async fn handshake(
         None => users.unknown(&user_name),
     };
     drop(users);
-    authenticate(reader, writer, &user_name, &secret, user.is_some()).await?;
+    authenticate(
+        reader,
+        writer,
+        &user_name,
+        &secret,
+        user.is_some(),
+        channel_binding,
+    )
+    .await?;
     let user = user.ok_or_else(|| auth_failed(&user_name))?;
     let params = params
         .into_iter()
@@ -180,7 +194,7 @@ fn parse_params(packet: &BytesMut) -> Result<Vec<(String, String)>, Refusal> {
 
 /// Answers a 3.x (x > 0) client with NegotiateProtocolVersion: we speak 3.0.
 async fn negotiate_version(
-    writer: &mut OwnedWriteHalf,
+    writer: &mut ClientWrite,
     params: &[(String, String)],
 ) -> Result<(), Refusal> {
     use bytes::BufMut;
@@ -200,7 +214,7 @@ async fn negotiate_version(
     buf.put_u8(b'v');
     buf.put_u32(body.len() as u32 + 4);
     buf.put_slice(&body);
-    writer.write_all(&buf).await.map_err(ProtocolError::from)?;
+    send(writer, &buf).await?;
     Ok(())
 }
 
@@ -214,18 +228,19 @@ fn auth_failed(user: &str) -> Refusal {
 /// Runs the exchange for `secret`; `known` is false for a name that is not a user,
 /// whose exchange runs the same way and then fails as a wrong password would.
 async fn authenticate(
-    reader: &mut MessageReader<OwnedReadHalf>,
-    writer: &mut OwnedWriteHalf,
+    reader: &mut MessageReader<ClientRead>,
+    writer: &mut ClientWrite,
     user_name: &str,
     secret: &Secret,
     known: bool,
+    channel_binding: Option<&[u8]>,
 ) -> Result<(), Refusal> {
     let mut out = BytesMut::new();
     match secret {
         Secret::Md5 { hash } => {
             let salt: [u8; 4] = rand::random();
             msg::authentication(&mut out, 5, &salt);
-            writer.write_all(&out).await.map_err(ProtocolError::from)?;
+            send(writer, &out).await?;
             let frame = read_password(reader).await?;
             let mut f = Fields::of_frame(&frame);
             let response = f.cstr_bytes()?;
@@ -235,28 +250,47 @@ async fn authenticate(
         }
         Secret::Scram(verifier) => {
             let verifier = verifier.clone();
-            msg::authentication(&mut out, 10, b"SCRAM-SHA-256\0\0");
-            writer.write_all(&out).await.map_err(ProtocolError::from)?;
+            // Over TLS, SCRAM-SHA-256-PLUS first: channel_binding=require needs it.
+            let mechanisms: &[u8] = if channel_binding.is_some() {
+                b"SCRAM-SHA-256-PLUS\0SCRAM-SHA-256\0\0"
+            } else {
+                b"SCRAM-SHA-256\0\0"
+            };
+            msg::authentication(&mut out, 10, mechanisms);
+            send(writer, &out).await?;
             let frame = read_password(reader).await?;
             let mut f = Fields::of_frame(&frame);
             let mechanism = f.cstr()?;
-            if mechanism != "SCRAM-SHA-256" {
-                return Err(Refusal::new(
-                    "28000",
-                    format!("unsupported SASL mechanism \"{mechanism}\""),
-                ));
-            }
+            let plus = match mechanism {
+                "SCRAM-SHA-256" => false,
+                "SCRAM-SHA-256-PLUS" if channel_binding.is_some() => true,
+                _ => {
+                    return Err(Refusal::new(
+                        "28000",
+                        format!("unsupported SASL mechanism \"{mechanism}\""),
+                    ));
+                }
+            };
             let len = f.i32()?;
             let data = if len < 0 {
                 &[][..]
             } else {
                 f.bytes(len as usize)?
             };
-            let (server, first) = ScramServer::start(verifier, data)
-                .map_err(|e| Refusal::new("08P01", format!("malformed SCRAM message: {e:?}")))?;
+            let binding = Binding {
+                plus,
+                end_point: channel_binding,
+            };
+            let (server, first) =
+                ScramServer::start(verifier, data, binding).map_err(|e| match e {
+                    crate::protocol::auth::ScramError::Malformed(m) => {
+                        Refusal::new("08P01", format!("malformed SCRAM message: {m}"))
+                    }
+                    crate::protocol::auth::ScramError::WrongProof => auth_failed(user_name),
+                })?;
             out.clear();
             msg::authentication(&mut out, 11, first.as_bytes());
-            writer.write_all(&out).await.map_err(ProtocolError::from)?;
+            send(writer, &out).await?;
             let frame = read_password(reader).await?;
             let final_message = server
                 .finish(Fields::of_frame(&frame).rest())
@@ -266,16 +300,23 @@ async fn authenticate(
             }
             out.clear();
             msg::authentication(&mut out, 12, final_message.as_bytes());
-            writer.write_all(&out).await.map_err(ProtocolError::from)?;
+            send(writer, &out).await?;
         }
     }
     out.clear();
     msg::authentication(&mut out, 0, &[]);
-    writer.write_all(&out).await.map_err(ProtocolError::from)?;
+    send(writer, &out).await?;
     Ok(())
 }
 
-async fn read_password(reader: &mut MessageReader<OwnedReadHalf>) -> Result<BytesMut, Refusal> {
+/// Writes a message during login and pushes it out (TLS may hold it back otherwise).
+async fn send(writer: &mut ClientWrite, bytes: &[u8]) -> Result<(), Refusal> {
+    writer.write_all(bytes).await.map_err(ProtocolError::from)?;
+    writer.flush().await.map_err(ProtocolError::from)?;
+    Ok(())
+}
+
+async fn read_password(reader: &mut MessageReader<ClientRead>) -> Result<BytesMut, Refusal> {
     let frame = reader.read_frame().await?;
     if frame[0] != msg::PASSWORD {
         return Err(Refusal::new(

@@ -2,6 +2,7 @@
 //! proxy per test on a free port in front of it.
 #![allow(dead_code)]
 
+pub mod certs;
 pub mod failover;
 pub mod process;
 pub mod wire;
