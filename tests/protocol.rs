@@ -229,6 +229,25 @@ async fn md5_clients_and_every_backend_auth_method() {
         "name = \"md5_user\"\npassword = \"secret\"",
         &format!("name = \"md5_user\"\npassword = \"{md5}\""),
     );
+    // Without require_auth a server asking for the clear-text password over an
+    // unencrypted connection gets nothing, and the client learns why.
+    let refusing = start_proxy_with(&text).await;
+    let err = connect(&proxy_url(&refusing, "plain_user", "secret", "app"))
+        .await
+        .expect_err("clear text over an unencrypted connection");
+    let message = err.as_db_error().map(|e| e.message().to_string());
+    assert!(
+        message
+            .as_deref()
+            .is_some_and(|m| m.contains("clear text") && m.contains("require_auth")),
+        "{err:?}"
+    );
+    // The nodes' URIs allow it (and every other method the test bed uses).
+    let text = text.replace(
+        "/app\"\n",
+        "/app?require_auth=password,md5,scram-sha-256,none\"\n",
+    );
+    assert!(text.contains("require_auth"));
     let proxy = start_proxy_with(&text).await;
     // Backends: app uses SCRAM, md5_user md5, plain_user clear text, trust_user trust.
     for user in ["app", "md5_user", "plain_user", "trust_user"] {

@@ -316,17 +316,48 @@ pub async fn control_connection(
 ) -> Result<Client, String> {
     let mut config = tokio_postgres::Config::new();
     config
-        .host(&node.addr.host)
-        .port(node.addr.port)
         .user(&credentials.user)
         .password(&credentials.password)
         .dbname(&node.database)
-        .application_name(application_name)
-        .connect_timeout(timeout);
-    let (client, connection) = config
-        .connect(NoTls)
+        .application_name(application_name);
+    guarded_connect(
+        &config,
+        &node.addr.host,
+        node.addr.port,
+        node.addr.require_auth.clone(),
+        timeout,
+    )
+    .await
+    .map_err(|e| format!("cannot connect to {}: {e}", node.addr))
+}
+
+/// Connects tokio-postgres to `host:port` with `config`'s login, answering only the
+/// authentication requests the policy allows (no clear-text password over an
+/// unencrypted connection unless `require_auth` says so).
+pub async fn guarded_connect(
+    config: &tokio_postgres::Config,
+    host: &str,
+    port: u16,
+    require_auth: Option<crate::protocol::auth_policy::RequireAuth>,
+    timeout: Duration,
+) -> Result<Client, String> {
+    use crate::protocol::auth_policy::{AuthGuard, Guarded};
+    let connect = async {
+        let stream = tokio::net::TcpStream::connect((host, port))
+            .await
+            .map_err(|e| e.to_string())?;
+        let _ = stream.set_nodelay(true);
+        let stream = Guarded::new(stream, AuthGuard::new(require_auth, false, false));
+        let mut config = config.clone();
+        config.ssl_mode(tokio_postgres::config::SslMode::Disable);
+        config
+            .connect_raw(stream, NoTls)
+            .await
+            .map_err(|e| e.to_string())
+    };
+    let (client, connection) = tokio::time::timeout(timeout, connect)
         .await
-        .map_err(|e| format!("cannot connect to {}: {e}", node.addr))?;
+        .map_err(|_| format!("timed out after {} ms", timeout.as_millis()))??;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             debug!("control connection ended: {e}");

@@ -184,6 +184,11 @@ impl ServerConn {
             reason: reason.to_string(),
         };
         let mut scram: Option<ScramSha256> = None;
+        let policy = crate::protocol::auth_policy::AuthPolicy {
+            require_auth: login.addr.require_auth.as_ref(),
+            encrypted: false,
+        };
+        let mut asked = false;
         loop {
             let frame = self.reader.read_frame().await.map_err(protocol)?;
             if frame[0] == msg::ERROR_RESPONSE {
@@ -200,6 +205,10 @@ impl ServerConn {
             }
             let mut fields = Fields::of_frame(&frame);
             let code = fields.i32().map_err(protocol)?;
+            policy
+                .check(code, asked)
+                .map_err(|reason| unsupported(&reason))?;
+            asked = true;
             let mut out = BytesMut::new();
             match code {
                 0 => return Ok(()),

@@ -2,6 +2,7 @@
 //! builds itself, and the authentication exchanges (client side and server side).
 
 pub mod auth;
+pub mod auth_policy;
 pub mod framing;
 pub mod messages;
 

@@ -207,6 +207,7 @@ mod tests {
             host: "127.0.0.1".into(),
             port,
             dbname: None,
+            require_auth: None,
         })
     }
 

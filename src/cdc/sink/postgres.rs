@@ -9,8 +9,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use tokio_postgres::types::{ToSql, Type};
-use tokio_postgres::{Client, NoTls, Statement};
-use tracing::{debug, info};
+use tokio_postgres::{Client, Statement};
+use tracing::info;
 
 use super::super::change::{Change, Op};
 use super::super::pgoutput::Datum;
@@ -33,16 +33,23 @@ fn qualified(name: &str) -> String {
 }
 
 impl PostgresSink {
+    /// Connects to a target's URI (one TCP host) under the same login rules as every
+    /// server connection (no clear-text password over an unencrypted connection).
     pub async fn connect(config: tokio_postgres::Config) -> Result<PostgresSink, SinkError> {
-        let (client, connection) = config
-            .connect(NoTls)
+        let unavailable =
+            |e: String| SinkError::Unavailable(format!("cannot connect to the target: {e}"));
+        let host = match config.get_hosts() {
+            [tokio_postgres::config::Host::Tcp(host)] => host.clone(),
+            _ => return Err(unavailable("the target URI must name one TCP host".into())),
+        };
+        let port = config.get_ports().first().copied().unwrap_or(5432);
+        let timeout = config
+            .get_connect_timeout()
+            .copied()
+            .unwrap_or(std::time::Duration::from_secs(10));
+        let client = crate::cluster::monitor::guarded_connect(&config, &host, port, None, timeout)
             .await
-            .map_err(|e| SinkError::Unavailable(format!("cannot connect to the target: {e}")))?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                debug!("CDC target connection ended: {e}");
-            }
-        });
+            .map_err(unavailable)?;
         Ok(PostgresSink::new(client))
     }
 
