@@ -171,12 +171,7 @@ impl Runner {
         if let Some(target) = config.targets.get(&self.rule.target) {
             return Ok(match target.kind {
                 TargetKind::Mongodb => Sink::Mongo(MongoSink::connect(&target.uri).await?),
-                TargetKind::Postgres => {
-                    let pg: tokio_postgres::Config = target.uri.parse().map_err(|e| {
-                        RunError::failed(format!("target {}: bad uri: {e}", self.rule.target))
-                    })?;
-                    Sink::Postgres(PostgresSink::connect(pg).await?)
-                }
+                TargetKind::Postgres => Sink::Postgres(PostgresSink::connect(&target.uri).await?),
             });
         }
         // A project as target: its current primary, as the control-plane user.

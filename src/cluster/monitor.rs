@@ -324,44 +324,85 @@ pub async fn control_connection(
         &config,
         &node.addr.host,
         node.addr.port,
-        node.addr.require_auth.clone(),
+        &crate::config::conninfo::ServerSecurity {
+            tls: node.addr.tls.clone(),
+            require_auth: node.addr.require_auth.clone(),
+        },
         timeout,
     )
     .await
     .map_err(|e| format!("cannot connect to {}: {e}", node.addr))
 }
 
-/// Connects tokio-postgres to `host:port` with `config`'s login, answering only the
-/// authentication requests the policy allows (no clear-text password over an
-/// unencrypted connection unless `require_auth` says so).
+/// Connects tokio-postgres to `host:port` with `config`'s login, encrypted as the
+/// node's `sslmode` says, answering only the authentication requests the policy
+/// allows (no clear-text password over an unencrypted connection unless
+/// `require_auth` says so).
 pub async fn guarded_connect(
     config: &tokio_postgres::Config,
     host: &str,
     port: u16,
-    require_auth: Option<crate::protocol::auth_policy::RequireAuth>,
+    security: &crate::config::conninfo::ServerSecurity,
     timeout: Duration,
 ) -> Result<Client, String> {
     use crate::protocol::auth_policy::{AuthGuard, Guarded};
+    use tokio_postgres::config::SslMode as PgSslMode;
+    use tokio_postgres::tls::MakeTlsConnect;
+    let tls_config = security.tls.cached_client_config()?;
     let connect = async {
         let stream = tokio::net::TcpStream::connect((host, port))
             .await
             .map_err(|e| e.to_string())?;
         let _ = stream.set_nodelay(true);
-        let stream = Guarded::new(stream, AuthGuard::new(require_auth, false, false));
+        let require_auth = security.require_auth.clone();
         let mut config = config.clone();
-        config.ssl_mode(tokio_postgres::config::SslMode::Disable);
-        config
-            .connect_raw(stream, NoTls)
-            .await
-            .map_err(|e| e.to_string())
+        let client = match tls_config {
+            None => {
+                config.ssl_mode(PgSslMode::Disable);
+                let stream = Guarded::new(stream, AuthGuard::new(require_auth, false, false));
+                let (client, connection) = config
+                    .connect_raw(stream, NoTls)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                spawn_connection(connection);
+                client
+            }
+            Some(tls_config) => {
+                config.ssl_mode(if security.tls.mode.requires_tls() {
+                    PgSslMode::Require
+                } else {
+                    PgSslMode::Prefer
+                });
+                let stream =
+                    Guarded::new(stream, AuthGuard::new(require_auth.clone(), false, true));
+                let mut make =
+                    crate::tls::connect::MakeRustlsConnect::guarded(tls_config, require_auth);
+                let tls = <crate::tls::connect::MakeRustlsConnect as MakeTlsConnect<
+                    Guarded<tokio::net::TcpStream>,
+                >>::make_tls_connect(&mut make, host)
+                .map_err(|e| e.to_string())?;
+                let (client, connection) = config
+                    .connect_raw(stream, tls)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                spawn_connection(connection);
+                client
+            }
+        };
+        Ok::<Client, String>(client)
     };
-    let (client, connection) = tokio::time::timeout(timeout, connect)
+    tokio::time::timeout(timeout, connect)
         .await
-        .map_err(|_| format!("timed out after {} ms", timeout.as_millis()))??;
+        .map_err(|_| format!("timed out after {} ms", timeout.as_millis()))?
+}
+
+fn spawn_connection<F>(connection: F)
+where
+    F: std::future::Future<Output = Result<(), tokio_postgres::Error>> + Send + 'static,
+{
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             debug!("control connection ended: {e}");
         }
     });
-    Ok(client)
 }

@@ -2,6 +2,7 @@
 //! `file: key: reason`, all of them at once, so a user fixes a config in one pass.
 
 pub mod allow;
+pub mod conninfo;
 mod model;
 pub mod persist;
 pub mod secrets;

@@ -84,10 +84,12 @@ fn check_target_uri(target: &super::model::Target) -> Result<(), String> {
             }
             Ok(())
         }
-        super::model::TargetKind::Postgres => uri
-            .parse::<tokio_postgres::Config>()
-            .map(|_| ())
-            .map_err(|e| format!("not a Postgres connection string: {e}")),
+        super::model::TargetKind::Postgres => {
+            let (uri, _) = super::conninfo::split(uri)?;
+            uri.parse::<tokio_postgres::Config>()
+                .map(|_| ())
+                .map_err(|e| format!("not a Postgres connection string: {e}"))
+        }
     }
 }
 
@@ -175,23 +177,15 @@ pub struct NodeAddress {
     /// libpq's `require_auth` from the URI: the authentication methods the proxy
     /// answers when it logs in there.
     pub require_auth: Option<crate::protocol::auth_policy::RequireAuth>,
+    /// libpq's `sslmode`, `sslrootcert`, `sslcert`, `sslkey` from the URI.
+    pub tls: crate::tls::connect::ServerTlsSettings,
 }
 
 impl NodeAddress {
     pub fn parse(uri: &str) -> Result<NodeAddress, String> {
-        let (uri, require_auth) = take_require_auth(uri)?;
+        let (uri, security) = super::conninfo::split(uri)?;
         let config: tokio_postgres::Config =
             uri.parse().map_err(|e| format!("invalid uri: {e}"))?;
-        if matches!(
-            config.get_ssl_mode(),
-            tokio_postgres::config::SslMode::Require
-        ) {
-            return Err(
-                "sslmode=require: TLS towards servers is not available in this version; \
-                 use sslmode=prefer or disable (connections to servers are not encrypted)"
-                    .into(),
-            );
-        }
         let host = match config.get_hosts() {
             [tokio_postgres::config::Host::Tcp(h)] => h.clone(),
             [] => return Err("uri names no host".into()),
@@ -207,59 +201,10 @@ impl NodeAddress {
             host,
             port,
             dbname: config.get_dbname().map(str::to_string),
-            require_auth,
+            require_auth: security.require_auth,
+            tls: security.tls,
         })
     }
-}
-
-/// `uri` without its `require_auth` parameter (tokio-postgres does not know it), and
-/// that parameter parsed. URIs (`...?require_auth=a,b`) and key=value strings both.
-fn take_require_auth(
-    uri: &str,
-) -> Result<(String, Option<crate::protocol::auth_policy::RequireAuth>), String> {
-    let parse = |v: &str| crate::protocol::auth_policy::RequireAuth::parse(v).map(Some);
-    if uri.starts_with("postgres://") || uri.starts_with("postgresql://") {
-        let Some((base, query)) = uri.split_once('?') else {
-            return Ok((uri.to_string(), None));
-        };
-        let mut found = None;
-        let kept: Vec<&str> = query
-            .split('&')
-            .filter(|pair| match pair.strip_prefix("require_auth=") {
-                Some(value) => {
-                    found = Some(
-                        value
-                            .replace("%2C", ",")
-                            .replace("%2c", ",")
-                            .replace("%21", "!"),
-                    );
-                    false
-                }
-                None => true,
-            })
-            .collect();
-        let rest = if kept.is_empty() {
-            base.to_string()
-        } else {
-            format!("{base}?{}", kept.join("&"))
-        };
-        return Ok((rest, found.as_deref().map(parse).transpose()?.flatten()));
-    }
-    let mut found = None;
-    let kept: Vec<&str> = uri
-        .split_whitespace()
-        .filter(|word| match word.strip_prefix("require_auth=") {
-            Some(value) => {
-                found = Some(value.trim_matches('\'').to_string());
-                false
-            }
-            None => true,
-        })
-        .collect();
-    Ok((
-        kept.join(" "),
-        found.as_deref().map(parse).transpose()?.flatten(),
-    ))
 }
 
 impl std::fmt::Display for NodeAddress {
@@ -391,8 +336,13 @@ pub fn semantics(config: &Config) -> Vec<ConfigIssue> {
                     format!("replica \"{}\" is defined twice", replica.name),
                 ));
             }
-            if let Err(reason) = NodeAddress::parse(&replica.uri) {
-                out.push(issue(format!("{rkey}.uri"), reason));
+            match NodeAddress::parse(&replica.uri) {
+                Err(reason) => out.push(issue(format!("{rkey}.uri"), reason)),
+                Ok(addr) => {
+                    if let Err(reason) = addr.tls.client_config() {
+                        out.push(issue(format!("{rkey}.uri"), reason));
+                    }
+                }
             }
             if replica.weight == 0 {
                 out.push(issue(format!("{rkey}.weight"), "must be at least 1"));

@@ -9,15 +9,18 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use postgres_protocol::authentication::sasl::{ChannelBinding, SCRAM_SHA_256, ScramSha256};
+use postgres_protocol::authentication::sasl::{
+    ChannelBinding, SCRAM_SHA_256, SCRAM_SHA_256_PLUS, ScramSha256,
+};
+use tokio::io::AsyncReadExt;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
 use crate::config::NodeAddress;
 use crate::protocol::messages::{self as msg, ErrorFields, Fields};
 use crate::protocol::{MAX_SERVER_MESSAGE, MessageReader, ProtocolError};
 use crate::session::settings::Settings;
+use crate::tls::stream::{ServerRead, ServerWrite};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
@@ -83,8 +86,10 @@ pub struct LoginInfo {
 }
 
 pub struct ServerConn {
-    pub reader: MessageReader<OwnedReadHalf>,
-    pub writer: OwnedWriteHalf,
+    pub reader: MessageReader<ServerRead>,
+    pub writer: ServerWrite,
+    /// The server's tls-server-end-point hash when the connection is TLS.
+    pub channel_binding: Option<Vec<u8>>,
     pub addr: std::sync::Arc<NodeAddress>,
     /// Key the server gave for CancelRequest.
     pub pid: i32,
@@ -123,10 +128,11 @@ impl ServerConn {
                 source,
             })?;
         let _ = stream.set_nodelay(true);
-        let (read, write) = stream.into_split();
+        let (read, write, channel_binding) = Self::negotiate_tls(stream, login).await?;
         let mut conn = ServerConn {
             reader: MessageReader::new(read, MAX_SERVER_MESSAGE),
             writer: write,
+            channel_binding,
             addr: login.addr.clone(),
             pid: 0,
             secret: 0,
@@ -173,6 +179,64 @@ impl ServerConn {
         }
     }
 
+    /// libpq's sslmode: an SSLRequest unless `disable`; 'S' is followed by the TLS
+    /// handshake (the certificate checked as the mode says), 'N' is accepted only by
+    /// `prefer`.
+    async fn negotiate_tls(
+        mut stream: TcpStream,
+        login: &LoginInfo,
+    ) -> Result<(ServerRead, ServerWrite, Option<Vec<u8>>), BackendError> {
+        let addr = login.addr.to_string();
+        let settings = &login.addr.tls;
+        let unsupported = |reason: String| BackendError::Unsupported {
+            addr: addr.clone(),
+            reason,
+        };
+        let Some(config) = settings.cached_client_config().map_err(unsupported)? else {
+            let (read, write) = crate::tls::stream::plain(stream);
+            return Ok((read, write, None));
+        };
+        let io = |source| BackendError::Connect {
+            addr: addr.clone(),
+            source,
+        };
+        let mut request = BytesMut::new();
+        msg::ssl_request(&mut request);
+        stream.write_all(&request).await.map_err(io)?;
+        let answer = stream.read_u8().await.map_err(io)?;
+        match answer {
+            b'S' => {}
+            b'N' if !settings.mode.requires_tls() => {
+                let (read, write) = crate::tls::stream::plain(stream);
+                return Ok((read, write, None));
+            }
+            b'N' => {
+                return Err(unsupported(
+                    "the server does not support TLS, but the node's URI requires it (sslmode)"
+                        .into(),
+                ));
+            }
+            other => {
+                return Err(unsupported(format!(
+                    "unexpected answer {other:#04x} to SSLRequest"
+                )));
+            }
+        }
+        let name = crate::tls::connect::server_name(&login.addr.host).map_err(unsupported)?;
+        let tls = tokio_rustls::TlsConnector::from(config)
+            .connect(name, stream)
+            .await
+            .map_err(|e| unsupported(format!("TLS handshake failed: {e}")))?;
+        let channel_binding = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|chain| chain.first())
+            .map(|leaf| crate::tls::end_point_hash(leaf));
+        let (read, write) = crate::tls::stream::tls(tls);
+        Ok((read, write, channel_binding))
+    }
+
     async fn authenticate(&mut self, login: &LoginInfo) -> Result<(), BackendError> {
         let addr = login.addr.to_string();
         let protocol = |source| BackendError::Protocol {
@@ -186,7 +250,7 @@ impl ServerConn {
         let mut scram: Option<ScramSha256> = None;
         let policy = crate::protocol::auth_policy::AuthPolicy {
             require_auth: login.addr.require_auth.as_ref(),
-            encrypted: false,
+            encrypted: self.channel_binding.is_some(),
         };
         let mut asked = false;
         loop {
@@ -243,7 +307,10 @@ impl ServerConn {
                         }
                         mechanisms.push(m.to_string());
                     }
-                    if !mechanisms.iter().any(|m| m == SCRAM_SHA_256) {
+                    // Over TLS, bound to the server's certificate when it offers that.
+                    let plus = self.channel_binding.is_some()
+                        && mechanisms.iter().any(|m| m == SCRAM_SHA_256_PLUS);
+                    if !plus && !mechanisms.iter().any(|m| m == SCRAM_SHA_256) {
                         return Err(unsupported(&format!(
                             "no supported SASL mechanism in {mechanisms:?}"
                         )));
@@ -255,9 +322,17 @@ impl ServerConn {
                             "the server asks for SCRAM, which needs the plain password in proxy.toml",
                         ));
                     }
-                    let client =
-                        ScramSha256::new(login.password.as_bytes(), ChannelBinding::unsupported());
-                    msg::sasl_initial_response(&mut out, SCRAM_SHA_256, client.message());
+                    let (mechanism, binding) = match &self.channel_binding {
+                        Some(end_point) if plus => (
+                            SCRAM_SHA_256_PLUS,
+                            ChannelBinding::tls_server_end_point(end_point.clone()),
+                        ),
+                        // "y": could bind, but the server did not offer it.
+                        Some(_) => (SCRAM_SHA_256, ChannelBinding::unrequested()),
+                        None => (SCRAM_SHA_256, ChannelBinding::unsupported()),
+                    };
+                    let client = ScramSha256::new(login.password.as_bytes(), binding);
+                    msg::sasl_initial_response(&mut out, mechanism, client.message());
                     scram = Some(client);
                 }
                 11 => {
@@ -292,6 +367,7 @@ impl ServerConn {
 
     pub async fn send(&mut self, bytes: &[u8]) -> Result<(), ProtocolError> {
         self.writer.write_all(bytes).await?;
+        self.writer.flush().await?;
         Ok(())
     }
 

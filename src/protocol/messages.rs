@@ -172,6 +172,12 @@ pub fn command_complete(buf: &mut BytesMut, tag: &str) {
 
 // ---- frontend messages the proxy sends to servers ----
 
+/// SSLRequest: asks a server for TLS before the startup message.
+pub fn ssl_request(out: &mut BytesMut) {
+    out.put_u32(8);
+    out.put_u32(SSL_REQUEST);
+}
+
 pub fn startup_message(buf: &mut BytesMut, params: &[(&str, &str)]) {
     let at = buf.len();
     buf.put_u32(0);

@@ -208,6 +208,7 @@ mod tests {
             port,
             dbname: None,
             require_auth: None,
+            tls: Default::default(),
         })
     }
 

@@ -525,7 +525,7 @@ impl Session {
                 Client(std::io::Result<usize>),
                 Server(std::io::Result<usize>),
                 ClientWrote(std::io::Result<Sent>),
-                ServerWrote(std::io::Result<usize>),
+                ServerWrote(std::io::Result<Sent>),
                 Shutdown,
                 Stalled,
             }
@@ -548,10 +548,11 @@ impl Session {
             let event = match self.server.as_mut() {
                 Some(held) => {
                     let conn = &mut *held.conn;
+                    let flush_server = conn.writer.has_unflushed();
                     let (server, server_writer) = (&mut conn.reader, &mut conn.writer);
                     tokio::select! {
                         biased;
-                        r = server_writer.write(server_out), if !server_out.is_empty() => Event::ServerWrote(r),
+                        r = server_writer.send(server_out), if !server_out.is_empty() || flush_server => Event::ServerWrote(r),
                         r = writer.send(client_out), if !client_out.is_empty() || flush_client => Event::ClientWrote(r),
                         r = server.fill(), if read_server => Event::Server(r),
                         r = client.fill(), if read_client => Event::Client(r),
@@ -579,8 +580,10 @@ impl Session {
                 Event::ClientWrote(Ok(Sent::Wrote(n))) => self.client_wrote(n),
                 Event::ClientWrote(Ok(Sent::Flushed)) => {}
                 Event::ClientWrote(Err(e)) => return Err(End::ClientIo(e)),
-                Event::ServerWrote(Ok(n)) if n > 0 => consume(&mut self.server_out, n),
-                Event::ServerWrote(failed) => self.server_write_failed(failed)?,
+                Event::ServerWrote(Ok(Sent::Wrote(n))) if n > 0 => consume(&mut self.server_out, n),
+                Event::ServerWrote(Ok(Sent::Flushed)) => {}
+                Event::ServerWrote(Ok(Sent::Wrote(n))) => self.server_write_failed(Ok(n))?,
+                Event::ServerWrote(Err(e)) => self.server_write_failed(Err(e))?,
                 Event::Shutdown => stop_seen = true,
                 Event::Stalled => {
                     // Nothing to read or write: only a bug in the limits above can get

@@ -40,6 +40,9 @@ pub struct ClusterOptions {
     pub database: String,
     /// Extra `postgresql.conf` lines for the primary (copied to replicas by the backup).
     pub extra_conf: Vec<String>,
+    /// A certificate and key (PEM files): every node runs with `ssl = on` and accepts
+    /// TCP connections only over TLS (`hostssl` lines in pg_hba.conf).
+    pub tls_only: Option<(PathBuf, PathBuf)>,
 }
 
 impl Default for ClusterOptions {
@@ -51,6 +54,7 @@ impl Default for ClusterOptions {
             password: "secret".into(),
             database: "app".into(),
             extra_conf: Vec::new(),
+            tls_only: None,
         }
     }
 }
@@ -224,6 +228,9 @@ impl Node {
         }
         cmd.current_dir(self.data_dir.parent().unwrap_or(Path::new("/")));
         cmd.env("PGPASSWORD", SUPERUSER_PASSWORD);
+        // libpq (in psql, pg_basebackup and a replica's walreceiver) looks for client
+        // certificates under $HOME/.postgresql: a home of the server user's own.
+        cmd.env("HOME", &self.socket_dir);
         cmd.env_remove("PGDATABASE")
             .env_remove("PGUSER")
             .env_remove("PGHOST")
@@ -424,6 +431,20 @@ impl Cluster {
             "log_line_prefix = '%m [%p] %u@%d '".into(),
         ];
         conf.extend(options.extra_conf.iter().cloned());
+        if let Some((cert, key)) = &options.tls_only {
+            // The server reads its key only when the key belongs to it and nobody else
+            // may read it.
+            let (own_cert, own_key) = (dir.join("server.crt"), dir.join("server.key"));
+            fs::copy(cert, &own_cert)?;
+            fs::copy(key, &own_key)?;
+            use std::os::unix::fs::PermissionsExt;
+            fs::set_permissions(&own_key, fs::Permissions::from_mode(0o600))?;
+            chown(&own_cert, run_as)?;
+            chown(&own_key, run_as)?;
+            conf.push("ssl = on".into());
+            conf.push(format!("ssl_cert_file = '{}'", own_cert.display()));
+            conf.push(format!("ssl_key_file = '{}'", own_key.display()));
+        }
         append(&primary.data_dir.join("postgresql.conf"), &conf.join("\n"))?;
         append(
             &primary.data_dir.join("postgresql.conf"),
@@ -434,6 +455,18 @@ impl Cluster {
             &primary.data_dir.join("pg_hba.conf"),
             "host replication all 127.0.0.1/32 trust\nhost all trust_user 127.0.0.1/32 trust\nhost all md5_user 127.0.0.1/32 md5\nhost all plain_user 127.0.0.1/32 password\n",
         )?;
+        if options.tls_only.is_some() {
+            let hba = primary.data_dir.join("pg_hba.conf");
+            let text = fs::read_to_string(&hba)?;
+            let only_tls: Vec<String> = text
+                .lines()
+                .map(|line| match line.strip_prefix("host ") {
+                    Some(rest) => format!("hostssl {rest}"),
+                    None => line.to_string(),
+                })
+                .collect();
+            fs::write(&hba, only_tls.join("\n") + "\n")?;
+        }
         primary.start()?;
 
         let user = options.user.replace('"', "");

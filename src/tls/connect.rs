@@ -17,8 +17,10 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{CertificateError, DigitallySignedStruct, Error, SignatureScheme};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use crate::protocol::auth_policy::{AuthGuard, RequireAuth};
+
 /// libpq's sslmode.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum SslMode {
     Disable,
     Prefer,
@@ -54,7 +56,7 @@ impl SslMode {
 }
 
 /// What a node's URI says about TLS.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ServerTlsSettings {
     pub mode: SslMode,
     pub root_cert: Option<String>,
@@ -135,6 +137,39 @@ impl ServerTlsSettings {
         // PostgreSQL 17 servers check it with direct TLS; older ones ignore it.
         config.alpn_protocols = vec![super::ALPN_POSTGRESQL.to_vec()];
         Ok(Some(Arc::new(config)))
+    }
+}
+
+static CLIENT_CONFIGS: std::sync::Mutex<
+    Option<std::collections::HashMap<ServerTlsSettings, Arc<rustls::ClientConfig>>>,
+> = std::sync::Mutex::new(None);
+
+impl ServerTlsSettings {
+    /// [`ServerTlsSettings::client_config`], built once per distinct settings (the files
+    /// are read again after [`forget_client_configs`], which a reload calls).
+    pub fn cached_client_config(&self) -> Result<Option<Arc<rustls::ClientConfig>>, String> {
+        if self.mode == SslMode::Disable {
+            return Ok(None);
+        }
+        if let Ok(cache) = CLIENT_CONFIGS.lock()
+            && let Some(config) = cache.as_ref().and_then(|c| c.get(self))
+        {
+            return Ok(Some(config.clone()));
+        }
+        let config = self.client_config()?;
+        if let (Some(config), Ok(mut cache)) = (&config, CLIENT_CONFIGS.lock()) {
+            cache
+                .get_or_insert_with(Default::default)
+                .insert(self.clone(), config.clone());
+        }
+        Ok(config)
+    }
+}
+
+/// Drops the cached client configs: certificates are read again on next use.
+pub fn forget_client_configs() {
+    if let Ok(mut cache) = CLIENT_CONFIGS.lock() {
+        *cache = None;
     }
 }
 
@@ -244,11 +279,24 @@ pub fn server_name(host: &str) -> Result<ServerName<'static>, String> {
 #[derive(Clone)]
 pub struct MakeRustlsConnect {
     config: Arc<rustls::ClientConfig>,
+    require_auth: Option<Option<RequireAuth>>,
 }
 
 impl MakeRustlsConnect {
     pub fn new(config: Arc<rustls::ClientConfig>) -> Self {
-        MakeRustlsConnect { config }
+        MakeRustlsConnect {
+            config,
+            require_auth: None,
+        }
+    }
+
+    /// Checks the server's authentication requests inside the encrypted stream as the
+    /// proxy's own logins do (see `protocol::auth_policy`).
+    pub fn guarded(config: Arc<rustls::ClientConfig>, require_auth: Option<RequireAuth>) -> Self {
+        MakeRustlsConnect {
+            config,
+            require_auth: Some(require_auth),
+        }
     }
 }
 
@@ -265,6 +313,10 @@ where
         Ok(RustlsConnect {
             connector: tokio_rustls::TlsConnector::from(self.config.clone()),
             name,
+            guard: self
+                .require_auth
+                .clone()
+                .map(|required| AuthGuard::new(required, true, false)),
         })
     }
 }
@@ -272,6 +324,7 @@ where
 pub struct RustlsConnect {
     connector: tokio_rustls::TlsConnector,
     name: ServerName<'static>,
+    guard: Option<AuthGuard>,
 }
 
 type ConnectFuture<S> = Pin<Box<dyn Future<Output = io::Result<RustlsStream<S>>> + Send>>;
@@ -287,18 +340,24 @@ where
     fn connect(self, stream: S) -> ConnectFuture<S> {
         Box::pin(async move {
             let stream = self.connector.connect(self.name, stream).await?;
-            Ok(RustlsStream(stream))
+            Ok(RustlsStream {
+                inner: stream,
+                guard: self.guard,
+            })
         })
     }
 }
 
 /// An encrypted connection to a server, as tokio-postgres sees it.
-pub struct RustlsStream<S>(tokio_rustls::client::TlsStream<S>);
+pub struct RustlsStream<S> {
+    inner: tokio_rustls::client::TlsStream<S>,
+    guard: Option<AuthGuard>,
+}
 
 impl<S: AsyncRead + AsyncWrite + Unpin> tokio_postgres::tls::TlsStream for RustlsStream<S> {
     /// SCRAM-SHA-256-PLUS towards the server: bound to the certificate it showed.
     fn channel_binding(&self) -> tokio_postgres::tls::ChannelBinding {
-        match self.0.get_ref().1.peer_certificates() {
+        match self.inner.get_ref().1.peer_certificates() {
             Some([leaf, ..]) => tokio_postgres::tls::ChannelBinding::tls_server_end_point(
                 super::end_point_hash(leaf),
             ),
@@ -313,7 +372,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for RustlsStream<S> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let this = &mut *self;
+        let result = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if let (Poll::Ready(Ok(())), Some(guard)) = (&result, this.guard.as_mut())
+            && let Err(reason) = guard.inspect(&buf.filled()[before..])
+        {
+            tracing::warn!("server login refused: {reason}");
+            return Poll::Ready(Err(io::Error::new(io::ErrorKind::PermissionDenied, reason)));
+        }
+        result
     }
 }
 
@@ -323,14 +391,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for RustlsStream<S> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.0).poll_write(cx, buf)
+        Pin::new(&mut self.inner).poll_write(cx, buf)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_flush(cx)
+        Pin::new(&mut self.inner).poll_flush(cx)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.0).poll_shutdown(cx)
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }

@@ -1,62 +1,87 @@
-//! A client connection's two directions, in clear text or TLS. Clear text keeps
+//! A connection's two directions, in clear text or TLS (client connections with the
+//! proxy's certificate, server connections with the server's). Clear text keeps
 //! tokio's lock-free TCP halves, so the common case costs one branch per call; TLS
 //! halves share the rustls state through `tokio::io::split`.
 //!
 //! rustls may accept bytes into its own buffer without getting them onto the socket
-//! (the socket was full). A write half remembers that and [`ClientWrite::has_unflushed`]
+//! (the socket was full). A write half remembers that and [`WriteHalf::has_unflushed`]
 //! tells the session loop to keep flushing, or those bytes would wait forever.
 
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf, ReadHalf, WriteHalf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio_rustls::server::TlsStream;
 
-type Tls = TlsStream<TcpStream>;
-
-pub enum ClientRead {
+/// The read half of a connection whose TLS stream type is `T`.
+pub enum ReadHalf<T> {
     Plain(OwnedReadHalf),
-    Tls(ReadHalf<Tls>),
+    Tls(tokio::io::ReadHalf<T>),
 }
 
-pub enum ClientWrite {
+/// The write half of a connection whose TLS stream type is `T`.
+pub enum WriteHalf<T> {
     Plain(OwnedWriteHalf),
     Tls {
-        half: WriteHalf<Tls>,
+        half: tokio::io::WriteHalf<T>,
         unflushed: bool,
     },
 }
 
+/// A client's connection to the proxy.
+pub type ClientRead = ReadHalf<tokio_rustls::server::TlsStream<TcpStream>>;
+pub type ClientWrite = WriteHalf<tokio_rustls::server::TlsStream<TcpStream>>;
+/// The proxy's connection to a server.
+pub type ServerRead = ReadHalf<tokio_rustls::client::TlsStream<TcpStream>>;
+pub type ServerWrite = WriteHalf<tokio_rustls::client::TlsStream<TcpStream>>;
+
 /// Splits a clear-text connection.
-pub fn plain(stream: TcpStream) -> (ClientRead, ClientWrite) {
+pub fn plain<T>(stream: TcpStream) -> (ReadHalf<T>, WriteHalf<T>) {
     let (read, write) = stream.into_split();
-    (ClientRead::Plain(read), ClientWrite::Plain(write))
+    (ReadHalf::Plain(read), WriteHalf::Plain(write))
 }
 
 /// Splits an encrypted connection.
-pub fn tls(stream: Tls) -> (ClientRead, ClientWrite) {
+pub fn tls<T: AsyncRead + AsyncWrite>(stream: T) -> (ReadHalf<T>, WriteHalf<T>) {
     let (read, write) = tokio::io::split(stream);
     (
-        ClientRead::Tls(read),
-        ClientWrite::Tls {
+        ReadHalf::Tls(read),
+        WriteHalf::Tls {
             half: write,
             unflushed: false,
         },
     )
 }
 
-impl ClientWrite {
+impl<T: AsyncRead + AsyncWrite> ReadHalf<T> {
+    /// Reads what has arrived without waiting (`WouldBlock` when nothing has).
+    pub fn try_read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            ReadHalf::Plain(half) => half.try_read(buf),
+            ReadHalf::Tls(half) => {
+                let mut cx = Context::from_waker(Waker::noop());
+                let mut read = ReadBuf::new(buf);
+                match Pin::new(half).poll_read(&mut cx, &mut read) {
+                    Poll::Ready(Ok(())) => Ok(read.filled().len()),
+                    Poll::Ready(Err(e)) => Err(e),
+                    Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
+                }
+            }
+        }
+    }
+}
+
+impl<T: AsyncRead + AsyncWrite> WriteHalf<T> {
     pub fn is_tls(&self) -> bool {
-        matches!(self, ClientWrite::Tls { .. })
+        matches!(self, WriteHalf::Tls { .. })
     }
 
     /// Writes what the socket takes now without waiting (`WouldBlock` when nothing).
     pub fn try_write(&mut self, buf: &[u8]) -> io::Result<usize> {
         match self {
-            ClientWrite::Plain(half) => half.try_write(buf),
+            WriteHalf::Plain(half) => half.try_write(buf),
             tls => {
                 // A waker that does nothing: when the socket is full this only learns
                 // so; the session loop then waits on the socket with its real waker.
@@ -84,7 +109,7 @@ impl ClientWrite {
     pub fn has_unflushed(&self) -> bool {
         matches!(
             self,
-            ClientWrite::Tls {
+            WriteHalf::Tls {
                 unflushed: true,
                 ..
             }
@@ -92,35 +117,35 @@ impl ClientWrite {
     }
 }
 
-/// What [`ClientWrite::send`] did.
+/// What [`WriteHalf::send`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Sent {
     Wrote(usize),
     Flushed,
 }
 
-impl AsyncRead for ClientRead {
+impl<T: AsyncRead + AsyncWrite> AsyncRead for ReadHalf<T> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            ClientRead::Plain(half) => Pin::new(half).poll_read(cx, buf),
-            ClientRead::Tls(half) => Pin::new(half).poll_read(cx, buf),
+            ReadHalf::Plain(half) => Pin::new(half).poll_read(cx, buf),
+            ReadHalf::Tls(half) => Pin::new(half).poll_read(cx, buf),
         }
     }
 }
 
-impl AsyncWrite for ClientWrite {
+impl<T: AsyncRead + AsyncWrite> AsyncWrite for WriteHalf<T> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
-            ClientWrite::Plain(half) => Pin::new(half).poll_write(cx, buf),
-            ClientWrite::Tls { half, unflushed } => {
+            WriteHalf::Plain(half) => Pin::new(half).poll_write(cx, buf),
+            WriteHalf::Tls { half, unflushed } => {
                 let written = match Pin::new(&mut *half).poll_write(cx, buf) {
                     Poll::Ready(Ok(n)) => n,
                     other => return other,
@@ -139,8 +164,8 @@ impl AsyncWrite for ClientWrite {
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            ClientWrite::Plain(half) => Pin::new(half).poll_flush(cx),
-            ClientWrite::Tls { half, unflushed } => {
+            WriteHalf::Plain(half) => Pin::new(half).poll_flush(cx),
+            WriteHalf::Tls { half, unflushed } => {
                 let result = Pin::new(half).poll_flush(cx);
                 if result.is_ready() {
                     *unflushed = false;
@@ -152,8 +177,8 @@ impl AsyncWrite for ClientWrite {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            ClientWrite::Plain(half) => Pin::new(half).poll_shutdown(cx),
-            ClientWrite::Tls { half, .. } => Pin::new(half).poll_shutdown(cx),
+            WriteHalf::Plain(half) => Pin::new(half).poll_shutdown(cx),
+            WriteHalf::Tls { half, .. } => Pin::new(half).poll_shutdown(cx),
         }
     }
 }

@@ -35,9 +35,13 @@ fn qualified(name: &str) -> String {
 impl PostgresSink {
     /// Connects to a target's URI (one TCP host) under the same login rules as every
     /// server connection (no clear-text password over an unencrypted connection).
-    pub async fn connect(config: tokio_postgres::Config) -> Result<PostgresSink, SinkError> {
+    pub async fn connect(uri: &str) -> Result<PostgresSink, SinkError> {
         let unavailable =
             |e: String| SinkError::Unavailable(format!("cannot connect to the target: {e}"));
+        let (uri, security) = crate::config::conninfo::split(uri).map_err(unavailable)?;
+        let config: tokio_postgres::Config = uri
+            .parse()
+            .map_err(|e| unavailable(format!("bad uri: {e}")))?;
         let host = match config.get_hosts() {
             [tokio_postgres::config::Host::Tcp(host)] => host.clone(),
             _ => return Err(unavailable("the target URI must name one TCP host".into())),
@@ -47,9 +51,10 @@ impl PostgresSink {
             .get_connect_timeout()
             .copied()
             .unwrap_or(std::time::Duration::from_secs(10));
-        let client = crate::cluster::monitor::guarded_connect(&config, &host, port, None, timeout)
-            .await
-            .map_err(unavailable)?;
+        let client =
+            crate::cluster::monitor::guarded_connect(&config, &host, port, &security, timeout)
+                .await
+                .map_err(unavailable)?;
         Ok(PostgresSink::new(client))
     }
 
