@@ -12,31 +12,66 @@ pub fn is_secret_key(key: &str) -> bool {
 
 /// `text` with every password in it replaced by asterisks.
 pub fn mask_passwords(text: &str) -> String {
-    mask_conninfo_passwords(&mask_uri_password(text))
+    mask_sql_passwords(&mask_conninfo_passwords(&mask_uri_passwords(text)))
 }
 
-/// `scheme://user:password@host` → `scheme://user:********@host`.
-fn mask_uri_password(text: &str) -> String {
-    let Some(scheme_end) = text.find("://") else {
-        return text.to_string();
-    };
-    let rest_start = scheme_end + 3;
-    let rest = &text[rest_start..];
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let authority = &rest[..authority_end];
-    let Some(at) = authority.rfind('@') else {
-        return text.to_string();
-    };
-    let userinfo = &authority[..at];
-    let Some(colon) = userinfo.find(':') else {
-        return text.to_string();
-    };
-    format!(
-        "{}{}:{HIDDEN}{}",
-        &text[..rest_start],
-        &userinfo[..colon],
-        &text[rest_start + at..]
-    )
+/// `scheme://user:password@host` → `scheme://user:********@host`, for every URI in
+/// `text`.
+fn mask_uri_passwords(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(scheme_end) = rest.find("://") {
+        let start = scheme_end + 3;
+        out.push_str(&rest[..start]);
+        rest = &rest[start..];
+        let authority_end = rest
+            .find(|c: char| matches!(c, '/' | '?' | '#') || c.is_whitespace())
+            .unwrap_or(rest.len());
+        let authority = &rest[..authority_end];
+        if let Some(at) = authority.rfind('@')
+            && let Some(colon) = authority[..at].find(':')
+        {
+            out.push_str(&authority[..colon]);
+            out.push(':');
+            out.push_str(HIDDEN);
+            out.push_str(&authority[at..]);
+        } else {
+            out.push_str(authority);
+        }
+        rest = &rest[authority_end..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// SQL's `PASSWORD 'secret'` (CREATE/ALTER ROLE) → `PASSWORD '********'`.
+fn mask_sql_passwords(text: &str) -> String {
+    let lower = text.to_ascii_lowercase();
+    let mut out = String::with_capacity(text.len());
+    let mut at = 0;
+    while let Some(i) = lower[at..].find("password '") {
+        let quote = at + i + "password ".len();
+        out.push_str(&text[at..quote + 1]);
+        out.push_str(HIDDEN);
+        // Up to the closing quote ('' inside is an escaped quote).
+        let mut end = text.len();
+        let bytes = text.as_bytes();
+        let mut j = quote + 1;
+        while j < bytes.len() {
+            if bytes[j] == b'\'' {
+                if bytes.get(j + 1) == Some(&b'\'') {
+                    j += 2;
+                    continue;
+                }
+                end = j;
+                break;
+            }
+            j += 1;
+        }
+        at = end;
+    }
+    out.push_str(&text[at..]);
+    out
 }
 
 /// Every `password=value` (a URI parameter or a conninfo word; the value quoted or not).
@@ -115,6 +150,20 @@ mod tests {
         assert_eq!(
             mask_passwords("host=h password=plain sslmode=prefer"),
             "host=h password=******** sslmode=prefer"
+        );
+        assert_eq!(
+            mask_passwords("from postgresql://a:x@h/db to mongodb://b:y@m/db"),
+            "from postgresql://a:********@h/db to mongodb://b:********@m/db"
+        );
+        assert_eq!(
+            mask_passwords("ALTER ROLE app PASSWORD 'it''s secret' VALID UNTIL 'x'"),
+            "ALTER ROLE app PASSWORD '********' VALID UNTIL 'x'"
+        );
+        assert_eq!(
+            mask_passwords(
+                "executing simple query: ALTER SYSTEM SET primary_conninfo = 'user=u password=p host=h'"
+            ),
+            "executing simple query: ALTER SYSTEM SET primary_conninfo = 'user=u password=******** host=h'"
         );
         // Nothing to hide: unchanged, including look-alikes.
         for text in [

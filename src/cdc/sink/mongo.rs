@@ -29,18 +29,29 @@ impl MongoSink {
     pub async fn connect(uri: &str) -> Result<MongoSink, SinkError> {
         let options = mongodb::options::ClientOptions::parse(uri)
             .await
-            .map_err(|e| SinkError::Config(format!("bad MongoDB uri: {e}")))?;
+            .map_err(|e| {
+                SinkError::Config(format!(
+                    "bad MongoDB uri: {}",
+                    crate::config::mask_passwords(&e.to_string())
+                ))
+            })?;
         let database = options
             .default_database
             .clone()
             .ok_or_else(|| SinkError::Config("the MongoDB uri names no database".into()))?;
-        let client = Client::with_options(options)
-            .map_err(|e| SinkError::Config(format!("bad MongoDB options: {e}")))?;
+        let client = Client::with_options(options).map_err(|e| {
+            SinkError::Config(format!(
+                "bad MongoDB options: {}",
+                crate::config::mask_passwords(&e.to_string())
+            ))
+        })?;
         let database = client.database(&database);
-        database
-            .run_command(doc! {"ping": 1})
-            .await
-            .map_err(|e| SinkError::Unavailable(format!("MongoDB does not answer: {e}")))?;
+        database.run_command(doc! {"ping": 1}).await.map_err(|e| {
+            SinkError::Unavailable(format!(
+                "MongoDB does not answer: {}",
+                crate::config::mask_passwords(&e.to_string())
+            ))
+        })?;
         Ok(MongoSink { database })
     }
 

@@ -1,6 +1,7 @@
 //! Control-plane connections for failover: logging in to a node as the failover user,
 //! simple queries returning text rows, and rewriting a replica's primary_conninfo.
 
+use crate::config::mask_passwords;
 use std::time::Duration;
 
 use tokio_postgres::{Client, SimpleQueryMessage};
@@ -34,10 +35,11 @@ pub async fn query_nullable(
 ) -> Result<Vec<Vec<Option<String>>>, String> {
     let messages = tokio::time::timeout(PROMOTE_TIMEOUT, client.simple_query(sql))
         .await
-        .map_err(|_| format!("{sql}: no answer"))?
+        .map_err(|_| format!("{}: no answer", mask_passwords(sql)))?
         .map_err(|e| match e.as_db_error() {
-            Some(db) => format!("{sql}: {}", db.message()),
-            None => format!("{sql}: {e}"),
+            // The statement may carry a conninfo with a password (re-pointing).
+            Some(db) => format!("{}: {}", mask_passwords(sql), db.message()),
+            None => format!("{}: {e}", mask_passwords(sql)),
         })?;
     Ok(messages
         .into_iter()
