@@ -242,6 +242,14 @@ fn admin_client(admin: Option<String>, config: &std::path::Path) -> Result<Admin
             .ok()
             .filter(|t| !t.is_empty()),
     };
+    // The proxy's own certificate, pinned: HTTPS when the proxy has one.
+    let tls = match &loaded {
+        Ok(c) => match &c.proxy.tls_cert_file {
+            Some(cert) => Some(replicator::tls::connect::pinned_client_config(cert)?),
+            None => None,
+        },
+        Err(_) => None,
+    };
     let addr = match (admin, loaded) {
         (Some(a), _) => a,
         (None, Ok(c)) if !c.proxy.admin_listen.is_empty() => c.proxy.admin_listen,
@@ -253,7 +261,11 @@ fn admin_client(admin: Option<String>, config: &std::path::Path) -> Result<Admin
         }
         (None, Err(e)) => return Err(e.to_string()),
     };
-    Ok(AdminClient::new(addr, token.as_deref()))
+    let client = AdminClient::new(addr, token.as_deref());
+    Ok(match tls {
+        Some(tls) => client.with_tls(tls),
+        None => client,
+    })
 }
 
 async fn promote(admin: AdminClient, project: String, replica: String) -> anyhow::Result<()> {

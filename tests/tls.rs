@@ -320,3 +320,58 @@ async fn a_reload_renews_the_certificate_and_open_connections_stay() {
         .expect("the running certificate stays after a refused reload");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// With a certificate, the admin endpoints speak HTTPS; in clear text they serve only
+/// what needs no token. The CLI pins the proxy's own certificate from --config.
+#[tokio::test]
+async fn the_admin_endpoints_use_the_same_certificate() {
+    let dir = scratch("admin");
+    let certs = TestCerts::make(&dir, &["127.0.0.1"]);
+    let text = config_text(cluster(), "", &tls_settings(&certs, "allow"));
+    let path = dir.join("proxy.toml");
+    std::fs::write(&path, &text).unwrap();
+    init_logs();
+    let proxy = Proxy::start(
+        replicator::config::Config::load(&path).unwrap(),
+        Some(path.clone()),
+    )
+    .await
+    .unwrap();
+    let addr = proxy.admin_addr.unwrap().to_string();
+    let pinned =
+        replicator::tls::connect::pinned_client_config(&certs.cert.display().to_string()).unwrap();
+    let https = admin_http(&addr).with_tls(pinned);
+    let addr_for_cli = addr.clone();
+    let (code, body) = https.get("/status").await.unwrap();
+    assert_eq!(code, 200, "{body}");
+    let plain = admin_http(&addr);
+    let (code, body) = plain.get("/status").await.unwrap();
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("https"), "{body}");
+    assert_eq!(plain.get("/health").await.unwrap().0, 200);
+    // Another certificate is not the pinned one.
+    let other = TestCerts::make(&dir.join("other"), &["127.0.0.1"]);
+    let wrong =
+        replicator::tls::connect::pinned_client_config(&other.cert.display().to_string()).unwrap();
+    assert!(
+        admin_http(&addr)
+            .with_tls(wrong)
+            .get("/status")
+            .await
+            .is_err()
+    );
+    // The CLI, given the config: HTTPS to the pinned certificate, with the token.
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_replicator"))
+            .args(["status", "--admin", &addr_for_cli, "--config"])
+            .arg(&path)
+            .env_remove("REPLICATOR_ADMIN_TOKEN")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stdout(&out).contains("slave-1"), "{}", stdout(&out));
+    let _ = std::fs::remove_dir_all(&dir);
+}

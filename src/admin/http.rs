@@ -39,14 +39,23 @@ pub async fn start(shared: Arc<Shared>, addr: &str) -> anyhow::Result<SocketAddr
             };
             let shared = shared.clone();
             tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req| {
-                    let shared = shared.clone();
-                    async move { Ok::<_, Infallible>(route(&shared, req).await) }
-                });
-                if let Err(e) = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await
-                {
+                // With a certificate configured, a connection that starts a TLS
+                // handshake gets HTTPS; one in clear text is served only what needs no
+                // token (see `route`).
+                let tls = shared.tls.load_full();
+                let mut first = [0u8; 1];
+                let starts_tls = matches!(stream.peek(&mut first).await, Ok(1) if first[0] == 0x16);
+                let result = match tls {
+                    Some(tls) if starts_tls => match tls.acceptor.accept(stream).await {
+                        Ok(stream) => serve(shared, TokioIo::new(stream), true).await,
+                        Err(e) => {
+                            debug!(%peer, "admin TLS handshake failed: {e}");
+                            return;
+                        }
+                    },
+                    _ => serve(shared, TokioIo::new(stream), false).await,
+                };
+                if let Err(e) = result {
                     debug!(%peer, "admin HTTP connection ended: {e}");
                 }
             });
@@ -56,7 +65,25 @@ pub async fn start(shared: Arc<Shared>, addr: &str) -> anyhow::Result<SocketAddr
     Ok(bound)
 }
 
-async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+/// Serves one admin connection; `encrypted` when it came over TLS.
+async fn serve<I>(shared: Arc<Shared>, io: I, encrypted: bool) -> Result<(), hyper::Error>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |req| {
+        let shared = shared.clone();
+        async move { Ok::<_, Infallible>(route(&shared, req, encrypted).await) }
+    });
+    hyper::server::conn::http1::Builder::new()
+        .serve_connection(io, service)
+        .await
+}
+
+async fn route(
+    shared: &Arc<Shared>,
+    req: Request<Incoming>,
+    encrypted: bool,
+) -> Response<Full<Bytes>> {
     let path = req.uri().path().to_string();
     let method = req.method().clone();
     let need = match (&method, path.as_str()) {
@@ -66,6 +93,13 @@ async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Full<By
         }
         _ => access::Need::Token,
     };
+    if need == access::Need::Token && !encrypted && shared.tls.load().is_some() {
+        // The token would cross the network in clear text.
+        return text(
+            StatusCode::FORBIDDEN,
+            "this proxy has a certificate: use https for endpoints that need the admin token\n",
+        );
+    }
     let configured = access::configured_token(&shared.config.load().proxy);
     let presented = req
         .headers()
@@ -257,6 +291,8 @@ fn respond(code: StatusCode, content_type: &str, body: String) -> Response<Full<
 pub struct AdminClient {
     pub addr: String,
     pub token: Option<String>,
+    /// HTTPS with this config (the proxy has a certificate).
+    pub tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl AdminClient {
@@ -264,7 +300,14 @@ impl AdminClient {
         AdminClient {
             addr: addr.into(),
             token: token.map(str::to_string),
+            tls: None,
         }
+    }
+
+    /// Speaks HTTPS, trusting what `config` trusts.
+    pub fn with_tls(mut self, config: Arc<rustls::ClientConfig>) -> AdminClient {
+        self.tls = Some(config);
+        self
     }
 
     /// `GET path`: status code and body of the answer.
@@ -289,11 +332,31 @@ impl AdminClient {
         let stream = tokio::net::TcpStream::connect(addr)
             .await
             .map_err(|e| anyhow::anyhow!("cannot reach the proxy's admin address {addr}: {e}"))?;
-        let (mut sender, connection) =
-            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-        tokio::spawn(async move {
-            let _ = connection.await;
-        });
+        let mut sender = match &self.tls {
+            None => {
+                let (sender, connection) =
+                    hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+                tokio::spawn(async move {
+                    let _ = connection.await;
+                });
+                sender
+            }
+            Some(config) => {
+                let host = addr.rsplit_once(':').map_or(addr.as_str(), |(h, _)| h);
+                let name = crate::tls::connect::server_name(host.trim_matches(['[', ']']))
+                    .map_err(|e| anyhow::anyhow!(e))?;
+                let stream = tokio_rustls::TlsConnector::from(config.clone())
+                    .connect(name, stream)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("TLS with the admin address {addr}: {e}"))?;
+                let (sender, connection) =
+                    hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+                tokio::spawn(async move {
+                    let _ = connection.await;
+                });
+                sender
+            }
+        };
         let mut request = Request::builder()
             .method(method)
             .uri(path)
