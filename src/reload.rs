@@ -143,6 +143,7 @@ pub async fn reload(shared: &Arc<Shared>, trigger: &str) -> Result<String, Strin
     shared.users.store(Arc::new(users::from_config(&next)));
     shared.tls.store(tls);
     crate::tls::connect::forget_client_configs();
+    shared.auth_query.clear();
     shared.config.store(Arc::new(next));
     shared.topology.store(Arc::new(topology));
     // Only now, so that a session that looks up its project finds the new one.

@@ -110,6 +110,7 @@ impl Source {
             database: self.primary.database.clone(),
             user: self.credentials.user.clone(),
             password: self.credentials.password.clone(),
+            scram_keys: None,
             extra_params: Vec::new(),
         }
     }

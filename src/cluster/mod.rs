@@ -119,9 +119,18 @@ impl Node {
         }
     }
 
+    /// The pool of `user` on this node; a new one when the user's credentials changed
+    /// (an auth_query user whose password was changed: the old pool's connections
+    /// finish their work and go).
     fn pool_for(&self, user: &UserEntry) -> Pool {
+        let keys = user.backend_keys();
+        let current = |pool: &Pool| {
+            let login = pool.login();
+            login.password == user.backend_password && login.scram_keys == keys
+        };
         if let Ok(pools) = self.pools.read()
             && let Some(pool) = pools.get(&user.name)
+            && current(pool)
         {
             return pool.clone();
         }
@@ -129,23 +138,26 @@ impl Node {
             Ok(p) => p,
             Err(poisoned) => poisoned.into_inner(),
         };
-        pools
-            .entry(user.name.clone())
-            .or_insert_with(|| {
-                Pool::new(
-                    LoginInfo {
-                        addr: Arc::new(self.addr.clone()),
-                        database: self.database.clone(),
-                        user: user.name.clone(),
-                        password: user.backend_password.clone(),
-                        extra_params: Vec::new(),
-                    },
-                    self.pool_size,
-                    self.connect_timeout,
-                    self.idle_timeout,
-                )
-            })
-            .clone()
+        if let Some(pool) = pools.get(&user.name)
+            && current(pool)
+        {
+            return pool.clone();
+        }
+        let pool = Pool::new(
+            LoginInfo {
+                addr: Arc::new(self.addr.clone()),
+                database: self.database.clone(),
+                user: user.name.clone(),
+                password: user.backend_password.clone(),
+                scram_keys: keys,
+                extra_params: Vec::new(),
+            },
+            self.pool_size,
+            self.connect_timeout,
+            self.idle_timeout,
+        );
+        pools.insert(user.name.clone(), pool.clone());
+        pool
     }
 
     fn clear_down(&self) {

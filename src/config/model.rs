@@ -18,9 +18,37 @@ pub struct Config {
     pub targets: BTreeMap<String, Target>,
     #[serde(default)]
     pub rules: Vec<Rule>,
+    /// Users looked up in the database (`auth_query`) when proxy.toml does not list them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<AuthQuery>,
     /// Fleet mode: several proxies that share one view of the cluster through etcd.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub coordination: Option<Coordination>,
+}
+
+/// `[auth]`: who looks users up, and how (PgBouncer's auth_user and auth_query).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AuthQuery {
+    pub user: String,
+    pub password: String,
+    /// Returns the user name and its stored secret (SCRAM verifier or md5 hash) for
+    /// `$1`, the login name.
+    #[serde(default = "default_auth_query")]
+    pub query: String,
+    /// How long a lookup (found or not) is kept before asking again.
+    #[serde(default = "default_auth_cache_ttl_ms")]
+    pub cache_ttl_ms: u64,
+}
+
+pub fn default_auth_query() -> String {
+    "SELECT rolname::text, rolpassword::text FROM pg_catalog.pg_authid \
+     WHERE rolname = $1 AND rolcanlogin AND (rolvaliduntil IS NULL OR rolvaliduntil > now())"
+        .into()
+}
+
+fn default_auth_cache_ttl_ms() -> u64 {
+    30_000
 }
 
 /// `[coordination]`: the etcd cluster a fleet of proxies agrees through.

@@ -15,7 +15,9 @@ const TOP: &[&str] = &[
     "targets",
     "rules",
     "coordination",
+    "auth",
 ];
+const AUTH: &[&str] = &["user", "password", "query", "cache_ttl_ms"];
 const COORDINATION: &[&str] = &["etcd", "prefix", "lease_ttl_ms", "instance", "advertise"];
 const PROXY: &[&str] = &[
     "listen",
@@ -133,6 +135,9 @@ pub fn unknown_keys(root: &toml::Table) -> Vec<ConfigIssue> {
     }
     if let Some(t) = root.get("failover").and_then(|v| v.as_table()) {
         check_table(t, "failover.", FAILOVER, &mut out);
+    }
+    if let Some(t) = root.get("auth").and_then(|v| v.as_table()) {
+        check_table(t, "auth.", AUTH, &mut out);
     }
     if let Some(t) = root.get("coordination").and_then(|v| v.as_table()) {
         check_table(t, "coordination.", COORDINATION, &mut out);
@@ -265,11 +270,19 @@ pub fn semantics(config: &Config) -> Vec<ConfigIssue> {
             "must be greater than 0",
         ));
     }
-    if config.users.is_empty() {
+    if config.users.is_empty() && config.auth.is_none() {
         out.push(issue(
             "users",
-            "at least one [[users]] entry is needed, or no client can log in",
+            "at least one [[users]] entry (or an [auth] section) is needed, or no client can log in",
         ));
+    }
+    if let Some(auth) = &config.auth {
+        if auth.user.is_empty() {
+            out.push(issue("auth.user", "must not be empty"));
+        }
+        if !auth.query.contains("$1") {
+            out.push(issue("auth.query", "must use $1, the login name"));
+        }
     }
     let mut user_names = HashSet::new();
     for (i, user) in config.users.iter().enumerate() {

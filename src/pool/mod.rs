@@ -97,6 +97,11 @@ impl Pool {
         Pool { inner }
     }
 
+    /// Who this pool logs in as.
+    pub fn login(&self) -> &LoginInfo {
+        &self.inner.login
+    }
+
     /// An idle connection, if the pool has a usable one.
     pub fn take_idle(&self) -> Option<Pooled> {
         let conn = self.inner.lock().pop_usable()?;

@@ -81,6 +81,8 @@ pub struct LoginInfo {
     pub user: String,
     /// Plain password or an md5 hash (`md5...`); a SCRAM verifier cannot log in.
     pub password: String,
+    /// SCRAM keys learned from a client's proof, for users without a plain password.
+    pub scram_keys: Option<crate::protocol::auth::ScramKeys>,
     /// More startup parameters (`replication`, `options`, `application_name`).
     pub extra_params: Vec<(String, String)>,
 }
@@ -248,6 +250,7 @@ impl ServerConn {
             reason: reason.to_string(),
         };
         let mut scram: Option<ScramSha256> = None;
+        let mut key_client: Option<crate::protocol::auth::ScramKeyClient> = None;
         let policy = crate::protocol::auth_policy::AuthPolicy {
             require_auth: login.addr.require_auth.as_ref(),
             encrypted: self.channel_binding.is_some(),
@@ -315,12 +318,35 @@ impl ServerConn {
                             "no supported SASL mechanism in {mechanisms:?}"
                         )));
                     }
-                    if crate::protocol::auth::ScramVerifier::parse(&login.password).is_some()
-                        || crate::protocol::auth::is_md5_hash(&login.password)
-                    {
-                        return Err(unsupported(
-                            "the server asks for SCRAM, which needs the plain password in proxy.toml",
-                        ));
+                    let no_plain = login.password.is_empty()
+                        || crate::protocol::auth::ScramVerifier::parse(&login.password).is_some()
+                        || crate::protocol::auth::is_md5_hash(&login.password);
+                    if no_plain {
+                        // SCRAM passthrough: the keys a client's proof revealed.
+                        let Some(keys) = login.scram_keys.clone() else {
+                            return Err(unsupported(
+                                "the server asks for SCRAM: the proxy needs the plain password in proxy.toml, or a client of this user to have logged in with SCRAM first",
+                            ));
+                        };
+                        let end_point = self.channel_binding.as_deref().filter(|_| plus);
+                        let client = crate::protocol::auth::ScramKeyClient::new(
+                            keys,
+                            end_point,
+                            self.channel_binding.is_some(),
+                        );
+                        let mechanism = if end_point.is_some() {
+                            SCRAM_SHA_256_PLUS
+                        } else {
+                            SCRAM_SHA_256
+                        };
+                        msg::sasl_initial_response(
+                            &mut out,
+                            mechanism,
+                            client.first_message().as_bytes(),
+                        );
+                        key_client = Some(client);
+                        self.send(&out).await.map_err(protocol)?;
+                        continue;
                     }
                     let (mechanism, binding) = match &self.channel_binding {
                         Some(end_point) if plus => (
@@ -334,6 +360,25 @@ impl ServerConn {
                     let client = ScramSha256::new(login.password.as_bytes(), binding);
                     msg::sasl_initial_response(&mut out, mechanism, client.message());
                     scram = Some(client);
+                }
+                11 if key_client.is_some() => {
+                    let Some(client) = key_client.as_mut() else {
+                        continue;
+                    };
+                    let last = client
+                        .final_message(fields.rest())
+                        .map_err(|e| protocol(ProtocolError::Violation(format!("SCRAM: {e:?}"))))?;
+                    msg::password_message(&mut out, last.as_bytes());
+                }
+                12 if key_client.is_some() => {
+                    if let Some(client) = &key_client {
+                        client.verify_server(fields.rest()).map_err(|e| {
+                            protocol(ProtocolError::Violation(format!(
+                                "SCRAM server signature: {e:?}"
+                            )))
+                        })?;
+                    }
+                    continue;
                 }
                 11 => {
                     let client = scram

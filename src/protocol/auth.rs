@@ -298,8 +298,10 @@ impl ScramServer {
         Ok((state, server_first))
     }
 
-    /// Checks the client-final-message; returns the server-final-message on success.
-    pub fn finish(self, client_final: &[u8]) -> Result<String, ScramError> {
+    /// Checks the client-final-message; returns the server-final-message on success
+    /// and the client's ClientKey, recovered from its proof (what logs in to servers
+    /// holding the same verifier without knowing the password: SCRAM passthrough).
+    pub fn finish(self, client_final: &[u8]) -> Result<(String, ScramKeys), ScramError> {
         let text =
             std::str::from_utf8(client_final).map_err(|_| ScramError::Malformed("not UTF-8"))?;
         let (without_proof, proof) = text
@@ -342,7 +344,116 @@ impl ScramServer {
             return Err(ScramError::WrongProof);
         }
         let server_signature = hmac(&self.verifier.server_key, auth_message.as_bytes());
-        Ok(format!("v={}", B64.encode(server_signature)))
+        let mut key = [0u8; 32];
+        key.copy_from_slice(&client_key);
+        Ok((
+            format!("v={}", B64.encode(server_signature)),
+            ScramKeys {
+                client_key: key,
+                server_key: self.verifier.server_key,
+            },
+        ))
+    }
+}
+
+/// What a SCRAM login needs instead of the password: ClientKey (proves the client)
+/// and ServerKey (checks the server's signature).
+#[derive(Clone, PartialEq, Eq)]
+pub struct ScramKeys {
+    pub client_key: [u8; 32],
+    pub server_key: [u8; 32],
+}
+
+impl std::fmt::Debug for ScramKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ScramKeys(..)")
+    }
+}
+
+/// The client side of SCRAM-SHA-256(-PLUS) from [`ScramKeys`], for servers that hold
+/// the verifier the keys came from.
+pub struct ScramKeyClient {
+    keys: ScramKeys,
+    gs2_header: String,
+    binding_data: Vec<u8>,
+    client_first_bare: String,
+    nonce: String,
+    auth_message: Option<String>,
+}
+
+impl ScramKeyClient {
+    /// `end_point`: bind to this tls-server-end-point hash (the server offered PLUS);
+    /// `tls`: the connection is TLS but unbound ("y").
+    pub fn new(keys: ScramKeys, end_point: Option<&[u8]>, tls: bool) -> Self {
+        let nonce_bytes: [u8; 18] = rand::rng().random();
+        let nonce = B64.encode(nonce_bytes);
+        let gs2_header = match (end_point, tls) {
+            (Some(_), _) => "p=tls-server-end-point,,",
+            (None, true) => "y,,",
+            (None, false) => "n,,",
+        };
+        ScramKeyClient {
+            keys,
+            gs2_header: gs2_header.to_string(),
+            binding_data: end_point.map(<[u8]>::to_vec).unwrap_or_default(),
+            client_first_bare: format!("n=,r={nonce}"),
+            nonce,
+            auth_message: None,
+        }
+    }
+
+    pub fn first_message(&self) -> String {
+        format!("{}{}", self.gs2_header, self.client_first_bare)
+    }
+
+    /// The client-final-message for the server-first-message.
+    pub fn final_message(&mut self, server_first: &[u8]) -> Result<String, ScramError> {
+        let text =
+            std::str::from_utf8(server_first).map_err(|_| ScramError::Malformed("not UTF-8"))?;
+        let nonce = text
+            .split(',')
+            .find_map(|a| a.strip_prefix("r="))
+            .ok_or(ScramError::Malformed("missing nonce"))?;
+        if !nonce.starts_with(&self.nonce) || nonce.len() == self.nonce.len() {
+            return Err(ScramError::Malformed(
+                "the server's nonce does not extend ours",
+            ));
+        }
+        let mut channel = self.gs2_header.as_bytes().to_vec();
+        channel.extend_from_slice(&self.binding_data);
+        let without_proof = format!("c={},r={nonce}", B64.encode(channel));
+        let auth_message = format!("{},{text},{without_proof}", self.client_first_bare);
+        let stored_key: [u8; 32] = Sha256::digest(self.keys.client_key).into();
+        let signature = hmac(&stored_key, auth_message.as_bytes());
+        let proof: Vec<u8> = self
+            .keys
+            .client_key
+            .iter()
+            .zip(signature.iter())
+            .map(|(k, s)| k ^ s)
+            .collect();
+        self.auth_message = Some(auth_message);
+        Ok(format!("{without_proof},p={}", B64.encode(proof)))
+    }
+
+    /// Checks the server-final-message: the server knew the verifier too.
+    pub fn verify_server(&self, server_final: &[u8]) -> Result<(), ScramError> {
+        let text =
+            std::str::from_utf8(server_final).map_err(|_| ScramError::Malformed("not UTF-8"))?;
+        let signature = text
+            .strip_prefix("v=")
+            .and_then(|v| B64.decode(v).ok())
+            .ok_or(ScramError::Malformed("missing server signature"))?;
+        let auth_message = self
+            .auth_message
+            .as_ref()
+            .ok_or(ScramError::Malformed("server-final before client-final"))?;
+        let expected = hmac(&self.keys.server_key, auth_message.as_bytes());
+        if constant_time_eq(&expected, &signature) {
+            Ok(())
+        } else {
+            Err(ScramError::WrongProof)
+        }
     }
 }
 
@@ -371,7 +482,7 @@ mod tests {
             client.update(first.as_bytes()).unwrap();
             let result = server.finish(client.message());
             if ok {
-                let final_msg = result.unwrap();
+                let (final_msg, _) = result.unwrap();
                 client.finish(final_msg.as_bytes()).unwrap();
             } else {
                 assert_eq!(result.unwrap_err(), ScramError::WrongProof);
@@ -394,7 +505,7 @@ mod tests {
         let (server, first) =
             ScramServer::start(ours.clone(), client.message(), Binding::NONE).unwrap();
         client.update(first.as_bytes()).unwrap();
-        let last = server.finish(client.message()).unwrap();
+        let (last, _) = server.finish(client.message()).unwrap();
         client.finish(last.as_bytes()).unwrap();
         assert_eq!(ours.salt, salt);
         assert_eq!(ours.iterations, 4096);
@@ -427,7 +538,7 @@ mod tests {
             let mut client = ScramSha256::new(b"secret", client_binding);
             let (server, first) = ScramServer::start(verifier.clone(), client.message(), binding)?;
             client.update(first.as_bytes()).unwrap();
-            server.finish(client.message())
+            server.finish(client.message()).map(|(last, _)| last)
         };
         assert!(
             run(
@@ -454,6 +565,43 @@ mod tests {
                 offered
             )
             .is_err()
+        );
+    }
+
+    #[test]
+    fn keys_recovered_from_a_proof_log_in_to_a_server_with_the_same_verifier() {
+        let verifier = ScramVerifier::from_password("secret");
+        // A client logs in to the proxy; the proxy learns its ClientKey.
+        let mut client = ScramSha256::new(b"secret", ChannelBinding::unsupported());
+        let (server, first) =
+            ScramServer::start(verifier.clone(), client.message(), Binding::NONE).unwrap();
+        client.update(first.as_bytes()).unwrap();
+        let (_, keys) = server.finish(client.message()).unwrap();
+        // The proxy logs in to a "server" holding the same verifier with those keys,
+        // plain and channel-bound.
+        for end_point in [None, Some(&[5u8; 32][..])] {
+            let binding = Binding {
+                plus: end_point.is_some(),
+                end_point,
+            };
+            let mut proxy = ScramKeyClient::new(keys.clone(), end_point, end_point.is_some());
+            let (server, first) =
+                ScramServer::start(verifier.clone(), proxy.first_message().as_bytes(), binding)
+                    .unwrap();
+            let last = proxy.final_message(first.as_bytes()).unwrap();
+            let (server_final, again) = server.finish(last.as_bytes()).unwrap();
+            proxy.verify_server(server_final.as_bytes()).unwrap();
+            assert_eq!(again, keys);
+        }
+        // Another verifier (another password): refused.
+        let other = ScramVerifier::from_password("other");
+        let mut proxy = ScramKeyClient::new(keys, None, false);
+        let (server, first) =
+            ScramServer::start(other, proxy.first_message().as_bytes(), Binding::NONE).unwrap();
+        let last = proxy.final_message(first.as_bytes()).unwrap();
+        assert_eq!(
+            server.finish(last.as_bytes()).unwrap_err(),
+            ScramError::WrongProof
         );
     }
 

@@ -11,6 +11,7 @@
 //! `backend.rs` chooses and holds a server, `requests.rs` rewrites the client's messages
 //! for it, and `responses.rs` handles what the server answers.
 
+pub mod auth_query;
 mod backend;
 pub mod cancel;
 pub mod clients;

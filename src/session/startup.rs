@@ -9,7 +9,7 @@ use bytes::{Buf, BytesMut};
 use tokio::io::AsyncWriteExt;
 
 use crate::config::{ClientTls, allow};
-use crate::protocol::auth::{Binding, ScramServer, Secret, md5_response_matches};
+use crate::protocol::auth::{Binding, ScramKeys, ScramServer, Secret, md5_response_matches};
 use crate::protocol::messages::{self as msg, Fields};
 use crate::protocol::{MessageReader, ProtocolError};
 use crate::session::users::UserEntry;
@@ -130,7 +130,21 @@ pub async fn handshake(
         ));
     }
     let users = shared.users.load();
-    let user = users.get(&user_name).cloned();
+    let mut user = users.get(&user_name).cloned();
+    // Not in proxy.toml: the project's database may know it ([auth] query).
+    if user.is_none() && database != crate::config::ADMIN_DATABASE {
+        user = shared
+            .auth_query
+            .lookup(shared, &database, &user_name)
+            .await
+            .map_err(|e| {
+                tracing::warn!(user = %user_name, "auth_query failed: {e}");
+                Refusal::new(
+                    "08006",
+                    format!("cannot look up user \"{user_name}\": the user lookup failed"),
+                )
+            })?;
+    }
     // Addresses first, as pg_hba does: a client outside a list gets no exchange.
     let project_allow = shared
         .config
@@ -154,7 +168,7 @@ pub async fn handshake(
         None => users.unknown(&user_name),
     };
     drop(users);
-    authenticate(
+    let keys = authenticate(
         reader,
         writer,
         &user_name,
@@ -164,6 +178,9 @@ pub async fn handshake(
     )
     .await?;
     let user = user.ok_or_else(|| auth_failed(&user_name))?;
+    if let Some(keys) = keys {
+        user.learn_keys(keys);
+    }
     let params = params
         .into_iter()
         .filter(|(k, _)| k != "user" && k != "database" && !k.starts_with("_pq_"))
@@ -234,7 +251,8 @@ async fn authenticate(
     secret: &Secret,
     known: bool,
     channel_binding: Option<&[u8]>,
-) -> Result<(), Refusal> {
+) -> Result<Option<ScramKeys>, Refusal> {
+    let mut keys = None;
     let mut out = BytesMut::new();
     match secret {
         Secret::Md5 { hash } => {
@@ -292,9 +310,10 @@ async fn authenticate(
             msg::authentication(&mut out, 11, first.as_bytes());
             send(writer, &out).await?;
             let frame = read_password(reader).await?;
-            let final_message = server
+            let (final_message, client_keys) = server
                 .finish(Fields::of_frame(&frame).rest())
                 .map_err(|_| auth_failed(user_name))?;
+            keys = Some(client_keys);
             if !known {
                 return Err(auth_failed(user_name));
             }
@@ -306,7 +325,7 @@ async fn authenticate(
     out.clear();
     msg::authentication(&mut out, 0, &[]);
     send(writer, &out).await?;
-    Ok(())
+    Ok(keys)
 }
 
 /// Writes a message during login and pushes it out (TLS may hold it back otherwise).

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::config::Config;
-use crate::protocol::auth::{LoginSecret, ScramVerifier, Secret};
+use crate::protocol::auth::{LoginSecret, ScramKeys, ScramVerifier, Secret};
 
 pub struct UserEntry {
     pub name: String,
@@ -15,6 +15,42 @@ pub struct UserEntry {
     pub admin: bool,
     /// Client addresses this user may connect from (empty: any).
     pub allow: Vec<String>,
+    /// The SCRAM keys a client's proof revealed (SCRAM passthrough): how the proxy
+    /// logs in to servers for a user it has only a verifier for.
+    pub learned_keys: std::sync::OnceLock<ScramKeys>,
+}
+
+impl UserEntry {
+    pub fn new(name: &str, secret: Secret, backend_password: &str, admin: bool) -> UserEntry {
+        UserEntry {
+            name: name.to_string(),
+            secret,
+            backend_password: backend_password.to_string(),
+            admin,
+            allow: Vec::new(),
+            learned_keys: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Keeps the keys of the first client that proved it knows the password (every
+    /// later proof yields the same keys: they depend only on password and salt).
+    pub fn learn_keys(&self, keys: ScramKeys) {
+        if matches!(self.secret, Secret::Scram(_)) {
+            let _ = self.learned_keys.set(keys);
+        }
+    }
+
+    /// The keys to log in to servers with, when there is no plain password to use.
+    pub fn backend_keys(&self) -> Option<ScramKeys> {
+        let plain = !self.backend_password.is_empty()
+            && ScramVerifier::parse(&self.backend_password).is_none()
+            && !crate::protocol::auth::is_md5_hash(&self.backend_password);
+        if plain {
+            None
+        } else {
+            self.learned_keys.get().cloned()
+        }
+    }
 }
 
 /// Every configured user, and the secret that makes up salts.
@@ -49,9 +85,15 @@ impl Users {
 pub fn login_secret(config: &Config) -> LoginSecret {
     let passwords = config.users.iter().map(|u| u.password.as_str());
     let failover = config.failover.password.as_deref().into_iter();
+    let auth = config
+        .auth
+        .as_ref()
+        .map(|a| a.password.as_str())
+        .into_iter();
     LoginSecret::from_secrets(
         passwords
             .chain(failover)
+            .chain(auth)
             .chain(std::iter::once(config.proxy.admin_token.as_str())),
     )
 }
@@ -65,11 +107,13 @@ pub fn from_config(config: &Config) -> Users {
             (
                 u.name.clone(),
                 Arc::new(UserEntry {
-                    name: u.name.clone(),
-                    secret: Secret::from_config(&u.name, &u.password, &login_secret),
-                    backend_password: u.password.clone(),
-                    admin: u.admin,
                     allow: u.allow.clone(),
+                    ..UserEntry::new(
+                        &u.name,
+                        Secret::from_config(&u.name, &u.password, &login_secret),
+                        &u.password,
+                        u.admin,
+                    )
                 }),
             )
         })
