@@ -102,6 +102,14 @@ fn main() -> ExitCode {
                     c.users.len(),
                     c.rules.len()
                 );
+                for w in weak_setups(&c, &config) {
+                    let at = if w.key.is_empty() {
+                        String::new()
+                    } else {
+                        format!("{}: ", w.key)
+                    };
+                    eprintln!("{}: warning: {at}{}", config.display(), w.text);
+                }
                 ExitCode::SUCCESS
             }
             Err(e) => {
@@ -118,6 +126,9 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
+            for w in weak_setups(&loaded, &config) {
+                tracing::warn!(key = %w.key, "weak setup: {}", w.text);
+            }
             run_async(loaded.proxy.worker_threads(), serve(loaded, config))
         }
         Command::Demo {
@@ -163,6 +174,16 @@ fn main() -> ExitCode {
             }
         },
     }
+}
+
+/// The weak spots of a loaded config (with its file's permissions).
+fn weak_setups(
+    config: &Config,
+    path: &std::path::Path,
+) -> Vec<replicator::config::warnings::Warning> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path).ok().map(|m| m.permissions().mode());
+    replicator::config::warnings::weak_setups(config, mode)
 }
 
 /// Runs the proxy's event loop. One worker is a single-threaded runtime (the fastest

@@ -22,6 +22,104 @@ fn check_accepts_the_example_config() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("ok"));
 }
 
+/// `check` names weak setups as warnings (the config is still valid), and a hardened
+/// version of the same config has none.
+#[test]
+fn check_warns_about_weak_setups() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("replicator-cli-weak-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("weak.toml");
+    let weak = r#"
+[proxy]
+listen = "0.0.0.0:6432"
+admin_listen = "0.0.0.0:9930"
+
+[[users]]
+name = "app"
+password = "secret"
+
+[projects.shop]
+[[projects.shop.replicas]]
+name = "a"
+role = "primary"
+uri = "postgresql://10.1.2.3:5432/shop"
+
+[[projects.shop.replicas]]
+name = "b"
+role = "replica"
+uri = "postgresql://10.1.2.4:5432/shop?sslmode=require"
+"#;
+    std::fs::write(&path, weak).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let file = path.to_string_lossy().to_string();
+    let out = Command::new(env!("CARGO_BIN_EXE_replicator"))
+        .args(["check", "--config", &file])
+        .env_remove("REPLICATOR_ADMIN_TOKEN")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for needle in [
+        "warning: proxy.admin_listen: reachable from the network and no admin_token",
+        "warning: proxy.listen: reachable from the network and client TLS is off",
+        "warning: projects.shop.replicas[0].uri: 10.1.2.3:5432 across the network may be unencrypted",
+        "warning: projects.shop.replicas[1].uri: 10.1.2.4:5432: encrypted but the server is not verified",
+        "warning: the file holds passwords and others may read it (mode 644)",
+    ] {
+        assert!(stderr.contains(needle), "missing {needle:?} in:\n{stderr}");
+    }
+    // A token, but no TLS: the token would cross the network in clear text; a short
+    // token is named too.
+    let with_token = weak.replacen("[proxy]\n", "[proxy]\nadmin_token = \"short\"\n", 1);
+    std::fs::write(&path, &with_token).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_replicator"))
+        .args(["check", "--config", &file])
+        .env_remove("REPLICATOR_ADMIN_TOKEN")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("the admin token would cross it in clear text"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("proxy.admin_token: shorter than 16"),
+        "{stderr}"
+    );
+    // Loopback listeners, a long token, verified loopback-only nodes, mode 600: quiet.
+    let hardened = r#"
+[proxy]
+listen = "127.0.0.1:6432"
+admin_listen = "127.0.0.1:9930"
+admin_token = "0123456789abcdef0123"
+
+[[users]]
+name = "app"
+password = "secret"
+
+[projects.shop]
+[[projects.shop.replicas]]
+name = "a"
+role = "primary"
+uri = "postgresql://127.0.0.1:5432/shop"
+"#;
+    std::fs::write(&path, hardened).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_replicator"))
+        .args(["check", "--config", &file])
+        .env_remove("REPLICATOR_ADMIN_TOKEN")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr),
+        "",
+        "no warnings expected"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[test]
 fn check_and_serve_name_every_problem_with_file_and_key() {
     let dir = std::env::temp_dir().join(format!("replicator-cli-{}", std::process::id()));

@@ -7,6 +7,7 @@ mod model;
 pub mod persist;
 pub mod secrets;
 mod validate;
+pub mod warnings;
 
 pub use model::*;
 pub use secrets::mask_passwords;
