@@ -98,6 +98,7 @@ fn the_scripts_pass_shellcheck() {
         repo().join("benches/pgbench.sh"),
         repo().join("benches/run.sh"),
         repo().join("benches/driver-suite.sh"),
+        repo().join("benches/pgbench-tls.sh"),
         repo().join("scripts/pgo-build.sh"),
         repo().join(".ci/run"),
     ];

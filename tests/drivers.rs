@@ -126,6 +126,48 @@ async fn node_postgres_works_through_the_proxy() {
     }
 }
 
+/// node-postgres over TLS: verify the proxy's certificate (for 127.0.0.1 and
+/// localhost) against the test CA, log in with SCRAM-SHA-256-PLUS, refuse another CA.
+#[tokio::test]
+async fn node_postgres_over_tls_with_channel_binding() {
+    let folder = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("node-tls");
+    let certs = common::certs::TestCerts::make(&folder, &["127.0.0.1", "localhost"]);
+    let other = common::certs::TestCerts::make(&folder.join("other"), &["127.0.0.1"]);
+    let proxy = start_proxy(
+        "",
+        &format!(
+            "tls_cert_file = \"{}\"\ntls_key_file = \"{}\"\nclient_tls = \"require\"",
+            certs.cert.display(),
+            certs.key.display()
+        ),
+    )
+    .await;
+    let dir = node_pg_dir().await;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/drivers/node_pg_tls.js");
+    let out = tokio::process::Command::new("node")
+        .arg(script)
+        .env("NODE_PATH", dir.join("node_modules"))
+        .env("PROXY_PORT", proxy.addr.port().to_string())
+        .env("CA_FILE", &certs.ca)
+        .env("OTHER_CA_FILE", &other.ca)
+        .output()
+        .await
+        .expect("node is needed for the node-postgres driver test");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "node: {}{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for fact in [
+        "\"127.0.0.1\":{\"rec\":true,\"v\":42,\"encrypted\":true,\"mechanism\":\"SCRAM-SHA-256-PLUS\"}",
+        "\"localhost\":{\"rec\":true,\"v\":42,\"encrypted\":true,\"mechanism\":\"SCRAM-SHA-256-PLUS\"}",
+        "\"otherCa\":\"refused\"",
+    ] {
+        assert!(stdout.contains(fact), "missing {fact} in {stdout}");
+    }
+}
+
 /// libpq's own pipeline mode (pgbench's `\startpipeline`), in both pool modes: 500
 /// queries of 10 kB each, each returning 100 kB, in one pipeline. (The hang this shape
 /// once caused is reproduced byte for byte, with reads and writes interleaved as
