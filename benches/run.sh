@@ -3,7 +3,9 @@
 #   1. pgbench against the primary directly, through PgBouncer and through replicator
 #      (reads split, primary only, read-your-writes on), with ratios to direct;
 #   2. failover: time from killing the primary to the first acknowledged write;
-#   3. CDC: rows per second from source commit to target acknowledgement.
+#   3. CDC: rows per second from source commit to target acknowledgement;
+#   4. TLS: pgbench -S and the connection rate over TLS, direct / PgBouncer / replicator
+#      (when PgBouncer is installed).
 #
 #   benches/run.sh                                  # defaults (about 35 minutes)
 #   ROUNDS=5 DURATION=20 FAILOVER_ROUNDS=5 benches/run.sh
@@ -27,3 +29,9 @@ echo
 
 echo "== 3. CDC throughput (cargo bench --bench cdc_throughput)"
 cargo bench --quiet --bench cdc_throughput 2>/dev/null
+echo
+
+if command -v pgbouncer >/dev/null 2>&1; then
+  echo "== 4. TLS: direct vs PgBouncer vs replicator (benches/pgbench-tls.sh)"
+  benches/pgbench-tls.sh
+fi
