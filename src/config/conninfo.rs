@@ -83,7 +83,8 @@ fn percent_decode(value: &str) -> String {
     while i < bytes.len() {
         if bytes[i] == b'%'
             && i + 2 < bytes.len()
-            && let Ok(byte) = u8::from_str_radix(&value[i + 1..i + 3], 16)
+            && let Ok(hex) = std::str::from_utf8(&bytes[i + 1..i + 3])
+            && let Ok(byte) = u8::from_str_radix(hex, 16)
         {
             out.push(byte);
             i += 3;
@@ -119,5 +120,8 @@ mod tests {
         assert_eq!(s, ServerSecurity::default());
         assert_eq!(s.tls.mode, SslMode::Prefer, "libpq's default");
         assert!(split("postgresql://db/app?sslmode=maybe").is_err());
+        // A % before multibyte characters is kept as it is, not a panic.
+        let (_, s) = split("postgresql://db/app?sslrootcert=/tmp/%é%zz%4").unwrap();
+        assert_eq!(s.tls.root_cert.as_deref(), Some("/tmp/%é%zz%4"));
     }
 }

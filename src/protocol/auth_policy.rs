@@ -113,13 +113,24 @@ pub struct AuthGuard {
 enum GuardState {
     /// The one-byte answer to an SSLRequest comes first.
     SslAnswer,
-    /// A message header (tag + length + the first 4 body bytes) being read.
-    Header { bytes: [u8; 9], have: usize },
+    /// A message header (tag + length) being read.
+    Header { bytes: [u8; 5], have: usize },
+    /// The request code of an authentication message being read; `rest` follows it.
+    Code {
+        bytes: [u8; 4],
+        have: usize,
+        rest: usize,
+    },
     /// The rest of a message being skipped.
     Skip(usize),
     /// Login finished (or TLS started, which another guard watches): pass all.
     Done,
 }
+
+const HEADER: GuardState = GuardState::Header {
+    bytes: [0; 5],
+    have: 0,
+};
 
 impl AuthGuard {
     /// `ssl_request`: the client sends an SSLRequest first, so the server's first byte
@@ -131,10 +142,7 @@ impl AuthGuard {
             state: if ssl_request {
                 GuardState::SslAnswer
             } else {
-                GuardState::Header {
-                    bytes: [0; 9],
-                    have: 0,
-                }
+                HEADER
             },
             asked: false,
         }
@@ -147,61 +155,72 @@ impl AuthGuard {
             match &mut self.state {
                 GuardState::Done => return Ok(()),
                 GuardState::SslAnswer => {
+                    // 'S': encrypted from here, the TLS stream's own guard takes over.
                     self.state = if data[0] == b'S' {
-                        // Encrypted from here: the TLS stream's own guard takes over.
                         GuardState::Done
                     } else {
-                        GuardState::Header {
-                            bytes: [0; 9],
-                            have: 0,
-                        }
+                        HEADER
                     };
                     data = &data[1..];
                 }
                 GuardState::Header { bytes, have } => {
-                    let take = (9 - *have).min(data.len());
+                    let take = (5 - *have).min(data.len());
                     bytes[*have..*have + take].copy_from_slice(&data[..take]);
                     *have += take;
                     data = &data[take..];
-                    if *have < 9 {
+                    if *have < 5 {
                         continue;
                     }
                     let tag = bytes[0];
                     let len = u32::from_be_bytes([bytes[1], bytes[2], bytes[3], bytes[4]]) as usize;
-                    if tag == b'R' {
-                        let code = i32::from_be_bytes([bytes[5], bytes[6], bytes[7], bytes[8]]);
-                        let policy = AuthPolicy {
-                            require_auth: self.require_auth.as_ref(),
-                            encrypted: self.encrypted,
-                        };
-                        policy.check(code, self.asked)?;
-                        if code == 0 {
-                            self.state = GuardState::Done;
-                            continue;
+                    if len < 4 {
+                        return Err(format!("the server sent a message with length {len}"));
+                    }
+                    self.state = if tag == b'R' {
+                        if len < 8 {
+                            return Err("the server sent a truncated authentication request".into());
                         }
-                        self.asked = true;
-                    } else if tag == b'E' || tag == b'v' || tag == b'N' {
-                        // An error (login refused), NegotiateProtocolVersion or a
-                        // notice: nothing to answer with a secret.
+                        GuardState::Code {
+                            bytes: [0; 4],
+                            have: 0,
+                            rest: len - 8,
+                        }
                     } else {
-                        // Anything else before AuthenticationOk is not a login.
+                        // An error, NegotiateProtocolVersion, a notice (or anything a
+                        // client would refuse): skipped whole, never answered.
+                        GuardState::Skip(len - 4)
+                    };
+                }
+                GuardState::Code { bytes, have, rest } => {
+                    let take = (4 - *have).min(data.len());
+                    bytes[*have..*have + take].copy_from_slice(&data[..take]);
+                    *have += take;
+                    data = &data[take..];
+                    if *have < 4 {
+                        continue;
+                    }
+                    let code = i32::from_be_bytes(*bytes);
+                    let rest = *rest;
+                    let policy = AuthPolicy {
+                        require_auth: self.require_auth.as_ref(),
+                        encrypted: self.encrypted,
+                    };
+                    policy.check(code, self.asked)?;
+                    if code == 0 {
                         self.state = GuardState::Done;
                         continue;
                     }
-                    // The length counts itself (4) and the 4 body bytes read.
-                    self.state = GuardState::Skip(len.saturating_sub(8));
+                    self.asked = true;
+                    self.state = GuardState::Skip(rest);
                 }
                 GuardState::Skip(left) => {
                     let take = (*left).min(data.len());
                     *left -= take;
                     data = &data[take..];
-                    if *left == 0 {
-                        self.state = GuardState::Header {
-                            bytes: [0; 9],
-                            have: 0,
-                        };
-                    }
                 }
+            }
+            if matches!(self.state, GuardState::Skip(0)) {
+                self.state = HEADER;
             }
         }
         Ok(())
@@ -334,6 +353,22 @@ mod tests {
         for byte in &stream {
             guard.inspect(std::slice::from_ref(byte)).unwrap();
         }
+        // Messages of any length before the request (a notice with no body, a long
+        // one) do not make the guard lose its place.
+        let mut stream = vec![b'N', 0, 0, 0, 4];
+        stream.extend([b'N', 0, 0, 0, 9, 1, 2, 3, 4, 5]);
+        stream.extend(auth_request(3, &[]));
+        for split in 0..stream.len() {
+            let mut guard = AuthGuard::new(None, false, false);
+            let first = guard.inspect(&stream[..split]);
+            let second = guard.inspect(&stream[split..]);
+            assert!(first.is_err() || second.is_err(), "split at {split}");
+        }
+        // An unknown message before the request is skipped, not taken for the end of
+        // the login.
+        let mut stream = vec![b'S', 0, 0, 0, 6, b'a', 0];
+        stream.extend(auth_request(3, &[]));
+        assert!(AuthGuard::new(None, false, false).inspect(&stream).is_err());
         // After 'S' the bytes are TLS records: not this guard's to read.
         let mut guard = AuthGuard::new(None, false, true);
         guard.inspect(b"S\x16\x03\x03garbage").unwrap();
