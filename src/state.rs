@@ -37,6 +37,8 @@ pub struct Shared {
     pub cdc: crate::cdc::Cdc,
     /// Fleet mode (`[coordination]`): this instance's view of the fleet.
     pub fleet: Option<Arc<crate::fleet::Fleet>>,
+    /// Clients connected, per project and per user, against their limits.
+    pub limits: crate::session::limits::ClientLimits,
     /// Users looked up with `[auth] query`.
     pub auth_query: crate::session::auth_query::AuthQueryCache,
     /// The TLS offered to clients (re-read on reload; `None`: clear text only).
@@ -53,6 +55,7 @@ impl Shared {
         Arc::new(Shared {
             tls: arc_swap::ArcSwapOption::new(tls),
             auth_query: Default::default(),
+            limits: Default::default(),
             config_path,
             users: ArcSwap::from_pointee(users::from_config(&config)),
             topology: ArcSwap::from_pointee(Topology::build(&config, None, fleet.as_ref())),

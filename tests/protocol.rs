@@ -1257,3 +1257,92 @@ async fn login_reveals_nothing_and_reserves_nothing_for_strangers() {
         .expect_err("the project allows 192.0.2.0/24 only");
     assert_eq!(err.code().map(|c| c.code()), Some("28000"), "{err:?}");
 }
+
+/// max_client_conn, a project's and a user's max_clients: the client over a limit gets
+/// 53300 at once, seats come back when clients leave, and the refusals are counted.
+#[tokio::test]
+async fn client_limits_refuse_with_53300_at_once() {
+    let text = config_text(cluster(), "max_clients = 3", "max_client_conn = 5").replacen(
+        "name = \"trust_user\"\npassword = \"secret\"",
+        "name = \"trust_user\"\npassword = \"secret\"\nmax_clients = 1",
+        1,
+    );
+    assert!(text.contains("max_clients = 1"));
+    let proxy = start_proxy_with(&text).await;
+    let refused = |url: String, what: &'static str| async move {
+        let started = Instant::now();
+        let err = connect(&url).await.expect_err(what);
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{what}: not at once"
+        );
+        assert_eq!(
+            err.code().map(|c| c.code()),
+            Some("53300"),
+            "{what}: {err:?}"
+        );
+        err.as_db_error()
+            .map(|e| e.message().to_string())
+            .unwrap_or_default()
+    };
+    let trust = connect(&proxy_url(&proxy, "trust_user", "secret", "app"))
+        .await
+        .unwrap();
+    let message = refused(
+        proxy_url(&proxy, "trust_user", "secret", "app"),
+        "user limit",
+    )
+    .await;
+    assert!(message.contains("user \"trust_user\""), "{message}");
+    let app1 = app_client(&proxy).await;
+    let _app2 = app_client(&proxy).await;
+    let message = refused(proxy_url(&proxy, "app", "secret", "app"), "project limit").await;
+    assert!(message.contains("project \"app\""), "{message}");
+    // The console counts toward max_client_conn only.
+    let console = connect(&proxy_url(&proxy, "app", "secret", "replicator"))
+        .await
+        .unwrap();
+    let _console2 = connect(&proxy_url(&proxy, "app", "secret", "replicator"))
+        .await
+        .unwrap();
+    let message = refused(
+        proxy_url(&proxy, "app", "secret", "replicator"),
+        "max_client_conn",
+    )
+    .await;
+    assert!(message.contains("max_client_conn = 5"), "{message}");
+    // Seats come back when clients leave.
+    drop(app1);
+    drop(trust);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if connect(&proxy_url(&proxy, "trust_user", "secret", "app"))
+            .await
+            .is_ok()
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the seats were not given back");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let stats = console.simple_query("SHOW STATS").await.unwrap();
+    let refusals = stats
+        .iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(row) => {
+                row.get("clients_refused").map(str::to_string)
+            }
+            _ => None,
+        })
+        .expect("SHOW STATS row");
+    assert_eq!(refusals, "2", "a project and a user refusal");
+    let addr = proxy.admin_addr.unwrap().to_string();
+    let (_, metrics) = admin_http(&addr).get("/metrics").await.unwrap();
+    for needle in [
+        "replicator_clients_refused_total{limit=\"max_client_conn\"} 1",
+        "replicator_clients_refused_total{limit=\"project\"} 1",
+        "replicator_clients_refused_total{limit=\"user\"} 1",
+    ] {
+        assert!(metrics.contains(needle), "missing {needle}");
+    }
+}

@@ -454,6 +454,7 @@ fn show_stats(shared: &Shared) -> Reply {
         .iter()
         .map(|p| {
             let reads: u64 = p.nodes.iter().map(|n| n.reads).sum();
+            let (clients, refused) = shared.limits.project_counts(&p.name);
             let writes: u64 = p.nodes.iter().map(|n| n.writes).sum();
             let replica_reads: u64 = p
                 .nodes
@@ -470,6 +471,8 @@ fn show_stats(shared: &Shared) -> Reply {
                 writes.to_string(),
                 p.fallback_reads.to_string(),
                 p.causal_primary_reads.to_string(),
+                clients.to_string(),
+                refused.to_string(),
             ]
         })
         .collect();
@@ -483,6 +486,8 @@ fn show_stats(shared: &Shared) -> Reply {
             "writes",
             "fallback_reads",
             "causal_primary_reads",
+            "clients",
+            "clients_refused",
         ],
         out,
     )

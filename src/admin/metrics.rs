@@ -255,6 +255,24 @@ impl Collector for ProxyCollector {
             "Connected clients.",
             &[(vec![], shared.active_clients.load(Ordering::Relaxed) as i64)],
         )?;
+        let limits = &shared.limits;
+        let refused = [
+            ("max_client_conn", &limits.refused_total),
+            ("project", &limits.refused_project),
+            ("user", &limits.refused_user),
+        ]
+        .map(|(limit, count)| {
+            (
+                vec![("limit", limit.to_string())],
+                count.load(Ordering::Relaxed),
+            )
+        });
+        counter(
+            &mut encoder,
+            "clients_refused",
+            "Clients refused with 53300 by max_client_conn, a project's or a user's max_clients.",
+            &refused,
+        )?;
         encode_rules(&mut encoder, &shared.cdc.views(&shared))?;
         if let Some(fleet) = &shared.fleet {
             encode_fleet(&mut encoder, &fleet.view())?;

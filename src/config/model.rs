@@ -111,6 +111,9 @@ pub struct ProxySettings {
     /// topology (REPLICATOR_ADMIN_TOKEN wins when set). Empty: those endpoints refuse.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub admin_token: String,
+    /// Clients connected at once, logins under way included (0: no limit).
+    #[serde(default = "default_max_client_conn")]
+    pub max_client_conn: usize,
     /// `/metrics` asks for the admin token too.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub metrics_auth: bool,
@@ -174,6 +177,17 @@ pub struct User {
     /// Client addresses this user may connect from (empty: any).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allow: Vec<String>,
+    /// Clients of this user connected at once (0: no limit).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub max_clients: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
+}
+
+fn default_max_client_conn() -> usize {
+    10_000
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
@@ -196,6 +210,9 @@ pub struct Project {
     /// Client addresses that may connect to this project (empty: any).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allow: Vec<String>,
+    /// Clients of this project connected at once (0: no limit).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub max_clients: usize,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]

@@ -30,12 +30,13 @@ const PROXY: &[&str] = &[
     "workers",
     "shutdown_timeout_ms",
     "admin_token",
+    "max_client_conn",
     "metrics_auth",
     "tls_cert_file",
     "tls_key_file",
     "client_tls",
 ];
-const USER: &[&str] = &["name", "password", "admin", "allow"];
+const USER: &[&str] = &["name", "password", "admin", "allow", "max_clients"];
 const PROJECT: &[&str] = &[
     "database",
     "read_routing",
@@ -45,6 +46,7 @@ const PROJECT: &[&str] = &[
     "pool_size",
     "replicas",
     "allow",
+    "max_clients",
 ];
 const REPLICA: &[&str] = &["name", "role", "uri", "lag_tolerance_ms", "weight"];
 const FAILOVER: &[&str] = &[

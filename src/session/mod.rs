@@ -16,6 +16,7 @@ mod backend;
 pub mod cancel;
 pub mod clients;
 mod expect;
+pub mod limits;
 mod passthrough;
 mod pending;
 mod requests;
@@ -116,6 +117,11 @@ impl From<ProtocolError> for End {
 pub async fn serve_client(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
     let _ = stream.set_nodelay(true);
     let started = tokio::time::Instant::now();
+    // Taken before anything else, held until the task ends; a client over the limit
+    // still gets its answer (after its startup packet, so that it can read it) and a
+    // cancel request still works.
+    let seat = limits::ClientLimits::connection(&shared);
+    let full = seat.as_ref().err().copied();
     let tls = shared.tls.load_full();
     let negotiated = match tokio::time::timeout(
         HANDSHAKE_TIMEOUT,
@@ -148,6 +154,7 @@ pub async fn serve_client(shared: Arc<Shared>, stream: TcpStream, peer: SocketAd
             &shared,
             peer,
             channel_binding.as_deref(),
+            full,
         ),
     )
     .await;
@@ -193,6 +200,24 @@ pub async fn serve_client(shared: Arc<Shared>, stream: TcpStream, peer: SocketAd
         warn!(%peer, user = %login.user.name, "login refused: {message}");
         refuse(&mut writer, "3D000", &message).await;
         return;
+    };
+    let _login_seat = match limits::ClientLimits::login(&shared, &project.name, &login.user.name) {
+        Ok(seat) => seat,
+        Err(limit) => {
+            let message = match limit {
+                limits::Limit::Project(n) => format!(
+                    "too many clients of project \"{}\" already (max_clients = {n})",
+                    project.name
+                ),
+                limits::Limit::User(n) => format!(
+                    "too many clients of user \"{}\" already (max_clients = {n})",
+                    login.user.name
+                ),
+            };
+            warn!(%peer, user = %login.user.name, "login refused: {message}");
+            refuse(&mut writer, "53300", &message).await;
+            return;
+        }
     };
     let (key_pid, key_secret, cancel_slot) = shared.cancels.register();
     shared

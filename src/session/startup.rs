@@ -55,6 +55,7 @@ pub async fn handshake(
     shared: &Shared,
     peer: SocketAddr,
     channel_binding: Option<&[u8]>,
+    full: Option<usize>,
 ) -> Result<Startup, Refusal> {
     let mut packet = reader.read_startup_packet().await?;
     let code = packet.get_u32();
@@ -95,6 +96,12 @@ pub async fn handshake(
             }
         }
     };
+    if let Some(max) = full {
+        return Err(Refusal::new(
+            "53300",
+            format!("sorry, too many clients already (max_client_conn = {max})"),
+        ));
+    }
     let user_name = params
         .iter()
         .find(|(k, _)| k == "user")
