@@ -164,19 +164,26 @@ async fn require_refuses_clear_text_and_a_proxy_without_certificate_says_so() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A rustls client config that checks the proxy's certificate against `ca` and its name.
+fn verify_full(ca: &std::path::Path) -> std::sync::Arc<rustls::ClientConfig> {
+    ServerTlsSettings {
+        mode: SslMode::VerifyFull,
+        root_cert: Some(ca.display().to_string()),
+        cert: None,
+        key: None,
+    }
+    .client_config()
+    .unwrap()
+    .unwrap()
+}
+
 /// tokio-postgres over rustls, verify-full against the test CA.
 async fn rustls_client(
     proxy: &Proxy,
     ca: &std::path::Path,
     direct: bool,
 ) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
-    let settings = ServerTlsSettings {
-        mode: SslMode::VerifyFull,
-        root_cert: Some(ca.display().to_string()),
-        cert: None,
-        key: None,
-    };
-    let tls = MakeRustlsConnect::new(settings.client_config().unwrap().unwrap());
+    let tls = MakeRustlsConnect::new(verify_full(ca));
     let mut config: tokio_postgres::Config =
         proxy_url(proxy, "app", "secret", "app").parse().unwrap();
     config
@@ -232,15 +239,7 @@ async fn a_second_driver_with_direct_tls_big_results_and_pipelines() {
         }
     }
     // Direct TLS that does not name the postgresql ALPN protocol is not Postgres.
-    let config = ServerTlsSettings {
-        mode: SslMode::VerifyFull,
-        root_cert: Some(certs.ca.display().to_string()),
-        cert: None,
-        key: None,
-    }
-    .client_config()
-    .unwrap()
-    .unwrap();
+    let config = verify_full(&certs.ca);
     let mut without_alpn = (*config).clone();
     without_alpn.alpn_protocols.clear();
     let stream = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();

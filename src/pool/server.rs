@@ -229,12 +229,7 @@ impl ServerConn {
             .connect(name, stream)
             .await
             .map_err(|e| unsupported(format!("TLS handshake failed: {e}")))?;
-        let channel_binding = tls
-            .get_ref()
-            .1
-            .peer_certificates()
-            .and_then(|chain| chain.first())
-            .map(|leaf| crate::tls::end_point_hash(leaf));
+        let channel_binding = crate::tls::peer_end_point(tls.get_ref().1);
         let (read, write) = crate::tls::stream::tls(tls);
         Ok((read, write, channel_binding))
     }
@@ -280,9 +275,7 @@ impl ServerConn {
             match code {
                 0 => return Ok(()),
                 3 => {
-                    if crate::protocol::auth::ScramVerifier::parse(&login.password).is_some()
-                        || crate::protocol::auth::is_md5_hash(&login.password)
-                    {
+                    if !crate::protocol::auth::is_plain_password(&login.password) {
                         return Err(unsupported(
                             "the server asks for the clear-text password, but only a hash is configured for this user",
                         ));
@@ -318,10 +311,7 @@ impl ServerConn {
                             "no supported SASL mechanism in {mechanisms:?}"
                         )));
                     }
-                    let no_plain = login.password.is_empty()
-                        || crate::protocol::auth::ScramVerifier::parse(&login.password).is_some()
-                        || crate::protocol::auth::is_md5_hash(&login.password);
-                    if no_plain {
+                    if !crate::protocol::auth::is_plain_password(&login.password) {
                         // SCRAM passthrough: the keys a client's proof revealed.
                         let Some(keys) = login.scram_keys.clone() else {
                             return Err(unsupported(

@@ -160,6 +160,12 @@ impl Secret {
     }
 }
 
+/// A configured password that is the password itself, not a SCRAM verifier or an md5
+/// hash (only such a one can answer a clear-text or SCRAM request from a server).
+pub fn is_plain_password(s: &str) -> bool {
+    !s.is_empty() && ScramVerifier::parse(s).is_none() && !is_md5_hash(s)
+}
+
 pub fn is_md5_hash(s: &str) -> bool {
     s.len() == 35 && s.starts_with("md5") && s[3..].bytes().all(|b| b.is_ascii_hexdigit())
 }

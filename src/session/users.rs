@@ -42,10 +42,7 @@ impl UserEntry {
 
     /// The keys to log in to servers with, when there is no plain password to use.
     pub fn backend_keys(&self) -> Option<ScramKeys> {
-        let plain = !self.backend_password.is_empty()
-            && ScramVerifier::parse(&self.backend_password).is_none()
-            && !crate::protocol::auth::is_md5_hash(&self.backend_password);
-        if plain {
+        if crate::protocol::auth::is_plain_password(&self.backend_password) {
             None
         } else {
             self.learned_keys.get().cloned()

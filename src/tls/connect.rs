@@ -420,11 +420,9 @@ pub struct RustlsStream<S> {
 impl<S: AsyncRead + AsyncWrite + Unpin> tokio_postgres::tls::TlsStream for RustlsStream<S> {
     /// SCRAM-SHA-256-PLUS towards the server: bound to the certificate it showed.
     fn channel_binding(&self) -> tokio_postgres::tls::ChannelBinding {
-        match self.inner.get_ref().1.peer_certificates() {
-            Some([leaf, ..]) => tokio_postgres::tls::ChannelBinding::tls_server_end_point(
-                super::end_point_hash(leaf),
-            ),
-            _ => tokio_postgres::tls::ChannelBinding::none(),
+        match super::peer_end_point(self.inner.get_ref().1) {
+            Some(hash) => tokio_postgres::tls::ChannelBinding::tls_server_end_point(hash),
+            None => tokio_postgres::tls::ChannelBinding::none(),
         }
     }
 }

@@ -89,6 +89,14 @@ pub fn end_point_hash(certificate: &[u8]) -> Vec<u8> {
     }
 }
 
+/// The tls-server-end-point hash of the certificate a server showed.
+pub fn peer_end_point(connection: &rustls::ClientConnection) -> Option<Vec<u8>> {
+    connection
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .map(|leaf| end_point_hash(leaf))
+}
+
 #[derive(Debug, PartialEq)]
 enum SignatureHash {
     Sha384,
