@@ -146,6 +146,7 @@ pub async fn reload(shared: &Arc<Shared>, trigger: &str) -> Result<String, Strin
     shared.auth_query.clear();
     shared.config.store(Arc::new(next));
     shared.topology.store(Arc::new(topology));
+    shared.clients.notify_reconfigured();
     // Only now, so that a session that looks up its project finds the new one.
     let current = shared.topology.load();
     for project in old_topology.projects.values() {

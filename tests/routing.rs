@@ -519,7 +519,11 @@ async fn a_begin_takes_no_server_until_its_first_statement() {
     // One primary connection, and a short wait for it, to see who holds it.
     let text = format!(
         "{}\n[failover]\nwrite_wait_ms = 100\n",
-        config_text(cluster(), "pool_size = 1", "connect_timeout_ms = 300")
+        config_text(
+            cluster(),
+            "pool_size = 1",
+            "connect_timeout_ms = 300\nquery_wait_timeout_ms = 300"
+        )
     );
     let proxy = start_proxy_with(&text).await;
     create_table("deferred_begin", "id int").await;

@@ -273,6 +273,25 @@ impl Collector for ProxyCollector {
             "Clients refused with 53300 by max_client_conn, a project's or a user's max_clients.",
             &refused,
         )?;
+        let timeouts = &limits.timeouts;
+        let timed_out = [
+            ("client_idle_timeout_ms", &timeouts.client_idle),
+            ("idle_transaction_timeout_ms", &timeouts.idle_transaction),
+            ("query_timeout_ms", &timeouts.query),
+            ("client_write_timeout_ms", &timeouts.client_write),
+        ]
+        .map(|(timeout, count)| {
+            (
+                vec![("timeout", timeout.to_string())],
+                count.load(Ordering::Relaxed),
+            )
+        });
+        counter(
+            &mut encoder,
+            "client_timeouts",
+            "Clients disconnected (or, for query_timeout_ms, queries cancelled) by a timeout.",
+            &timed_out,
+        )?;
         encode_rules(&mut encoder, &shared.cdc.views(&shared))?;
         if let Some(fleet) = &shared.fleet {
             encode_fleet(&mut encoder, &fleet.view())?;

@@ -88,7 +88,10 @@ impl WalSender {
                     .into(),
             ),
         ];
-        let conn = ServerConn::connect(&login, timeout).await?;
+        // A replication stream idles between changes: keepalive notices a vanished
+        // server on it too.
+        let keepalive = crate::keepalive::Keepalive::default();
+        let conn = ServerConn::connect(&login, timeout, &keepalive).await?;
         Ok(WalSender {
             conn,
             streaming: false,

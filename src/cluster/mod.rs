@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
 use crate::config::{Config, NodeAddress, ReadRouting, Role};
-use crate::pool::{BackendError, LoginInfo, Pool, Pooled};
+use crate::pool::{BackendError, LoginInfo, Pool, PoolSettings, Pooled};
 use crate::session::users::UserEntry;
 pub use health::{Health, NodeState};
 pub use stats::NodeStats;
@@ -70,9 +70,7 @@ pub struct Node {
     pub database: String,
     pub weight: u32,
     pub lag_tolerance_ms: u64,
-    pub pool_size: u32,
-    pub connect_timeout: Duration,
-    pub idle_timeout: Duration,
+    pub pool: PoolSettings,
     /// Per user (looked up on every checkout, hence foldhash).
     pools: RwLock<HashMap<String, Pool, foldhash::fast::RandomState>>,
     /// Milliseconds since `epoch` until which the node is considered down.
@@ -152,9 +150,7 @@ impl Node {
                 scram_keys: keys,
                 extra_params: Vec::new(),
             },
-            self.pool_size,
-            self.connect_timeout,
-            self.idle_timeout,
+            self.pool,
         );
         pools.insert(user.name.clone(), pool.clone());
         pool
@@ -186,7 +182,7 @@ impl Node {
     }
 
     pub fn pool_size(&self) -> u32 {
-        self.pool_size
+        self.pool.size
     }
 
     /// Taken out of the topology by a reload: its pools are let go, so idle server
@@ -421,8 +417,7 @@ impl Topology {
                         .clone()
                         .or(addr.dbname.clone())
                         .unwrap_or_else(|| database.clone());
-                    let connect_timeout = Duration::from_millis(config.proxy.connect_timeout_ms);
-                    let idle_timeout = Duration::from_millis(config.proxy.server_idle_timeout_ms);
+                    let pool = pool_settings(&config.proxy, p.pool_size);
                     if let Some(kept) = old_project
                         .and_then(|op| op.nodes.iter().find(|n| n.name == r.name))
                         .filter(|n| {
@@ -431,9 +426,7 @@ impl Topology {
                                 && n.configured_role == r.role
                                 && n.weight == r.weight
                                 && n.lag_tolerance_ms == r.lag_tolerance_ms
-                                && n.pool_size == p.pool_size
-                                && n.connect_timeout == connect_timeout
-                                && n.idle_timeout == idle_timeout
+                                && n.pool == pool
                         })
                     {
                         return Some(kept.clone());
@@ -446,9 +439,7 @@ impl Topology {
                         addr,
                         weight: r.weight,
                         lag_tolerance_ms: r.lag_tolerance_ms,
-                        pool_size: p.pool_size,
-                        connect_timeout,
-                        idle_timeout,
+                        pool,
                         pools: RwLock::new(HashMap::default()),
                         down_until_ms: AtomicU64::new(0),
                         epoch,
@@ -496,6 +487,19 @@ impl Topology {
             projects.insert(name.clone(), project);
         }
         Topology { projects }
+    }
+}
+
+/// The pool settings of a project's nodes.
+fn pool_settings(proxy: &crate::config::ProxySettings, size: u32) -> PoolSettings {
+    let ms = Duration::from_millis;
+    PoolSettings {
+        size,
+        connect_timeout: ms(proxy.connect_timeout_ms),
+        wait_timeout: ms(proxy.query_wait_timeout_ms),
+        idle_timeout: ms(proxy.server_idle_timeout_ms),
+        lifetime: (proxy.server_lifetime_ms > 0).then(|| ms(proxy.server_lifetime_ms)),
+        keepalive: crate::keepalive::Keepalive::from_settings(proxy),
     }
 }
 

@@ -127,6 +127,41 @@ pub struct ProxySettings {
     /// default: allow with a certificate, disable without.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_tls: Option<ClientTls>,
+    /// A client idle between transactions this long is disconnected (57P05); 0: never.
+    #[serde(default, skip_serializing_if = "is_zero_ms")]
+    pub client_idle_timeout_ms: u64,
+    /// A client idle inside a transaction this long is disconnected (25P03) and its
+    /// server connection rolled back and returned to the pool; 0: never.
+    #[serde(default, skip_serializing_if = "is_zero_ms")]
+    pub idle_transaction_timeout_ms: u64,
+    /// A query running this long is cancelled on its server (the client gets 57014 and
+    /// keeps its session); 0: never.
+    #[serde(default, skip_serializing_if = "is_zero_ms")]
+    pub query_timeout_ms: u64,
+    /// Server connections older than this are closed when they come back to the pool;
+    /// 0: never.
+    #[serde(default, skip_serializing_if = "is_zero_ms")]
+    pub server_lifetime_ms: u64,
+    /// How long a client waits for a pooled connection when every one is busy.
+    #[serde(default = "default_query_wait_timeout_ms")]
+    pub query_wait_timeout_ms: u64,
+    /// A client that takes none of the bytes sent to it for this long is disconnected,
+    /// its query cancelled and its server connection reset and returned; 0: never.
+    #[serde(default = "default_client_write_timeout_ms")]
+    pub client_write_timeout_ms: u64,
+    /// TCP keepalive on client and server sockets; the timings default to the kernel's.
+    #[serde(default = "default_true")]
+    pub tcp_keepalive: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp_keepalive_idle_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp_keepalive_interval_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp_keepalive_count: Option<u32>,
+}
+
+fn is_zero_ms(n: &u64) -> bool {
+    *n == 0
 }
 
 /// `[proxy] client_tls`.
@@ -357,6 +392,12 @@ fn default_state_file() -> String {
 }
 fn default_connect_timeout_ms() -> u64 {
     5000
+}
+fn default_query_wait_timeout_ms() -> u64 {
+    120_000
+}
+fn default_client_write_timeout_ms() -> u64 {
+    60_000
 }
 fn default_server_idle_timeout_ms() -> u64 {
     600_000

@@ -35,6 +35,16 @@ const PROXY: &[&str] = &[
     "tls_cert_file",
     "tls_key_file",
     "client_tls",
+    "client_idle_timeout_ms",
+    "idle_transaction_timeout_ms",
+    "query_timeout_ms",
+    "server_lifetime_ms",
+    "query_wait_timeout_ms",
+    "client_write_timeout_ms",
+    "tcp_keepalive",
+    "tcp_keepalive_idle_ms",
+    "tcp_keepalive_interval_ms",
+    "tcp_keepalive_count",
 ];
 const USER: &[&str] = &["name", "password", "admin", "allow", "max_clients"];
 const PROJECT: &[&str] = &[
@@ -265,6 +275,27 @@ pub fn semantics(config: &Config) -> Vec<ConfigIssue> {
     }
     if config.proxy.connect_timeout_ms == 0 {
         out.push(issue("proxy.connect_timeout_ms", "must be greater than 0"));
+    }
+    if proxy.query_wait_timeout_ms == 0 {
+        out.push(issue(
+            "proxy.query_wait_timeout_ms",
+            "must be greater than 0 (a client must not wait for a server forever)",
+        ));
+    }
+    // The kernel counts keepalive timings in whole seconds.
+    for (key, value) in [
+        ("proxy.tcp_keepalive_idle_ms", proxy.tcp_keepalive_idle_ms),
+        (
+            "proxy.tcp_keepalive_interval_ms",
+            proxy.tcp_keepalive_interval_ms,
+        ),
+    ] {
+        if value.is_some_and(|ms| ms < 1000) {
+            out.push(issue(key, "must be at least 1000 (whole seconds)"));
+        }
+    }
+    if proxy.tcp_keepalive_count == Some(0) {
+        out.push(issue("proxy.tcp_keepalive_count", "must be at least 1"));
     }
     if config.proxy.statement_cache_size == 0 {
         out.push(issue(

@@ -10,14 +10,17 @@
 //! - Idle connections are a LIFO stack: one client keeps hitting the same warm server
 //!   process, and the surplus ones sink to the bottom and reach the idle timeout.
 //! - A full pool queues checkouts in arrival order; a returned connection is handed
-//!   straight to the oldest waiter, which gives up after the connect timeout.
+//!   straight to the oldest waiter, which gives up after `query_wait_timeout_ms`.
 //! - A failed connection attempt fails every waiting checkout at once: a session
 //!   waiting for a node that just refused a connection should try another node, not
 //!   sit out its timeout.
 //! - A connection is checked before it is handed out (an idle server that closed or
 //!   sent a FATAL is noticed without a round trip, from the socket's readiness), and
-//!   one marked broken is closed instead of pooled.
+//!   one marked broken is closed instead of pooled, as is one older than
+//!   `server_lifetime_ms` (so that servers' memory and a changed DNS name or
+//!   configuration are taken up over time).
 
+pub mod recover;
 pub mod server;
 
 use std::collections::VecDeque;
@@ -28,6 +31,24 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 pub use server::{BackendError, LoginInfo, ServerConn};
+
+use crate::keepalive::Keepalive;
+
+/// How a pool opens, hands out and retires connections (from `[proxy]` and the
+/// project's `pool_size`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolSettings {
+    pub size: u32,
+    /// Opening one connection, login included.
+    pub connect_timeout: Duration,
+    /// Waiting for a connection when every one is busy.
+    pub wait_timeout: Duration,
+    /// Idle connections are closed after this long.
+    pub idle_timeout: Duration,
+    /// Connections are closed when they come back after this long (None: never).
+    pub lifetime: Option<Duration>,
+    pub keepalive: Keepalive,
+}
 
 /// Shortest and longest pause between two passes of the idle-connection reaper.
 const REAP_MIN: Duration = Duration::from_millis(100);
@@ -41,9 +62,7 @@ pub struct Pool {
 
 struct PoolInner {
     login: LoginInfo,
-    max_size: u32,
-    connect_timeout: Duration,
-    idle_timeout: Duration,
+    settings: PoolSettings,
     state: Mutex<PoolState>,
 }
 
@@ -78,19 +97,13 @@ pub struct PoolCounts {
 }
 
 impl Pool {
-    /// A pool of at most `size` connections. Needs a tokio runtime: it starts the
-    /// task that closes connections idle longer than `idle_timeout`.
-    pub fn new(
-        login: LoginInfo,
-        size: u32,
-        connect_timeout: Duration,
-        idle_timeout: Duration,
-    ) -> Pool {
+    /// A pool of at most `settings.size` connections. Needs a tokio runtime: it starts
+    /// the task that closes connections idle longer than `idle_timeout`.
+    pub fn new(login: LoginInfo, mut settings: PoolSettings) -> Pool {
+        settings.size = settings.size.max(1);
         let inner = Arc::new(PoolInner {
             login,
-            max_size: size.max(1),
-            connect_timeout,
-            idle_timeout,
+            settings,
             state: Mutex::new(PoolState::default()),
         });
         tokio::spawn(reap_idle(Arc::downgrade(&inner)));
@@ -109,14 +122,14 @@ impl Pool {
     }
 
     /// A connection from the pool, a new one if there is room, or the next one returned
-    /// within the connect timeout.
+    /// within the wait timeout.
     pub async fn get(&self) -> Result<Pooled, BackendError> {
         let waiting = {
             let mut state = self.inner.lock();
             if let Some(conn) = state.pop_usable() {
                 return Ok(self.inner.pooled(conn));
             }
-            if state.total < self.inner.max_size {
+            if state.total < self.inner.settings.size {
                 state.total += 1;
                 None
             } else {
@@ -135,22 +148,23 @@ impl Pool {
     }
 
     async fn wait(&self, mut waiting: Waiting) -> Result<Pooled, BackendError> {
-        let handoff = match tokio::time::timeout(self.inner.connect_timeout, &mut waiting.rx).await
-        {
-            Ok(Ok(handoff)) => Some(handoff),
-            // Timed out: a connection handed over at the last moment still counts.
-            Ok(Err(_)) | Err(_) => {
-                waiting.rx.close();
-                waiting.rx.try_recv().ok()
-            }
-        };
+        let handoff =
+            match tokio::time::timeout(self.inner.settings.wait_timeout, &mut waiting.rx).await {
+                Ok(Ok(handoff)) => Some(handoff),
+                // Timed out: a connection handed over at the last moment still counts.
+                Ok(Err(_)) | Err(_) => {
+                    waiting.rx.close();
+                    waiting.rx.try_recv().ok()
+                }
+            };
         match handoff {
             Some(Handoff::Conn(conn)) => Ok(self.inner.pooled(conn)),
             Some(Handoff::Slot) => self.inner.clone().connect_reserved().await,
             Some(Handoff::Failed(e)) => Err(e),
             None => Err(BackendError::Timeout(format!(
-                "{}: every pooled connection stayed busy",
-                self.inner.login.addr
+                "{}: every pooled connection stayed busy for query_wait_timeout_ms ({} ms)",
+                self.inner.login.addr,
+                self.inner.settings.wait_timeout.as_millis()
             ))),
         }
     }
@@ -197,7 +211,9 @@ impl PoolInner {
     /// Opens a connection in a place already counted in `total`.
     async fn connect_reserved(self: Arc<Self>) -> Result<Pooled, BackendError> {
         let reservation = Reservation(Some(self.clone()));
-        match ServerConn::connect(&self.login, self.connect_timeout).await {
+        let settings = &self.settings;
+        match ServerConn::connect(&self.login, settings.connect_timeout, &settings.keepalive).await
+        {
             Ok(conn) => {
                 std::mem::forget(reservation);
                 Ok(self.pooled(Box::new(conn)))
@@ -216,7 +232,7 @@ impl PoolInner {
 
     /// A checked-out connection comes back: to the oldest waiter, else onto the stack.
     fn put_back(&self, mut conn: Box<ServerConn>) {
-        if conn.broken {
+        if conn.broken || self.past_lifetime(&conn) {
             drop(conn);
             self.release_place();
             return;
@@ -235,6 +251,12 @@ impl PoolInner {
         });
     }
 
+    fn past_lifetime(&self, conn: &ServerConn) -> bool {
+        self.settings
+            .lifetime
+            .is_some_and(|lifetime| conn.opened.elapsed() >= lifetime)
+    }
+
     /// A place in the pool is free: the oldest waiter takes it, or the pool shrinks.
     fn release_place(&self) {
         let mut state = self.lock();
@@ -247,17 +269,28 @@ impl PoolInner {
     }
 
     /// Closes connections idle for longer than the idle timeout (the oldest are at the
-    /// bottom of the stack).
+    /// bottom of the stack), and idle ones past their lifetime.
     fn reap(&self) {
         let expired: Vec<IdleConn> = {
             let mut state = self.lock();
             let n = state
                 .idle
                 .iter()
-                .take_while(|c| c.since.elapsed() >= self.idle_timeout)
+                .take_while(|c| c.since.elapsed() >= self.settings.idle_timeout)
                 .count();
-            state.total -= n as u32;
-            state.idle.drain(..n).collect()
+            let mut expired: Vec<IdleConn> = state.idle.drain(..n).collect();
+            if self.settings.lifetime.is_some() {
+                let mut i = 0;
+                while i < state.idle.len() {
+                    if self.past_lifetime(&state.idle[i].conn) {
+                        expired.push(state.idle.remove(i));
+                    } else {
+                        i += 1;
+                    }
+                }
+            }
+            state.total -= expired.len() as u32;
+            expired
         };
         drop(expired);
     }
@@ -265,7 +298,14 @@ impl PoolInner {
 
 async fn reap_idle(pool: Weak<PoolInner>) {
     let pause = match pool.upgrade() {
-        Some(p) => (p.idle_timeout / 2).clamp(REAP_MIN, REAP_MAX),
+        Some(p) => {
+            let settings = &p.settings;
+            let shortest = match settings.lifetime {
+                Some(lifetime) => settings.idle_timeout.min(lifetime),
+                None => settings.idle_timeout,
+            };
+            (shortest / 2).clamp(REAP_MIN, REAP_MAX)
+        }
         None => return,
     };
     loop {

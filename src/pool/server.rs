@@ -106,6 +106,8 @@ pub struct ServerConn {
     pub broken: bool,
     /// Holds session state of a previous client (pinned or session mode): reset first.
     pub needs_reset: bool,
+    /// When the connection was opened (server_lifetime_ms).
+    pub opened: std::time::Instant,
     /// Registry id of the statement this server holds as its unnamed prepared
     /// statement, when the proxy knows it: a Parse of the same statement can then be
     /// answered without sending it. A simple Query or Close of it forgets it (as the
@@ -114,14 +116,21 @@ pub struct ServerConn {
 }
 
 impl ServerConn {
-    pub async fn connect(login: &LoginInfo, timeout: Duration) -> Result<ServerConn, BackendError> {
-        match tokio::time::timeout(timeout, Self::connect_inner(login)).await {
+    pub async fn connect(
+        login: &LoginInfo,
+        timeout: Duration,
+        keepalive: &crate::keepalive::Keepalive,
+    ) -> Result<ServerConn, BackendError> {
+        match tokio::time::timeout(timeout, Self::connect_inner(login, keepalive)).await {
             Ok(result) => result,
             Err(_) => Err(BackendError::Timeout(login.addr.to_string())),
         }
     }
 
-    async fn connect_inner(login: &LoginInfo) -> Result<ServerConn, BackendError> {
+    async fn connect_inner(
+        login: &LoginInfo,
+        keepalive: &crate::keepalive::Keepalive,
+    ) -> Result<ServerConn, BackendError> {
         let addr = login.addr.to_string();
         let stream = TcpStream::connect((login.addr.host.as_str(), login.addr.port))
             .await
@@ -130,6 +139,7 @@ impl ServerConn {
                 source,
             })?;
         let _ = stream.set_nodelay(true);
+        keepalive.apply(&stream);
         let (read, write, channel_binding) = Self::negotiate_tls(stream, login).await?;
         let mut conn = ServerConn {
             reader: MessageReader::new(read, MAX_SERVER_MESSAGE),
@@ -143,6 +153,7 @@ impl ServerConn {
             prepared: HashSet::new(),
             broken: false,
             needs_reset: false,
+            opened: std::time::Instant::now(),
             unnamed: None,
         };
         let protocol = |source| BackendError::Protocol {

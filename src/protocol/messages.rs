@@ -204,6 +204,12 @@ pub fn query(buf: &mut BytesMut, sql: &str) {
     finish(buf, at);
 }
 
+pub fn copy_fail(buf: &mut BytesMut, reason: &str) {
+    let at = begin(buf, COPY_FAIL);
+    put_cstr(buf, reason);
+    finish(buf, at);
+}
+
 pub fn password_message(buf: &mut BytesMut, data: &[u8]) {
     let at = begin(buf, PASSWORD);
     buf.put_slice(data);

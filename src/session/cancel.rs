@@ -8,12 +8,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use bytes::BytesMut;
-use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
-
 use crate::config::NodeAddress;
-use crate::protocol::messages;
 
 #[derive(Clone, Debug)]
 pub struct CancelTarget {
@@ -183,17 +178,11 @@ impl CancelRegistry {
             tracing::debug!("cancel request for an unknown or idle client");
             return;
         };
-        let mut buf = BytesMut::new();
-        messages::cancel_request(&mut buf, target.pid, target.secret);
-        match TcpStream::connect((target.addr.host.as_str(), target.addr.port)).await {
-            Ok(mut stream) => {
-                if let Err(e) = stream.write_all(&buf).await {
-                    tracing::warn!(node = %target.addr, "forwarding cancel request failed: {e}");
-                }
-                let _ = stream.shutdown().await;
-                tracing::info!(node = %target.addr, backend_pid = target.pid, "cancel request forwarded");
+        match crate::pool::recover::send_cancel(&target.addr, target.pid, target.secret).await {
+            Ok(()) => {
+                tracing::info!(node = %target.addr, backend_pid = target.pid, "cancel request forwarded")
             }
-            Err(e) => tracing::warn!(node = %target.addr, "cannot reach node to cancel: {e}"),
+            Err(e) => tracing::warn!(node = %target.addr, "forwarding cancel request failed: {e}"),
         }
     }
 }

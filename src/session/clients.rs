@@ -40,6 +40,8 @@ pub struct ClientInfo {
     pinned: OnceLock<&'static str>,
     /// Set when the proxy shuts down; the session leaves between transactions.
     stop: AtomicBool,
+    /// Set by a reload: the session takes up the new timeouts.
+    reconfigured: AtomicBool,
     stop_waker: AtomicWaker,
 }
 
@@ -74,19 +76,34 @@ impl ClientInfo {
         self.stop.load(Ordering::Acquire)
     }
 
-    /// Ready once a stop is requested. Polled by an idle session on every pass of its
-    /// loop: a flag and a waker slot, where a broadcast channel would take a lock. The
-    /// waker is registered on the first poll only (`registered`): a task's waker stays
-    /// the same for its whole life.
-    pub fn poll_stop(&self, cx: &mut Context<'_>, registered: &mut bool) -> Poll<()> {
-        if self.stop_requested() {
+    /// Tells the session that a reload changed the config.
+    pub fn notify_reconfigured(&self) {
+        self.reconfigured.store(true, Ordering::Release);
+        self.stop_waker.wake();
+    }
+
+    /// Whether a reload happened since the last call.
+    pub fn take_reconfigured(&self) -> bool {
+        self.reconfigured.swap(false, Ordering::AcqRel)
+    }
+
+    fn has_notice(&self) -> bool {
+        self.stop_requested() || self.reconfigured.load(Ordering::Acquire)
+    }
+
+    /// Ready once a stop is requested or a reload happened. Polled by an idle session on
+    /// every pass of its loop: flags and a waker slot, where a broadcast channel would
+    /// take a lock. The waker is registered on the first poll only (`registered`): a
+    /// task's waker stays the same for its whole life.
+    pub fn poll_notice(&self, cx: &mut Context<'_>, registered: &mut bool) -> Poll<()> {
+        if self.has_notice() {
             return Poll::Ready(());
         }
         if !*registered {
             self.stop_waker.register(cx.waker());
             *registered = true;
         }
-        if self.stop_requested() {
+        if self.has_notice() {
             Poll::Ready(())
         } else {
             Poll::Pending
@@ -113,6 +130,7 @@ impl ClientRegistry {
             statements: AtomicU64::new(0),
             pinned: OnceLock::new(),
             stop: AtomicBool::new(false),
+            reconfigured: AtomicBool::new(false),
             stop_waker: AtomicWaker::new(),
         });
         if let Ok(mut clients) = self.clients.lock() {
@@ -131,6 +149,13 @@ impl ClientRegistry {
     pub fn stop_all(&self) {
         for client in self.snapshot() {
             client.request_stop();
+        }
+    }
+
+    /// After a reload: every session takes up the new timeouts.
+    pub fn notify_reconfigured(&self) {
+        for client in self.snapshot() {
+            client.notify_reconfigured();
         }
     }
 

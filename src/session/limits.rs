@@ -20,6 +20,17 @@ pub struct ClientLimits {
     pub refused_user: AtomicU64,
     /// Refusals by either login limit, per project (SHOW STATS).
     refused_in_project: Mutex<HashMap<String, u64>>,
+    /// Sessions ended, or queries cancelled, by a timeout.
+    pub timeouts: TimeoutCounts,
+}
+
+/// How often each session timeout ran out.
+#[derive(Default)]
+pub struct TimeoutCounts {
+    pub client_idle: AtomicU64,
+    pub idle_transaction: AtomicU64,
+    pub query: AtomicU64,
+    pub client_write: AtomicU64,
 }
 
 /// Which limit a client hit.

@@ -24,13 +24,15 @@ mod responses;
 pub mod settings;
 pub mod startup;
 pub mod statements;
+mod timeouts;
 mod transaction;
 pub mod users;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tokio::time::Instant;
 
 use crate::tls::stream::{ClientRead, ClientWrite, Sent};
 use bytes::{Buf, BytesMut};
@@ -52,9 +54,12 @@ use pending::Pending;
 use settings::Settings;
 use startup::{Login, Refusal, Startup};
 use statements::PreparedStatement;
+use timeouts::{Expired, Phase, SessionClock, Timeouts};
 use users::UserEntry;
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long a closing session may take to hand its client the last messages.
+const FINAL_WRITE: Duration = Duration::from_secs(5);
 /// Client messages read ahead of the server before the proxy stops reading (backpressure).
 const MAX_PENDING: usize = 4096;
 /// Bytes of client messages read ahead of the server before the proxy stops reading.
@@ -92,6 +97,8 @@ enum End {
         code: String,
         message: String,
     },
+    /// The client took nothing of what was sent to it for client_write_timeout_ms.
+    WriteTimeout(Duration),
 }
 
 impl End {
@@ -116,6 +123,7 @@ impl From<ProtocolError> for End {
 /// Accepts one client: handshake, then the session loop, then cleanup.
 pub async fn serve_client(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
     let _ = stream.set_nodelay(true);
+    crate::keepalive::Keepalive::from_settings(&shared.config.load().proxy).apply(&stream);
     let started = tokio::time::Instant::now();
     // Taken before anything else, held until the task ends; a client over the limit
     // still gets its answer (after its startup packet, so that it can read it) and a
@@ -383,6 +391,8 @@ struct Session {
     deferred_begin: Option<DeferredBegin>,
     /// This client's entry in the registry behind SHOW CLIENTS.
     info: Arc<ClientInfo>,
+    /// The idle, transaction, query and write timeouts (see `timeouts.rs`).
+    clock: SessionClock,
 }
 
 /// A transaction the client started that no server has seen yet: its `BEGIN` goes out
@@ -466,7 +476,10 @@ impl Session {
             info,
         } = registration;
         let startup_settings = settings::from_startup(&login.params);
-        let session_mode = shared.config.load().proxy.pool_mode == PoolMode::Session;
+        let config = shared.config.load();
+        let session_mode = config.proxy.pool_mode == PoolMode::Session;
+        let clock = SessionClock::new(Timeouts::from_settings(&config.proxy));
+        drop(config);
         let shutdown = shared.shutdown.subscribe();
         let ryw = project.read_your_writes_applies(session_mode);
         let mut session = Session {
@@ -517,6 +530,7 @@ impl Session {
             group_named: Vec::new(),
             deferred_begin: None,
             info,
+            clock,
         };
         session.ryw = ryw;
         session
@@ -552,9 +566,23 @@ impl Session {
                 Server(std::io::Result<usize>),
                 ClientWrote(std::io::Result<Sent>),
                 ServerWrote(std::io::Result<Sent>),
-                Shutdown,
+                /// A stop or a reload.
+                Notice,
+                Timer,
                 Stalled,
             }
+            let phase = self.phase();
+            if phase != Phase::Idle && self.clock.phase() == Phase::Idle {
+                // A request begins: it runs under the timeouts of the latest reload.
+                self.refresh_timeouts();
+            }
+            self.clock.set_phase(phase);
+            if !self.client_out.is_empty() {
+                // write_ready could not write it all: the client's socket is full.
+                self.clock.client_write_waiting();
+            }
+            self.clock.arm(self.started);
+            let timed = self.clock.is_armed();
             let read_client = self.pending.len() < MAX_PENDING
                 && self.pending.bytes() < MAX_PENDING_BYTES
                 && self.server_out.len() < SERVER_OUT_LIMIT;
@@ -565,6 +593,7 @@ impl Session {
             let writer = &mut self.writer;
             let (client_out, server_out) = (&self.client_out, &self.server_out);
             let info = &self.info;
+            let clock = &mut self.clock;
             // `biased`: the order does not matter for fairness here (one client, one
             // server), and it saves a random number per pass. Writes come first, so
             // that what is ready goes out before more is read; each side is read only
@@ -582,7 +611,8 @@ impl Session {
                         r = writer.send(client_out), if !client_out.is_empty() || flush_client => Event::ClientWrote(r),
                         r = server.fill(), if read_server => Event::Server(r),
                         r = client.fill(), if read_client => Event::Client(r),
-                        _ = std::future::poll_fn(|cx| info.poll_stop(cx, &mut stop_registered)), if listen_for_stop => Event::Shutdown,
+                        _ = std::future::poll_fn(|cx| info.poll_notice(cx, &mut stop_registered)), if listen_for_stop => Event::Notice,
+                        _ = std::future::poll_fn(|cx| clock.poll_fired(cx)), if timed => Event::Timer,
                         else => Event::Stalled,
                     }
                 }
@@ -590,7 +620,8 @@ impl Session {
                     biased;
                     r = writer.send(client_out), if !client_out.is_empty() || flush_client => Event::ClientWrote(r),
                     r = client.fill(), if read_client => Event::Client(r),
-                    _ = std::future::poll_fn(|cx| info.poll_stop(cx, &mut stop_registered)), if !stop_seen => Event::Shutdown,
+                    _ = std::future::poll_fn(|cx| info.poll_notice(cx, &mut stop_registered)), if !stop_seen => Event::Notice,
+                    _ = std::future::poll_fn(|cx| clock.poll_fired(cx)), if timed => Event::Timer,
                     else => Event::Stalled,
                 },
             };
@@ -610,7 +641,13 @@ impl Session {
                 Event::ServerWrote(Ok(Sent::Flushed)) => {}
                 Event::ServerWrote(Ok(Sent::Wrote(n))) => self.server_write_failed(Ok(n))?,
                 Event::ServerWrote(Err(e)) => self.server_write_failed(Err(e))?,
-                Event::Shutdown => stop_seen = true,
+                Event::Notice => {
+                    if self.info.take_reconfigured() {
+                        self.refresh_timeouts();
+                    }
+                    stop_seen = self.info.stop_requested();
+                }
+                Event::Timer => self.on_timer()?,
                 Event::Stalled => {
                     // Nothing to read or write: only a bug in the limits above can get
                     // here, and waiting would hang the client.
@@ -618,22 +655,97 @@ impl Session {
                     return Err(End::fatal("XX000", "internal error: the session stalled"));
                 }
             }
+            let phase = self.phase();
             // Shutting down: a client leaves as soon as it holds no server (between
             // transactions); one inside a transaction may finish it first.
-            let idle = if self.session_mode {
-                self.passthrough_idle()
-            } else {
-                self.tx_status == b'I'
-                    && self.expect.is_empty()
-                    && !self.mid_batch
-                    && !self.copy_in
-                    && self.pending.is_empty()
-            };
+            let idle = phase == Phase::Idle && self.pending.is_empty();
             if self.info.stop_requested() && idle {
                 return Err(End::fatal(
                     "57P01",
                     "terminating connection: the proxy is shutting down",
                 ));
+            }
+        }
+    }
+
+    /// What the session is doing, for its timeouts and for a shutdown.
+    fn phase(&self) -> Phase {
+        if self.session_mode {
+            if self.awaiting_ready > 0 || self.copy_in {
+                Phase::Busy
+            } else if self.tx_status != b'I' {
+                Phase::IdleInTransaction
+            } else {
+                Phase::Idle
+            }
+        } else if !self.expect.is_empty() || !self.pending.is_empty() {
+            Phase::Busy
+        } else if self.tx_status != b'I' || self.mid_batch || self.copy_in {
+            Phase::IdleInTransaction
+        } else {
+            Phase::Idle
+        }
+    }
+
+    fn refresh_timeouts(&mut self) {
+        self.clock
+            .update(Timeouts::from_settings(&self.shared.config.load().proxy));
+    }
+
+    /// The session's timer fired: act on the timeout that ran out, if one did.
+    fn on_timer(&mut self) -> Result<(), End> {
+        let Some(expired) = self.clock.expired(self.started) else {
+            return Ok(());
+        };
+        let counters = &self.shared.limits.timeouts;
+        match expired {
+            Expired::ClientWrite(limit) => {
+                counters
+                    .client_write
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                Err(End::WriteTimeout(limit))
+            }
+            Expired::ClientIdle(limit) => {
+                counters
+                    .client_idle
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                Err(End::fatal(
+                    "57P05",
+                    format!(
+                        "terminating connection due to client_idle_timeout ({} ms)",
+                        limit.as_millis()
+                    ),
+                ))
+            }
+            Expired::IdleTransaction(limit) => {
+                counters
+                    .idle_transaction
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                Err(End::fatal(
+                    "25P03",
+                    format!(
+                        "terminating connection due to idle_transaction_timeout ({} ms)",
+                        limit.as_millis()
+                    ),
+                ))
+            }
+            Expired::Query(limit) => {
+                self.clock.query_cancel_sent();
+                if let Some(held) = self.server.as_ref() {
+                    counters
+                        .query
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let (addr, pid, secret) =
+                        (held.conn.addr.clone(), held.conn.pid, held.conn.secret);
+                    info!(user = %self.user.name, node = %held.node.name, "query ran past query_timeout_ms ({} ms); cancelling it", limit.as_millis());
+                    tokio::spawn(async move {
+                        if let Err(e) = crate::pool::recover::send_cancel(&addr, pid, secret).await
+                        {
+                            warn!(node = %addr, "cannot cancel a query past query_timeout_ms: {e}");
+                        }
+                    });
+                }
+                Ok(())
             }
         }
     }
@@ -677,6 +789,7 @@ impl Session {
     /// `n` bytes of `client_out` reached the client's socket. Once answers to the reads
     /// in flight are among them, those reads can no longer be replayed elsewhere.
     fn client_wrote(&mut self, n: usize) {
+        self.clock.client_write_progressed();
         if let Some(replay) = self.replay.as_mut() {
             if n > replay.client_mark {
                 self.forget_replay();
@@ -1229,6 +1342,7 @@ impl Session {
         }
         if self.started.is_none() {
             self.started = Some(Instant::now());
+            self.clock.query_started();
         }
         self.info.set_state(ClientState::Active);
         self.info
@@ -1340,6 +1454,7 @@ impl Session {
     /// Ends the session: tells the client why if it is still there, and leaves the
     /// server connection clean for the next client (or discards it).
     async fn finish(&mut self, end: Result<(), End>) {
+        let mut reachable = true;
         match end {
             Ok(()) | Err(End::ClientGone) => debug!(user = %self.user.name, "client disconnected"),
             Err(End::ClientIo(e)) => debug!(user = %self.user.name, "client connection error: {e}"),
@@ -1350,32 +1465,38 @@ impl Session {
                 warn!(user = %self.user.name, code, "closing client connection: {message}");
                 msg::error_response(&mut self.client_out, "FATAL", &code, &message);
             }
+            Err(End::WriteTimeout(limit)) => {
+                warn!(user = %self.user.name, "closing client connection: it read nothing of its results for client_write_timeout_ms ({} ms)", limit.as_millis());
+                reachable = false;
+            }
         }
-        if !self.client_out.is_empty() {
-            let _ = self.writer.write_all(&self.client_out).await;
-        }
-        let _ = self.writer.shutdown().await;
-        if let Some(mut held) = self.server.take() {
+        // The last words are bounded in time: a client that stopped reading must not
+        // keep this task, or its server connection, forever.
+        let writer = &mut self.writer;
+        let last_words = &self.client_out;
+        let _ = tokio::time::timeout(FINAL_WRITE, async {
+            if reachable && !last_words.is_empty() {
+                let _ = writer.write_all(last_words).await;
+            }
+            let _ = writer.shutdown().await;
+        })
+        .await;
+        if let Some(held) = self.server.take() {
             let busy = !self.expect.is_empty()
                 || self.tx_status != b'I'
                 || self.copy_in
                 || self.mid_batch
                 || (self.session_mode && !self.passthrough_idle());
-            if busy {
-                // Closing the socket makes the server roll back; cancel first so a long
-                // statement does not keep running until it next writes.
-                held.conn.broken = true;
-                let target = (held.conn.addr.clone(), held.conn.pid, held.conn.secret);
-                tokio::spawn(async move {
-                    let mut buf = BytesMut::new();
-                    msg::cancel_request(&mut buf, target.1, target.2);
-                    if let Ok(mut s) =
-                        TcpStream::connect((target.0.host.as_str(), target.0.port)).await
-                    {
-                        let _ = s.write_all(&buf).await;
-                    }
-                });
+            if busy && !held.conn.broken {
+                // The client left in the middle of something: the server connection is
+                // brought back to idle in the background and returned (or closed).
+                let leftover = crate::pool::recover::Leftover {
+                    in_flight: !self.expect.is_empty() || self.awaiting_ready > 0 || self.copy_in,
+                };
+                let unsent = std::mem::take(&mut self.server_out);
+                crate::pool::recover::recover(held.conn, unsent, leftover);
             } else if self.pinned.is_some() || self.session_mode {
+                let mut held = held;
                 held.conn.needs_reset = true;
             }
         }

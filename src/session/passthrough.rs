@@ -28,6 +28,7 @@ impl Session {
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             if self.started.is_none() {
                 self.started = Some(Instant::now());
+                self.clock.query_started();
             }
             self.info.set_state(ClientState::Active);
         }
@@ -55,6 +56,11 @@ impl Session {
                     self.awaiting_ready = self.awaiting_ready.saturating_sub(1);
                     if let Some(started) = self.started.take() {
                         held.node.stats.latency.observe(started.elapsed());
+                    }
+                    self.clock.query_started();
+                    if self.awaiting_ready > 0 && self.clock.timeouts.query.is_some() {
+                        // Pipelined requests: the next one runs from now on.
+                        self.started = Some(Instant::now());
                     }
                     self.info.set_state(match self.tx_status {
                         b'I' => ClientState::Idle,

@@ -402,6 +402,11 @@ impl Session {
         if let (Some(started), Some(held)) = (self.started.take(), self.server.as_ref()) {
             held.node.stats.latency.observe(started.elapsed());
         }
+        self.clock.query_started();
+        if !self.expect.is_empty() && self.clock.timeouts.query.is_some() {
+            // Pipelined requests: the next one runs from now on.
+            self.started = Some(Instant::now());
+        }
         if status == b'I' && self.wrote {
             // Learn where this commit put the WAL before the server goes back to the
             // pool; the client already has its answer and is not kept waiting.

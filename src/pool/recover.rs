@@ -1,0 +1,125 @@
+//! Giving back a server connection whose client left in the middle of something: a
+//! query still running, a COPY, an open transaction. Closing it would be safe, but
+//! costs a new login and, under a flood of slow or vanishing clients, empties the pool
+//! faster than it refills. Instead the running query is cancelled, any COPY failed,
+//! the transaction rolled back, and everything the server still sends is read and
+//! dropped until the answer to a query with a random token shows the connection is
+//! idle and in step again; only then does it go back to the pool, marked to be reset
+//! (DISCARD ALL) before its next client. Anything unexpected, or no end within
+//! `RECOVER_TIMEOUT`, closes it instead.
+
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use super::{Pooled, ServerConn};
+use crate::config::NodeAddress;
+use crate::protocol::messages as msg;
+use crate::tls::stream::Sent;
+
+const RECOVER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Asks `addr` to cancel what backend `pid` is running. Sent over a fresh plain
+/// connection, as libpq does: a server checks no pg_hba rule for a cancel request.
+pub async fn send_cancel(addr: &NodeAddress, pid: i32, secret: i32) -> std::io::Result<()> {
+    let mut buf = BytesMut::new();
+    msg::cancel_request(&mut buf, pid, secret);
+    let mut stream = TcpStream::connect((addr.host.as_str(), addr.port)).await?;
+    stream.write_all(&buf).await?;
+    let _ = stream.shutdown().await;
+    Ok(())
+}
+
+/// What the client left unfinished on its server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Leftover {
+    /// Requests were sent that the server has not answered to the end.
+    pub in_flight: bool,
+}
+
+/// Recovers `conn` in the background (see the module comment). `unsent` holds whole
+/// messages not yet written to it, the first perhaps partly written: they go first,
+/// so that the server's stream stays in step.
+pub fn recover(mut conn: Pooled, unsent: BytesMut, leftover: Leftover) {
+    tokio::spawn(async move {
+        let node = conn.addr.to_string();
+        match tokio::time::timeout(RECOVER_TIMEOUT, bring_back(&mut conn, unsent, leftover)).await {
+            Ok(Ok(())) => {
+                conn.needs_reset = true;
+                conn.unnamed = None;
+                tracing::debug!(%node, "server connection recovered and returned to the pool");
+            }
+            Ok(Err(reason)) => {
+                conn.broken = true;
+                tracing::info!(%node, "closing a server connection its client left busy: {reason}");
+            }
+            Err(_) => {
+                conn.broken = true;
+                tracing::info!(%node, "closing a server connection its client left busy: it did not become idle in time");
+            }
+        }
+    });
+}
+
+async fn bring_back(
+    conn: &mut ServerConn,
+    unsent: BytesMut,
+    leftover: Leftover,
+) -> Result<(), String> {
+    if leftover.in_flight
+        && let Err(e) = send_cancel(&conn.addr, conn.pid, conn.secret).await
+    {
+        return Err(format!("cannot send it a cancel request: {e}"));
+    }
+    let token = format!("replicator-recover-{:016x}", rand::random::<u64>());
+    let mut out = unsent;
+    // Ends a COPY FROM STDIN (ignored outside one), ends an extended-protocol batch or
+    // the skip after its error, rolls back (a warning outside a transaction), then the
+    // token: its row followed by ReadyForQuery(Idle) is the end of everything before.
+    msg::copy_fail(&mut out, "the client connection ended");
+    msg::empty_message(&mut out, msg::SYNC);
+    msg::query(&mut out, "ROLLBACK");
+    msg::query(&mut out, &format!("SELECT '{token}'"));
+    let mut token_seen = false;
+    loop {
+        let flush = conn.writer.has_unflushed();
+        tokio::select! {
+            sent = conn.writer.send(&out), if !out.is_empty() || flush => match sent {
+                Ok(Sent::Wrote(0)) => return Err("the server takes no more data".into()),
+                Ok(Sent::Wrote(n)) => out.advance(n),
+                Ok(Sent::Flushed) => {}
+                Err(e) => return Err(format!("write failed: {e}")),
+            },
+            read = conn.reader.fill() => match read {
+                Ok(0) => return Err("the server closed the connection".into()),
+                Ok(_) => {}
+                Err(e) => return Err(format!("read failed: {e}")),
+            },
+        }
+        while let Some(frame) = conn.reader.next_frame().map_err(|e| e.to_string())? {
+            match frame[0] {
+                msg::DATA_ROW if contains(&frame, token.as_bytes()) => token_seen = true,
+                msg::READY_FOR_QUERY if token_seen => {
+                    return match frame.get(5) {
+                        Some(b'I') if out.is_empty() && conn.reader.buffered() == 0 => Ok(()),
+                        _ => Err("it was not idle after the rollback".into()),
+                    };
+                }
+                msg::ERROR_RESPONSE => {
+                    let fields = msg::parse_error_fields(&frame);
+                    if fields.severity == "FATAL" || fields.severity == "PANIC" {
+                        return Err(format!("the server ended the session: {fields}"));
+                    }
+                }
+                msg::PARAMETER_STATUS => conn.record_parameter(&frame),
+                _ => {}
+            }
+        }
+    }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
