@@ -422,3 +422,163 @@ async fn tcp_keepalive_is_on_for_client_and_server_sockets() {
         assert!(s.keepalive_in.is_none(), "switched off: {s:?}");
     }
 }
+
+/// Reads messages off `stream` without keeping them, up to ReadyForQuery; returns each
+/// message's tag and length, and the SQLSTATE of any error.
+async fn skim_until_ready(stream: &mut TcpStream) -> (Vec<(u8, usize)>, Vec<String>) {
+    let mut messages = Vec::new();
+    let mut errors = Vec::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut header = Vec::with_capacity(5);
+    let mut skip = 0usize;
+    let mut error_body: Option<Vec<u8>> = None;
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(120), stream.read(&mut buf))
+            .await
+            .expect("the answer keeps coming")
+            .unwrap();
+        assert!(n > 0, "connection closed");
+        let mut at = 0;
+        while at < n {
+            if skip > 0 {
+                let take = skip.min(n - at);
+                if let Some(body) = error_body.as_mut() {
+                    body.extend_from_slice(&buf[at..at + take]);
+                }
+                skip -= take;
+                at += take;
+                if skip == 0
+                    && let Some(body) = error_body.take()
+                {
+                    let mut frame = vec![b'E', 0, 0, 0, 0];
+                    frame.extend_from_slice(&body);
+                    errors.extend(error_code(&frame));
+                }
+                continue;
+            }
+            header.push(buf[at]);
+            at += 1;
+            if header.len() == 5 {
+                let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
+                messages.push((header[0], len));
+                skip = len - 4;
+                error_body = (header[0] == b'E').then(Vec::new);
+                let ready = header[0] == b'Z';
+                header.clear();
+                if ready && skip == 1 {
+                    // Its status byte is the last byte of the answer.
+                    return (messages, errors);
+                }
+            }
+        }
+    }
+}
+
+/// A 512 MB row out of the server and a 256 MB COPY line into it pass through the
+/// proxy in pieces: its peak memory grows by a few MB, not by the row's size.
+#[tokio::test]
+async fn huge_rows_pass_through_in_pieces() {
+    create_table("huge_in", "t text").await;
+    let dir = common::process::proxy_dir("limits", "huge-rows");
+    let proxy =
+        common::process::ProxyProcess::start("huge", &dir, &config_text(cluster(), "", ""), &[]);
+    let connect = async || loop {
+        if let Ok(stream) = TcpStream::connect(("127.0.0.1", proxy.port)).await {
+            return login_raw(stream).await;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let mut client = connect().await;
+    client.write_all(&query("SELECT 1")).await.unwrap();
+    skim_until_ready(&mut client).await;
+    let before_kb = proxy.memory_kb("VmRSS");
+
+    const ROW: usize = 512 << 20;
+    client
+        .write_all(&query(&format!("SELECT repeat('x', {ROW})")))
+        .await
+        .unwrap();
+    let (messages, errors) = skim_until_ready(&mut client).await;
+    assert!(errors.is_empty(), "{errors:?}");
+    let row = messages
+        .iter()
+        .find(|(tag, _)| *tag == b'D')
+        .expect("a row");
+    // Length, column count, column length, the value.
+    assert_eq!(row.1, 4 + 2 + 4 + ROW);
+
+    const LINE: usize = 256 << 20;
+    client
+        .write_all(&query("COPY huge_in FROM STDIN"))
+        .await
+        .unwrap();
+    let mut buf = BytesMut::new();
+    loop {
+        let frame = next_message(&mut client, &mut buf).await;
+        assert_ne!(frame[0], b'E', "{frame:?}");
+        if frame[0] == b'G' {
+            break;
+        }
+    }
+    let mut head = vec![b'd'];
+    head.extend_from_slice(&(4 + LINE as u32 + 1).to_be_bytes());
+    client.write_all(&head).await.unwrap();
+    let chunk = vec![b'y'; 1 << 20];
+    for _ in 0..LINE >> 20 {
+        client.write_all(&chunk).await.unwrap();
+    }
+    client.write_all(b"\n").await.unwrap();
+    client.write_all(&[b'c', 0, 0, 0, 4]).await.unwrap();
+    let (_, errors) = skim_until_ready(&mut client).await;
+    assert!(errors.is_empty(), "{errors:?}");
+    let primary = primary_client().await;
+    assert_eq!(
+        first_value(&primary, "SELECT length(t) FROM huge_in").await,
+        LINE.to_string()
+    );
+
+    let peak_kb = proxy.memory_kb("VmHWM");
+    let grown_mb = peak_kb.saturating_sub(before_kb) / 1024;
+    assert!(
+        grown_mb <= 16,
+        "peak memory grew by {grown_mb} MB (from {before_kb} kB to {peak_kb} kB)"
+    );
+}
+
+/// Statements past the size threshold are routed by a lexical scan, not parsed: they go
+/// to the primary, a session change inside one pins the client (so the change is kept),
+/// and other clients are served meanwhile.
+#[tokio::test]
+async fn large_statements_are_routed_without_a_parse() {
+    let proxy = start_proxy("", "").await;
+    let client = app_client(&proxy).await;
+    let big_literal = "x".repeat(1 << 20);
+    let row = client
+        .query_one(
+            &format!("SELECT inet_server_port(), pg_is_in_recovery(), length('{big_literal}')"),
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i32>(0) as u16, primary_port());
+    assert!(!row.get::<_, bool>(1));
+    assert_eq!(row.get::<_, i32>(2), 1 << 20);
+    // A SET inside a large text: the client keeps its server, and with it the setting.
+    client
+        .batch_execute(&format!(
+            "SET application_name = 'large'; SELECT length('{big_literal}')"
+        ))
+        .await
+        .unwrap();
+    for _ in 0..5 {
+        assert_eq!(first_value(&client, "SHOW application_name").await, "large");
+    }
+    let (_, metrics) = admin_http(&proxy.admin_addr.unwrap().to_string())
+        .get("/metrics")
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("replicator_large_statements_total 2"),
+        "{metrics}"
+    );
+}

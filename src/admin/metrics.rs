@@ -292,6 +292,27 @@ impl Collector for ProxyCollector {
             "Clients disconnected (or, for query_timeout_ms, queries cancelled) by a timeout.",
             &timed_out,
         )?;
+        gauge(
+            &mut encoder,
+            "statement_memory_bytes",
+            "Bytes of statement text held by the routing-decision cache and the prepared-statement registry (both bounded).",
+            &[
+                (
+                    vec![("holder", "decision_cache".to_string())],
+                    shared.cache.bytes() as i64,
+                ),
+                (
+                    vec![("holder", "statement_registry".to_string())],
+                    shared.statements.bytes() as i64,
+                ),
+            ],
+        )?;
+        counter(
+            &mut encoder,
+            "large_statements",
+            "Statements too large to parse on the data path, routed to the primary by a lexical scan.",
+            &[(vec![], shared.cache.large_statements())],
+        )?;
         encode_rules(&mut encoder, &shared.cdc.views(&shared))?;
         if let Some(fleet) = &shared.fleet {
             encode_fleet(&mut encoder, &fleet.view())?;

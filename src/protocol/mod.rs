@@ -6,7 +6,12 @@ pub mod auth_policy;
 pub mod framing;
 pub mod messages;
 
-pub use framing::MessageReader;
+pub use framing::{MessageReader, Piece};
+
+/// Frames longer than this, of the kinds the proxy need not look inside (rows, COPY
+/// data; in session pooling, every client message), are passed on in pieces as they
+/// arrive instead of being held whole.
+pub const STREAM_FRAME_OVER: usize = 64 * 1024;
 
 /// Largest message a client may send (a Bind with big parameters, a CopyData chunk).
 pub const MAX_CLIENT_MESSAGE: usize = 256 * 1024 * 1024;

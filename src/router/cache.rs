@@ -13,6 +13,11 @@ use std::sync::{Arc, RwLock};
 use super::classify::classify;
 use super::decision::Decision;
 use super::fingerprint::shape_into;
+use super::large::{self, LARGE_STATEMENT};
+
+/// Bytes of keys each of the two maps may hold before it starts over: statements of up
+/// to LARGE_STATEMENT bytes are cached, so the entry limit alone does not bound them.
+pub const MAX_CACHE_BYTES: usize = 32 << 20;
 
 /// Every statement is hashed on the data path: foldhash is several times faster than
 /// the default SipHash on statement-sized keys, and keeps a per-process random seed.
@@ -22,13 +27,39 @@ type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 /// Keys are bytes: statements arrive as bytes, and checking that they are UTF-8 is
 /// only needed when one is parsed (a cache miss).
 type ShapeMap = FastMap<Box<[u8]>, Option<Arc<Decision>>>;
+/// Decisions that carry values, by exact text.
+type TextMap = FastMap<Box<[u8]>, Arc<Decision>>;
 
 pub struct DecisionCache {
-    by_shape: RwLock<ShapeMap>,
-    by_text: RwLock<FastMap<Box<[u8]>, Arc<Decision>>>,
+    by_shape: RwLock<Bounded<ShapeMap>>,
+    by_text: RwLock<Bounded<TextMap>>,
     capacity: usize,
+    max_bytes: usize,
     hits: AtomicU64,
     misses: AtomicU64,
+    /// Statements routed without a parse for their size.
+    large: AtomicU64,
+}
+
+/// A map and the bytes of its keys.
+#[derive(Default)]
+struct Bounded<M> {
+    map: M,
+    bytes: usize,
+}
+
+impl<V> Bounded<FastMap<Box<[u8]>, V>> {
+    /// Inserts, first starting over when the entry or byte limit would be passed
+    /// (simple, and keeps memory bounded whatever the statements).
+    fn insert_bounded(&mut self, key: &[u8], value: V, capacity: usize, max_bytes: usize) {
+        if self.map.len() >= capacity || self.bytes + key.len() > max_bytes {
+            self.map.clear();
+            self.bytes = 0;
+        }
+        if self.map.insert(key.into(), value).is_none() {
+            self.bytes += key.len();
+        }
+    }
 }
 
 thread_local! {
@@ -37,12 +68,19 @@ thread_local! {
 
 impl DecisionCache {
     pub fn new(capacity: usize) -> Self {
+        Self::with_limits(capacity, MAX_CACHE_BYTES)
+    }
+
+    /// A cache of at most `capacity` entries and `max_bytes` of keys per map.
+    pub fn with_limits(capacity: usize, max_bytes: usize) -> Self {
         Self {
-            by_shape: RwLock::new(FastMap::default()),
-            by_text: RwLock::new(FastMap::default()),
+            max_bytes,
+            by_shape: RwLock::new(Bounded::default()),
+            by_text: RwLock::new(Bounded::default()),
             capacity: capacity.max(1),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
+            large: AtomicU64::new(0),
         }
     }
 
@@ -54,6 +92,11 @@ impl DecisionCache {
     /// cannot be classified with confidence and goes to the primary (which refuses it
     /// with a proper error if the database encoding does too).
     pub fn decide_bytes(&self, sql: &[u8]) -> Arc<Decision> {
+        if sql.len() > LARGE_STATEMENT {
+            // Neither parsed nor cached (see large.rs).
+            self.large.fetch_add(1, Ordering::Relaxed);
+            return Arc::new(large::decide(sql));
+        }
         SHAPE_BUF.with(|buf| {
             let mut shape = buf.borrow_mut();
             shape_into(sql, &mut shape);
@@ -66,14 +109,19 @@ impl DecisionCache {
             .by_shape
             .read()
             .ok()
-            .and_then(|m| m.get(shape).cloned());
+            .and_then(|m| m.map.get(shape).cloned());
         match by_shape {
             Some(Some(decision)) => {
                 self.hits.fetch_add(1, Ordering::Relaxed);
                 return decision;
             }
             Some(None) => {
-                if let Some(decision) = self.by_text.read().ok().and_then(|m| m.get(sql).cloned()) {
+                if let Some(decision) = self
+                    .by_text
+                    .read()
+                    .ok()
+                    .and_then(|m| m.map.get(sql).cloned())
+                {
                     self.hits.fetch_add(1, Ordering::Relaxed);
                     return decision;
                 }
@@ -89,18 +137,15 @@ impl DecisionCache {
         let decision = Arc::new(classify(text));
         let shareable = decision.effects.is_empty();
         if let Ok(mut map) = self.by_shape.write() {
-            // Unbounded distinct shapes would grow the map forever; starting over is
-            // simple and keeps memory bounded.
-            if map.len() >= self.capacity {
-                map.clear();
-            }
-            map.insert(shape.into(), shareable.then(|| decision.clone()));
+            map.insert_bounded(
+                shape,
+                shareable.then(|| decision.clone()),
+                self.capacity,
+                self.max_bytes,
+            );
         }
         if !shareable && let Ok(mut map) = self.by_text.write() {
-            if map.len() >= self.capacity {
-                map.clear();
-            }
-            map.insert(sql.into(), decision.clone());
+            map.insert_bounded(sql, decision.clone(), self.capacity, self.max_bytes);
         }
         decision
     }
@@ -113,7 +158,19 @@ impl DecisionCache {
     }
 
     pub fn len(&self) -> usize {
-        self.by_shape.read().map(|m| m.len()).unwrap_or(0)
+        self.by_shape.read().map(|m| m.map.len()).unwrap_or(0)
+    }
+
+    /// Bytes of statement text the cache holds as keys.
+    pub fn bytes(&self) -> usize {
+        let shapes = self.by_shape.read().map(|m| m.bytes).unwrap_or(0);
+        let texts = self.by_text.read().map(|m| m.bytes).unwrap_or(0);
+        shapes + texts
+    }
+
+    /// Statements routed to the primary without a parse because of their size.
+    pub fn large_statements(&self) -> u64 {
+        self.large.load(Ordering::Relaxed)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -125,6 +182,24 @@ impl DecisionCache {
 mod tests {
     use super::*;
     use crate::router::SessionEffect;
+
+    #[test]
+    fn keys_are_bounded_in_bytes_and_large_texts_are_not_cached() {
+        let cache = DecisionCache::with_limits(1_000_000, 100_000);
+        for i in 0..100 {
+            // Distinct shapes (identifiers differ), 3 kB each: 300 kB in all.
+            let sql = format!("SELECT c{i} FROM t WHERE x IN ({}1)", "a, ".repeat(1_000));
+            cache.decide(&sql);
+            assert!(cache.bytes() <= 2 * 100_000);
+        }
+        assert!(cache.len() < 200);
+        let huge = format!("INSERT INTO t VALUES {}", "(1), ".repeat(100_000));
+        let before = (cache.len(), cache.bytes());
+        let decision = cache.decide(&huge);
+        assert_eq!(decision.route, crate::router::Route::Primary);
+        assert_eq!((cache.len(), cache.bytes()), before);
+        assert_eq!(cache.large_statements(), 1);
+    }
 
     #[test]
     fn texts_of_one_shape_share_a_decision_and_capacity_is_bounded() {

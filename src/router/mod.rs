@@ -6,6 +6,7 @@ pub mod classify;
 pub mod decision;
 pub mod fingerprint;
 pub mod functions;
+pub mod large;
 
 pub use cache::DecisionCache;
 pub use decision::{Decision, Route, SessionEffect, TxEffect};

@@ -13,6 +13,10 @@ impl Session {
 
     pub(super) fn release(&mut self) {
         self.reparse = None;
+        if self.streamed_in == Streamed::ToServer {
+            // The rest of a large client message was for this server only.
+            self.streamed_in = Streamed::Dropped;
+        }
         if let Some(mut held) = self.server.take() {
             if held.conn.reader.buffered() > 0 {
                 // Unread bytes mean the proxy lost track of this connection's state.

@@ -44,7 +44,7 @@ use crate::cluster::{Node, NodeRole, Project, health};
 use crate::config::PoolMode;
 use crate::pool::{BackendError, Pooled};
 use crate::protocol::messages::{self as msg, Fields};
-use crate::protocol::{MAX_CLIENT_MESSAGE, MessageReader, ProtocolError};
+use crate::protocol::{MAX_CLIENT_MESSAGE, MessageReader, Piece, ProtocolError, STREAM_FRAME_OVER};
 use crate::router::{Decision, Route, SessionEffect, TxEffect};
 use crate::state::Shared;
 use cancel::CancelSlot;
@@ -298,6 +298,19 @@ async fn refuse(writer: &mut ClientWrite, code: &str, message: &str) {
     let _ = writer.shutdown().await;
 }
 
+/// Where the pieces of a large frame being passed on go (see `Piece`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Streamed {
+    No,
+    /// A server's row or COPY data, to the client.
+    ToClient,
+    /// The answer to a request of the proxy's own: dropped.
+    Dropped,
+    /// A client's message (COPY data; in session pooling, any), to the server that
+    /// was held when it began.
+    ToServer,
+}
+
 /// A server connection working for this client.
 struct Held {
     node: Arc<Node>,
@@ -393,6 +406,10 @@ struct Session {
     info: Arc<ClientInfo>,
     /// The idle, transaction, query and write timeouts (see `timeouts.rs`).
     clock: SessionClock,
+    /// A large frame is being passed on in pieces: where the pieces go.
+    streamed: Streamed,
+    /// The same for a large client message.
+    streamed_in: Streamed,
 }
 
 /// A transaction the client started that no server has seen yet: its `BEGIN` goes out
@@ -531,6 +548,8 @@ impl Session {
             deferred_begin: None,
             info,
             clock,
+            streamed: Streamed::No,
+            streamed_in: Streamed::No,
         };
         session.ryw = ryw;
         session
@@ -908,7 +927,38 @@ impl Session {
     // ---- client side ----
 
     fn take_client_frames(&mut self) -> Result<(), End> {
-        while let Some(frame) = self.client.next_frame()? {
+        loop {
+            // Large messages the proxy need not look inside go on in pieces: in session
+            // pooling every one, in transaction pooling COPY data going straight to
+            // the server.
+            let session_mode = self.session_mode;
+            let straight_to_server = self.pending.is_empty() && self.server.is_some();
+            let piece = self.client.next_piece(STREAM_FRAME_OVER, |tag| {
+                session_mode || (straight_to_server && tag == msg::COPY_DATA)
+            })?;
+            let frame = match piece {
+                None => return Ok(()),
+                Some(Piece::Frame(frame)) => frame,
+                Some(Piece::Head { tag, bytes }) => {
+                    if session_mode {
+                        self.note_client_message(tag)?;
+                    }
+                    self.streamed_in = Streamed::ToServer;
+                    self.server_out.extend_from_slice(&bytes);
+                    continue;
+                }
+                Some(Piece::Body { bytes, last }) => {
+                    // With the server lost meanwhile, the rest goes nowhere, as COPY
+                    // data with no COPY running does.
+                    if self.streamed_in == Streamed::ToServer {
+                        self.server_out.extend_from_slice(&bytes);
+                    }
+                    if last {
+                        self.streamed_in = Streamed::No;
+                    }
+                    continue;
+                }
+            };
             if self.session_mode {
                 self.pass_client_frame(frame)?;
                 continue;
@@ -946,7 +996,6 @@ impl Session {
             }
             self.pending.push_back(frame);
         }
-        Ok(())
     }
 
     /// COPY FROM STDIN data, CopyDone or CopyFail, with nothing queued before it: it goes

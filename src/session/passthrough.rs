@@ -10,6 +10,14 @@ use super::*;
 impl Session {
     /// A client message in session mode: straight on to the server, which judges it.
     pub(super) fn pass_client_frame(&mut self, frame: BytesMut) -> Result<(), End> {
+        self.note_client_message(frame[0])?;
+        self.server_out.extend_from_slice(&frame);
+        Ok(())
+    }
+
+    /// What the proxy notes of a client message in session mode, from its tag alone
+    /// (a large one is passed on in pieces).
+    pub(super) fn note_client_message(&mut self, tag: u8) -> Result<(), End> {
         if !self.cancel_armed
             && let Some(held) = self.server.as_ref()
         {
@@ -17,12 +25,12 @@ impl Session {
                 .set(&held.conn.addr, held.conn.pid, held.conn.secret);
             self.cancel_armed = true;
         }
-        match frame[0] {
+        match tag {
             msg::TERMINATE => return Err(End::ClientGone),
             msg::SYNC | msg::QUERY | msg::FUNCTION_CALL => self.awaiting_ready += 1,
             _ => {}
         }
-        if matches!(frame[0], msg::QUERY | msg::EXECUTE) {
+        if matches!(tag, msg::QUERY | msg::EXECUTE) {
             self.info
                 .statements
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -32,7 +40,6 @@ impl Session {
             }
             self.info.set_state(ClientState::Active);
         }
-        self.server_out.extend_from_slice(&frame);
         Ok(())
     }
 
@@ -42,8 +49,16 @@ impl Session {
             return Ok(());
         };
         loop {
-            let frame = match held.conn.reader.next_frame() {
-                Ok(Some(frame)) => frame,
+            let piece = held.conn.reader.next_piece(STREAM_FRAME_OVER, |tag| {
+                matches!(tag, msg::DATA_ROW | msg::COPY_DATA)
+            });
+            let frame = match piece {
+                Ok(Some(Piece::Frame(frame))) => frame,
+                Ok(Some(Piece::Head { bytes, .. } | Piece::Body { bytes, .. })) => {
+                    // A large row or COPY data, passed on as it arrives.
+                    self.client_out.extend_from_slice(&bytes);
+                    continue;
+                }
                 Ok(None) => return Ok(()),
                 Err(e) => {
                     held.conn.broken = true;

@@ -12,13 +12,43 @@ impl Session {
             let Some(held) = self.server.as_mut() else {
                 return Ok(());
             };
-            let frame = match held.conn.reader.next_frame() {
-                Ok(Some(frame)) => frame,
+            let piece = held.conn.reader.next_piece(STREAM_FRAME_OVER, |tag| {
+                matches!(tag, msg::DATA_ROW | msg::COPY_DATA)
+            });
+            match piece {
+                Ok(Some(Piece::Frame(frame))) => self.on_server_frame(frame)?,
+                Ok(Some(Piece::Head { tag, bytes })) => self.on_large_frame(tag, bytes)?,
+                Ok(Some(Piece::Body { bytes, last })) => {
+                    if self.streamed == Streamed::ToClient {
+                        self.client_out.extend_from_slice(&bytes);
+                    }
+                    if last {
+                        self.streamed = Streamed::No;
+                    }
+                }
                 Ok(None) => return Ok(()),
                 Err(e) => return self.server_lost(&e.to_string()),
-            };
-            self.on_server_frame(frame)?;
+            }
         }
+    }
+
+    /// The start of a row or COPY data too large to hold whole: passed on to the client
+    /// as it arrives, unless it answers something the proxy asked itself.
+    fn on_large_frame(&mut self, tag: u8, bytes: BytesMut) -> Result<(), End> {
+        self.emit_synthetics();
+        let Some(front) = self.expect.front() else {
+            return self.unsolicited(bytes);
+        };
+        if front.is_injected() || matches!(front, Expect::CommitLsn | Expect::DeferredBegin) {
+            debug!(user = %self.user.name, tag = %crate::protocol::framing::printable_tag(tag), "dropping a large answer to the proxy's own request");
+            self.streamed = Streamed::Dropped;
+            return Ok(());
+        }
+        // A row is an answer: nothing to send again with a Parse.
+        self.reparse = None;
+        self.streamed = Streamed::ToClient;
+        self.client_out.extend_from_slice(&bytes);
+        Ok(())
     }
 
     /// Writes responses the proxy answers itself once they reach the front of the queue,
@@ -507,6 +537,18 @@ impl Session {
     /// each request in flight and carries on; inside one the transaction cannot be
     /// finished safely, so the client is disconnected with a clear message.
     pub(super) fn server_lost(&mut self, reason: &str) -> Result<(), End> {
+        let mid_frame = std::mem::replace(&mut self.streamed, Streamed::No) == Streamed::ToClient;
+        if mid_frame && self.replay.is_none() {
+            // Part of a message is on its way to the client: nothing else can follow
+            // it, so the client's connection ends with the server's.
+            if let Some(held) = self.server.as_mut() {
+                held.conn.broken = true;
+                held.node.mark_down();
+            }
+            return Err(End::ServerGone(format!(
+                "{reason} (in the middle of a message to the client)"
+            )));
+        }
         if self.session_mode {
             // The client's session lived on that server: it ends with it, as it would
             // on a direct connection, rather than moving on to another server.

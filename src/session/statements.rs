@@ -23,20 +23,42 @@ pub struct PreparedStatement {
     pub decision: Arc<Decision>,
 }
 
-/// Past this many distinct statements the registry starts over; statements already
-/// held by clients stay valid, only new registrations get new ids.
+/// Past this many distinct statements, or this many bytes of their texts, the
+/// registry starts over; statements already held by clients stay valid, only new
+/// registrations get new ids.
 const MAX_STATEMENTS: usize = 100_000;
+pub const MAX_STATEMENT_BYTES: usize = 64 << 20;
 
 pub struct StatementRegistry {
-    /// foldhash: looked up for every Parse on the data path (see router/cache.rs).
-    by_tail: Mutex<HashMap<Bytes, Arc<PreparedStatement>, foldhash::fast::RandomState>>,
+    by_tail: Mutex<Registered>,
     next_id: AtomicU64,
+}
+
+/// The registered statements by Parse payload, and the bytes their payloads take.
+#[derive(Default)]
+struct Registered {
+    /// foldhash: looked up for every Parse on the data path (see router/cache.rs).
+    map: HashMap<Bytes, Arc<PreparedStatement>, foldhash::fast::RandomState>,
+    bytes: usize,
+}
+
+impl Registered {
+    fn remove(&mut self, tail: &[u8]) {
+        if let Some(gone) = self.map.remove(tail) {
+            self.bytes -= gone.tail.len();
+        }
+    }
+
+    fn clear(&mut self) {
+        self.map.clear();
+        self.bytes = 0;
+    }
 }
 
 impl Default for StatementRegistry {
     fn default() -> Self {
         Self {
-            by_tail: Mutex::new(HashMap::default()),
+            by_tail: Mutex::new(Registered::default()),
             next_id: AtomicU64::new(1),
         }
     }
@@ -54,10 +76,10 @@ impl StatementRegistry {
             Ok(m) => m,
             Err(poisoned) => poisoned.into_inner(),
         };
-        if let Some(existing) = map.get(tail) {
+        if let Some(existing) = map.map.get(tail) {
             return existing.clone();
         }
-        if map.len() >= MAX_STATEMENTS {
+        if map.map.len() >= MAX_STATEMENTS || map.bytes + tail.len() > MAX_STATEMENT_BYTES {
             map.clear();
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
@@ -68,7 +90,10 @@ impl StatementRegistry {
             tail: tail.clone(),
             decision: decide(),
         });
-        map.insert(tail, statement.clone());
+        if tail.len() <= MAX_STATEMENT_BYTES {
+            map.bytes += tail.len();
+            map.map.insert(tail, statement.clone());
+        }
         statement
     }
 
@@ -84,6 +109,7 @@ impl StatementRegistry {
             Err(poisoned) => poisoned.into_inner(),
         };
         if map
+            .map
             .get(&statement.tail)
             .is_some_and(|current| current.id == statement.id)
         {
@@ -107,7 +133,12 @@ impl StatementRegistry {
     }
 
     pub fn len(&self) -> usize {
-        self.by_tail.lock().map(|m| m.len()).unwrap_or(0)
+        self.by_tail.lock().map(|m| m.map.len()).unwrap_or(0)
+    }
+
+    /// Bytes of statement text the registry holds.
+    pub fn bytes(&self) -> usize {
+        self.by_tail.lock().map(|m| m.bytes).unwrap_or(0)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -207,6 +238,25 @@ mod tests {
         let after = registry.register(b"INSERT INTO t VALUES ($1)\0\0\0", decide);
         assert_ne!(after.id, before.id);
         assert_ne!(after.server_name, before.server_name);
+    }
+
+    #[test]
+    fn the_registry_is_bounded_in_bytes() {
+        let registry = StatementRegistry::default();
+        let decide = || Arc::new(Decision::primary());
+        let mut held = Vec::new();
+        for i in 0..100u32 {
+            let mut tail = format!("SELECT {i} ").into_bytes();
+            tail.resize(1 << 20, b' ');
+            held.push(registry.register(&tail, decide));
+            assert!(registry.bytes() <= MAX_STATEMENT_BYTES);
+        }
+        assert!(registry.len() < 100);
+        // Statements handed out stay usable; one registered again gets a new id.
+        assert_eq!(held[0].tail.len(), 1 << 20);
+        let mut first = b"SELECT 0 ".to_vec();
+        first.resize(1 << 20, b' ');
+        assert_ne!(registry.register(&first, decide).id, held[0].id);
     }
 
     #[test]

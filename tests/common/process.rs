@@ -73,6 +73,21 @@ impl ProxyProcess {
         self.child = spawn(&self.dir, &self.env);
     }
 
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// A figure of /proc/<pid>/status in kB (VmRSS, VmHWM).
+    pub fn memory_kb(&self, field: &str) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .expect("proxy process status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {field} in {status}"))
+    }
+
     /// kill -9.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
