@@ -33,6 +33,8 @@ const DIFF_TEXTS: &[(&str, usize)] = &[
     ("SET statement_timeout = 4000", 0),
     ("SHOW statement_timeout", 0),
     ("DEALLOCATE ALL", 0),
+    // A row the proxy passes on in pieces (over 64 kB).
+    ("SELECT repeat('r', 200000)", 0),
     ("", 0),
 ];
 
@@ -215,7 +217,15 @@ fn copy_variant(variant: u64, rng: &mut Fuzz) -> Vec<u8> {
         "diff_items (itemno)"
     };
     let sql = format!("COPY {table} FROM STDIN");
-    let mut data = message(b'd', b"5\n");
+    let mut data = if rng.below(4) == 0 {
+        // One line the proxy may pass on in pieces (int input allows the blanks).
+        let mut line = b"6".to_vec();
+        line.resize(100_000, b' ');
+        line.push(b'\n');
+        message(b'd', &line)
+    } else {
+        message(b'd', b"5\n")
+    };
     if rng.below(3) == 0 {
         data.extend(message(b'f', b"the client gave up\0"));
     } else {
@@ -235,7 +245,7 @@ fn copy_variant(variant: u64, rng: &mut Fuzz) -> Vec<u8> {
             out.extend(message(b'S', &[]));
             out
         }
-        2 => query("COPY (SELECT 1 UNION ALL SELECT 2) TO STDOUT"),
+        2 => query("COPY (SELECT 1 UNION ALL SELECT repeat('2', 100000)) TO STDOUT"),
         _ => {
             let mut out = parse("", &sql);
             out.extend(bind("", "", 0));
