@@ -34,3 +34,12 @@ pub fn crash_if_armed(name: &str) {
         std::process::exit(CRASH_EXIT_CODE);
     }
 }
+
+/// Waits `pause` when `name` is armed: a window for a test to act in (a signal in the
+/// middle of a promotion).
+pub async fn pause_if_armed(name: &str, pause: std::time::Duration) {
+    if armed(name) {
+        tracing::warn!(failpoint = name, "failpoint reached: pausing for {pause:?}");
+        tokio::time::sleep(pause).await;
+    }
+}

@@ -62,8 +62,16 @@ impl ReloadStats {
 /// Starts the lag/health monitors of every project of `topology`.
 pub fn spawn_monitors(shared: &Shared, topology: &Topology, config: &Config) {
     let credentials = Credentials::from_config(config);
+    let Ok(mut monitors) = shared.monitors.lock() else {
+        return;
+    };
+    monitors.retain(|task| !task.is_finished());
     for project in topology.projects.values() {
-        monitor::spawn(project, credentials.clone(), shared.shutdown.subscribe());
+        monitors.extend(monitor::spawn(
+            project,
+            credentials.clone(),
+            shared.shutdown.subscribe(),
+        ));
     }
 }
 

@@ -84,30 +84,73 @@ impl Proxy {
     }
 
     /// Graceful shutdown: stops accepting, closes idle clients at once (FATAL 57P01),
-    /// lets clients inside a transaction finish it, and returns when every client is
-    /// gone or `grace` has passed.
+    /// lets clients inside a transaction finish it until `grace` has passed and then
+    /// closes them too (57P01, their transactions rolled back), finishes a promotion
+    /// under way and starts none, and waits for the monitors and CDC rules to stop.
     pub async fn stop(self, grace: std::time::Duration) {
         let _ = self.shared.shutdown.send(true);
         // A session that registers after this sees the flag above when it starts.
         self.shared.clients.stop_all();
         let _ = self.task.await;
         let deadline = tokio::time::Instant::now() + grace;
-        loop {
+        // Held until the end: a promotion under way finishes, none starts after.
+        let projects: Vec<_> = self
+            .shared
+            .topology
+            .load()
+            .projects
+            .values()
+            .cloned()
+            .collect();
+        let mut promotions_held = Vec::new();
+        for project in &projects {
+            promotions_held.push(project.failover.hold_promotions().await);
+        }
+        if !wait_for_clients(&self.shared, deadline).await {
             let active = self.shared.active_clients.load(Ordering::Relaxed);
-            if active == 0 {
-                break;
+            tracing::warn!(
+                active,
+                "shutdown grace period over; closing the clients still in a transaction"
+            );
+            self.shared.clients.terminate_all();
+            let closing = tokio::time::Instant::now() + CLOSING_CLIENTS;
+            wait_for_clients(&self.shared, closing).await;
+        }
+        // Monitors leave their loop at the shutdown flag; one that found the
+        // promotion lock taken above would wait for it forever, and is stopped.
+        let monitors = match self.shared.monitors.lock() {
+            Ok(mut monitors) => std::mem::take(&mut *monitors),
+            Err(_) => Vec::new(),
+        };
+        for mut monitor in monitors {
+            if tokio::time::timeout(MONITOR_STOP, &mut monitor)
+                .await
+                .is_err()
+            {
+                monitor.abort();
             }
-            if tokio::time::Instant::now() >= deadline {
-                tracing::warn!(
-                    active,
-                    "shutdown grace period over; closing remaining clients"
-                );
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
         // CDC rules confirm what they wrote and close their streams, so that a proxy
         // started next finds the slots free.
         self.shared.cdc.stopped(grace).await;
+        drop(promotions_held);
     }
 }
+
+/// Waits until no client session runs, or `deadline`; whether they all ended.
+async fn wait_for_clients(shared: &Shared, deadline: tokio::time::Instant) -> bool {
+    loop {
+        if shared.active_clients.load(Ordering::Relaxed) == 0 {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// How long clients closed at the end of the grace period may take to go.
+const CLOSING_CLIENTS: std::time::Duration = std::time::Duration::from_secs(2);
+/// How long a monitor may take to finish its round once the proxy stops.
+const MONITOR_STOP: std::time::Duration = std::time::Duration::from_secs(5);

@@ -43,6 +43,8 @@ pub struct Shared {
     pub auth_query: crate::session::auth_query::AuthQueryCache,
     /// The TLS offered to clients (re-read on reload; `None`: clear text only).
     pub tls: arc_swap::ArcSwapOption<crate::tls::ServerTls>,
+    /// The projects' monitor tasks, awaited on shutdown.
+    pub monitors: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 impl Shared {
@@ -54,6 +56,7 @@ impl Shared {
     ) -> Arc<Shared> {
         Arc::new(Shared {
             tls: arc_swap::ArcSwapOption::new(tls),
+            monitors: Default::default(),
             auth_query: Default::default(),
             limits: Default::default(),
             config_path,

@@ -275,3 +275,38 @@ async fn a_proxy_started_after_the_primary_died_promotes_nothing_and_says_why() 
     assert_eq!(write_port(&url).await, Ok(cluster.replicas[0].port));
     assert_eq!(out_of_recovery(&cluster).await, ["slave-1"]);
 }
+
+/// A SIGTERM that arrives in the middle of a promotion: the proxy finishes it before it
+/// exits (one node out of recovery, the decision recorded as done), never leaving a
+/// decision half carried out or starting another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigterm_during_a_promotion_lets_it_finish() {
+    let cluster = own_cluster(&[]).await;
+    let (mut proxy, dir) = kill_primary_under("sigterm", &cluster, "failover-slow-promotion").await;
+    // The decision is recorded, the promotion paused on its way to pg_promote.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !state_file_text(&dir).contains("intent") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no promotion started\n{}",
+            proxy.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    proxy.terminate();
+    let exit = tokio::task::block_in_place(|| proxy.wait_exit(Duration::from_secs(90)));
+    assert_eq!(
+        exit.and_then(|e| e.code()),
+        Some(0),
+        "no clean exit\n{}",
+        proxy.log()
+    );
+    let promoted = out_of_recovery(&cluster).await;
+    assert_eq!(promoted.len(), 1, "{promoted:?}\n{}", proxy.log());
+    let state = state_file_text(&dir);
+    assert!(!state.contains("intent"), "{state}");
+    assert!(
+        state.contains(&format!("\"primary\": \"{}\"", promoted[0])),
+        "{state}"
+    );
+}

@@ -582,3 +582,48 @@ async fn large_statements_are_routed_without_a_parse() {
         "{metrics}"
     );
 }
+
+/// A shutdown: a pinned client idle between transactions gets 57P01 at once; a client
+/// that keeps a transaction open gets until shutdown_timeout_ms, then 57P01 too, and
+/// its transaction is rolled back; the proxy's stop then returns.
+#[tokio::test]
+async fn shutdown_closes_pinned_clients_at_once_and_transactions_at_the_deadline() {
+    create_table("shutdown_t", "id int").await;
+    let proxy = start_proxy("", "").await;
+    let mut pinned = raw_client(&proxy).await;
+    let mut buf = BytesMut::new();
+    pinned.write_all(&query("LISTEN somewhere")).await.unwrap();
+    while next_message(&mut pinned, &mut buf).await[0] != b'Z' {}
+    let mut in_transaction = raw_client(&proxy).await;
+    in_transaction
+        .write_all(&query("BEGIN; INSERT INTO shutdown_t VALUES (1)"))
+        .await
+        .unwrap();
+    let mut buf = BytesMut::new();
+    while next_message(&mut in_transaction, &mut buf).await[0] != b'Z' {}
+
+    // A reload's notice reaches the sessions first: the stop is their second notice,
+    // which must wake them as well.
+    proxy.shared.clients.notify_reconfigured();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let grace = Duration::from_secs(8);
+    let started = Instant::now();
+    let stopping = tokio::spawn(proxy.stop(grace));
+    let codes = errors_until_closed(&mut pinned, Duration::from_secs(4)).await;
+    assert_eq!(codes, ["57P01"], "the pinned client is closed at once");
+    let codes = errors_until_closed(&mut in_transaction, Duration::from_secs(30)).await;
+    assert_eq!(codes, ["57P01"]);
+    assert!(
+        started.elapsed() >= grace,
+        "the transaction had its grace period"
+    );
+    tokio::time::timeout(Duration::from_secs(30), stopping)
+        .await
+        .expect("stop returns")
+        .unwrap();
+    let primary = primary_client().await;
+    eventually("the open transaction is rolled back", async || {
+        first_value(&primary, "SELECT count(*) FROM shutdown_t").await == "0"
+    })
+    .await;
+}

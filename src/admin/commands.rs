@@ -224,6 +224,12 @@ pub async fn promote(
     project: &str,
     replica: &str,
 ) -> Result<String, CommandError> {
+    if *shared.shutdown.borrow() {
+        return Err(error(
+            "57P03",
+            format!("PROMOTE {project} {replica}: the proxy is shutting down"),
+        ));
+    }
     let topology = shared.topology.load();
     let Some(live) = topology.projects.get(project).cloned() else {
         return Err(error(

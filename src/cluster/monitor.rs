@@ -65,7 +65,7 @@ pub fn spawn(
     project: &Arc<Project>,
     credentials: Option<Credentials>,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
-) {
+) -> Option<tokio::task::JoinHandle<()>> {
     let weak = Arc::downgrade(project);
     // Often enough for both the lag figures and the failover checks.
     let interval = project
@@ -74,9 +74,9 @@ pub fn spawn(
     let name = project.name.clone();
     let Some(credentials) = credentials else {
         warn!(project = %name, "no user with a plain-text password in proxy.toml: lag and health monitoring is off for this project");
-        return;
+        return None;
     };
-    tokio::spawn(async move {
+    Some(tokio::spawn(async move {
         let mut monitor = Monitor::new(weak, credentials, interval);
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -85,12 +85,15 @@ pub fn spawn(
                 _ = ticker.tick() => {}
                 _ = shutdown.changed() => break,
             }
-            if !monitor.tick().await {
+            // A shutdown seen now starts no promotion; one under way when it came is
+            // finished (the proxy waits for this task).
+            let stopping = *shutdown.borrow();
+            if stopping || !monitor.tick().await {
                 break;
             }
         }
         debug!(project = %name, "monitor stopped");
-    });
+    }))
 }
 
 struct Probe {

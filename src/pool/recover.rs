@@ -21,15 +21,32 @@ use crate::tls::stream::Sent;
 
 const RECOVER_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Asks `addr` to cancel what backend `pid` is running. Sent over a fresh plain
-/// connection, as libpq does: a server checks no pg_hba rule for a cancel request.
+/// How long a cancel request may take, connection included.
+const CANCEL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Asks `addr` to cancel what backend `pid` is running, and returns once the server
+/// has acted on it. Sent over a fresh plain connection, as libpq does: a server checks
+/// no pg_hba rule for a cancel request. The server signals the backend and then closes
+/// that connection; waiting for the close matters, because a signal still on its way
+/// when the backend finishes its query on its own lands on whatever it runs next,
+/// which in a pool may be another client's query.
 pub async fn send_cancel(addr: &NodeAddress, pid: i32, secret: i32) -> std::io::Result<()> {
-    let mut buf = BytesMut::new();
-    msg::cancel_request(&mut buf, pid, secret);
-    let mut stream = TcpStream::connect((addr.host.as_str(), addr.port)).await?;
-    stream.write_all(&buf).await?;
-    let _ = stream.shutdown().await;
-    Ok(())
+    let exchange = async {
+        let mut buf = BytesMut::new();
+        msg::cancel_request(&mut buf, pid, secret);
+        let mut stream = TcpStream::connect((addr.host.as_str(), addr.port)).await?;
+        stream.write_all(&buf).await?;
+        let mut rest = [0u8; 64];
+        while tokio::io::AsyncReadExt::read(&mut stream, &mut rest).await? > 0 {}
+        Ok(())
+    };
+    match tokio::time::timeout(CANCEL_TIMEOUT, exchange).await {
+        Ok(result) => result,
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "the server did not finish the cancel request in time",
+        )),
+    }
 }
 
 /// What the client left unfinished on its server.

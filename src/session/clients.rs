@@ -42,6 +42,10 @@ pub struct ClientInfo {
     stop: AtomicBool,
     /// Set by a reload: the session takes up the new timeouts.
     reconfigured: AtomicBool,
+    /// Set when the shutdown's grace period is over: the session ends now.
+    terminate: AtomicBool,
+    /// One of the above was raised and the session has not looked yet.
+    notice: AtomicBool,
     stop_waker: AtomicWaker,
 }
 
@@ -69,7 +73,28 @@ impl ClientInfo {
     /// Asks the session to leave at its next moment between transactions.
     pub fn request_stop(&self) {
         self.stop.store(true, Ordering::Release);
+        self.raise_notice();
+    }
+
+    /// Asks the session to end now, in a transaction or not.
+    pub fn request_terminate(&self) {
+        self.terminate.store(true, Ordering::Release);
+        self.raise_notice();
+    }
+
+    pub fn terminate_requested(&self) -> bool {
+        self.terminate.load(Ordering::Acquire)
+    }
+
+    fn raise_notice(&self) {
+        self.notice.store(true, Ordering::Release);
         self.stop_waker.wake();
+    }
+
+    /// Whether something was raised since the last call (the session then looks at
+    /// the flags).
+    pub fn take_notice(&self) -> bool {
+        self.notice.swap(false, Ordering::AcqRel)
     }
 
     pub fn stop_requested(&self) -> bool {
@@ -79,7 +104,7 @@ impl ClientInfo {
     /// Tells the session that a reload changed the config.
     pub fn notify_reconfigured(&self) {
         self.reconfigured.store(true, Ordering::Release);
-        self.stop_waker.wake();
+        self.raise_notice();
     }
 
     /// Whether a reload happened since the last call.
@@ -88,13 +113,15 @@ impl ClientInfo {
     }
 
     fn has_notice(&self) -> bool {
-        self.stop_requested() || self.reconfigured.load(Ordering::Acquire)
+        self.notice.load(Ordering::Acquire)
     }
 
-    /// Ready once a stop is requested or a reload happened. Polled by an idle session on
-    /// every pass of its loop: flags and a waker slot, where a broadcast channel would
-    /// take a lock. The waker is registered on the first poll only (`registered`): a
-    /// task's waker stays the same for its whole life.
+    /// Ready once a stop, a reload or a termination was raised and not yet taken
+    /// (`take_notice`). Polled by the session on every pass of its loop: flags and a
+    /// waker slot, where a broadcast channel would take a lock. The waker is
+    /// registered when `registered` is false only: a task's waker stays the same for
+    /// its whole life, and a wake uses the registration up (the session then clears
+    /// `registered`).
     pub fn poll_notice(&self, cx: &mut Context<'_>, registered: &mut bool) -> Poll<()> {
         if self.has_notice() {
             return Poll::Ready(());
@@ -131,6 +158,8 @@ impl ClientRegistry {
             pinned: OnceLock::new(),
             stop: AtomicBool::new(false),
             reconfigured: AtomicBool::new(false),
+            terminate: AtomicBool::new(false),
+            notice: AtomicBool::new(false),
             stop_waker: AtomicWaker::new(),
         });
         if let Ok(mut clients) = self.clients.lock() {
@@ -149,6 +178,13 @@ impl ClientRegistry {
     pub fn stop_all(&self) {
         for client in self.snapshot() {
             client.request_stop();
+        }
+    }
+
+    /// The end of a shutdown's grace period: every session ends now.
+    pub fn terminate_all(&self) {
+        for client in self.snapshot() {
+            client.request_terminate();
         }
     }
 

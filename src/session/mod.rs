@@ -569,9 +569,8 @@ impl Session {
         if *self.shutdown.borrow() {
             self.info.request_stop();
         }
-        // Once seen, the stop stays set; polling it again would spin.
-        let mut stop_seen = false;
-        // A task's waker does not change, so the session registers it once.
+        // A task's waker does not change, so the session registers it once, and again
+        // after each notice (a wake uses the registration up).
         let mut stop_registered = false;
         loop {
             self.dispatch_pending().await?;
@@ -606,7 +605,6 @@ impl Session {
                 && self.pending.bytes() < MAX_PENDING_BYTES
                 && self.server_out.len() < SERVER_OUT_LIMIT;
             let read_server = self.client_out.len() < CLIENT_OUT_LIMIT;
-            let listen_for_stop = !stop_seen && self.session_mode && self.passthrough_idle();
             let flush_client = self.writer.has_unflushed();
             let client = &mut self.client;
             let writer = &mut self.writer;
@@ -616,9 +614,9 @@ impl Session {
             // `biased`: the order does not matter for fairness here (one client, one
             // server), and it saves a random number per pass. Writes come first, so
             // that what is ready goes out before more is read; each side is read only
-            // while what waits for the other side is below its limit. A session
-            // holding a server is inside a request or transaction, which it finishes
-            // before a shutdown matters, so only an idle one listens for it.
+            // while what waits for the other side is below its limit. Notices (a
+            // shutdown, a reload, the end of the shutdown's grace period) and the
+            // session's timer come last.
             let event = match self.server.as_mut() {
                 Some(held) => {
                     let conn = &mut *held.conn;
@@ -630,7 +628,7 @@ impl Session {
                         r = writer.send(client_out), if !client_out.is_empty() || flush_client => Event::ClientWrote(r),
                         r = server.fill(), if read_server => Event::Server(r),
                         r = client.fill(), if read_client => Event::Client(r),
-                        _ = std::future::poll_fn(|cx| info.poll_notice(cx, &mut stop_registered)), if listen_for_stop => Event::Notice,
+                        _ = std::future::poll_fn(|cx| info.poll_notice(cx, &mut stop_registered)) => Event::Notice,
                         _ = std::future::poll_fn(|cx| clock.poll_fired(cx)), if timed => Event::Timer,
                         else => Event::Stalled,
                     }
@@ -639,7 +637,7 @@ impl Session {
                     biased;
                     r = writer.send(client_out), if !client_out.is_empty() || flush_client => Event::ClientWrote(r),
                     r = client.fill(), if read_client => Event::Client(r),
-                    _ = std::future::poll_fn(|cx| info.poll_notice(cx, &mut stop_registered)), if !stop_seen => Event::Notice,
+                    _ = std::future::poll_fn(|cx| info.poll_notice(cx, &mut stop_registered)) => Event::Notice,
                     _ = std::future::poll_fn(|cx| clock.poll_fired(cx)), if timed => Event::Timer,
                     else => Event::Stalled,
                 },
@@ -661,12 +659,20 @@ impl Session {
                 Event::ServerWrote(Ok(Sent::Wrote(n))) => self.server_write_failed(Ok(n))?,
                 Event::ServerWrote(Err(e)) => self.server_write_failed(Err(e))?,
                 Event::Notice => {
+                    self.info.take_notice();
+                    // The wake that brought the notice used the registered waker up.
+                    stop_registered = false;
                     if self.info.take_reconfigured() {
                         self.refresh_timeouts();
                     }
-                    stop_seen = self.info.stop_requested();
+                    if self.info.terminate_requested() {
+                        return Err(End::fatal(
+                            "57P01",
+                            "terminating connection: the proxy is shutting down and shutdown_timeout_ms is over",
+                        ));
+                    }
                 }
-                Event::Timer => self.on_timer()?,
+                Event::Timer => self.on_timer().await?,
                 Event::Stalled => {
                     // Nothing to read or write: only a bug in the limits above can get
                     // here, and waiting would hang the client.
@@ -712,7 +718,7 @@ impl Session {
     }
 
     /// The session's timer fired: act on the timeout that ran out, if one did.
-    fn on_timer(&mut self) -> Result<(), End> {
+    async fn on_timer(&mut self) -> Result<(), End> {
         let Some(expired) = self.clock.expired(self.started) else {
             return Ok(());
         };
@@ -750,19 +756,21 @@ impl Session {
             }
             Expired::Query(limit) => {
                 self.clock.query_cancel_sent();
-                if let Some(held) = self.server.as_ref() {
-                    counters
-                        .query
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    let (addr, pid, secret) =
-                        (held.conn.addr.clone(), held.conn.pid, held.conn.secret);
-                    info!(user = %self.user.name, node = %held.node.name, "query ran past query_timeout_ms ({} ms); cancelling it", limit.as_millis());
-                    tokio::spawn(async move {
-                        if let Err(e) = crate::pool::recover::send_cancel(&addr, pid, secret).await
-                        {
-                            warn!(node = %addr, "cannot cancel a query past query_timeout_ms: {e}");
-                        }
-                    });
+                let Some(held) = self.server.as_mut() else {
+                    return Ok(());
+                };
+                counters
+                    .query
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                info!(user = %self.user.name, node = %held.node.name, "query ran past query_timeout_ms ({} ms); cancelling it", limit.as_millis());
+                // Awaited here, before the server can go back to the pool: a cancel
+                // still on its way could otherwise hit the next client's query.
+                let conn = &mut held.conn;
+                if let Err(e) =
+                    crate::pool::recover::send_cancel(&conn.addr, conn.pid, conn.secret).await
+                {
+                    warn!(node = %held.node.name, "cannot cancel a query past query_timeout_ms: {e}; the server connection will be closed");
+                    conn.broken = true;
                 }
                 Ok(())
             }

@@ -88,6 +88,12 @@ impl ProxyProcess {
             .unwrap_or_else(|| panic!("no {field} in {status}"))
     }
 
+    /// SIGTERM: the proxy's graceful shutdown.
+    pub fn terminate(&self) {
+        // SAFETY: kill(2) on the pid of our own child; no memory is involved.
+        unsafe { libc::kill(self.pid() as i32, libc::SIGTERM) };
+    }
+
     /// kill -9.
     pub fn kill(&mut self) {
         let _ = self.child.kill();

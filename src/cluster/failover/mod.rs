@@ -49,8 +49,9 @@ pub struct FailoverSettings {
 pub struct Failover {
     pub settings: FailoverSettings,
     status: Mutex<FailoverStatus>,
-    /// One promotion at a time per project (automatic or requested).
-    promoting: tokio::sync::Mutex<()>,
+    /// One promotion at a time per project (automatic or requested); held for good
+    /// by a shutdown (see `hold_promotions`).
+    promoting: Arc<tokio::sync::Mutex<()>>,
     /// A promotion decided (recorded) and not yet recorded as done.
     pending: Mutex<Option<Intent>>,
     /// A planned switchover holds new writes back while it runs.
@@ -70,6 +71,12 @@ pub struct FailoverStatus {
 }
 
 impl Failover {
+    /// Waits for a promotion under way to finish, then keeps any other from starting
+    /// while the guard lives: a shutdown finishes a promotion or never starts one.
+    pub async fn hold_promotions(&self) -> tokio::sync::OwnedMutexGuard<()> {
+        self.promoting.clone().lock_owned().await
+    }
+
     pub fn new(settings: FailoverSettings) -> Failover {
         Failover {
             settings,
@@ -77,7 +84,7 @@ impl Failover {
                 state: "primary healthy".into(),
                 last_event: None,
             }),
-            promoting: tokio::sync::Mutex::new(()),
+            promoting: Arc::new(tokio::sync::Mutex::new(())),
             pending: Mutex::new(None),
             writes_paused: AtomicBool::new(false),
             automatic: AtomicU64::new(0),

@@ -117,6 +117,7 @@ async fn carry_out(
     if candidate.role() != NodeRole::Primary {
         failover.set_state(format!("promoting {}", candidate.name));
     }
+    crate::failpoint::pause_if_armed("failover-slow-promotion", Duration::from_secs(3)).await;
     let client = control(&candidate, settings).await?;
     if query_value(&client, "SELECT pg_is_in_recovery()").await? == "t" {
         let promoted = query_value(&client, "SELECT pg_promote(true, 60)").await?;
