@@ -8,6 +8,7 @@ pub mod cluster;
 pub mod config;
 pub mod failpoint;
 pub mod fleet;
+pub mod fuzz;
 pub mod keepalive;
 pub mod logging;
 pub mod pool;

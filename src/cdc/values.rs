@@ -120,8 +120,9 @@ fn parse_timestamp(text: &str) -> Option<DateTime> {
     if text.ends_with(" BC") || text.len() < 19 {
         return None;
     }
-    // The offset starts at the first sign after the time of day.
-    let (local, offset_secs) = match text[19..].find(['+', '-']) {
+    // The offset starts at the first sign after the time of day (a text that is not
+    // ASCII up to there is no timestamp).
+    let (local, offset_secs) = match text.get(19..)?.find(['+', '-']) {
         Some(at) => {
             let at = at + 19;
             (&text[..at], parse_offset(&text[at..])?)
@@ -129,14 +130,21 @@ fn parse_timestamp(text: &str) -> Option<DateTime> {
         None => (text, 0),
     };
     let naive = chrono::NaiveDateTime::parse_from_str(local, "%Y-%m-%d %H:%M:%S%.f").ok()?;
-    let ms = naive.and_utc().timestamp_millis() - offset_secs * 1000;
+    let ms = naive
+        .and_utc()
+        .timestamp_millis()
+        .checked_sub(offset_secs.checked_mul(1000)?)?;
     Some(DateTime::from_millis(ms))
 }
 
 fn parse_offset(text: &str) -> Option<i64> {
     let sign = if text.starts_with('-') { -1 } else { 1 };
     let mut secs = 0i64;
-    for (i, part) in text[1..].split(':').enumerate() {
+    for (i, part) in text.get(1..)?.split(':').enumerate() {
+        // Two digits at most, as Postgres prints them: no overflow below.
+        if part.len() > 2 {
+            return None;
+        }
         let v: i64 = part.parse().ok()?;
         secs += v * [3600, 60, 1].get(i)?;
     }
@@ -183,7 +191,7 @@ pub fn parse_array(text: &str) -> Option<Vec<ArrayItem>> {
     };
     let chars: Vec<char> = body.chars().collect();
     let mut pos = 0;
-    let items = parse_level(&chars, &mut pos)?;
+    let items = parse_level(&chars, &mut pos, 1)?;
     if chars[pos..].iter().all(|c| c.is_whitespace()) {
         Some(items)
     } else {
@@ -191,8 +199,12 @@ pub fn parse_array(text: &str) -> Option<Vec<ArrayItem>> {
     }
 }
 
-fn parse_level(chars: &[char], pos: &mut usize) -> Option<Vec<ArrayItem>> {
-    if chars.get(*pos) != Some(&'{') {
+/// Postgres arrays have at most 6 dimensions (MAXDIM); deeper nesting is no array
+/// output, and must not recurse without bound.
+const MAX_ARRAY_DEPTH: usize = 6;
+
+fn parse_level(chars: &[char], pos: &mut usize, depth: usize) -> Option<Vec<ArrayItem>> {
+    if chars.get(*pos) != Some(&'{') || depth > MAX_ARRAY_DEPTH {
         return None;
     }
     *pos += 1;
@@ -203,7 +215,7 @@ fn parse_level(chars: &[char], pos: &mut usize) -> Option<Vec<ArrayItem>> {
     }
     loop {
         match chars.get(*pos)? {
-            '{' => items.push(ArrayItem::Nested(parse_level(chars, pos)?)),
+            '{' => items.push(ArrayItem::Nested(parse_level(chars, pos, depth + 1)?)),
             '"' => {
                 *pos += 1;
                 let mut s = String::new();
@@ -319,6 +331,19 @@ mod tests {
             to_bson("0044-03-15 00:00:00 BC", scalar(Kind::Timestamp)),
             Bson::String("0044-03-15 00:00:00 BC".into())
         );
+        // Found by the fuzzer: text that is not a timestamp stays a string, never a
+        // panic (a character across byte 19, an offset too large to multiply).
+        let deep = "{".repeat(100_000);
+        assert!(parse_array(&deep).is_none(), "nesting beyond MAXDIM is no array");
+        assert!(parse_array("{{{{{{1}}}}}}").is_some());
+        assert!(parse_array("{{{{{{{1}}}}}}}").is_none());
+        for odd in [
+            "1970-01-01 00:00:0é+01",
+            "1970-01-01 00:00:00+99999999999999999",
+            "1970-01-01 00:00:00+",
+        ] {
+            assert!(matches!(to_bson(odd, scalar(Kind::TimestampTz)), Bson::String(_)));
+        }
     }
 
     #[test]

@@ -330,6 +330,11 @@ impl<'a> Fields<'a> {
         Ok(v)
     }
 
+    pub fn i16(&mut self) -> Result<i16, ProtocolError> {
+        let b = self.bytes(2)?;
+        Ok(i16::from_be_bytes([b[0], b[1]]))
+    }
+
     pub fn bytes(&mut self, n: usize) -> Result<&'a [u8], ProtocolError> {
         if self.data.len() < n {
             return Err(ProtocolError::Violation("message too short".into()));

@@ -25,7 +25,7 @@ pub mod settings;
 pub mod startup;
 pub mod statements;
 mod timeouts;
-mod transaction;
+pub(crate) mod transaction;
 pub mod users;
 
 use std::collections::HashMap;

@@ -199,7 +199,7 @@ pub async fn handshake(
     }))
 }
 
-fn parse_params(packet: &BytesMut) -> Result<Vec<(String, String)>, Refusal> {
+pub(crate) fn parse_params(packet: &BytesMut) -> Result<Vec<(String, String)>, Refusal> {
     let mut fields = Fields::new(packet);
     let mut params = Vec::new();
     loop {
