@@ -9,8 +9,11 @@ use bytes::BytesMut;
 use crate::protocol::messages::{self as msg, Fields};
 use crate::protocol::{MAX_CLIENT_MESSAGE, MessageReader, Piece, STREAM_FRAME_OVER};
 
+/// A fuzz target: any bytes in, no panic out.
+pub type Target = fn(&[u8]);
+
 /// The targets by name, as `fuzz/fuzz_targets/` and the corpus folders name them.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Target)] = &[
     ("frontend", frontend),
     ("classifier", classifier),
     ("pgoutput", pgoutput),
@@ -22,7 +25,8 @@ pub const TARGETS: &[(&str, fn(&[u8]))] = &[
 /// session decodes it, and the units that the transaction and statement helpers look
 /// into.
 pub fn frontend(data: &[u8]) {
-    let (startup, rest) = data.split_at(data.len().min(data.first().copied().unwrap_or(0) as usize));
+    let (startup, rest) =
+        data.split_at(data.len().min(data.first().copied().unwrap_or(0) as usize));
     let _ = crate::session::startup::parse_params(&BytesMut::from(startup));
     let mut reader = MessageReader::with_prefix(tokio::io::empty(), MAX_CLIENT_MESSAGE, rest);
     let mut unit: Vec<BytesMut> = Vec::new();
@@ -152,7 +156,7 @@ pub fn config(data: &[u8]) {
 pub struct Rng(pub u64);
 
 impl Rng {
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;
@@ -160,7 +164,7 @@ impl Rng {
     }
 
     pub fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
+        (self.next_u64() % n.max(1) as u64) as usize
     }
 }
 
@@ -197,7 +201,7 @@ pub fn mutate(input: &[u8], other: &[u8], rng: &mut Rng) -> Vec<u8> {
                     0 => 0u32,
                     1 => 4,
                     2 => u32::MAX,
-                    _ => rng.next() as u32 % 70_000,
+                    _ => rng.next_u64() as u32 % 70_000,
                 };
                 out.splice(at..at, len.to_be_bytes());
             }
@@ -224,7 +228,13 @@ mod tests {
     #[test]
     fn every_target_takes_empty_and_odd_input() {
         for (_, target) in TARGETS {
-            for input in [&b""[..], b"\0", b"\xff\xff\xff\xff", b"Q\0\0\0\x04", &[0u8; 64]] {
+            for input in [
+                &b""[..],
+                b"\0",
+                b"\xff\xff\xff\xff",
+                b"Q\0\0\0\x04",
+                &[0u8; 64],
+            ] {
                 target(input);
             }
         }

@@ -33,7 +33,8 @@ fn keep(target: &str, input: &[u8]) -> PathBuf {
         "fuzz-{target}-{:016x}",
         input
             .iter()
-            .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ *b as u64).wrapping_mul(0x100_0000_01b3))
+            .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ *b as u64)
+                .wrapping_mul(0x100_0000_01b3))
     ));
     let _ = std::fs::write(&path, input);
     path

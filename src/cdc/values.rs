@@ -334,7 +334,10 @@ mod tests {
         // Found by the fuzzer: text that is not a timestamp stays a string, never a
         // panic (a character across byte 19, an offset too large to multiply).
         let deep = "{".repeat(100_000);
-        assert!(parse_array(&deep).is_none(), "nesting beyond MAXDIM is no array");
+        assert!(
+            parse_array(&deep).is_none(),
+            "nesting beyond MAXDIM is no array"
+        );
         assert!(parse_array("{{{{{{1}}}}}}").is_some());
         assert!(parse_array("{{{{{{{1}}}}}}}").is_none());
         for odd in [
@@ -342,7 +345,10 @@ mod tests {
             "1970-01-01 00:00:00+99999999999999999",
             "1970-01-01 00:00:00+",
         ] {
-            assert!(matches!(to_bson(odd, scalar(Kind::TimestampTz)), Bson::String(_)));
+            assert!(matches!(
+                to_bson(odd, scalar(Kind::TimestampTz)),
+                Bson::String(_)
+            ));
         }
     }
 

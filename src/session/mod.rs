@@ -703,7 +703,12 @@ impl Session {
             } else {
                 Phase::Idle
             }
-        } else if !self.expect.is_empty() || !self.pending.is_empty() {
+        } else if !self.expect.is_empty() || (!self.pending.is_empty() && self.server.is_some()) {
+            Phase::Busy
+        } else if !self.pending.is_empty() && self.next_unit_len().is_none() {
+            // Part of a batch, waiting for the rest of it.
+            Phase::IdleInTransaction
+        } else if !self.pending.is_empty() {
             Phase::Busy
         } else if self.tx_status != b'I' || self.mid_batch || self.copy_in {
             Phase::IdleInTransaction
