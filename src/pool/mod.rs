@@ -50,6 +50,9 @@ pub struct PoolSettings {
     pub keepalive: Keepalive,
 }
 
+/// A pooled connection's read buffer beyond this is given back when it returns.
+const RETAINED_READ_BUFFER: usize = 128 * 1024;
+
 /// Shortest and longest pause between two passes of the idle-connection reaper.
 const REAP_MIN: Duration = Duration::from_millis(100);
 const REAP_MAX: Duration = Duration::from_secs(30);
@@ -237,6 +240,7 @@ impl PoolInner {
             self.release_place();
             return;
         }
+        conn.reader.release_excess(RETAINED_READ_BUFFER);
         let mut state = self.lock();
         while let Some(waiter) = state.waiters.pop_front() {
             match waiter.send(Handoff::Conn(conn)) {

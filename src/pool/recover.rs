@@ -17,6 +17,7 @@ use tokio::net::TcpStream;
 use super::{Pooled, ServerConn};
 use crate::config::NodeAddress;
 use crate::protocol::messages as msg;
+use crate::protocol::{Piece, STREAM_FRAME_OVER};
 use crate::tls::stream::Sent;
 
 const RECOVER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -115,7 +116,15 @@ async fn bring_back(
                 Err(e) => return Err(format!("read failed: {e}")),
             },
         }
-        while let Some(frame) = conn.reader.next_frame().map_err(|e| e.to_string())? {
+        // Rows of any size pass in pieces and are dropped (the token's row is small).
+        while let Some(piece) = conn
+            .reader
+            .next_piece(STREAM_FRAME_OVER, |_| true)
+            .map_err(|e| e.to_string())?
+        {
+            let Piece::Frame(frame) = piece else {
+                continue;
+            };
             match frame[0] {
                 msg::DATA_ROW if contains(&frame, token.as_bytes()) => token_seen = true,
                 msg::READY_FOR_QUERY if token_seen => {

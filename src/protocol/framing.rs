@@ -152,6 +152,15 @@ impl<R: AsyncRead + Unpin> MessageReader<R> {
         Ok(self.next_frame()?.map(Piece::Frame))
     }
 
+    /// Gives back a buffer that grew past `keep` bytes for a large message, once it
+    /// holds nothing: a connection that carried one big row once should not keep
+    /// its memory while it sits in a pool or an idle session.
+    pub fn release_excess(&mut self, keep: usize) {
+        if self.buf.is_empty() && self.buf.capacity() > keep {
+            self.buf = BytesMut::new();
+        }
+    }
+
     /// A large frame is being handed out in pieces and is not complete yet.
     pub fn mid_frame(&self) -> bool {
         self.streaming_left > 0

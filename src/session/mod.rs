@@ -74,6 +74,8 @@ const PARTIAL_UNIT_BYTES: usize = 256 * 1024;
 /// client that pipelines and a server that streams results never wait on each other.
 const SERVER_OUT_LIMIT: usize = 256 * 1024;
 const CLIENT_OUT_LIMIT: usize = 256 * 1024;
+/// Buffer capacity a session keeps between requests (more is given back when idle).
+const RETAINED_BUFFER: usize = 128 * 1024;
 /// Proxy-named statements one server connection may accumulate before it is cleared.
 const MAX_PREPARED_PER_SERVER: usize = 2000;
 /// How often one read is sent again elsewhere after its server failed before answering.
@@ -593,6 +595,8 @@ impl Session {
             if phase != Phase::Idle && self.clock.phase() == Phase::Idle {
                 // A request begins: it runs under the timeouts of the latest reload.
                 self.refresh_timeouts();
+            } else if phase == Phase::Idle && self.clock.phase() != Phase::Idle {
+                self.release_excess_buffers();
             }
             self.clock.set_phase(phase);
             if !self.client_out.is_empty() {
@@ -714,6 +718,17 @@ impl Session {
             Phase::IdleInTransaction
         } else {
             Phase::Idle
+        }
+    }
+
+    /// Between requests: buffers that grew for a large message are given back, so
+    /// that an idle client keeps only what an ordinary request needs.
+    fn release_excess_buffers(&mut self) {
+        self.client.release_excess(RETAINED_BUFFER);
+        for buf in [&mut self.client_out, &mut self.server_out] {
+            if buf.is_empty() && buf.capacity() > RETAINED_BUFFER {
+                *buf = BytesMut::new();
+            }
         }
     }
 
