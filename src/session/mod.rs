@@ -690,11 +690,11 @@ impl Session {
                     return Err(End::fatal("XX000", "internal error: the session stalled"));
                 }
             }
-            let phase = self.phase();
             // Shutting down: a client leaves as soon as it holds no server (between
-            // transactions); one inside a transaction may finish it first.
-            let idle = phase == Phase::Idle && self.pending.is_empty();
-            if self.info.stop_requested() && idle {
+            // transactions); one inside a transaction may finish it first. (The phase
+            // is worked out only then: it is not free, and this runs every pass.)
+            if self.info.stop_requested() && self.phase() == Phase::Idle && self.pending.is_empty()
+            {
                 return Err(End::fatal(
                     "57P01",
                     "terminating connection: the proxy is shutting down",
