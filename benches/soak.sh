@@ -10,6 +10,7 @@
 #   benches/soak.sh                                # 10 minutes, 200 clients, 10,000 idle
 #   SOAK_SECONDS=120 IDLE_CLIENTS=2000 benches/soak.sh
 #   KEEP_WORK=1 benches/soak.sh                   # keep the logs (proxy, PgBouncer, driver)
+#   PARTS='idle pgbench' benches/soak.sh          # only some of: soak idle pgbench
 #
 # Needs the PostgreSQL server binaries, pgbench and psql; PgBouncer is compared when
 # installed (Debian: apt-get install pgbouncer).
@@ -20,6 +21,7 @@ SOAK_SECONDS=${SOAK_SECONDS:-600}
 SOAK_CLIENTS=${SOAK_CLIENTS:-200}
 IDLE_CLIENTS=${IDLE_CLIENTS:-10000}
 PGBENCH_SECONDS=${PGBENCH_SECONDS:-15}
+PARTS=${PARTS:-soak idle pgbench}
 PROXY_PORT=${PROXY_PORT:-17432}
 BOUNCER_PORT=${BOUNCER_PORT:-17433}
 WORK=$(mktemp -d /tmp/replicator-soak.XXXXXX)
@@ -36,7 +38,7 @@ DRIVER=$(find target/release/deps -maxdepth 1 -type f -executable -name 'soak-*'
 PGBIN=$( (pg_config --bindir 2>/dev/null; ls -d /usr/lib/postgresql/*/bin 2>/dev/null) | while read -r d; do [ -x "$d/pgbench" ] && echo "$d"; done | tail -1)
 
 cleanup() {
-  for pid in "${LOAD_PID:-}" "${PROXY_PID:-}" "${BOUNCER_PID:-}"; do
+  for pid in "${LOAD_PID:-}" "${PROXY_PID:-}" "${SOLO_PID:-}" "${BOUNCER_PID:-}"; do
     if [ -n "$pid" ]; then kill "$pid" 2>/dev/null || true; fi
   done
   if [ -n "${DEMO_PID:-}" ] && kill -INT "$DEMO_PID" 2>/dev/null; then sleep 2; fi
@@ -46,6 +48,7 @@ trap cleanup EXIT
 
 rss_kb() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
 value() { awk -v k="$1" '$1 == k {print $2}' "$2"; }
+part() { [[ " $PARTS " == *" $1 "* ]]; }
 
 # The cluster (the demo's primary and two replicas; its own proxy is not used).
 setsid "$BIN" demo --listen "127.0.0.1:$((PROXY_PORT + 10))" > "$WORK/demo.log" 2>&1 &
@@ -106,6 +109,7 @@ as_postgres() {
   if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi
 }
 
+if part soak; then
 echo "soak: $SOAK_CLIENTS clients for $SOAK_SECONDS s (one in ten misbehaving)" >&2
 RSS_START=$(rss_kb "$PROXY_PID")
 "$DRIVER" load "127.0.0.1:$PROXY_PORT" "$SOAK_SECONDS" "$SOAK_CLIENTS" > "$WORK/load.out" &
@@ -130,30 +134,51 @@ for port in "$PRIMARY_PORT" "${REPLICA_PORTS[@]}"; do
     -c "SELECT count(*) FROM pg_stat_activity WHERE usename = 'app' AND (state LIKE 'idle in transaction%' OR (state = 'active' AND now() - query_start > interval '5 seconds'))")
   STUCK=$((STUCK + n))
 done
+fi
 
 idle_run() { # name port pid
   "$DRIVER" idle "127.0.0.1:$2" "$IDLE_CLIENTS" "$3" > "$WORK/idle-$1.out"
 }
-echo "idle: $IDLE_CLIENTS clients" >&2
-idle_run replicator "$PROXY_PORT" "$PROXY_PID"
-[ -n "${BOUNCER_PID:-}" ] && idle_run pgbouncer "$BOUNCER_PORT" "$BOUNCER_PID"
+if part idle; then
+  echo "idle: $IDLE_CLIENTS clients" >&2
+  idle_run replicator "$PROXY_PORT" "$PROXY_PID"
+  if [ -n "${BOUNCER_PID:-}" ]; then idle_run pgbouncer "$BOUNCER_PORT" "$BOUNCER_PID"; fi
+fi
 
-echo "pgbench -S at 64 and 512 clients" >&2
-"$PGBIN/pgbench" -h 127.0.0.1 -p "$PRIMARY_PORT" -U app -i -q -s 10 app > "$WORK/init.log" 2>&1
-sleep 2
-TPS_TARGETS=("replicator:$PROXY_PORT")
-[ -n "${BOUNCER_PID:-}" ] && TPS_TARGETS+=("pgbouncer:$BOUNCER_PORT")
-: > "$WORK/tps.tsv"
-for round in 1 2 3; do
-  for clients in 64 512; do
-    for target in "${TPS_TARGETS[@]}"; do
-      tps=$("$PGBIN/pgbench" -h 127.0.0.1 -p "${target#*:}" -U app -n -S -M simple -c "$clients" -j 2 \
-        -T "$PGBENCH_SECONDS" app 2>/dev/null | awk '/^tps = / {print $3}')
-      printf '%s\t%s\t%s\t%s\n' "$round" "$clients" "${target%%:*}" "${tps:-0}" >> "$WORK/tps.tsv"
+if part pgbench; then
+  echo "pgbench -S at 64 and 512 clients" >&2
+  "$PGBIN/pgbench" -h 127.0.0.1 -p "$PRIMARY_PORT" -U app -i -q -s 10 app > "$WORK/init.log" 2>&1
+  sleep 2
+  # The same work as PgBouncer's: a proxy whose project is the primary alone, with the
+  # same pool size. The soak proxy (reads on the replicas, which share these cores with
+  # the primary) is measured too.
+  SOLO_PORT=$((PROXY_PORT + 2))
+  {
+    printf '[proxy]\nlisten = "127.0.0.1:%s"\nadmin_listen = "127.0.0.1:%s"\nstate_file = "%s"\n' \
+      "$SOLO_PORT" "$((PROXY_PORT + 3))" "$WORK/state-solo.json"
+    printf 'max_client_conn = 2000\n'
+    printf '[[users]]\nname = "app"\npassword = "secret"\n'
+    printf '[projects.app]\npool_size = 20\n'
+    printf '[[projects.app.replicas]]\nname = "primary"\nrole = "primary"\nuri = "postgresql://127.0.0.1:%s/app"\n' "$PRIMARY_PORT"
+  } > "$WORK/solo.toml"
+  setsid "$BIN" serve --config "$WORK/solo.toml" > "$WORK/solo.log" 2>&1 &
+  SOLO_PID=$!
+  for _ in $(seq 1 50); do "$PGBIN/psql" -q -h 127.0.0.1 -p "$SOLO_PORT" -U app -d app -c 'SELECT 1' > /dev/null 2>&1 && break; sleep 0.2; done
+  TPS_TARGETS=("replicator-primary-only:$SOLO_PORT" "replicator:$PROXY_PORT")
+  if [ -n "${BOUNCER_PID:-}" ]; then TPS_TARGETS+=("pgbouncer:$BOUNCER_PORT"); fi
+  : > "$WORK/tps.tsv"
+  for round in 1 2 3; do
+    for clients in 64 512; do
+      for target in "${TPS_TARGETS[@]}"; do
+        tps=$("$PGBIN/pgbench" -h 127.0.0.1 -p "${target#*:}" -U app -n -S -M simple -c "$clients" -j 2 \
+          -T "$PGBENCH_SECONDS" app 2>>"$WORK/pgbench.err" | awk '/^tps = / {print $3}')
+        printf '%s\t%s\t%s\t%s\n' "$round" "$clients" "${target%%:*}" "${tps:-0}" >> "$WORK/tps.tsv"
+      done
     done
   done
-done
+fi
 
+if part soak; then
 echo
 echo "## soak ($SOAK_CLIENTS clients, $SOAK_SECONDS s, a replica restarted, one reload)"
 echo
@@ -168,6 +193,8 @@ echo "| panics in the proxy log | $PANICS |"
 echo "| pool connections still busy after the run | $BUSY |"
 echo "| server sessions of app left in a transaction or running for 5 s after the run | $STUCK |"
 grep '^load_error_example' "$WORK/load.out" | sed 's/^load_error_example/  error:/' || true
+fi
+if part idle; then
 echo
 echo "## $IDLE_CLIENTS idle clients"
 echo
@@ -178,14 +205,22 @@ for name in replicator pgbouncer; do
   [ -f "$f" ] || continue
   echo "| $name | $(value idle_clients "$f") | $(value idle_seconds "$f") | $(( $(value idle_rss_before_kb "$f") / 1024 )) | $(( $(value idle_rss_after_kb "$f") / 1024 )) | $(value idle_kb_per_client "$f") |"
 done
+fi
+if part pgbench; then
 echo
 echo "## pgbench -S (simple protocol), median of 3 rounds of $PGBENCH_SECONDS s"
 echo
-echo "| clients | replicator tps | pgbouncer tps | ratio |"
-echo "|---|---|---|---|"
+echo "replicator-primary-only: a project of the primary alone, pool_size 20, as PgBouncer's;"
+echo "replicator: the soak proxy, whose reads go to the two replicas on the same cores."
+echo
+echo "| clients | replicator-primary-only tps | replicator tps | pgbouncer tps | primary-only / pgbouncer |"
+echo "|---|---|---|---|---|"
 for clients in 64 512; do
-  r=$(awk -v c="$clients" '$2 == c && $3 == "replicator" {print $4}' "$WORK/tps.tsv" | sort -n | sed -n 2p)
-  b=$(awk -v c="$clients" '$2 == c && $3 == "pgbouncer" {print $4}' "$WORK/tps.tsv" | sort -n | sed -n 2p)
-  ratio=$(awk -v r="${r:-0}" -v b="${b:-0}" 'BEGIN { if (b > 0) printf "%.2f", r / b; else print "-" }')
-  echo "| $clients | ${r:-} | ${b:--} | $ratio |"
+  median() { awk -v c="$clients" -v t="$1" '$2 == c && $3 == t {print $4}' "$WORK/tps.tsv" | sort -n | sed -n 2p; }
+  s=$(median replicator-primary-only)
+  r=$(median replicator)
+  b=$(median pgbouncer)
+  ratio=$(awk -v r="${s:-0}" -v b="${b:-0}" 'BEGIN { if (b > 0) printf "%.2f", r / b; else print "-" }')
+  echo "| $clients | ${s:-} | ${r:-} | ${b:--} | $ratio |"
 done
+fi

@@ -58,6 +58,19 @@ async fn first_value(client: &tokio_postgres::Client, sql: &str) -> String {
         .unwrap_or_else(|| panic!("no row from {sql}"))
 }
 
+/// A connection to a proxy process once it listens; fails the test after 20 s (the
+/// process's log says why it did not start).
+async fn connect_when_up(port: u16) -> TcpStream {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(stream) = TcpStream::connect(("127.0.0.1", port)).await {
+            return stream;
+        }
+        assert!(Instant::now() < deadline, "the proxy did not listen on port {port}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Polls `check` for up to 20 s.
 async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -482,12 +495,7 @@ async fn huge_rows_pass_through_in_pieces() {
     let dir = common::process::proxy_dir("limits", "huge-rows");
     let proxy =
         common::process::ProxyProcess::start("huge", &dir, &config_text(cluster(), "", ""), &[]);
-    let connect = async || loop {
-        if let Ok(stream) = TcpStream::connect(("127.0.0.1", proxy.port)).await {
-            return login_raw(stream).await;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let connect = async || login_raw(connect_when_up(proxy.port).await).await;
     let mut client = connect().await;
     client.write_all(&query("SELECT 1")).await.unwrap();
     skim_until_ready(&mut client).await;
@@ -626,4 +634,54 @@ async fn shutdown_closes_pinned_clients_at_once_and_transactions_at_the_deadline
         first_value(&primary, "SELECT count(*) FROM shutdown_t").await == "0"
     })
     .await;
+}
+
+/// An idle client keeps no buffers: each one that has logged in and run a query costs
+/// the proxy its task and its socket, a few kB, not the 16 kB read buffer and the output
+/// buffers of its last query.
+#[tokio::test]
+async fn idle_clients_keep_no_buffers() {
+    let dir = common::process::proxy_dir("limits", "idle-memory");
+    let proxy = common::process::ProxyProcess::start(
+        "idle",
+        &dir,
+        &config_text(cluster(), "", "max_client_conn = 2000"),
+        &[],
+    );
+    let connect = async || login_raw(connect_when_up(proxy.port).await).await;
+    let mut first = connect().await;
+    first.write_all(&query("SELECT 1")).await.unwrap();
+    skim_until_ready(&mut first).await;
+    let before_kb = proxy.memory_kb("VmRSS");
+
+    const CLIENTS: usize = 500;
+    let mut idle = Vec::with_capacity(CLIENTS);
+    for _ in 0..CLIENTS {
+        let mut client = connect().await;
+        // A result of some size, so that the session had buffers to give back.
+        client
+            .write_all(&query(
+                "SELECT repeat('x', 4000) FROM generate_series(1, 4)",
+            ))
+            .await
+            .unwrap();
+        let (_, errors) = skim_until_ready(&mut client).await;
+        assert!(errors.is_empty(), "{errors:?}");
+        idle.push(client);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after_kb = proxy.memory_kb("VmRSS");
+    let per_client = after_kb.saturating_sub(before_kb) as f64 / CLIENTS as f64;
+    // The test's proxy is the debug build, whose futures are larger than the release
+    // build's (about 2 kB a client there); a kept read buffer alone would be 16 kB.
+    assert!(
+        per_client <= 6.0,
+        "{CLIENTS} idle clients cost {per_client:.1} kB each ({before_kb} kB before, {after_kb} kB after)"
+    );
+    // They are still served.
+    for client in idle.iter_mut().step_by(50) {
+        client.write_all(&query("SELECT 1")).await.unwrap();
+        let (_, errors) = skim_until_ready(client).await;
+        assert!(errors.is_empty(), "{errors:?}");
+    }
 }

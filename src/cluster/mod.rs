@@ -94,7 +94,9 @@ impl Node {
             self.clear_down();
             return Ok(conn);
         }
-        let result = self.pool_for(user).get().await;
+        // Boxed: connecting (TLS, authentication) is a large future, and every
+        // client's task would otherwise keep its space for the client's whole life.
+        let result = Box::pin(self.pool_for(user).get()).await;
         match result {
             Ok(conn) => {
                 self.clear_down();

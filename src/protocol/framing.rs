@@ -5,6 +5,9 @@
 //! whole frames as `BytesMut` slices of it, so forwarding a frame costs no parsing and
 //! at most one copy into the peer's output buffer.
 
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
 use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
@@ -12,6 +15,12 @@ use super::ProtocolError;
 
 /// Initial buffer capacity; grows on demand for large rows.
 const READ_CHUNK: usize = 16 * 1024;
+
+/// A source that can tell when bytes have arrived without taking them: a reader
+/// without a buffer waits on it before taking one (see [`MessageReader::park`]).
+pub trait ReadReady {
+    fn poll_ready(&self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>>;
+}
 
 pub struct MessageReader<R> {
     inner: R,
@@ -45,7 +54,8 @@ impl<R: AsyncRead + Unpin> MessageReader<R> {
     pub fn new(inner: R, max_len: usize) -> Self {
         Self {
             inner,
-            buf: BytesMut::with_capacity(READ_CHUNK),
+            // Taken from the spares at the first read (see `make_room`).
+            buf: BytesMut::new(),
             max_len,
             streaming_left: 0,
         }
@@ -54,7 +64,10 @@ impl<R: AsyncRead + Unpin> MessageReader<R> {
     /// A reader whose first bytes were already taken off the socket.
     pub fn with_prefix(inner: R, max_len: usize, prefix: &[u8]) -> Self {
         let mut reader = Self::new(inner, max_len);
-        reader.buf.extend_from_slice(prefix);
+        if !prefix.is_empty() {
+            reader.buf = super::spare::take();
+            reader.buf.extend_from_slice(prefix);
+        }
         reader
     }
 
@@ -161,6 +174,14 @@ impl<R: AsyncRead + Unpin> MessageReader<R> {
         }
     }
 
+    /// Lends an empty buffer back (see `spare`): an idle connection keeps none. The
+    /// next read takes one again.
+    pub fn park(&mut self) {
+        if self.streaming_left == 0 {
+            super::spare::give_back(&mut self.buf);
+        }
+    }
+
     /// A large frame is being handed out in pieces and is not complete yet.
     pub fn mid_frame(&self) -> bool {
         self.streaming_left > 0
@@ -168,7 +189,33 @@ impl<R: AsyncRead + Unpin> MessageReader<R> {
 
     /// Reads more bytes from the socket. Returns 0 at end of stream. Cancel-safe.
     pub async fn fill(&mut self) -> std::io::Result<usize> {
-        if self.buf.is_empty() {
+        self.make_room();
+        self.inner.read_buf(&mut self.buf).await
+    }
+
+    /// `fill` as a poll, for a loop that waits on several sockets at once without
+    /// keeping a future for each.
+    pub fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
+        self.make_room();
+        tokio_util::io::poll_read_buf(Pin::new(&mut self.inner), cx, &mut self.buf)
+    }
+
+    /// Like `poll_fill`, except that a parked reader first waits for bytes to arrive,
+    /// so that a connection waiting for its next request holds no buffer.
+    pub fn poll_fill_when_ready(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>>
+    where
+        R: ReadReady,
+    {
+        if self.buf.capacity() == 0 {
+            ready!(self.inner.poll_ready(cx))?;
+        }
+        self.poll_fill(cx)
+    }
+
+    fn make_room(&mut self) {
+        if self.buf.capacity() == 0 {
+            self.buf = super::spare::take();
+        } else if self.buf.is_empty() {
             // Nothing left to parse: start again at the front of the allocation (when
             // no handed-out frame still points into it), so that each read lands on
             // the same cache lines instead of walking through the whole buffer. When a
@@ -178,7 +225,6 @@ impl<R: AsyncRead + Unpin> MessageReader<R> {
         if self.buf.capacity() - self.buf.len() < 1024 {
             self.buf.reserve(READ_CHUNK);
         }
-        self.inner.read_buf(&mut self.buf).await
     }
 
     /// Waits for one complete tagged frame.

@@ -5,6 +5,11 @@
 
 use super::*;
 
+thread_local! {
+    /// Vectors of the nodes a read may go to, lent to sessions (see `protocol::spare`).
+    static SPARE_NODES: spare::SpareVecs<Arc<Node>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 impl Session {
     fn attach(&mut self, node: Arc<Node>, conn: Pooled) {
         self.cancel_slot.set(&conn.addr, conn.pid, conn.secret);
@@ -78,11 +83,13 @@ impl Session {
         if route == Route::Replica {
             // A read hinted to a replica is the user's choice over read-your-writes.
             let min_lsn = if self.ryw && !hinted { self.min_lsn } else { 0 };
-            let mut nodes = std::mem::take(&mut self.spare_nodes);
+            let mut nodes = spare::take_vec(&SPARE_NODES);
             self.project
                 .read_candidates_into(min_lsn, executes, &mut nodes);
             if nodes.is_empty() && min_lsn > 0 {
-                if !self.project.causal_wait.is_zero() && self.wait_for_replica(min_lsn).await {
+                if !self.project.causal_wait.is_zero()
+                    && Box::pin(self.wait_for_replica(min_lsn)).await
+                {
                     return Ok(());
                 }
                 self.project
@@ -94,7 +101,7 @@ impl Session {
                 return self.attach_first(nodes).await;
             };
             if nodes.is_empty() {
-                self.spare_nodes = nodes;
+                spare::give_back_vec(&SPARE_NODES, nodes, 16);
                 return self.attach_from(primary).await;
             }
             nodes.push(primary);
@@ -113,7 +120,7 @@ impl Session {
         if let Some(fleet) = &self.shared.fleet
             && let Err(reason) = fleet.writes_allowed()
         {
-            return self.wait_for_primary(BackendError::Timeout(reason)).await;
+            return Box::pin(self.wait_for_primary(BackendError::Timeout(reason))).await;
         }
         let attached = match self.project.primary().cloned() {
             Some(node) => self.attach_from(node).await,
@@ -122,7 +129,7 @@ impl Session {
             )),
         };
         match attached {
-            Err(e) => self.wait_for_primary(e).await,
+            Err(e) => Box::pin(self.wait_for_primary(e)).await,
             ok => ok,
         }
     }
@@ -220,7 +227,7 @@ impl Session {
     }
 
     /// Attaches a server from the first of `nodes` that yields one.
-    /// The vector is kept for the next read (see `spare_nodes`).
+    /// The vector is kept for the next read (see `SPARE_NODES`).
     pub(super) async fn attach_first(
         &mut self,
         mut nodes: Vec<Arc<Node>>,
@@ -235,9 +242,7 @@ impl Session {
                 break;
             }
         }
-        if nodes.capacity() <= 16 {
-            self.spare_nodes = nodes;
-        }
+        spare::give_back_vec(&SPARE_NODES, nodes, 16);
         result.unwrap_or_else(|| Err(BackendError::Timeout("no node available".into())))
     }
 

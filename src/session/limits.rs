@@ -12,8 +12,11 @@ use crate::state::Shared;
 #[derive(Default)]
 pub struct ClientLimits {
     connected: AtomicUsize,
-    per_project: Mutex<HashMap<String, usize>>,
-    per_user: Mutex<HashMap<String, usize>>,
+    /// Clients connected per project and per user. A seat holds its two counters, so
+    /// that a connected client keeps no copy of the names; a name's entry stays once
+    /// made (there are only as many as projects and users that ever logged in).
+    per_project: Mutex<HashMap<String, Arc<AtomicUsize>>>,
+    per_user: Mutex<HashMap<String, Arc<AtomicUsize>>>,
     /// Refusals by limit: max_client_conn, a project's, a user's.
     pub refused_total: AtomicU64,
     pub refused_project: AtomicU64,
@@ -51,27 +54,14 @@ impl Drop for ConnectionSeat {
 
 /// A logged-in client's place under its project's and user's limits.
 pub struct LoginSeat {
-    shared: Arc<Shared>,
-    project: String,
-    user: String,
+    project: Arc<AtomicUsize>,
+    user: Arc<AtomicUsize>,
 }
 
 impl Drop for LoginSeat {
     fn drop(&mut self) {
-        let limits = &self.shared.limits;
-        for (map, key) in [
-            (&limits.per_project, &self.project),
-            (&limits.per_user, &self.user),
-        ] {
-            if let Ok(mut map) = map.lock()
-                && let Some(n) = map.get_mut(key)
-            {
-                *n = n.saturating_sub(1);
-                if *n == 0 {
-                    map.remove(key);
-                }
-            }
-        }
+        self.project.fetch_sub(1, Ordering::Relaxed);
+        self.user.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -99,13 +89,16 @@ impl ClientLimits {
         else {
             // A poisoned lock means a panic elsewhere: do not add a limit of our own.
             return Ok(LoginSeat {
-                shared: shared.clone(),
-                project: String::new(),
-                user: String::new(),
+                project: Arc::new(AtomicUsize::new(1)),
+                user: Arc::new(AtomicUsize::new(1)),
             });
         };
-        let in_project = projects.get(project).copied().unwrap_or(0);
-        let as_user = users.get(user).copied().unwrap_or(0);
+        // Counted under both locks: two logins cannot both take the last seat.
+        let count = |map: &HashMap<String, Arc<AtomicUsize>>, key: &str| {
+            map.get(key).map_or(0, |n| n.load(Ordering::Relaxed))
+        };
+        let in_project = count(&projects, project);
+        let as_user = count(&users, user);
         let refusal = if project_max != 0 && in_project >= project_max {
             limits.refused_project.fetch_add(1, Ordering::Relaxed);
             Limit::Project(project_max)
@@ -113,12 +106,17 @@ impl ClientLimits {
             limits.refused_user.fetch_add(1, Ordering::Relaxed);
             Limit::User(user_max)
         } else {
-            *projects.entry(project.to_string()).or_default() += 1;
-            *users.entry(user.to_string()).or_default() += 1;
+            let seat = |map: &mut HashMap<String, Arc<AtomicUsize>>, key: &str| {
+                let n = match map.get(key) {
+                    Some(n) => n.clone(),
+                    None => map.entry(key.to_string()).or_default().clone(),
+                };
+                n.fetch_add(1, Ordering::Relaxed);
+                n
+            };
             return Ok(LoginSeat {
-                shared: shared.clone(),
-                project: project.to_string(),
-                user: user.to_string(),
+                project: seat(&mut projects, project),
+                user: seat(&mut users, user),
             });
         };
         drop((projects, users));
@@ -134,7 +132,7 @@ impl ClientLimits {
             .per_project
             .lock()
             .ok()
-            .and_then(|m| m.get(project).copied())
+            .and_then(|m| m.get(project).map(|n| n.load(Ordering::Relaxed)))
             .unwrap_or(0);
         let refused = self
             .refused_in_project

@@ -4,7 +4,7 @@
 //! FunctionCall or a Flush). Each unit is routed once, sent to a server connection
 //! checked out from the chosen node's pool, and the server's answers are forwarded as
 //! they come. In transaction pooling the connection goes back to the pool when the
-//! server reports ReadyForQuery(Idle) and nothing else is in flight. One `select!` loop
+//! server reports ReadyForQuery(Idle) and nothing else is in flight. One loop
 //! serves both directions, so COPY, pipelining and notifications need no special threads.
 //!
 //! This file holds the session loop, the client's framing and the dispatch of units;
@@ -31,6 +31,7 @@ pub mod users;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -44,7 +45,9 @@ use crate::cluster::{Node, NodeRole, Project, health};
 use crate::config::PoolMode;
 use crate::pool::{BackendError, Pooled};
 use crate::protocol::messages::{self as msg, Fields};
-use crate::protocol::{MAX_CLIENT_MESSAGE, MessageReader, Piece, ProtocolError, STREAM_FRAME_OVER};
+use crate::protocol::{
+    MAX_CLIENT_MESSAGE, MessageReader, Piece, ProtocolError, STREAM_FRAME_OVER, spare,
+};
 use crate::router::{Decision, Route, SessionEffect, TxEffect};
 use crate::state::Shared;
 use cancel::CancelSlot;
@@ -74,8 +77,6 @@ const PARTIAL_UNIT_BYTES: usize = 256 * 1024;
 /// client that pipelines and a server that streams results never wait on each other.
 const SERVER_OUT_LIMIT: usize = 256 * 1024;
 const CLIENT_OUT_LIMIT: usize = 256 * 1024;
-/// Buffer capacity a session keeps between requests (more is given back when idle).
-const RETAINED_BUFFER: usize = 128 * 1024;
 /// Proxy-named statements one server connection may accumulate before it is cleared.
 const MAX_PREPARED_PER_SERVER: usize = 2000;
 /// How often one read is sent again elsewhere after its server failed before answering.
@@ -124,14 +125,47 @@ impl From<ProtocolError> for End {
 
 /// Accepts one client: handshake, then the session loop, then cleanup.
 pub async fn serve_client(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
-    let _ = stream.set_nodelay(true);
-    crate::keepalive::Keepalive::from_settings(&shared.config.load().proxy).apply(&stream);
-    let started = tokio::time::Instant::now();
     // Taken before anything else, held until the task ends; a client over the limit
     // still gets its answer (after its startup packet, so that it can read it) and a
     // cancel request still works.
     let seat = limits::ClientLimits::connection(&shared);
     let full = seat.as_ref().err().copied();
+    // Boxed: the handshake's futures (TLS, authentication) are large and short-lived,
+    // and a task keeps the space of its largest await point for the client's whole
+    // life; what stays is the session.
+    let Some(admitted) = Box::pin(admit(&shared, stream, peer, full)).await else {
+        return;
+    };
+    // Built and torn down outside any await: only the session itself and its loop's
+    // state stay in the client's task.
+    let mut session = Session::start(shared, admitted, peer);
+    let end = session.run().await;
+    Box::pin(session.finish(end)).await;
+    session.leave();
+    drop(seat);
+}
+
+/// A client that logged in to a project: what its session is made of.
+struct Admitted {
+    reader: MessageReader<ClientRead>,
+    writer: ClientWrite,
+    login: Login,
+    project: Arc<Project>,
+    /// Its place under the project's and the user's client limits.
+    _login_seat: limits::LoginSeat,
+}
+
+/// Negotiates encryption, reads the startup packet and authenticates. A cancel
+/// request, a refusal and the admin console end here (None).
+async fn admit(
+    shared: &Arc<Shared>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    full: Option<usize>,
+) -> Option<Admitted> {
+    let _ = stream.set_nodelay(true);
+    crate::keepalive::Keepalive::from_settings(&shared.config.load().proxy).apply(&stream);
+    let started = tokio::time::Instant::now();
     let tls = shared.tls.load_full();
     let negotiated = match tokio::time::timeout(
         HANDSHAKE_TIMEOUT,
@@ -142,11 +176,11 @@ pub async fn serve_client(shared: Arc<Shared>, stream: TcpStream, peer: SocketAd
         Ok(Ok(negotiated)) => negotiated,
         Ok(Err(failed)) => {
             debug!(%peer, "connection ended during encryption negotiation: {}", failed.0);
-            return;
+            return None;
         }
         Err(_) => {
             warn!(%peer, "client did not finish encryption negotiation in time");
-            return;
+            return None;
         }
     };
     let crate::tls::negotiate::Negotiated {
@@ -163,7 +197,7 @@ pub async fn serve_client(shared: Arc<Shared>, stream: TcpStream, peer: SocketAd
         Box::pin(startup::handshake(
             &mut reader,
             &mut writer,
-            &shared,
+            shared,
             peer,
             channel_binding.as_deref(),
             full,
@@ -174,7 +208,7 @@ pub async fn serve_client(shared: Arc<Shared>, stream: TcpStream, peer: SocketAd
         Err(_) => {
             warn!(%peer, "client did not finish the startup handshake in time");
             refuse(&mut writer, "08P01", "timeout during startup").await;
-            return;
+            return None;
         }
         Ok(Err(Refusal { code, message })) => {
             if code == "08P01" && message.contains("closed by peer") {
@@ -183,26 +217,30 @@ pub async fn serve_client(shared: Arc<Shared>, stream: TcpStream, peer: SocketAd
                 warn!(%peer, code, "login refused: {message}");
                 refuse(&mut writer, code, &message).await;
             }
-            return;
+            return None;
         }
         Ok(Ok(Startup::Cancel { pid, secret })) => {
             if let Some(fleet) = &shared.fleet
                 && fleet.forward_cancel_elsewhere(pid, secret).await
             {
-                return;
+                return None;
             }
             shared.cancels.cancel(pid, secret).await;
-            return;
+            return None;
         }
         Ok(Ok(Startup::Login(login))) => login,
     };
     reader.set_max_len(MAX_CLIENT_MESSAGE);
     if login.database == crate::config::ADMIN_DATABASE {
         Box::pin(crate::admin::console::serve(
-            shared, reader, writer, login, peer,
+            shared.clone(),
+            reader,
+            writer,
+            login,
+            peer,
         ))
         .await;
-        return;
+        return None;
     }
     let Some(project) = shared
         .topology
@@ -214,9 +252,9 @@ pub async fn serve_client(shared: Arc<Shared>, stream: TcpStream, peer: SocketAd
         let message = format!("database \"{}\" does not exist", login.database);
         warn!(%peer, user = %login.user.name, "login refused: {message}");
         refuse(&mut writer, "3D000", &message).await;
-        return;
+        return None;
     };
-    let _login_seat = match limits::ClientLimits::login(&shared, &project.name, &login.user.name) {
+    let login_seat = match limits::ClientLimits::login(shared, &project.name, &login.user.name) {
         Ok(seat) => seat,
         Err(limit) => {
             let message = match limit {
@@ -231,37 +269,24 @@ pub async fn serve_client(shared: Arc<Shared>, stream: TcpStream, peer: SocketAd
             };
             warn!(%peer, user = %login.user.name, "login refused: {message}");
             refuse(&mut writer, "53300", &message).await;
-            return;
+            return None;
         }
     };
-    let (key_pid, key_secret, cancel_slot) = shared.cancels.register();
-    shared
-        .active_clients
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    info!(%peer, user = %login.user.name, project = %project.name, "client connected");
-    let info = shared
-        .clients
-        .register(&login.user.name, &project.name, peer);
-    let mut session = Session::new(
-        shared.clone(),
+    Some(Admitted {
         reader,
         writer,
         login,
         project,
-        Registration {
-            cancel_slot,
-            key: (key_pid, key_secret),
-            info: info.clone(),
-        },
-    );
-    let end = session.run().await;
-    session.finish(end).await;
-    shared.clients.unregister(info.id);
-    // Session mode gives the client its server's process id: the key may have changed.
-    shared.cancels.unregister(session.key.0, session.key.1);
-    shared
-        .active_clients
-        .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        _login_seat: login_seat,
+    })
+}
+
+thread_local! {
+    /// Vectors lent to sessions (see `protocol::spare`): for the frames of a unit and
+    /// for the statements its Parse messages name.
+    static SPARE_UNITS: spare::SpareVecs<BytesMut> = const { std::cell::RefCell::new(Vec::new()) };
+    static SPARE_PARSED: spare::SpareVecs<Arc<PreparedStatement>> =
+        const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Drops the `n` bytes of `buf` a socket took. A buffer written whole is cleared, not
@@ -338,7 +363,7 @@ struct Session {
     cancel_slot: Arc<CancelSlot>,
 
     /// Settings from the startup packet (what RESET returns to) and the current ones.
-    startup_settings: Settings,
+    startup_settings: Box<Settings>,
     settings: Settings,
     /// Effects of statements inside the open transaction, applied at COMMIT.
     tx_effects: Vec<SessionEffect>,
@@ -355,7 +380,6 @@ struct Session {
 
     server: Option<Held>,
     pinned: Option<&'static str>,
-    shutdown: tokio::sync::watch::Receiver<bool>,
     pending: Pending,
     expect: ExpectQueue,
     tx_status: u8,
@@ -391,28 +415,24 @@ struct Session {
     started: Option<Instant>,
     /// Reads in flight whose answers have not reached the client's socket yet, kept
     /// to be sent again elsewhere if their server fails first.
-    replay: Option<Replay>,
+    replay: Option<Box<Replay>>,
     replays: u8,
-    /// An empty vector kept for the next unit (see `recycle_unit`).
-    spare_unit: Vec<BytesMut>,
-    /// The same for the statements a unit's Parse messages name.
-    spare_parsed: Vec<Arc<PreparedStatement>>,
-    /// The same for the nodes a read may go to.
-    spare_nodes: Vec<Arc<Node>>,
     /// The unit being forwarded had its Parse answered by the proxy.
     skipped_parse: bool,
     /// Such a unit, kept until its first answer (see `Reparse`).
-    reparse: Option<Reparse>,
+    reparse: Option<Box<Reparse>>,
     /// Registry ids of the proxy-named statements bound or described since the server
     /// last had nothing in flight: the ones to retire if it refuses a cached plan.
     group_named: Vec<u64>,
     /// A `BEGIN` the proxy answered itself, not yet sent to any server (see
     /// `transaction.rs`).
-    deferred_begin: Option<DeferredBegin>,
+    deferred_begin: Option<Box<DeferredBegin>>,
     /// This client's entry in the registry behind SHOW CLIENTS.
     info: Arc<ClientInfo>,
     /// The idle, transaction, query and write timeouts (see `timeouts.rs`).
     clock: SessionClock,
+    /// Its place under the project's and the user's client limits.
+    _login_seat: limits::LoginSeat,
     /// A large frame is being passed on in pieces: where the pieces go.
     streamed: Streamed,
     /// The same for a large client message.
@@ -461,6 +481,7 @@ struct Registration {
     cancel_slot: Arc<CancelSlot>,
     key: (i32, i32),
     info: Arc<ClientInfo>,
+    login_seat: limits::LoginSeat,
 }
 
 /// Why applying a client's startup settings on a server failed.
@@ -486,6 +507,50 @@ enum Dispatch {
 }
 
 impl Session {
+    /// Registers an admitted client (its cancel key, its entry behind SHOW CLIENTS) and
+    /// makes its session.
+    fn start(shared: Arc<Shared>, admitted: Admitted, peer: SocketAddr) -> Session {
+        let Admitted {
+            reader,
+            writer,
+            login,
+            project,
+            _login_seat,
+        } = admitted;
+        let (key_pid, key_secret, cancel_slot) = shared.cancels.register();
+        shared
+            .active_clients
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        info!(%peer, user = %login.user.name, project = %project.name, "client connected");
+        let info = shared
+            .clients
+            .register(&login.user.name, &project.name, peer);
+        Session::new(
+            shared,
+            reader,
+            writer,
+            login,
+            project,
+            Registration {
+                cancel_slot,
+                key: (key_pid, key_secret),
+                info,
+                login_seat: _login_seat,
+            },
+        )
+    }
+
+    /// Undoes what `start` registered.
+    fn leave(self) {
+        self.shared.clients.unregister(self.info.id);
+        // Session mode gives the client its server's process id: the key may have
+        // changed.
+        self.shared.cancels.unregister(self.key.0, self.key.1);
+        self.shared
+            .active_clients
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
     fn new(
         shared: Arc<Shared>,
         client: MessageReader<ClientRead>,
@@ -498,13 +563,13 @@ impl Session {
             cancel_slot,
             key,
             info,
+            login_seat,
         } = registration;
         let startup_settings = settings::from_startup(&login.params);
         let config = shared.config.load();
         let session_mode = config.proxy.pool_mode == PoolMode::Session;
         let clock = SessionClock::new(Timeouts::from_settings(&config.proxy));
         drop(config);
-        let shutdown = shared.shutdown.subscribe();
         let ryw = project.read_your_writes_applies(session_mode);
         let mut session = Session {
             shared,
@@ -519,7 +584,7 @@ impl Session {
             key,
             cancel_slot,
             settings: startup_settings.clone(),
-            startup_settings,
+            startup_settings: Box::new(startup_settings),
             tx_effects: Vec::new(),
             group_effects: Vec::new(),
             portal_effects: Vec::new(),
@@ -528,7 +593,6 @@ impl Session {
             deallocated_in_stretch: None,
             server: None,
             pinned: None,
-            shutdown,
             pending: Pending::default(),
             expect: ExpectQueue::default(),
             tx_status: b'I',
@@ -547,15 +611,13 @@ impl Session {
             started: None,
             replay: None,
             replays: 0,
-            spare_unit: Vec::new(),
-            spare_parsed: Vec::new(),
-            spare_nodes: Vec::new(),
             skipped_parse: false,
             reparse: None,
             group_named: Vec::new(),
             deferred_begin: None,
             info,
             clock,
+            _login_seat: login_seat,
             streamed: Streamed::No,
             streamed_in: Streamed::No,
         };
@@ -573,15 +635,21 @@ impl Session {
     }
 
     async fn run(&mut self) -> Result<(), End> {
-        self.greet().await?;
-        if *self.shutdown.borrow() {
+        // Boxed, as the rare paths below: a task keeps the space of its largest await
+        // point for its whole life, idle or not.
+        Box::pin(self.greet()).await?;
+        if *self.shared.shutdown.borrow() {
             self.info.request_stop();
         }
         // A task's waker does not change, so the session registers it once, and again
         // after each notice (a wake uses the registration up).
         let mut stop_registered = false;
         loop {
-            self.dispatch_pending().await?;
+            if !self.pending.is_empty() {
+                // Boxed for the task's size, as `acquire`: a few hundred bytes per
+                // request, from the thread's allocation cache.
+                Box::pin(self.dispatch_pending()).await?;
+            }
             self.write_ready()?;
             if self.server.is_none() && !self.skip_until_sync && self.next_unit_len().is_some() {
                 // A failed write to the server sent a read back to the queue.
@@ -595,14 +663,13 @@ impl Session {
                 /// A stop or a reload.
                 Notice,
                 Timer,
-                Stalled,
             }
             let phase = self.phase();
-            if phase != Phase::Idle && self.clock.phase() == Phase::Idle {
+            if phase == Phase::Idle {
+                self.park_buffers();
+            } else if self.clock.phase() == Phase::Idle {
                 // A request begins: it runs under the timeouts of the latest reload.
                 self.refresh_timeouts();
-            } else if phase == Phase::Idle && self.clock.phase() != Phase::Idle {
-                self.release_excess_buffers();
             }
             self.clock.set_phase(phase);
             if !self.client_out.is_empty() {
@@ -618,44 +685,58 @@ impl Session {
             let flush_client = self.writer.has_unflushed();
             let client = &mut self.client;
             let writer = &mut self.writer;
+            let server = &mut self.server;
             let (client_out, server_out) = (&self.client_out, &self.server_out);
             let info = &self.info;
             let clock = &mut self.clock;
-            // `biased`: the order does not matter for fairness here (one client, one
-            // server), and it saves a random number per pass. Writes come first, so
-            // that what is ready goes out before more is read; each side is read only
-            // while what waits for the other side is below its limit. Notices (a
-            // shutdown, a reload, the end of the shutdown's grace period) and the
-            // session's timer come last.
-            let event = match self.server.as_mut() {
-                Some(held) => {
+            let registered = &mut stop_registered;
+            // One poll function over both sockets, the notices and the timer, rather
+            // than a future per socket: the loop keeps no state between passes (an idle
+            // client's task stays small). The order is fixed: it does not matter for
+            // fairness here (one client, one server). Writes come first, so that what
+            // is ready goes out before more is read; each side is read only while what
+            // waits for the other side is below its limit. Notices (a shutdown, a
+            // reload, the end of the shutdown's grace period) and the session's timer
+            // come last.
+            let event = std::future::poll_fn(|cx| {
+                if let Some(held) = server.as_mut() {
                     let conn = &mut *held.conn;
-                    let flush_server = conn.writer.has_unflushed();
-                    let (server, server_writer) = (&mut conn.reader, &mut conn.writer);
-                    tokio::select! {
-                        biased;
-                        r = server_writer.send(server_out), if !server_out.is_empty() || flush_server => Event::ServerWrote(r),
-                        r = writer.send(client_out), if !client_out.is_empty() || flush_client => Event::ClientWrote(r),
-                        r = server.fill(), if read_server => Event::Server(r),
-                        r = client.fill(), if read_client => Event::Client(r),
-                        _ = std::future::poll_fn(|cx| info.poll_notice(cx, &mut stop_registered)) => Event::Notice,
-                        _ = std::future::poll_fn(|cx| clock.poll_fired(cx)), if timed => Event::Timer,
-                        else => Event::Stalled,
+                    if (!server_out.is_empty() || conn.writer.has_unflushed())
+                        && let Poll::Ready(r) = conn.writer.poll_send(cx, server_out)
+                    {
+                        return Poll::Ready(Event::ServerWrote(r));
                     }
                 }
-                None => tokio::select! {
-                    biased;
-                    r = writer.send(client_out), if !client_out.is_empty() || flush_client => Event::ClientWrote(r),
-                    r = client.fill(), if read_client => Event::Client(r),
-                    _ = std::future::poll_fn(|cx| info.poll_notice(cx, &mut stop_registered)) => Event::Notice,
-                    _ = std::future::poll_fn(|cx| clock.poll_fired(cx)), if timed => Event::Timer,
-                    else => Event::Stalled,
-                },
-            };
+                if (!client_out.is_empty() || flush_client)
+                    && let Poll::Ready(r) = writer.poll_send(cx, client_out)
+                {
+                    return Poll::Ready(Event::ClientWrote(r));
+                }
+                if let Some(held) = server.as_mut()
+                    && read_server
+                    && let Poll::Ready(r) = held.conn.reader.poll_fill(cx)
+                {
+                    return Poll::Ready(Event::Server(r));
+                }
+                if read_client && let Poll::Ready(r) = client.poll_fill_when_ready(cx) {
+                    return Poll::Ready(Event::Client(r));
+                }
+                if info.poll_notice(cx, registered).is_ready() {
+                    return Poll::Ready(Event::Notice);
+                }
+                if timed && clock.poll_fired(cx).is_ready() {
+                    return Poll::Ready(Event::Timer);
+                }
+                Poll::Pending
+            })
+            .await;
             match event {
                 Event::Client(Ok(0)) => return Err(End::ClientGone),
                 Event::Client(Err(e)) => return Err(End::ClientIo(e)),
-                Event::Client(Ok(_)) => self.take_client_frames()?,
+                Event::Client(Ok(_)) => {
+                    self.unpark_buffers();
+                    self.take_client_frames()?
+                }
                 Event::Server(Ok(0)) => self.server_lost("server closed the connection")?,
                 Event::Server(Err(e)) => self.server_lost(&e.to_string())?,
                 Event::Server(Ok(_)) if self.session_mode => self.pass_server_frames()?,
@@ -683,12 +764,6 @@ impl Session {
                     }
                 }
                 Event::Timer => self.on_timer().await?,
-                Event::Stalled => {
-                    // Nothing to read or write: only a bug in the limits above can get
-                    // here, and waiting would hang the client.
-                    warn!(user = %self.user.name, pending = self.pending.len(), "session cannot make progress; closing it");
-                    return Err(End::fatal("XX000", "internal error: the session stalled"));
-                }
             }
             // Shutting down: a client leaves as soon as it holds no server (between
             // transactions); one inside a transaction may finish it first. (The phase
@@ -727,13 +802,21 @@ impl Session {
         }
     }
 
-    /// Between requests: buffers that grew for a large message are given back, so
-    /// that an idle client keeps only what an ordinary request needs.
-    fn release_excess_buffers(&mut self) {
-        self.client.release_excess(RETAINED_BUFFER);
+    /// Between requests the session lends its empty buffers back (see
+    /// `protocol::spare`): an idle client keeps none, and one that grew for a large
+    /// message does not keep that memory.
+    fn park_buffers(&mut self) {
+        self.client.park();
+        spare::give_back(&mut self.client_out);
+        spare::give_back(&mut self.server_out);
+    }
+
+    /// A request arrived: the output buffers are taken again from the spares rather
+    /// than grown from nothing.
+    fn unpark_buffers(&mut self) {
         for buf in [&mut self.client_out, &mut self.server_out] {
-            if buf.is_empty() && buf.capacity() > RETAINED_BUFFER {
-                *buf = BytesMut::new();
+            if buf.capacity() == 0 {
+                *buf = spare::take();
             }
         }
     }
@@ -792,8 +875,12 @@ impl Session {
                 // Awaited here, before the server can go back to the pool: a cancel
                 // still on its way could otherwise hit the next client's query.
                 let conn = &mut held.conn;
-                if let Err(e) =
-                    crate::pool::recover::send_cancel(&conn.addr, conn.pid, conn.secret).await
+                if let Err(e) = Box::pin(crate::pool::recover::send_cancel(
+                    &conn.addr,
+                    conn.pid,
+                    conn.secret,
+                ))
+                .await
                 {
                     warn!(node = %held.node.name, "cannot cancel a query past query_timeout_ms: {e}; the server connection will be closed");
                     conn.broken = true;
@@ -1111,7 +1198,7 @@ impl Session {
             let Some(len) = self.next_unit_len() else {
                 return Ok(());
             };
-            let mut unit = std::mem::take(&mut self.spare_unit);
+            let mut unit = spare::take_vec(&SPARE_UNITS);
             self.pending.take_front(len, &mut unit);
             match self.dispatch(unit).await? {
                 Dispatch::Done => {}
@@ -1278,12 +1365,12 @@ impl Session {
         sql.truncate(sql_len);
         debug!(user = %self.user.name, "BEGIN answered by the proxy; sent with the first statement");
         transaction::answer(&mut self.client_out, extended, tag, b'T');
-        self.deferred_begin = Some(DeferredBegin {
+        self.deferred_begin = Some(Box::new(DeferredBegin {
             sql,
             route: decision.route,
             aborted: false,
             simple: extended.is_none(),
-        });
+        }));
         self.tx_status = b'T';
         self.info.set_state(ClientState::InTransaction);
         self.note_unnamed(extended, parsed);
@@ -1333,23 +1420,23 @@ impl Session {
             // What its statement names mean depends on an answer still to come.
             return Ok(Dispatch::Later(unit));
         }
-        let mut parsed = std::mem::take(&mut self.spare_parsed);
+        let mut parsed = spare::take_vec(&SPARE_PARSED);
         let (decision, mut query_effects) = self.unit_decision(&unit, &mut parsed);
         match self.deallocated_here(&unit, &query_effects) {
             Deallocate::NotHere => {}
             Deallocate::Answered => {
-                self.spare_parsed = parsed;
+                spare::give_back_vec(&SPARE_PARSED, parsed, 64);
                 return Ok(Dispatch::Done);
             }
             Deallocate::Wait => {
                 parsed.clear();
-                self.spare_parsed = parsed;
+                spare::give_back_vec(&SPARE_PARSED, parsed, 64);
                 return Ok(Dispatch::Later(unit));
             }
         }
         if self.transaction_answered_here(&mut unit, &decision, &parsed) {
             parsed.clear();
-            self.spare_parsed = parsed;
+            spare::give_back_vec(&SPARE_PARSED, parsed, 64);
             self.recycle_unit(unit);
             return Ok(Dispatch::Done);
         }
@@ -1381,13 +1468,16 @@ impl Session {
                     .iter()
                     .any(|f| matches!(f[0], msg::QUERY | msg::EXECUTE | msg::FUNCTION_CALL));
                 let hinted = decision.hinted && self.deferred_begin.is_none();
-                if let Err(e) = self.acquire(route, hinted, executes).await {
+                // Boxed: checking out (and, on its slow paths, waiting) is a large
+                // future that the client's task would keep while idle; a box of a few
+                // hundred bytes per transaction is what a thread's cache serves fastest.
+                if let Err(e) = Box::pin(self.acquire(route, hinted, executes)).await {
                     if let Some(begin) = self.deferred_begin.as_mut() {
                         begin.aborted = true;
                         self.tx_status = b'E';
                     }
                     parsed.clear();
-                    self.spare_parsed = parsed;
+                    spare::give_back_vec(&SPARE_PARSED, parsed, 64);
                     self.unit_failed(
                         &unit,
                         e.sqlstate(),
@@ -1450,7 +1540,7 @@ impl Session {
             self.forward_client_frame(frame, statement, &mut parsed_unnamed, &mut query_effects)?;
         }
         drop(statements);
-        self.spare_parsed = parsed;
+        spare::give_back_vec(&SPARE_PARSED, parsed, 64);
         let keep_for_reparse = self.skipped_parse
             && fresh_server
             && idle_before
@@ -1475,16 +1565,16 @@ impl Session {
             (true, true, _) => {
                 self.forget_replay();
                 if keep_for_reparse {
-                    self.reparse = Some(Reparse {
+                    self.reparse = Some(Box::new(Reparse {
                         frames: unit.clone(),
                         client_mark: answered_before,
-                    });
+                    }));
                 }
-                self.replay = Some(Replay {
+                self.replay = Some(Box::new(Replay {
                     frames: unit,
                     client_mark: answered_before,
                     settled: Vec::new(),
-                })
+                }))
             }
             (false, true, Some(earlier)) => {
                 earlier.frames.append(&mut unit);
@@ -1494,10 +1584,10 @@ impl Session {
                 self.forget_replay();
                 // Kept whole rather than copied: nothing else needs these frames.
                 if keep_for_reparse {
-                    self.reparse = Some(Reparse {
+                    self.reparse = Some(Box::new(Reparse {
                         frames: unit,
                         client_mark: answered_before,
-                    });
+                    }));
                 } else {
                     self.recycle_unit(unit);
                 }
@@ -1506,13 +1596,9 @@ impl Session {
         Ok(Dispatch::Done)
     }
 
-    /// Keeps a unit's vector for the next unit: one allocation per session, not per
-    /// statement.
-    fn recycle_unit(&mut self, mut unit: Vec<BytesMut>) {
-        unit.clear();
-        if unit.capacity() <= 64 && unit.capacity() > self.spare_unit.capacity() {
-            self.spare_unit = unit;
-        }
+    /// Keeps a unit's vector for the next unit: no allocation per statement.
+    fn recycle_unit(&mut self, unit: Vec<BytesMut>) {
+        spare::give_back_vec(&SPARE_UNITS, unit, 64);
     }
 
     fn forget_replay(&mut self) {
@@ -1597,11 +1683,15 @@ mod task_size {
     }
 
     /// Every client's task keeps the space of its largest await point for as long as
-    /// the client is connected, idle or not (10,000 idle clients: 10,000 of them).
+    /// the client is connected, idle or not (10,000 idle clients: 10,000 of them). The
+    /// handshake, connecting to a server and the rare paths are boxed; what is left is
+    /// the session's own state and the loop's.
     #[test]
     fn a_client_task_stays_small() {
-        let size = future_size(super::serve_client);
-        assert!(size <= 6 * 1024, "the client task takes {size} bytes");
+        let task = future_size(super::serve_client);
+        assert!(task <= 1280, "the client task takes {task} bytes");
+        let session = std::mem::size_of::<Session>();
+        assert!(session <= 900, "a session takes {session} bytes");
     }
 
     use super::*;

@@ -73,7 +73,7 @@ impl Session {
                         held.node.stats.latency.observe(started.elapsed());
                     }
                     self.clock.query_started();
-                    if self.awaiting_ready > 0 && self.clock.timeouts.query.is_some() {
+                    if self.awaiting_ready > 0 && self.clock.timeouts.query.get().is_some() {
                         // Pipelined requests: the next one runs from now on.
                         self.started = Some(Instant::now());
                     }

@@ -189,7 +189,7 @@ impl Session {
         }
         if let Some(reparse) = self.reparse.take() {
             if tag == msg::ERROR_RESPONSE && msg::parse_error_fields(&frame).code == "0A000" {
-                self.send_again_with_parse(reparse);
+                self.send_again_with_parse(*reparse);
                 return Ok(());
             }
             // Answered: nothing to send again.
@@ -433,7 +433,7 @@ impl Session {
             held.node.stats.latency.observe(started.elapsed());
         }
         self.clock.query_started();
-        if !self.expect.is_empty() && self.clock.timeouts.query.is_some() {
+        if !self.expect.is_empty() && self.clock.timeouts.query.get().is_some() {
             // Pipelined requests: the next one runs from now on.
             self.started = Some(Instant::now());
         }
@@ -492,7 +492,7 @@ impl Session {
                     }
                 }
                 SessionEffect::ResetAll => {
-                    self.settings = self.startup_settings.clone();
+                    self.settings = (*self.startup_settings).clone();
                     if let Some(s) = server_settings.as_mut() {
                         s.clear();
                     }
@@ -566,12 +566,12 @@ impl Session {
         self.release();
         let node_name = node.as_ref().map(|n| n.name.as_str()).unwrap_or("?");
         self.started = None;
-        if let Some(Replay {
-            frames: unit,
-            client_mark,
-            mut settled,
-        }) = self.replay.take()
-        {
+        if let Some(replay) = self.replay.take() {
+            let Replay {
+                frames: unit,
+                client_mark,
+                mut settled,
+            } = *replay;
             // What the failed server had answered never left the proxy; take it back.
             self.client_out.truncate(client_mark);
             // A read its server never answered: the client sees nothing of this, the

@@ -23,15 +23,31 @@ use crate::config::ProxySettings;
 /// next transaction.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(super) struct Timeouts {
-    pub client_idle: Option<Duration>,
-    pub idle_transaction: Option<Duration>,
-    pub query: Option<Duration>,
-    pub client_write: Option<Duration>,
+    pub client_idle: Limit,
+    pub idle_transaction: Limit,
+    pub query: Limit,
+    pub client_write: Limit,
+}
+
+/// A timeout in milliseconds, 0 for none: four bytes, as every session keeps these
+/// (an `Option<Duration>` takes sixteen).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(super) struct Limit(u32);
+
+impl Limit {
+    /// Anything over 49 days is as good as no timeout, and is kept as that long.
+    pub fn ms(ms: u64) -> Limit {
+        Limit(u32::try_from(ms).unwrap_or(u32::MAX))
+    }
+
+    pub fn get(self) -> Option<Duration> {
+        (self.0 > 0).then(|| Duration::from_millis(u64::from(self.0)))
+    }
 }
 
 impl Timeouts {
     pub fn from_settings(proxy: &ProxySettings) -> Timeouts {
-        let ms = |v: u64| (v > 0).then(|| Duration::from_millis(v));
+        let ms = Limit::ms;
         Timeouts {
             client_idle: ms(proxy.client_idle_timeout_ms),
             idle_transaction: ms(proxy.idle_transaction_timeout_ms),
@@ -42,7 +58,7 @@ impl Timeouts {
 
     /// Whether the session needs to know since when it has been idle.
     fn watches_idleness(&self) -> bool {
-        self.client_idle.is_some() || self.idle_transaction.is_some()
+        self.client_idle.get().is_some() || self.idle_transaction.get().is_some()
     }
 }
 
@@ -112,7 +128,7 @@ impl SessionClock {
 
     /// Bytes for the client wait for its socket (it took none of them just now).
     pub fn client_write_waiting(&mut self) {
-        if self.write_stalled_since.is_none() && self.timeouts.client_write.is_some() {
+        if self.write_stalled_since.is_none() && self.timeouts.client_write.get().is_some() {
             self.write_stalled_since = Some(Instant::now());
         }
     }
@@ -138,17 +154,19 @@ impl SessionClock {
         let mut consider = |at: Instant| {
             next = Some(next.map_or(at, |n| n.min(at)));
         };
-        if let (Some(limit), Some(since)) = (self.timeouts.client_write, self.write_stalled_since) {
+        if let (Some(limit), Some(since)) =
+            (self.timeouts.client_write.get(), self.write_stalled_since)
+        {
             consider(since + limit);
         }
         match (self.phase, self.phase_since) {
             (Phase::Idle, Some(since)) => {
-                if let Some(limit) = self.timeouts.client_idle {
+                if let Some(limit) = self.timeouts.client_idle.get() {
                     consider(since + limit);
                 }
             }
             (Phase::IdleInTransaction, Some(since)) => {
-                if let Some(limit) = self.timeouts.idle_transaction {
+                if let Some(limit) = self.timeouts.idle_transaction.get() {
                     consider(since + limit);
                 }
             }
@@ -156,7 +174,7 @@ impl SessionClock {
         }
         if let (Phase::Busy, Some(limit), Some(since), false) = (
             self.phase,
-            self.timeouts.query,
+            self.timeouts.query.get(),
             query_since,
             self.query_cancelled,
         ) {
@@ -203,21 +221,22 @@ impl SessionClock {
     pub fn expired(&self, query_since: Option<Instant>) -> Option<Expired> {
         let now = Instant::now();
         let past = |since: Instant, limit: Duration| now >= since + limit;
-        if let (Some(limit), Some(since)) = (self.timeouts.client_write, self.write_stalled_since)
+        if let (Some(limit), Some(since)) =
+            (self.timeouts.client_write.get(), self.write_stalled_since)
             && past(since, limit)
         {
             return Some(Expired::ClientWrite(limit));
         }
         match (self.phase, self.phase_since) {
             (Phase::Idle, Some(since)) => {
-                if let Some(limit) = self.timeouts.client_idle
+                if let Some(limit) = self.timeouts.client_idle.get()
                     && past(since, limit)
                 {
                     return Some(Expired::ClientIdle(limit));
                 }
             }
             (Phase::IdleInTransaction, Some(since)) => {
-                if let Some(limit) = self.timeouts.idle_transaction
+                if let Some(limit) = self.timeouts.idle_transaction.get()
                     && past(since, limit)
                 {
                     return Some(Expired::IdleTransaction(limit));
@@ -225,7 +244,7 @@ impl SessionClock {
             }
             (Phase::Busy, _) => {
                 if let (Some(limit), Some(since), false) =
-                    (self.timeouts.query, query_since, self.query_cancelled)
+                    (self.timeouts.query.get(), query_since, self.query_cancelled)
                     && past(since, limit)
                 {
                     return Some(Expired::Query(limit));
@@ -243,7 +262,7 @@ impl SessionClock {
             if !timeouts.watches_idleness() {
                 self.phase_since = None;
             }
-            if timeouts.client_write.is_none() {
+            if timeouts.client_write.get().is_none() {
                 self.write_stalled_since = None;
             }
         }
@@ -273,8 +292,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn idle_and_idle_in_transaction_count_from_when_the_phase_began() {
         let mut c = clock(Timeouts {
-            client_idle: Some(Duration::from_secs(10)),
-            idle_transaction: Some(Duration::from_secs(3)),
+            client_idle: Limit::ms(10000),
+            idle_transaction: Limit::ms(3000),
             ..Timeouts::default()
         });
         c.set_phase(Phase::Busy);
@@ -302,8 +321,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn the_timer_only_moves_earlier_and_fires_for_the_earliest_deadline() {
         let mut c = clock(Timeouts {
-            query: Some(Duration::from_secs(5)),
-            client_write: Some(Duration::from_secs(1)),
+            query: Limit::ms(5000),
+            client_write: Limit::ms(1000),
             ..Timeouts::default()
         });
         c.set_phase(Phase::Busy);
@@ -339,7 +358,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_query_is_cancelled_once() {
         let mut c = clock(Timeouts {
-            query: Some(Duration::from_secs(2)),
+            query: Limit::ms(2000),
             ..Timeouts::default()
         });
         c.set_phase(Phase::Busy);

@@ -73,6 +73,16 @@ impl<T: AsyncRead + AsyncWrite> ReadHalf<T> {
     }
 }
 
+impl<T> crate::protocol::framing::ReadReady for ReadHalf<T> {
+    fn poll_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self {
+            ReadHalf::Plain(half) => half.as_ref().poll_read_ready(cx),
+            // rustls may hold decrypted bytes the socket no longer shows: read at once.
+            ReadHalf::Tls(_) => Poll::Ready(Ok(())),
+        }
+    }
+}
+
 impl<T: AsyncRead + AsyncWrite> WriteHalf<T> {
     pub fn is_tls(&self) -> bool {
         matches!(self, WriteHalf::Tls { .. })
@@ -102,6 +112,15 @@ impl<T: AsyncRead + AsyncWrite> WriteHalf<T> {
             self.flush().await.map(|()| Sent::Flushed)
         } else {
             self.write(buf).await.map(Sent::Wrote)
+        }
+    }
+
+    /// `send` as a poll (see `MessageReader::poll_fill`).
+    pub fn poll_send(&mut self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<Sent>> {
+        if buf.is_empty() {
+            Pin::new(self).poll_flush(cx).map_ok(|()| Sent::Flushed)
+        } else {
+            Pin::new(self).poll_write(cx, buf).map_ok(Sent::Wrote)
         }
     }
 
