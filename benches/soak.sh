@@ -21,6 +21,7 @@ SOAK_SECONDS=${SOAK_SECONDS:-600}
 SOAK_CLIENTS=${SOAK_CLIENTS:-200}
 IDLE_CLIENTS=${IDLE_CLIENTS:-10000}
 PGBENCH_SECONDS=${PGBENCH_SECONDS:-15}
+PGBENCH_ROUNDS=${PGBENCH_ROUNDS:-5}
 PARTS=${PARTS:-soak idle pgbench}
 PROXY_PORT=${PROXY_PORT:-17432}
 BOUNCER_PORT=${BOUNCER_PORT:-17433}
@@ -136,27 +137,16 @@ for port in "$PRIMARY_PORT" "${REPLICA_PORTS[@]}"; do
 done
 fi
 
-idle_run() { # name port pid
-  "$DRIVER" idle "127.0.0.1:$2" "$IDLE_CLIENTS" "$3" > "$WORK/idle-$1.out"
-}
-if part idle; then
-  echo "idle: $IDLE_CLIENTS clients" >&2
-  idle_run replicator "$PROXY_PORT" "$PROXY_PID"
-  if [ -n "${BOUNCER_PID:-}" ]; then idle_run pgbouncer "$BOUNCER_PORT" "$BOUNCER_PID"; fi
-fi
-
-if part pgbench; then
-  echo "pgbench -S at 64 and 512 clients" >&2
-  "$PGBIN/pgbench" -h 127.0.0.1 -p "$PRIMARY_PORT" -U app -i -q -s 10 app > "$WORK/init.log" 2>&1
-  sleep 2
-  # The same work as PgBouncer's: a proxy whose project is the primary alone, with the
-  # same pool size. The soak proxy (reads on the replicas, which share these cores with
-  # the primary) is measured too.
-  SOLO_PORT=$((PROXY_PORT + 2))
+# A second proxy, fresh, whose project is the primary alone with PgBouncer's pool size:
+# idle clients are measured on it (the soak proxy's heap holds what the soak freed), and
+# pgbench compares it with PgBouncer doing the same work.
+SOLO_PORT=$((PROXY_PORT + 2))
+start_solo() {
+  [ -n "${SOLO_PID:-}" ] && return
   {
     printf '[proxy]\nlisten = "127.0.0.1:%s"\nadmin_listen = "127.0.0.1:%s"\nstate_file = "%s"\n' \
       "$SOLO_PORT" "$((PROXY_PORT + 3))" "$WORK/state-solo.json"
-    printf 'max_client_conn = 2000\n'
+    printf 'max_client_conn = %s\n' "$((IDLE_CLIENTS + 1000))"
     printf '[[users]]\nname = "app"\npassword = "secret"\n'
     printf '[projects.app]\npool_size = 20\n'
     printf '[[projects.app.replicas]]\nname = "primary"\nrole = "primary"\nuri = "postgresql://127.0.0.1:%s/app"\n' "$PRIMARY_PORT"
@@ -164,10 +154,27 @@ if part pgbench; then
   setsid "$BIN" serve --config "$WORK/solo.toml" > "$WORK/solo.log" 2>&1 &
   SOLO_PID=$!
   for _ in $(seq 1 50); do "$PGBIN/psql" -q -h 127.0.0.1 -p "$SOLO_PORT" -U app -d app -c 'SELECT 1' > /dev/null 2>&1 && break; sleep 0.2; done
+}
+
+idle_run() { # name port pid
+  "$DRIVER" idle "127.0.0.1:$2" "$IDLE_CLIENTS" "$3" > "$WORK/idle-$1.out"
+}
+if part idle; then
+  echo "idle: $IDLE_CLIENTS clients" >&2
+  start_solo
+  idle_run replicator "$SOLO_PORT" "$SOLO_PID"
+  if [ -n "${BOUNCER_PID:-}" ]; then idle_run pgbouncer "$BOUNCER_PORT" "$BOUNCER_PID"; fi
+fi
+
+if part pgbench; then
+  echo "pgbench -S at 64 and 512 clients" >&2
+  "$PGBIN/pgbench" -h 127.0.0.1 -p "$PRIMARY_PORT" -U app -i -q -s 10 app > "$WORK/init.log" 2>&1
+  sleep 2
+  start_solo
   TPS_TARGETS=("replicator-primary-only:$SOLO_PORT" "replicator:$PROXY_PORT")
   if [ -n "${BOUNCER_PID:-}" ]; then TPS_TARGETS+=("pgbouncer:$BOUNCER_PORT"); fi
   : > "$WORK/tps.tsv"
-  for round in 1 2 3; do
+  for round in $(seq 1 "$PGBENCH_ROUNDS"); do
     for clients in 64 512; do
       for target in "${TPS_TARGETS[@]}"; do
         tps=$("$PGBIN/pgbench" -h 127.0.0.1 -p "${target#*:}" -U app -n -S -M simple -c "$clients" -j 2 \
@@ -208,7 +215,7 @@ done
 fi
 if part pgbench; then
 echo
-echo "## pgbench -S (simple protocol), median of 3 rounds of $PGBENCH_SECONDS s"
+echo "## pgbench -S (simple protocol), median of $PGBENCH_ROUNDS rounds of $PGBENCH_SECONDS s"
 echo
 echo "replicator-primary-only: a project of the primary alone, pool_size 20, as PgBouncer's;"
 echo "replicator: the soak proxy, whose reads go to the two replicas on the same cores."
@@ -216,7 +223,10 @@ echo
 echo "| clients | replicator-primary-only tps | replicator tps | pgbouncer tps | primary-only / pgbouncer |"
 echo "|---|---|---|---|---|"
 for clients in 64 512; do
-  median() { awk -v c="$clients" -v t="$1" '$2 == c && $3 == t {print $4}' "$WORK/tps.tsv" | sort -n | sed -n 2p; }
+  median() {
+    awk -v c="$clients" -v t="$1" '$2 == c && $3 == t {print $4}' "$WORK/tps.tsv" | sort -n \
+      | awk '{v[NR] = $1} END {if (NR) print v[int((NR + 1) / 2)]}'
+  }
   s=$(median replicator-primary-only)
   r=$(median replicator)
   b=$(median pgbouncer)
