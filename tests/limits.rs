@@ -66,7 +66,10 @@ async fn connect_when_up(port: u16) -> TcpStream {
         if let Ok(stream) = TcpStream::connect(("127.0.0.1", port)).await {
             return stream;
         }
-        assert!(Instant::now() < deadline, "the proxy did not listen on port {port}");
+        assert!(
+            Instant::now() < deadline,
+            "the proxy did not listen on port {port}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

@@ -58,7 +58,7 @@ pub async fn serve(
         msg::parameter_status(&mut out, name, value);
     }
     msg::backend_key_data(&mut out, 0, 0);
-    msg::ready_for_query(&mut out, b'I');
+    msg::ready_for_query(&mut out, msg::TxStatus::Idle);
     let mut failed_batch = false;
     loop {
         if !out.is_empty() {
@@ -78,12 +78,12 @@ pub async fn serve(
                     .map(str::to_string)
                     .unwrap_or_default();
                 run_query(&shared, &text, &mut out).await;
-                msg::ready_for_query(&mut out, b'I');
+                msg::ready_for_query(&mut out, msg::TxStatus::Idle);
             }
             msg::TERMINATE => break,
             msg::SYNC => {
                 failed_batch = false;
-                msg::ready_for_query(&mut out, b'I');
+                msg::ready_for_query(&mut out, msg::TxStatus::Idle);
             }
             msg::PARSE | msg::BIND | msg::DESCRIBE | msg::EXECUTE | msg::CLOSE | msg::FLUSH => {
                 if !failed_batch {

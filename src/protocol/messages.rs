@@ -95,9 +95,46 @@ fn notice_like(buf: &mut BytesMut, tag: u8, severity: &str, code: &str, message:
     finish(buf, at);
 }
 
-pub fn ready_for_query(buf: &mut BytesMut, status: u8) {
+/// The transaction status a ReadyForQuery carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TxStatus {
+    /// 'I': not in a transaction block.
+    #[default]
+    Idle,
+    /// 'T': in a transaction block.
+    InBlock,
+    /// 'E': in a failed transaction block (only its end is accepted).
+    Failed,
+}
+
+impl TxStatus {
+    pub fn byte(self) -> u8 {
+        match self {
+            TxStatus::Idle => b'I',
+            TxStatus::InBlock => b'T',
+            TxStatus::Failed => b'E',
+        }
+    }
+
+    /// The status of a server's ReadyForQuery frame (tag, length, status byte). A
+    /// frame without one, or with an unknown one, reads as idle: what a server that
+    /// sent it would accept next.
+    pub fn of_ready_frame(frame: &[u8]) -> TxStatus {
+        match frame.get(5) {
+            Some(b'T') => TxStatus::InBlock,
+            Some(b'E') => TxStatus::Failed,
+            _ => TxStatus::Idle,
+        }
+    }
+
+    pub fn is_idle(self) -> bool {
+        self == TxStatus::Idle
+    }
+}
+
+pub fn ready_for_query(buf: &mut BytesMut, status: TxStatus) {
     let at = begin(buf, READY_FOR_QUERY);
-    buf.put_u8(status);
+    buf.put_u8(status.byte());
     finish(buf, at);
 }
 
@@ -404,6 +441,18 @@ pub fn first_column(frame: &[u8]) -> Option<&[u8]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn transaction_status_round_trips_through_ready_for_query() {
+        for status in [TxStatus::Idle, TxStatus::InBlock, TxStatus::Failed] {
+            let mut buf = BytesMut::new();
+            ready_for_query(&mut buf, status);
+            assert_eq!(&buf[..5], &[READY_FOR_QUERY, 0, 0, 0, 5]);
+            assert_eq!(TxStatus::of_ready_frame(&buf), status);
+        }
+        // A frame cut short reads as idle rather than panicking.
+        assert_eq!(TxStatus::of_ready_frame(&[READY_FOR_QUERY]), TxStatus::Idle);
+    }
 
     #[test]
     fn error_response_round_trips() {

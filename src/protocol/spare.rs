@@ -126,7 +126,10 @@ mod tests {
         let mut big = BytesMut::with_capacity(KEEP_MAX * 4);
         give_back(&mut big);
         assert_eq!(big.capacity(), 0);
-        assert!(take().capacity() < KEEP_MAX * 4, "a fresh buffer, not the big one");
+        assert!(
+            take().capacity() < KEEP_MAX * 4,
+            "a fresh buffer, not the big one"
+        );
     }
 
     #[test]

@@ -44,7 +44,7 @@ use tracing::{debug, info, warn};
 use crate::cluster::{Node, NodeRole, Project, health};
 use crate::config::PoolMode;
 use crate::pool::{BackendError, Pooled};
-use crate::protocol::messages::{self as msg, Fields};
+use crate::protocol::messages::{self as msg, Fields, TxStatus};
 use crate::protocol::{
     MAX_CLIENT_MESSAGE, MessageReader, Piece, ProtocolError, STREAM_FRAME_OVER, spare,
 };
@@ -382,7 +382,7 @@ struct Session {
     pinned: Option<&'static str>,
     pending: Pending,
     expect: ExpectQueue,
-    tx_status: u8,
+    tx_status: TxStatus,
     copy_in: bool,
     /// Extended-protocol messages were sent since the last Sync.
     mid_batch: bool,
@@ -595,7 +595,7 @@ impl Session {
             pinned: None,
             pending: Pending::default(),
             expect: ExpectQueue::default(),
-            tx_status: b'I',
+            tx_status: TxStatus::Idle,
             copy_in: false,
             mid_batch: false,
             awaiting_ready: 0,
@@ -629,7 +629,7 @@ impl Session {
     fn is_sticky(&self) -> bool {
         self.session_mode
             || self.pinned.is_some()
-            || self.tx_status != b'I'
+            || !self.tx_status.is_idle()
             || self.mid_batch
             || self.copy_in
     }
@@ -783,7 +783,7 @@ impl Session {
         if self.session_mode {
             if self.awaiting_ready > 0 || self.copy_in {
                 Phase::Busy
-            } else if self.tx_status != b'I' {
+            } else if !self.tx_status.is_idle() {
                 Phase::IdleInTransaction
             } else {
                 Phase::Idle
@@ -795,7 +795,7 @@ impl Session {
             Phase::IdleInTransaction
         } else if !self.pending.is_empty() {
             Phase::Busy
-        } else if self.tx_status != b'I' || self.mid_batch || self.copy_in {
+        } else if !self.tx_status.is_idle() || self.mid_batch || self.copy_in {
             Phase::IdleInTransaction
         } else {
             Phase::Idle
@@ -992,7 +992,7 @@ impl Session {
             self.key = self.shared.cancels.rekey(self.key, held.conn.pid);
         }
         msg::backend_key_data(&mut self.client_out, self.key.0, self.key.1);
-        msg::ready_for_query(&mut self.client_out, b'I');
+        msg::ready_for_query(&mut self.client_out, TxStatus::Idle);
         if !self.is_sticky() {
             self.release();
         }
@@ -1298,7 +1298,7 @@ impl Session {
                 Deallocate::NotHere
             };
         }
-        if self.tx_status == b'E' || self.statements.remove(&name).is_none() {
+        if self.tx_status == TxStatus::Failed || self.statements.remove(&name).is_none() {
             return Deallocate::NotHere;
         }
         debug!(user = %self.user.name, statement = %name, "DEALLOCATE answered by the proxy");
@@ -1328,9 +1328,9 @@ impl Session {
             {
                 // Postgres reports the end of an aborted transaction as a rollback.
                 let tag = if begin.aborted { "ROLLBACK" } else { end.tag() };
-                transaction::answer(&mut self.client_out, lone.extended, tag, b'I');
+                transaction::answer(&mut self.client_out, lone.extended, tag, TxStatus::Idle);
                 self.deferred_begin = None;
-                self.tx_status = b'I';
+                self.tx_status = TxStatus::Idle;
                 self.info.set_state(ClientState::Idle);
                 self.note_unnamed(lone.extended, parsed);
                 return true;
@@ -1345,7 +1345,7 @@ impl Session {
             }
             return false;
         }
-        if self.tx_status != b'I'
+        if !self.tx_status.is_idle()
             || self.session_mode
             || self.pinned.is_some()
             || decision.tx != TxEffect::Begin
@@ -1364,14 +1364,14 @@ impl Session {
         let mut sql = unit[0].split_off(if extended.is_some() { 6 } else { 5 });
         sql.truncate(sql_len);
         debug!(user = %self.user.name, "BEGIN answered by the proxy; sent with the first statement");
-        transaction::answer(&mut self.client_out, extended, tag, b'T');
+        transaction::answer(&mut self.client_out, extended, tag, TxStatus::InBlock);
         self.deferred_begin = Some(Box::new(DeferredBegin {
             sql,
             route: decision.route,
             aborted: false,
             simple: extended.is_none(),
         }));
-        self.tx_status = b'T';
+        self.tx_status = TxStatus::InBlock;
         self.info.set_state(ClientState::InTransaction);
         self.note_unnamed(extended, parsed);
         true
@@ -1474,7 +1474,7 @@ impl Session {
                 if let Err(e) = Box::pin(self.acquire(route, hinted, executes)).await {
                     if let Some(begin) = self.deferred_begin.as_mut() {
                         begin.aborted = true;
-                        self.tx_status = b'E';
+                        self.tx_status = TxStatus::Failed;
                     }
                     parsed.clear();
                     spare::give_back_vec(&SPARE_PARSED, parsed, 64);
@@ -1525,7 +1525,7 @@ impl Session {
         self.send_deferred_begin();
         let mut parsed_unnamed = false;
         let answered_before = self.client_out.len();
-        let idle_before = self.tx_status == b'I';
+        let idle_before = self.tx_status.is_idle();
         self.skipped_parse = false;
         if fresh_server {
             self.group_named.clear();
@@ -1652,7 +1652,7 @@ impl Session {
         .await;
         if let Some(held) = self.server.take() {
             let busy = !self.expect.is_empty()
-                || self.tx_status != b'I'
+                || !self.tx_status.is_idle()
                 || self.copy_in
                 || self.mid_batch
                 || (self.session_mode && !self.passthrough_idle());

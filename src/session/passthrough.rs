@@ -67,7 +67,7 @@ impl Session {
             };
             match frame[0] {
                 msg::READY_FOR_QUERY => {
-                    self.tx_status = frame.get(5).copied().unwrap_or(b'I');
+                    self.tx_status = TxStatus::of_ready_frame(&frame);
                     self.awaiting_ready = self.awaiting_ready.saturating_sub(1);
                     if let Some(started) = self.started.take() {
                         held.node.stats.latency.observe(started.elapsed());
@@ -77,9 +77,10 @@ impl Session {
                         // Pipelined requests: the next one runs from now on.
                         self.started = Some(Instant::now());
                     }
-                    self.info.set_state(match self.tx_status {
-                        b'I' => ClientState::Idle,
-                        _ => ClientState::InTransaction,
+                    self.info.set_state(if self.tx_status.is_idle() {
+                        ClientState::Idle
+                    } else {
+                        ClientState::InTransaction
                     });
                     if self.awaiting_ready == 0 {
                         // Nothing runs: a cancel request arriving now has nothing to
@@ -111,6 +112,6 @@ impl Session {
 
     /// Nothing is in flight on the session's server: no request unanswered, no COPY.
     pub(super) fn passthrough_idle(&self) -> bool {
-        self.awaiting_ready == 0 && self.tx_status == b'I' && !self.copy_in
+        self.awaiting_ready == 0 && self.tx_status.is_idle() && !self.copy_in
     }
 }

@@ -120,7 +120,7 @@ impl Session {
                     let previous = self.unnamed.take();
                     if let Some(held) = self.server.as_ref()
                         && held.conn.unnamed == Some(statement.id)
-                        && self.tx_status != b'E'
+                        && self.tx_status != TxStatus::Failed
                         && !self.expect.uncertain()
                     {
                         // The server's unnamed statement is this one already (left by
@@ -166,7 +166,7 @@ impl Session {
                             &statement.tail,
                         );
                         self.push_expect(Expect::ParseNamed { id: statement.id });
-                    } else if self.tx_status == b'E' {
+                    } else if self.tx_status == TxStatus::Failed {
                         // In a failed transaction Postgres refuses a Parse (25P02) unless
                         // it ends the transaction: let the server judge the text, as the
                         // unnamed statement, since it holds the name already.

@@ -156,9 +156,9 @@ impl Session {
                         self.expect.pop_front();
                         // Valid only if it ran outside a transaction, i.e. after the
                         // commit; otherwise the next idle ReadyForQuery asks again.
-                        let status = frame.get(5).copied().unwrap_or(b'I');
+                        let status = TxStatus::of_ready_frame(&frame);
                         match self.commit_lsn.take() {
-                            Some(lsn) if status == b'I' => self.min_lsn = self.min_lsn.max(lsn),
+                            Some(lsn) if status.is_idle() => self.min_lsn = self.min_lsn.max(lsn),
                             _ => self.wrote = true,
                         }
                         self.tx_status = status;
@@ -272,7 +272,7 @@ impl Session {
             let entry = self.expect.pop_front();
             self.emit_synthetics();
             if tag == msg::READY_FOR_QUERY {
-                let status = frame.get(5).copied().unwrap_or(b'I');
+                let status = TxStatus::of_ready_frame(&frame);
                 let effects = match entry {
                     Some(Expect::Ready { effects, .. }) => effects,
                     _ => Vec::new(),
@@ -372,7 +372,7 @@ impl Session {
             if let Some(held) = self.server.as_mut() {
                 held.conn.broken = true;
             }
-            if self.tx_status == b'I' && self.pinned.is_none() && !self.session_mode {
+            if self.tx_status.is_idle() && self.pinned.is_none() && !self.session_mode {
                 msg::error_response(&mut self.client_out, "ERROR", &fields.code, &fields.message);
                 return;
             }
@@ -420,11 +420,11 @@ impl Session {
         self.undo_statement_changes(abandoned);
     }
 
-    fn on_ready(&mut self, status: u8, effects: Vec<SessionEffect>) {
+    fn on_ready(&mut self, status: TxStatus, effects: Vec<SessionEffect>) {
         self.tx_status = status;
         self.copy_in = false;
         self.replays = 0;
-        self.info.set_state(if status == b'I' {
+        self.info.set_state(if status.is_idle() {
             ClientState::Idle
         } else {
             ClientState::InTransaction
@@ -437,7 +437,7 @@ impl Session {
             // Pipelined requests: the next one runs from now on.
             self.started = Some(Instant::now());
         }
-        if status == b'I' && self.wrote {
+        if status.is_idle() && self.wrote {
             // Learn where this commit put the WAL before the server goes back to the
             // pool; the client already has its answer and is not kept waiting.
             self.wrote = false;
@@ -449,7 +449,7 @@ impl Session {
             self.tx_effects.extend(effects);
         }
         self.group_error = false;
-        if status == b'I' {
+        if status.is_idle() {
             // Portals end with their transaction.
             self.portal_effects.clear();
             let effects = std::mem::take(&mut self.tx_effects);
@@ -463,7 +463,7 @@ impl Session {
 
     /// Transaction pooling: the server goes back to the pool once nothing is in flight.
     fn release_if_idle(&mut self) {
-        if self.tx_status == b'I' && self.expect.is_empty() && !self.is_sticky() {
+        if self.tx_status.is_idle() && self.expect.is_empty() && !self.is_sticky() {
             self.release();
         }
     }
@@ -590,7 +590,7 @@ impl Session {
             return Ok(());
         }
         warn!(node = node_name, user = %self.user.name, "server connection lost: {reason}");
-        if self.tx_status != b'I' || self.pinned.is_some() || self.session_mode {
+        if !self.tx_status.is_idle() || self.pinned.is_some() || self.session_mode {
             return Err(End::fatal(
                 "08006",
                 format!(
@@ -608,7 +608,7 @@ impl Session {
                 if answered || !self.group_error {
                     msg::error_response(&mut self.client_out, "ERROR", "08006", &message);
                 }
-                msg::ready_for_query(&mut self.client_out, b'I');
+                msg::ready_for_query(&mut self.client_out, TxStatus::Idle);
                 answered = true;
             }
         }

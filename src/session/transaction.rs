@@ -81,7 +81,7 @@ pub fn lone_statement(unit: &[BytesMut]) -> Option<Lone<'_>> {
 
 /// Writes what the server would answer to a lone statement (`extended` as in `Lone`)
 /// that returns no rows and completes with `tag`, then ReadyForQuery with `status`.
-pub fn answer(out: &mut BytesMut, extended: Option<u8>, tag: &str, status: u8) {
+pub fn answer(out: &mut BytesMut, extended: Option<u8>, tag: &str, status: msg::TxStatus) {
     if let Some(describe) = extended {
         msg::empty_message(out, msg::PARSE_COMPLETE);
         msg::empty_message(out, msg::BIND_COMPLETE);
