@@ -20,3 +20,4 @@ pub mod session;
 pub mod state;
 pub mod testbed;
 pub mod tls;
+pub mod users;

@@ -14,8 +14,8 @@ use tracing::{error, info, warn};
 use crate::cluster::Topology;
 use crate::cluster::monitor::{self, Credentials};
 use crate::config::Config;
-use crate::session::users;
 use crate::state::Shared;
+use crate::users;
 
 /// Editors write a file in several steps; changes closer together than this are one.
 const DEBOUNCE: Duration = Duration::from_millis(200);

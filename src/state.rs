@@ -13,7 +13,7 @@ use crate::router::DecisionCache;
 use crate::session::cancel::CancelRegistry;
 use crate::session::clients::ClientRegistry;
 use crate::session::statements::StatementRegistry;
-use crate::session::users::{self, Users};
+use crate::users::{self, Users};
 
 pub struct Shared {
     pub config_path: Option<PathBuf>,

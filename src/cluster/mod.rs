@@ -16,7 +16,7 @@ use tracing::{info, warn};
 
 use crate::config::{Config, NodeAddress, ReadRouting, Role};
 use crate::pool::{BackendError, LoginInfo, Pool, PoolSettings, Pooled};
-use crate::session::users::UserEntry;
+use crate::users::UserEntry;
 pub use health::{Health, NodeState};
 pub use stats::NodeStats;
 

@@ -18,8 +18,8 @@ use tokio::net::TcpStream;
 
 use crate::config::NodeAddress;
 use crate::protocol::messages::{self as msg, ErrorFields, Fields};
+use crate::protocol::settings::Settings;
 use crate::protocol::{MAX_SERVER_MESSAGE, MessageReader, ProtocolError};
-use crate::session::settings::Settings;
 use crate::tls::stream::{ServerRead, ServerWrite};
 
 #[derive(Debug, thiserror::Error)]

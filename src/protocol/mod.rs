@@ -5,6 +5,7 @@ pub mod auth;
 pub mod auth_policy;
 pub mod framing;
 pub mod messages;
+pub mod settings;
 pub mod spare;
 
 pub use framing::{MessageReader, Piece};

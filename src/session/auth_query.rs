@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use crate::cluster::monitor::{Credentials, control_connection};
 use crate::protocol::auth::{ScramVerifier, Secret, is_md5_hash};
-use crate::session::users::UserEntry;
 use crate::state::Shared;
+use crate::users::UserEntry;
 
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
 

@@ -21,12 +21,10 @@ mod passthrough;
 mod pending;
 mod requests;
 mod responses;
-pub mod settings;
 pub mod startup;
 pub mod statements;
 mod timeouts;
 pub(crate) mod transaction;
-pub mod users;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -45,20 +43,20 @@ use crate::cluster::{Node, NodeRole, Project, health};
 use crate::config::PoolMode;
 use crate::pool::{BackendError, Pooled};
 use crate::protocol::messages::{self as msg, Fields, TxStatus};
+use crate::protocol::settings::{self, Settings};
 use crate::protocol::{
     MAX_CLIENT_MESSAGE, MessageReader, Piece, ProtocolError, STREAM_FRAME_OVER, spare,
 };
 use crate::router::{Decision, Route, SessionEffect, TxEffect};
 use crate::state::Shared;
+use crate::users::UserEntry;
 use cancel::CancelSlot;
 use clients::{ClientInfo, ClientState};
 use expect::{Expect, ExpectQueue};
 use pending::Pending;
-use settings::Settings;
 use startup::{Login, Refusal, Startup};
 use statements::PreparedStatement;
 use timeouts::{Expired, Phase, SessionClock, Timeouts};
-use users::UserEntry;
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long a closing session may take to hand its client the last messages.

@@ -12,8 +12,8 @@ use crate::config::{ClientTls, allow};
 use crate::protocol::auth::{Binding, ScramKeys, ScramServer, Secret, md5_response_matches};
 use crate::protocol::messages::{self as msg, Fields};
 use crate::protocol::{MessageReader, ProtocolError};
-use crate::session::users::UserEntry;
 use crate::state::Shared;
+use crate::users::UserEntry;
 
 pub enum Startup {
     Login(Login),
