@@ -121,30 +121,36 @@ impl From<ProtocolError> for End {
     }
 }
 
-/// Accepts one client: handshake, then the session loop, then cleanup.
-pub async fn serve_client(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
-    // Taken before anything else, held until the task ends; a client over the limit
-    // still gets its answer (after its startup packet, so that it can read it) and a
-    // cancel request still works.
-    let seat = limits::ClientLimits::connection(&shared);
-    let full = seat.as_ref().err().copied();
-    // Boxed: the handshake's futures (TLS, authentication) are large and short-lived,
-    // and a task keeps the space of its largest await point for the client's whole
-    // life; what stays is the session.
-    let Some(admitted) = Box::pin(admit(&shared, stream, peer, full)).await else {
-        return;
-    };
-    // Built and torn down outside any await: only the session itself and its loop's
-    // state stay in the client's task.
+/// What a client that passed the handshake goes on to.
+pub enum Admission {
+    /// A project's session (see [`serve`]).
+    Session(Admitted),
+    /// The admin console (database `replicator`), served by `admin::console`.
+    Console {
+        reader: MessageReader<ClientRead>,
+        writer: ClientWrite,
+        login: Login,
+    },
+}
+
+/// The session of an admitted client, then its cleanup. The session is built before
+/// the future is: a future keeps its arguments for its whole life, and the client's
+/// task keeps the future for the client's.
+pub fn serve(
+    shared: Arc<Shared>,
+    admitted: Admitted,
+    peer: SocketAddr,
+) -> impl std::future::Future<Output = ()> + Send {
     let mut session = Session::start(shared, admitted, peer);
-    let end = session.run().await;
-    Box::pin(session.finish(end)).await;
-    session.leave();
-    drop(seat);
+    async move {
+        let end = session.run().await;
+        Box::pin(session.finish(end)).await;
+        session.leave();
+    }
 }
 
 /// A client that logged in to a project: what its session is made of.
-struct Admitted {
+pub struct Admitted {
     reader: MessageReader<ClientRead>,
     writer: ClientWrite,
     login: Login,
@@ -154,13 +160,14 @@ struct Admitted {
 }
 
 /// Negotiates encryption, reads the startup packet and authenticates. A cancel
-/// request, a refusal and the admin console end here (None).
-async fn admit(
+/// request and a refusal end here (None). `full`: the proxy is at max_client_conn (the
+/// client is refused after its startup packet).
+pub async fn admit(
     shared: &Arc<Shared>,
     stream: TcpStream,
     peer: SocketAddr,
     full: Option<usize>,
-) -> Option<Admitted> {
+) -> Option<Admission> {
     let _ = stream.set_nodelay(true);
     crate::keepalive::Keepalive::from_settings(&shared.config.load().proxy).apply(&stream);
     let started = tokio::time::Instant::now();
@@ -230,15 +237,11 @@ async fn admit(
     };
     reader.set_max_len(MAX_CLIENT_MESSAGE);
     if login.database == crate::config::ADMIN_DATABASE {
-        Box::pin(crate::admin::console::serve(
-            shared.clone(),
+        return Some(Admission::Console {
             reader,
             writer,
             login,
-            peer,
-        ))
-        .await;
-        return None;
+        });
     }
     let Some(project) = shared
         .topology
@@ -270,13 +273,13 @@ async fn admit(
             return None;
         }
     };
-    Some(Admitted {
+    Some(Admission::Session(Admitted {
         reader,
         writer,
         login,
         project,
         _login_seat: login_seat,
-    })
+    }))
 }
 
 thread_local! {
@@ -1673,21 +1676,10 @@ impl Session {
 
 #[cfg(test)]
 mod task_size {
-    fn future_size<F, Fut>(_: F) -> usize
-    where
-        F: FnOnce(Arc<Shared>, TcpStream, SocketAddr) -> Fut,
-    {
-        std::mem::size_of::<Fut>()
-    }
-
-    /// Every client's task keeps the space of its largest await point for as long as
-    /// the client is connected, idle or not (10,000 idle clients: 10,000 of them). The
-    /// handshake, connecting to a server and the rare paths are boxed; what is left is
-    /// the session's own state and the loop's.
+    /// Every idle client keeps its session (see `server::serve_connection`'s test for
+    /// the whole task).
     #[test]
-    fn a_client_task_stays_small() {
-        let task = future_size(super::serve_client);
-        assert!(task <= 1280, "the client task takes {task} bytes");
+    fn a_session_stays_small() {
         let session = std::mem::size_of::<Session>();
         assert!(session <= 900, "a session takes {session} bytes");
     }
