@@ -7,10 +7,13 @@
 //! server reports ReadyForQuery(Idle) and nothing else is in flight. One loop
 //! serves both directions, so COPY, pipelining and notifications need no special threads.
 //!
-//! This file holds the session loop, the client's framing and the dispatch of units;
+//! `admit.rs` takes a client from its first byte to a session (or the console, or a
+//! refusal). This file holds the session loop, the client's framing and the dispatch of
+//! units;
 //! `backend.rs` chooses and holds a server, `requests.rs` rewrites the client's messages
 //! for it, and `responses.rs` handles what the server answers.
 
+mod admit;
 pub mod auth_query;
 mod backend;
 pub mod cancel;
@@ -26,6 +29,8 @@ pub mod statements;
 mod timeouts;
 pub(crate) mod transaction;
 
+pub use admit::{Admission, Admitted, admit, serve};
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -36,7 +41,6 @@ use tokio::time::Instant;
 use crate::tls::stream::{ClientRead, ClientWrite, Sent};
 use bytes::{Buf, BytesMut};
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 use tracing::{debug, info, warn};
 
 use crate::cluster::{Node, NodeRole, Project, health};
@@ -44,9 +48,7 @@ use crate::config::PoolMode;
 use crate::pool::{BackendError, Pooled};
 use crate::protocol::messages::{self as msg, Fields, TxStatus};
 use crate::protocol::settings::{self, Settings};
-use crate::protocol::{
-    MAX_CLIENT_MESSAGE, MessageReader, Piece, ProtocolError, STREAM_FRAME_OVER, spare,
-};
+use crate::protocol::{MessageReader, Piece, ProtocolError, STREAM_FRAME_OVER, spare};
 use crate::router::{Decision, Route, SessionEffect, TxEffect};
 use crate::state::Shared;
 use crate::users::UserEntry;
@@ -54,7 +56,7 @@ use cancel::CancelSlot;
 use clients::{ClientInfo, ClientState};
 use expect::{Expect, ExpectQueue};
 use pending::Pending;
-use startup::{Login, Refusal, Startup};
+use startup::Login;
 use statements::PreparedStatement;
 use timeouts::{Expired, Phase, SessionClock, Timeouts};
 
@@ -121,167 +123,6 @@ impl From<ProtocolError> for End {
     }
 }
 
-/// What a client that passed the handshake goes on to.
-pub enum Admission {
-    /// A project's session (see [`serve`]).
-    Session(Admitted),
-    /// The admin console (database `replicator`), served by `admin::console`.
-    Console {
-        reader: MessageReader<ClientRead>,
-        writer: ClientWrite,
-        login: Login,
-    },
-}
-
-/// The session of an admitted client, then its cleanup. The session is built before
-/// the future is: a future keeps its arguments for its whole life, and the client's
-/// task keeps the future for the client's.
-pub fn serve(
-    shared: Arc<Shared>,
-    admitted: Admitted,
-    peer: SocketAddr,
-) -> impl std::future::Future<Output = ()> + Send {
-    let mut session = Session::start(shared, admitted, peer);
-    async move {
-        let end = session.run().await;
-        Box::pin(session.finish(end)).await;
-        session.leave();
-    }
-}
-
-/// A client that logged in to a project: what its session is made of.
-pub struct Admitted {
-    reader: MessageReader<ClientRead>,
-    writer: ClientWrite,
-    login: Login,
-    project: Arc<Project>,
-    /// Its place under the project's and the user's client limits.
-    _login_seat: limits::LoginSeat,
-}
-
-/// Negotiates encryption, reads the startup packet and authenticates. A cancel
-/// request and a refusal end here (None). `full`: the proxy is at max_client_conn (the
-/// client is refused after its startup packet).
-pub async fn admit(
-    shared: &Arc<Shared>,
-    stream: TcpStream,
-    peer: SocketAddr,
-    full: Option<usize>,
-) -> Option<Admission> {
-    let _ = stream.set_nodelay(true);
-    crate::keepalive::Keepalive::from_settings(&shared.config.load().proxy).apply(&stream);
-    let started = tokio::time::Instant::now();
-    let tls = shared.tls.load_full();
-    let negotiated = match tokio::time::timeout(
-        HANDSHAKE_TIMEOUT,
-        crate::tls::negotiate::negotiate(stream, tls.as_deref()),
-    )
-    .await
-    {
-        Ok(Ok(negotiated)) => negotiated,
-        Ok(Err(failed)) => {
-            debug!(%peer, "connection ended during encryption negotiation: {}", failed.0);
-            return None;
-        }
-        Err(_) => {
-            warn!(%peer, "client did not finish encryption negotiation in time");
-            return None;
-        }
-    };
-    let crate::tls::negotiate::Negotiated {
-        read,
-        write: mut writer,
-        prefix,
-        channel_binding,
-    } = negotiated;
-    let mut reader = MessageReader::with_prefix(read, crate::protocol::MAX_LOGIN_MESSAGE, &prefix);
-    // Boxed, as the console below: a client's task keeps the space of its largest
-    // await point for its whole life, and these two are large and short-lived.
-    let startup = tokio::time::timeout_at(
-        started + HANDSHAKE_TIMEOUT,
-        Box::pin(startup::handshake(
-            &mut reader,
-            &mut writer,
-            shared,
-            peer,
-            channel_binding.as_deref(),
-            full,
-        )),
-    )
-    .await;
-    let login = match startup {
-        Err(_) => {
-            warn!(%peer, "client did not finish the startup handshake in time");
-            refuse(&mut writer, "08P01", "timeout during startup").await;
-            return None;
-        }
-        Ok(Err(Refusal { code, message })) => {
-            if code == "08P01" && message.contains("closed by peer") {
-                debug!(%peer, "client closed the connection during startup");
-            } else {
-                warn!(%peer, code, "login refused: {message}");
-                refuse(&mut writer, code, &message).await;
-            }
-            return None;
-        }
-        Ok(Ok(Startup::Cancel { pid, secret })) => {
-            if let Some(fleet) = &shared.fleet
-                && fleet.forward_cancel_elsewhere(pid, secret).await
-            {
-                return None;
-            }
-            shared.cancels.cancel(pid, secret).await;
-            return None;
-        }
-        Ok(Ok(Startup::Login(login))) => login,
-    };
-    reader.set_max_len(MAX_CLIENT_MESSAGE);
-    if login.database == crate::config::ADMIN_DATABASE {
-        return Some(Admission::Console {
-            reader,
-            writer,
-            login,
-        });
-    }
-    let Some(project) = shared
-        .topology
-        .load()
-        .projects
-        .get(&login.database)
-        .cloned()
-    else {
-        let message = format!("database \"{}\" does not exist", login.database);
-        warn!(%peer, user = %login.user.name, "login refused: {message}");
-        refuse(&mut writer, "3D000", &message).await;
-        return None;
-    };
-    let login_seat = match limits::ClientLimits::login(shared, &project.name, &login.user.name) {
-        Ok(seat) => seat,
-        Err(limit) => {
-            let message = match limit {
-                limits::Limit::Project(n) => format!(
-                    "too many clients of project \"{}\" already (max_clients = {n})",
-                    project.name
-                ),
-                limits::Limit::User(n) => format!(
-                    "too many clients of user \"{}\" already (max_clients = {n})",
-                    login.user.name
-                ),
-            };
-            warn!(%peer, user = %login.user.name, "login refused: {message}");
-            refuse(&mut writer, "53300", &message).await;
-            return None;
-        }
-    };
-    Some(Admission::Session(Admitted {
-        reader,
-        writer,
-        login,
-        project,
-        _login_seat: login_seat,
-    }))
-}
-
 thread_local! {
     /// Vectors lent to sessions (see `protocol::spare`): for the frames of a unit and
     /// for the statements its Parse messages name.
@@ -322,13 +163,6 @@ fn malformed_message(tag: u8) -> End {
             crate::protocol::framing::printable_tag(tag)
         ),
     )
-}
-
-async fn refuse(writer: &mut ClientWrite, code: &str, message: &str) {
-    let mut buf = BytesMut::new();
-    msg::error_response(&mut buf, "FATAL", code, message);
-    let _ = writer.write_all(&buf).await;
-    let _ = writer.shutdown().await;
 }
 
 /// Where the pieces of a large frame being passed on go (see `Piece`).
