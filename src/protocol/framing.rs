@@ -13,8 +13,9 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 
 use super::ProtocolError;
 
-/// Initial buffer capacity; grows on demand for large rows.
-const READ_CHUNK: usize = 16 * 1024;
+/// What a read reserves when its buffer is nearly full: as much as a lent buffer holds
+/// (a buffer starts as one of `spare`'s, and grows on demand for large rows).
+const READ_CHUNK: usize = super::spare::BUFFER;
 
 /// A source that can tell when bytes have arrived without taking them: a reader
 /// without a buffer waits on it before taking one (see [`MessageReader::park`]).
