@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
-pub use server::{BackendError, LoginInfo, ServerConn};
+pub use server::{BackendError, LoginInfo, ServerConn, ServerState};
 
 use crate::keepalive::Keepalive;
 

@@ -87,11 +87,23 @@ pub struct LoginInfo {
     pub extra_params: Vec<(String, String)>,
 }
 
+/// A server connection: its sockets and what the proxy knows of its protocol state.
+/// The state's fields read as the connection's own (`conn.pid`, `conn.prepared`):
+/// `ServerConn` dereferences to it. The session core works on the state alone.
 pub struct ServerConn {
     pub reader: MessageReader<ServerRead>,
     pub writer: ServerWrite,
     /// The server's tls-server-end-point hash when the connection is TLS.
     pub channel_binding: Option<Vec<u8>>,
+    /// When the connection was opened (server_lifetime_ms).
+    pub opened: std::time::Instant,
+    pub state: ServerState,
+}
+
+/// What the proxy knows of a server connection's protocol state, apart from its
+/// sockets.
+#[derive(Debug)]
+pub struct ServerState {
     pub addr: std::sync::Arc<NodeAddress>,
     /// Key the server gave for CancelRequest.
     pub pid: i32,
@@ -106,13 +118,53 @@ pub struct ServerConn {
     pub broken: bool,
     /// Holds session state of a previous client (pinned or session mode): reset first.
     pub needs_reset: bool,
-    /// When the connection was opened (server_lifetime_ms).
-    pub opened: std::time::Instant,
     /// Registry id of the statement this server holds as its unnamed prepared
     /// statement, when the proxy knows it: a Parse of the same statement can then be
     /// answered without sending it. A simple Query or Close of it forgets it (as the
     /// server does), and so does any error (the proxy cannot tell what survived).
     pub unnamed: Option<u64>,
+}
+
+impl ServerState {
+    pub fn new(addr: std::sync::Arc<NodeAddress>) -> ServerState {
+        ServerState {
+            addr,
+            pid: 0,
+            secret: 0,
+            params: Vec::new(),
+            settings: Settings::default(),
+            prepared: HashSet::new(),
+            broken: false,
+            needs_reset: false,
+            unnamed: None,
+        }
+    }
+
+    pub fn record_parameter(&mut self, frame: &[u8]) {
+        let mut f = Fields::of_frame(frame);
+        let (Ok(name), Ok(value)) = (f.cstr_bytes(), f.cstr_bytes()) else {
+            return;
+        };
+        let name = String::from_utf8_lossy(name).into_owned();
+        let value = String::from_utf8_lossy(value).into_owned();
+        match self.params.iter_mut().find(|(n, _)| *n == name) {
+            Some(slot) => slot.1 = value,
+            None => self.params.push((name, value)),
+        }
+    }
+}
+
+impl std::ops::Deref for ServerConn {
+    type Target = ServerState;
+    fn deref(&self) -> &ServerState {
+        &self.state
+    }
+}
+
+impl std::ops::DerefMut for ServerConn {
+    fn deref_mut(&mut self) -> &mut ServerState {
+        &mut self.state
+    }
 }
 
 impl ServerConn {
@@ -145,16 +197,8 @@ impl ServerConn {
             reader: MessageReader::new(read, MAX_SERVER_MESSAGE),
             writer: write,
             channel_binding,
-            addr: login.addr.clone(),
-            pid: 0,
-            secret: 0,
-            params: Vec::new(),
-            settings: Settings::default(),
-            prepared: HashSet::new(),
-            broken: false,
-            needs_reset: false,
             opened: std::time::Instant::now(),
-            unnamed: None,
+            state: ServerState::new(login.addr.clone()),
         };
         let protocol = |source| BackendError::Protocol {
             addr: addr.clone(),
@@ -443,19 +487,6 @@ impl ServerConn {
         }
         self.broken = false;
         Ok(value)
-    }
-
-    pub fn record_parameter(&mut self, frame: &[u8]) {
-        let mut f = Fields::of_frame(frame);
-        let (Ok(name), Ok(value)) = (f.cstr_bytes(), f.cstr_bytes()) else {
-            return;
-        };
-        let name = String::from_utf8_lossy(name).into_owned();
-        let value = String::from_utf8_lossy(value).into_owned();
-        match self.params.iter_mut().find(|(n, _)| *n == name) {
-            Some(slot) => slot.1 = value,
-            None => self.params.push((name, value)),
-        }
     }
 
     /// Cheap liveness check for an idle connection: a closed socket or unsolicited

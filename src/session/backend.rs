@@ -1,9 +1,12 @@
-//! Choosing and holding a server for a session: checkout from the node's pool in route
+//! Checking out a server for a session: checkout from the node's pool in route
 //! order (replicas by strategy, then the primary), waiting for a primary after failover
 //! or for a replica to catch up with the client's writes, and bringing the held
 //! server's session state (settings, reset) in line with the client's.
 
+use super::core::ServerHandle;
 use super::*;
+use crate::pool::ServerState;
+use tokio::time::Instant;
 
 thread_local! {
     /// Vectors of the nodes a read may go to, lent to sessions (see `protocol::spare`).
@@ -11,66 +14,6 @@ thread_local! {
 }
 
 impl Session {
-    fn attach(&mut self, node: Arc<Node>, conn: Pooled) {
-        self.cancel_slot.set(&conn.addr, conn.pid, conn.secret);
-        self.server = Some(Held { node, conn });
-    }
-
-    pub(super) fn release(&mut self) {
-        self.reparse = None;
-        if self.streamed_in == Streamed::ToServer {
-            // The rest of a large client message was for this server only.
-            self.streamed_in = Streamed::Dropped;
-        }
-        if let Some(mut held) = self.server.take() {
-            if held.conn.reader.buffered() > 0 {
-                // Unread bytes mean the proxy lost track of this connection's state.
-                warn!(node = %held.node.name, buffered = ?&held.conn.reader.peek_buffered()[..held.conn.reader.buffered().min(40)], "server connection had unexpected data; discarding it");
-                held.conn.broken = true;
-            }
-            self.cancel_slot.clear();
-        }
-    }
-
-    /// Queues what brings the held server's session state in line with this client's;
-    /// the answers are swallowed.
-    pub(super) fn prepare_server(&mut self) {
-        let sql = self.sync_sql();
-        if !sql.is_empty() {
-            msg::query(&mut self.server_out, &sql);
-            self.expect.push_back(Expect::Injected);
-            self.forget_server_unnamed();
-        }
-    }
-
-    /// SQL that brings the held server's session state in line with this client's.
-    fn sync_sql(&mut self) -> String {
-        let Some(held) = self.server.as_mut() else {
-            return String::new();
-        };
-        let conn = &mut *held.conn;
-        let mut sql = String::new();
-        if conn.needs_reset {
-            // DISCARD ALL refuses to run inside the implicit transaction of a
-            // multi-statement query, so it goes alone.
-            msg::query(&mut self.server_out, "DISCARD ALL");
-            self.expect.push_back(Expect::Injected);
-            conn.settings.clear();
-            conn.prepared.clear();
-            conn.unnamed = None;
-            conn.needs_reset = false;
-        }
-        if conn.prepared.len() > MAX_PREPARED_PER_SERVER {
-            sql.push_str("DEALLOCATE ALL;");
-            conn.prepared.clear();
-        }
-        if !conn.settings.same_as(&self.settings) {
-            sql.push_str(&conn.settings.transition_sql(&self.settings));
-            conn.settings = self.settings.clone();
-        }
-        sql
-    }
-
     /// Checks out a server for `route`: reads try the replicas in strategy order, then
     /// the primary, so a replica that is down costs the client nothing.
     pub(super) async fn acquire(
@@ -82,22 +25,28 @@ impl Session {
         self.follow_reload();
         if route == Route::Replica {
             // A read hinted to a replica is the user's choice over read-your-writes.
-            let min_lsn = if self.ryw && !hinted { self.min_lsn } else { 0 };
+            let min_lsn = if self.core.ryw && !hinted {
+                self.core.min_lsn
+            } else {
+                0
+            };
             let mut nodes = spare::take_vec(&SPARE_NODES);
-            self.project
+            self.core
+                .project
                 .read_candidates_into(min_lsn, executes, &mut nodes);
             if nodes.is_empty() && min_lsn > 0 {
-                if !self.project.causal_wait.is_zero()
+                if !self.core.project.causal_wait.is_zero()
                     && Box::pin(self.wait_for_replica(min_lsn)).await
                 {
                     return Ok(());
                 }
-                self.project
+                self.core
+                    .project
                     .causal_primary_reads
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
             // Then the primary, which runs any read.
-            let Some(primary) = self.project.primary().cloned() else {
+            let Some(primary) = self.core.project.primary().cloned() else {
                 return self.attach_first(nodes).await;
             };
             if nodes.is_empty() {
@@ -108,6 +57,7 @@ impl Session {
             return self.attach_first(nodes).await;
         }
         let paused = self
+            .core
             .project
             .failover
             .writes_paused
@@ -117,12 +67,12 @@ impl Session {
                 .wait_for_primary(BackendError::Timeout("a switchover is in progress".into()))
                 .await;
         }
-        if let Some(fleet) = &self.shared.fleet
+        if let Some(fleet) = &self.core.shared.fleet
             && let Err(reason) = fleet.writes_allowed()
         {
             return Box::pin(self.wait_for_primary(BackendError::Timeout(reason))).await;
         }
-        let attached = match self.project.primary().cloned() {
+        let attached = match self.core.project.primary().cloned() {
             Some(node) => self.attach_from(node).await,
             None => Err(BackendError::Timeout(
                 "the project has no primary now".into(),
@@ -139,25 +89,33 @@ impl Session {
     /// the clients still connected to it.
     fn follow_reload(&mut self) {
         if !self
+            .core
             .project
             .retired
             .load(std::sync::atomic::Ordering::Relaxed)
         {
             return;
         }
-        if let Some(project) = self.shared.topology.load().projects.get(&self.project.name) {
-            self.project = project.clone();
-            self.ryw = project.read_your_writes_applies(self.session_mode);
+        if let Some(project) = self
+            .core
+            .shared
+            .topology
+            .load()
+            .projects
+            .get(&self.core.project.name)
+        {
+            self.core.project = project.clone();
+            self.core.ryw = project.read_your_writes_applies(self.core.session_mode);
         }
     }
 
     /// A write found no primary (it is down, or a failover or switchover is running):
     /// wait up to `write_wait_ms` for one instead of failing at once.
     async fn wait_for_primary(&mut self, first: BackendError) -> Result<(), BackendError> {
-        let failover = &self.project.failover;
+        let failover = &self.core.project.failover;
         let wait = failover.settings.write_wait;
         let deadline = Instant::now() + wait;
-        info!(project = %self.project.name, "no primary available ({first}); the write waits up to {} ms for one", wait.as_millis());
+        info!(project = %self.core.project.name, "no primary available ({first}); the write waits up to {} ms for one", wait.as_millis());
         let mut last = first;
         loop {
             if Instant::now() >= deadline {
@@ -174,18 +132,18 @@ impl Session {
             {
                 continue;
             }
-            if let Some(fleet) = &self.shared.fleet
+            if let Some(fleet) = &self.core.shared.fleet
                 && let Err(reason) = fleet.writes_allowed()
             {
                 last = BackendError::Timeout(reason);
                 continue;
             }
-            let Some(primary) = self.project.primary().cloned() else {
+            let Some(primary) = self.core.project.primary().cloned() else {
                 continue;
             };
-            match primary.checkout(&self.user).await {
+            match primary.checkout(&self.core.user).await {
                 Ok(conn) => {
-                    self.attach(primary, conn);
+                    self.core.attach(primary, conn);
                     return Ok(());
                 }
                 Err(e) => last = e,
@@ -198,6 +156,7 @@ impl Session {
     /// the wait is over. True if a caught-up replica is now attached.
     async fn wait_for_replica(&mut self, min_lsn: u64) -> bool {
         let Some(node) = self
+            .core
             .project
             .read_candidates(0, false)
             .into_iter()
@@ -205,8 +164,8 @@ impl Session {
         else {
             return false;
         };
-        let deadline = Instant::now() + self.project.causal_wait;
-        let Ok(mut conn) = node.checkout(&self.user).await else {
+        let deadline = Instant::now() + self.core.project.causal_wait;
+        let Ok(mut conn) = node.checkout(&self.core.user).await else {
             return false;
         };
         loop {
@@ -216,7 +175,7 @@ impl Session {
             };
             node.health.advance_lsn(replayed);
             if replayed >= min_lsn {
-                self.attach(node, conn);
+                self.core.attach(node, conn);
                 return true;
             }
             if Instant::now() + CAUSAL_POLL > deadline {
@@ -247,15 +206,34 @@ impl Session {
     }
 
     async fn attach_from(&mut self, node: Arc<Node>) -> Result<(), BackendError> {
-        match node.checkout(&self.user).await {
+        match node.checkout(&self.core.user).await {
             Ok(conn) => {
-                self.attach(node, conn);
+                self.core.attach(node, conn);
                 Ok(())
             }
             Err(e) => {
-                warn!(node = %node.name, project = %self.project.name, "cannot get a server connection: {e}");
+                warn!(node = %node.name, project = %self.core.project.name, "cannot get a server connection: {e}");
                 Err(e)
             }
+        }
+    }
+}
+
+/// A pooled connection is the server handle of a running session.
+impl ServerHandle for Pooled {
+    fn state(&self) -> &ServerState {
+        &self.state
+    }
+
+    fn state_mut(&mut self) -> &mut ServerState {
+        &mut self.state
+    }
+
+    fn before_release(&mut self, node: &Node) {
+        if self.reader.buffered() > 0 {
+            // Unread bytes mean the proxy lost track of this connection's state.
+            warn!(node = %node.name, buffered = ?&self.reader.peek_buffered()[..self.reader.buffered().min(40)], "server connection had unexpected data; discarding it");
+            self.state.broken = true;
         }
     }
 }

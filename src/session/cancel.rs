@@ -62,7 +62,7 @@ impl CancelSlot {
         self.active.store(false, Ordering::Release);
     }
 
-    fn get(&self) -> Option<CancelTarget> {
+    pub fn get(&self) -> Option<CancelTarget> {
         if !self.active.load(Ordering::Acquire) {
             return None;
         }

@@ -6,28 +6,25 @@
 
 use super::*;
 
-impl Session {
-    pub(super) fn take_server_frames(&mut self) -> Result<(), End> {
-        loop {
-            let Some(held) = self.server.as_mut() else {
-                return Ok(());
-            };
-            let piece = held.conn.reader.next_piece(STREAM_FRAME_OVER, |tag| {
-                matches!(tag, msg::DATA_ROW | msg::COPY_DATA)
-            });
-            match piece {
-                Ok(Some(Piece::Frame(frame))) => self.on_server_frame(frame)?,
-                Ok(Some(Piece::Head { tag, bytes })) => self.on_large_frame(tag, bytes)?,
-                Ok(Some(Piece::Body { bytes, last })) => {
-                    if self.streamed == Streamed::ToClient {
-                        self.client_out.extend_from_slice(&bytes);
-                    }
-                    if last {
-                        self.streamed = Streamed::No;
-                    }
+impl<H: ServerHandle> Core<H> {
+    /// A server message, or a piece of a large one: large rows and COPY data go on in
+    /// pieces (the core need not look inside them).
+    pub(in crate::session) fn server_piece(&mut self, piece: Piece) -> Result<(), End> {
+        if self.session_mode {
+            self.pass_server_piece(piece);
+            return Ok(());
+        }
+        match piece {
+            Piece::Frame(frame) => self.on_server_frame(frame),
+            Piece::Head { tag, bytes } => self.on_large_frame(tag, bytes),
+            Piece::Body { bytes, last } => {
+                if self.streamed == Streamed::ToClient {
+                    self.client_out.extend_from_slice(&bytes);
                 }
-                Ok(None) => return Ok(()),
-                Err(e) => return self.server_lost(&e.to_string()),
+                if last {
+                    self.streamed = Streamed::No;
+                }
+                Ok(())
             }
         }
     }
@@ -114,7 +111,7 @@ impl Session {
             }
             msg::PARAMETER_STATUS => {
                 if let Some(held) = self.server.as_mut() {
-                    held.conn.record_parameter(&frame);
+                    held.conn.state_mut().record_parameter(&frame);
                 }
                 if !injected {
                     self.client_out.extend_from_slice(&frame);
@@ -292,7 +289,10 @@ impl Session {
         if let Some(held) = self.server.as_mut() {
             // A named DEALLOCATE that reaches the server names no statement of the
             // client's (those are answered here), but could name a proxy-wide one.
-            held.conn.prepared.retain(|id| kept_ids.contains(id));
+            held.conn
+                .state_mut()
+                .prepared
+                .retain(|id| kept_ids.contains(id));
         }
         if all {
             self.statements.retain(|name, _| kept_names.contains(name));
@@ -307,7 +307,7 @@ impl Session {
         let fields = msg::parse_error_fields(frame);
         let node = match self.server.as_mut() {
             Some(held) => {
-                held.conn.broken = true;
+                held.conn.state_mut().broken = true;
                 held.node.name.clone()
             }
             None => String::new(),
@@ -370,7 +370,7 @@ impl Session {
         let fields = msg::parse_error_fields(frame);
         if fields.severity == "FATAL" || fields.severity == "PANIC" {
             if let Some(held) = self.server.as_mut() {
-                held.conn.broken = true;
+                held.conn.state_mut().broken = true;
             }
             if self.tx_status.is_idle() && self.pinned.is_none() && !self.session_mode {
                 msg::error_response(&mut self.client_out, "ERROR", &fields.code, &fields.message);
@@ -404,7 +404,7 @@ impl Session {
             match self.expect.pop_front() {
                 Some(Expect::ParseNamed { id } | Expect::InjectedParse { id: Some(id) }) => {
                     if let Some(held) = self.server.as_mut() {
-                        held.conn.prepared.remove(&id);
+                        held.conn.state_mut().prepared.remove(&id);
                     }
                 }
                 Some(Expect::UndoUnnamed(_)) if unnamed_refused => {
@@ -473,7 +473,10 @@ impl Session {
         if effects.is_empty() {
             return;
         }
-        let mut server_settings = self.server.as_ref().map(|h| h.conn.settings.clone());
+        let mut server_settings = self
+            .server
+            .as_ref()
+            .map(|h| h.conn.state().settings.clone());
         for effect in effects {
             match effect {
                 SessionEffect::Set { name, value } => {
@@ -501,127 +504,7 @@ impl Session {
             }
         }
         if let (Some(held), Some(s)) = (self.server.as_mut(), server_settings) {
-            held.conn.settings = s;
+            held.conn.state_mut().settings = s;
         }
-    }
-
-    /// A server message nothing was waiting for: typically a FATAL before shutdown.
-    fn unsolicited(&mut self, frame: BytesMut) -> Result<(), End> {
-        let node = self
-            .server
-            .as_ref()
-            .map(|h| h.node.name.clone())
-            .unwrap_or_default();
-        if frame[0] == msg::ERROR_RESPONSE {
-            let fields = msg::parse_error_fields(&frame);
-            warn!(%node, "server sent an error outside any request: {fields}");
-            if let Some(held) = self.server.as_mut() {
-                held.conn.broken = true;
-            }
-            if self.is_sticky() {
-                self.client_out.extend_from_slice(&frame);
-                return Err(End::fatal("08006", "server connection lost"));
-            }
-            self.release();
-            return Ok(());
-        }
-        warn!(%node, tag = %crate::protocol::framing::printable_tag(frame[0]), "unexpected server message; dropping the server connection");
-        if let Some(held) = self.server.as_mut() {
-            held.conn.broken = true;
-        }
-        self.release();
-        Ok(())
-    }
-
-    /// The server connection failed. Outside a transaction the client gets an error for
-    /// each request in flight and carries on; inside one the transaction cannot be
-    /// finished safely, so the client is disconnected with a clear message.
-    pub(super) fn server_lost(&mut self, reason: &str) -> Result<(), End> {
-        let mid_frame = std::mem::replace(&mut self.streamed, Streamed::No) == Streamed::ToClient;
-        if mid_frame && self.replay.is_none() {
-            // Part of a message is on its way to the client: nothing else can follow
-            // it, so the client's connection ends with the server's.
-            if let Some(held) = self.server.as_mut() {
-                held.conn.broken = true;
-                held.node.mark_down();
-            }
-            return Err(End::ServerGone(format!(
-                "{reason} (in the middle of a message to the client)"
-            )));
-        }
-        if self.session_mode {
-            // The client's session lived on that server: it ends with it, as it would
-            // on a direct connection, rather than moving on to another server.
-            if let Some(held) = self.server.as_mut() {
-                held.conn.broken = true;
-            }
-            return Err(End::ServerGone(reason.to_string()));
-        }
-        let node = self.server.as_ref().map(|h| h.node.clone());
-        if let Some(held) = self.server.as_mut() {
-            held.conn.broken = true;
-            held.node.mark_down();
-        }
-        self.deallocated_in_stretch = None;
-        self.release();
-        let node_name = node.as_ref().map(|n| n.name.as_str()).unwrap_or("?");
-        self.started = None;
-        if let Some(replay) = self.replay.take() {
-            let Replay {
-                frames: unit,
-                client_mark,
-                mut settled,
-            } = *replay;
-            // What the failed server had answered never left the proxy; take it back.
-            self.client_out.truncate(client_mark);
-            // A read its server never answered: the client sees nothing of this, the
-            // read runs again on another node (this one is now marked down).
-            info!(node = node_name, user = %self.user.name, "server failed before answering a read ({reason}); running it elsewhere");
-            self.replays += 1;
-            // The unit is processed again from its first message: everything it
-            // changed is undone, answered or not.
-            settled.extend(self.expect.take_all());
-            self.undo_statement_changes(settled);
-            self.mid_batch = false;
-            self.copy_in = false;
-            self.group_error = false;
-            self.group_effects.clear();
-            self.pending.put_back(unit);
-            return Ok(());
-        }
-        warn!(node = node_name, user = %self.user.name, "server connection lost: {reason}");
-        if !self.tx_status.is_idle() || self.pinned.is_some() || self.session_mode {
-            return Err(End::fatal(
-                "08006",
-                format!(
-                    "connection to server \"{node_name}\" was lost: {reason}; the transaction or session state on it is gone"
-                ),
-            ));
-        }
-        let message = format!(
-            "connection to server \"{node_name}\" was lost while running the statement: {reason}"
-        );
-        let mut answered = false;
-        while let Some(entry) = self.expect.pop_front() {
-            if let Expect::Ready { .. } | Expect::FunctionCall = entry {
-                // The request in progress may already have its error (the server's FATAL).
-                if answered || !self.group_error {
-                    msg::error_response(&mut self.client_out, "ERROR", "08006", &message);
-                }
-                msg::ready_for_query(&mut self.client_out, TxStatus::Idle);
-                answered = true;
-            }
-        }
-        if self.mid_batch || !answered {
-            msg::error_response(&mut self.client_out, "ERROR", "08006", &message);
-            self.skip_until_sync = self.mid_batch;
-        }
-        self.server_skips_until_sync = false;
-        self.copy_in = false;
-        self.mid_batch = false;
-        self.group_error = false;
-        self.group_effects.clear();
-        self.tx_effects.clear();
-        Ok(())
     }
 }

@@ -5,7 +5,7 @@
 
 use super::*;
 
-impl Session {
+impl<H: ServerHandle> Core<H> {
     pub(super) fn push_expect(&mut self, e: Expect) {
         self.expect.push_back(e);
     }
@@ -13,12 +13,12 @@ impl Session {
     fn server_unnamed_is(&self, id: u64) -> bool {
         self.server
             .as_ref()
-            .is_some_and(|h| h.conn.unnamed == Some(id))
+            .is_some_and(|h| h.conn.state().unnamed == Some(id))
     }
 
     fn set_server_unnamed(&mut self, id: Option<u64>) {
         if let Some(held) = self.server.as_mut() {
-            held.conn.unnamed = id;
+            held.conn.state_mut().unnamed = id;
         }
     }
 
@@ -68,7 +68,7 @@ impl Session {
         let Some(held) = self.server.as_mut() else {
             return;
         };
-        if held.conn.prepared.insert(statement.id) {
+        if held.conn.state_mut().prepared.insert(statement.id) {
             msg::parse_with_name(
                 &mut self.server_out,
                 &statement.server_name,
@@ -119,7 +119,7 @@ impl Session {
                     *parsed_unnamed = true;
                     let previous = self.unnamed.take();
                     if let Some(held) = self.server.as_ref()
-                        && held.conn.unnamed == Some(statement.id)
+                        && held.conn.state().unnamed == Some(statement.id)
                         && self.tx_status != TxStatus::Failed
                         && !self.expect.uncertain()
                     {
@@ -158,7 +158,7 @@ impl Session {
                     let fresh = self
                         .server
                         .as_mut()
-                        .is_some_and(|h| h.conn.prepared.insert(statement.id));
+                        .is_some_and(|h| h.conn.state_mut().prepared.insert(statement.id));
                     if fresh {
                         msg::parse_with_name(
                             &mut self.server_out,

@@ -1,0 +1,111 @@
+//! Session pooling: the client has its server for its whole session, so the proxy
+//! forwards every message both ways unchanged, as if the client were connected
+//! directly. Statement names stay the client's, the client's key carries its server's
+//! real process id, and when that server ends the session (a FATAL error, a crash) the
+//! client's connection ends with it. The proxy only watches ReadyForQuery (the
+//! transaction status, and whether a request is in flight) and ParameterStatus.
+
+use super::*;
+
+impl<H: ServerHandle> Core<H> {
+    /// A client message in session mode: straight on to the server, which judges it.
+    pub(super) fn pass_client_frame(&mut self, frame: BytesMut) -> Result<(), End> {
+        self.note_client_message(frame[0])?;
+        self.server_out.extend_from_slice(&frame);
+        Ok(())
+    }
+
+    /// What the proxy notes of a client message in session mode, from its tag alone
+    /// (a large one is passed on in pieces).
+    pub(super) fn note_client_message(&mut self, tag: u8) -> Result<(), End> {
+        if !self.cancel_armed
+            && let Some(held) = self.server.as_ref()
+        {
+            self.cancel_slot.set(
+                &held.conn.state().addr,
+                held.conn.state().pid,
+                held.conn.state().secret,
+            );
+            self.cancel_armed = true;
+        }
+        match tag {
+            msg::TERMINATE => return Err(End::ClientGone),
+            msg::SYNC | msg::QUERY | msg::FUNCTION_CALL => self.awaiting_ready += 1,
+            _ => {}
+        }
+        if matches!(tag, msg::QUERY | msg::EXECUTE) {
+            self.info
+                .statements
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if self.started.is_none() {
+                self.started = Some(Instant::now());
+                self.clock.query_started();
+            }
+            self.info.set_state(ClientState::Active);
+        }
+        Ok(())
+    }
+
+    /// A server message in session mode (or a piece of a large one): straight on to
+    /// the client.
+    pub(super) fn pass_server_piece(&mut self, piece: Piece) {
+        let frame = match piece {
+            Piece::Frame(frame) => frame,
+            Piece::Head { bytes, .. } | Piece::Body { bytes, .. } => {
+                // A large row or COPY data, passed on as it arrives.
+                self.client_out.extend_from_slice(&bytes);
+                return;
+            }
+        };
+        let Some(held) = self.server.as_mut() else {
+            return;
+        };
+        match frame[0] {
+            msg::READY_FOR_QUERY => {
+                self.tx_status = TxStatus::of_ready_frame(&frame);
+                self.awaiting_ready = self.awaiting_ready.saturating_sub(1);
+                if let Some(started) = self.started.take() {
+                    held.node.stats.latency.observe(started.elapsed());
+                }
+                self.clock.query_started();
+                if self.awaiting_ready > 0 && self.clock.timeouts.query.get().is_some() {
+                    // Pipelined requests: the next one runs from now on.
+                    self.started = Some(Instant::now());
+                }
+                self.info.set_state(if self.tx_status.is_idle() {
+                    ClientState::Idle
+                } else {
+                    ClientState::InTransaction
+                });
+                if self.awaiting_ready == 0 {
+                    // Nothing runs: a cancel request arriving now has nothing to
+                    // cancel, as on the server itself. Forwarded, a late one (it
+                    // takes a detour through the proxy) could hit the client's
+                    // next statement instead.
+                    self.cancel_slot.clear();
+                    self.cancel_armed = false;
+                }
+            }
+            msg::PARAMETER_STATUS => held.conn.state_mut().record_parameter(&frame),
+            msg::COPY_IN_RESPONSE => self.copy_in = true,
+            msg::COMMAND_COMPLETE => self.copy_in = false,
+            msg::ERROR_RESPONSE => {
+                self.copy_in = false;
+                let fields = msg::parse_error_fields(&frame);
+                if fields.severity == "FATAL" || fields.severity == "PANIC" {
+                    // The server ends the session; the client learns it from the
+                    // server's own words, then from the closed connection.
+                    held.conn.state_mut().broken = true;
+                    info!(node = %held.node.name, user = %self.user.name, "server ended the session: {fields}");
+                }
+            }
+            _ => {}
+        }
+        self.client_out.extend_from_slice(&frame);
+    }
+
+    /// Nothing is in flight on the session's server: no request unanswered, no COPY.
+    pub(in crate::session) fn passthrough_idle(&self) -> bool {
+        self.awaiting_ready == 0 && self.tx_status.is_idle() && !self.copy_in
+    }
+}
