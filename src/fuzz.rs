@@ -52,6 +52,15 @@ pub fn frontend(data: &[u8]) {
 
 /// One client message's fields, read as the session reads them.
 fn decode_frontend(frame: &[u8]) {
+    match crate::protocol::frontend::Frontend::decode(frame) {
+        Ok(crate::protocol::frontend::Frontend::Parse(parse)) => {
+            let _ = parse.declares_no_types();
+        }
+        Ok(crate::protocol::frontend::Frontend::Bind(bind)) => {
+            let _ = bind.binds_no_values();
+        }
+        _ => {}
+    }
     let mut f = Fields::of_frame(frame);
     match frame[0] {
         msg::QUERY => {

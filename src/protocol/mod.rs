@@ -4,6 +4,7 @@
 pub mod auth;
 pub mod auth_policy;
 pub mod framing;
+pub mod frontend;
 pub mod messages;
 pub mod settings;
 pub mod spare;

@@ -14,7 +14,8 @@
 
 use bytes::BytesMut;
 
-use crate::protocol::messages::{self as msg, Fields};
+use crate::protocol::frontend::{Frontend, Target};
+use crate::protocol::messages as msg;
 
 /// A unit that runs one statement without parameters and ends with ReadyForQuery: a
 /// simple query, or the extended protocol's Parse, Bind, optional Describe, Execute and
@@ -26,52 +27,49 @@ pub struct Lone<'a> {
     pub extended: Option<u8>,
 }
 
+fn decoded(frame: &BytesMut) -> Option<Frontend<'_>> {
+    Frontend::decode(frame).ok()
+}
+
 pub fn lone_statement(unit: &[BytesMut]) -> Option<Lone<'_>> {
     match unit {
-        [query] if query[0] == msg::QUERY => Some(Lone {
-            sql: Fields::of_frame(query).cstr_bytes().ok()?,
-            extended: None,
-        }),
-        [parse, bind, rest @ ..] if parse[0] == msg::PARSE && bind[0] == msg::BIND => {
+        [query] => match decoded(query)? {
+            Frontend::Query { sql } => Some(Lone {
+                sql,
+                extended: None,
+            }),
+            _ => None,
+        },
+        [parse, bind, rest @ ..] => {
+            let (Frontend::Parse(parse), Frontend::Bind(bind)) = (decoded(parse)?, decoded(bind)?)
+            else {
+                return None;
+            };
             let (describe, execute, sync) = match rest {
-                [describe, execute, sync] if describe[0] == msg::DESCRIBE => {
-                    let mut f = Fields::of_frame(describe);
-                    let kind = f.u8().ok()?;
-                    if !matches!(kind, b'S' | b'P') || !f.cstr_bytes().ok()?.is_empty() {
-                        return None;
-                    }
-                    (kind, execute, sync)
-                }
+                [describe, execute, sync] => match decoded(describe)? {
+                    Frontend::Describe { target, name: "" } => match target {
+                        Target::Statement => (b'S', execute, sync),
+                        Target::Portal => (b'P', execute, sync),
+                        Target::Unknown(_) => return None,
+                    },
+                    _ => return None,
+                },
                 [execute, sync] => (0, execute, sync),
                 _ => return None,
             };
-            if execute[0] != msg::EXECUTE
-                || sync[0] != msg::SYNC
-                || !Fields::of_frame(execute).cstr_bytes().ok()?.is_empty()
+            if decoded(execute)? != (Frontend::Execute { portal: b"" })
+                || decoded(sync)? != Frontend::Sync
+                || !parse.name.is_empty()
+                // No parameter types, and a Bind of the unnamed statement without values.
+                || !parse.declares_no_types()
+                || !bind.portal.is_empty()
+                || !bind.statement.is_empty()
+                || !bind.binds_no_values()
             {
                 return None;
             }
-            let mut f = Fields::of_frame(parse);
-            if !f.cstr_bytes().ok()?.is_empty() {
-                return None;
-            }
-            let sql = f.cstr_bytes().ok()?;
-            // No parameter types, and a Bind of the unnamed statement without values.
-            if f.bytes(2).ok()? != [0, 0] {
-                return None;
-            }
-            let mut f = Fields::of_frame(bind);
-            if !f.cstr_bytes().ok()?.is_empty() || !f.cstr_bytes().ok()?.is_empty() {
-                return None;
-            }
-            let formats = f.bytes(2).ok()?;
-            f.bytes(2 * usize::from(u16::from_be_bytes([formats[0], formats[1]])))
-                .ok()?;
-            if f.bytes(2).ok()? != [0, 0] {
-                return None;
-            }
             Some(Lone {
-                sql,
+                sql: parse.sql,
                 extended: Some(describe),
             })
         }

@@ -81,40 +81,41 @@ impl<H: ServerHandle> Core<H> {
         for frame in unit {
             let d = match frame[0] {
                 msg::QUERY => {
-                    let d = self.decide(Fields::of_frame(frame).cstr_bytes().unwrap_or(b""));
+                    // A Query without its terminator is the server's to refuse.
+                    let sql = match Frontend::decode(frame) {
+                        Ok(Frontend::Query { sql }) => sql,
+                        _ => b"",
+                    };
+                    let d = self.decide(sql);
                     query_effects.clone_from(&d.effects);
                     Some(d)
                 }
-                msg::PARSE => {
-                    let mut f = Fields::of_frame(frame);
-                    let name = f.cstr_bytes();
-                    let tail = f.rest();
-                    match (name, Fields::new(tail).cstr_bytes()) {
-                        (Ok(name), Ok(query)) => {
-                            let statement =
-                                self.shared.statements.register(tail, || self.decide(query));
-                            let d = statement.decision.clone();
-                            if name.is_empty() {
-                                parsed_unnamed = Some(d.clone());
-                            }
-                            parsed.push(statement);
-                            Some(d)
+                msg::PARSE => match Frontend::decode(frame) {
+                    Ok(Frontend::Parse(parse)) => {
+                        let statement = self
+                            .shared
+                            .statements
+                            .register(parse.tail, || self.decide(parse.sql));
+                        let d = statement.decision.clone();
+                        if parse.name.is_empty() {
+                            parsed_unnamed = Some(d.clone());
                         }
-                        // Malformed: refused when forwarded.
-                        _ => Some(Arc::new(Decision::primary())),
+                        parsed.push(statement);
+                        Some(d)
                     }
-                }
-                msg::BIND => {
-                    let mut f = Fields::of_frame(frame);
-                    let _portal = f.cstr_bytes();
-                    match f.cstr() {
-                        Ok("") => parsed_unnamed
-                            .clone()
-                            .or_else(|| self.unnamed.as_ref().map(|s| s.decision.clone())),
-                        Ok(name) => self.statements.get(name).map(|s| s.decision.clone()),
-                        Err(_) => None,
-                    }
-                }
+                    // Malformed: refused when forwarded.
+                    _ => Some(Arc::new(Decision::primary())),
+                },
+                msg::BIND => match Frontend::decode(frame) {
+                    Ok(Frontend::Bind(Bind { statement: "", .. })) => parsed_unnamed
+                        .clone()
+                        .or_else(|| self.unnamed.as_ref().map(|s| s.decision.clone())),
+                    Ok(Frontend::Bind(bind)) => self
+                        .statements
+                        .get(bind.statement)
+                        .map(|s| s.decision.clone()),
+                    _ => None,
+                },
                 msg::FUNCTION_CALL => Some(Arc::new(Decision::primary())),
                 _ => None,
             };
@@ -144,11 +145,10 @@ impl<H: ServerHandle> Core<H> {
         if query[0] != msg::QUERY || !effects.contains(&SessionEffect::ForgetPrepared) {
             return Deallocate::NotHere;
         }
-        let Some(name) = Fields::of_frame(query)
-            .cstr_bytes()
-            .ok()
-            .and_then(statements::deallocate_target)
-        else {
+        let Ok(Frontend::Query { sql }) = Frontend::decode(query) else {
+            return Deallocate::NotHere;
+        };
+        let Some(name) = statements::deallocate_target(sql) else {
             return Deallocate::NotHere;
         };
         if !self.expect.is_empty() {

@@ -107,10 +107,15 @@ impl<H: ServerHandle> Core<H> {
                 }
             }
             msg::PARSE => {
-                let mut f = Fields::of_frame(frame);
-                let name = f.cstr()?.to_string();
-                let tail = f.rest();
-                let query = Fields::new(tail).cstr_bytes()?;
+                let Frontend::Parse(Parse {
+                    name,
+                    sql: query,
+                    tail,
+                }) = Frontend::decode(frame)?
+                else {
+                    return Ok(());
+                };
+                let name = name.to_string();
                 let statement = match statement {
                     Some(statement) => statement,
                     None => self.shared.statements.register(tail, || self.decide(query)),
@@ -180,9 +185,14 @@ impl<H: ServerHandle> Core<H> {
                 }
             }
             msg::BIND => {
-                let mut f = Fields::of_frame(frame);
-                let portal = f.cstr_bytes()?;
-                let name = f.cstr()?;
+                let Frontend::Bind(Bind {
+                    portal,
+                    statement: name,
+                    rest,
+                }) = Frontend::decode(frame)?
+                else {
+                    return Ok(());
+                };
                 if name.is_empty() {
                     self.ensure_unnamed_on_server(parsed_unnamed);
                     note_bound(
@@ -203,7 +213,7 @@ impl<H: ServerHandle> Core<H> {
                         msg::BIND,
                         &prefix,
                         &statement.server_name,
-                        f.rest(),
+                        rest,
                     );
                 } else {
                     // Unknown to us: the server answers with the proper error.
@@ -213,14 +223,14 @@ impl<H: ServerHandle> Core<H> {
                 self.push_expect(Expect::Bind);
             }
             msg::DESCRIBE => {
-                let mut f = Fields::of_frame(frame);
-                let kind = f.u8()?;
-                let name = f.cstr()?;
-                if kind == b'S' && name.is_empty() {
+                let Frontend::Describe { target, name } = Frontend::decode(frame)? else {
+                    return Ok(());
+                };
+                if target == Target::Statement && name.is_empty() {
                     self.ensure_unnamed_on_server(parsed_unnamed);
                 }
-                match (kind, self.client_statement(name)) {
-                    (b'S', Some(statement)) if !name.is_empty() => {
+                match (target, self.client_statement(name)) {
+                    (Target::Statement, Some(statement)) if !name.is_empty() => {
                         self.ensure_prepared(&statement);
                         self.note_named_use(statement.id);
                         msg::with_replaced_name(
@@ -236,10 +246,10 @@ impl<H: ServerHandle> Core<H> {
                 self.push_expect(Expect::Describe);
             }
             msg::CLOSE => {
-                let mut f = Fields::of_frame(frame);
-                let kind = f.u8()?;
-                let name = f.cstr()?;
-                if kind == b'S' && !name.is_empty() {
+                let Frontend::Close { target, name } = Frontend::decode(frame)? else {
+                    return Ok(());
+                };
+                if target == Target::Statement && !name.is_empty() {
                     // Proxy-named statements stay on the servers for other clients.
                     let previous = self.statements.remove(name);
                     self.push_expect(Expect::Synthetic(msg::CLOSE_COMPLETE));
@@ -249,10 +259,10 @@ impl<H: ServerHandle> Core<H> {
                 } else {
                     self.server_out.extend_from_slice(frame);
                     self.push_expect(Expect::Close);
-                    if kind == b'P' {
+                    if target == Target::Portal {
                         note_bound(&mut self.portal_effects, name.as_bytes(), None);
                     }
-                    if kind == b'S' {
+                    if target == Target::Statement {
                         self.forget_server_unnamed();
                         let previous = self.unnamed.take();
                         if previous.is_some() || self.expect.len() > 1 {
@@ -262,19 +272,20 @@ impl<H: ServerHandle> Core<H> {
                 }
             }
             msg::EXECUTE => {
-                if !self.portal_effects.is_empty() {
-                    let portal = Fields::of_frame(frame).cstr_bytes()?;
-                    if let Some((_, decision)) =
+                // Read only when a portal may change the session: the rest of the
+                // message is the server's to judge.
+                if !self.portal_effects.is_empty()
+                    && let Frontend::Execute { portal } = Frontend::decode(frame)?
+                    && let Some((_, decision)) =
                         self.portal_effects.iter().find(|(p, _)| &**p == portal)
+                {
+                    if decision
+                        .effects
+                        .contains(&SessionEffect::ForgetClientStatements)
                     {
-                        if decision
-                            .effects
-                            .contains(&SessionEffect::ForgetClientStatements)
-                        {
-                            self.deallocated_in_stretch = Some(Vec::new());
-                        }
-                        self.group_effects.extend(decision.effects.iter().cloned());
+                        self.deallocated_in_stretch = Some(Vec::new());
                     }
+                    self.group_effects.extend(decision.effects.iter().cloned());
                 }
                 self.server_out.extend_from_slice(frame);
                 self.push_expect(Expect::Execute);
@@ -346,28 +357,26 @@ fn note_bound(
 pub(super) fn relies_on_statements(unit: &[BytesMut]) -> bool {
     let mut parsed_unnamed = false;
     for frame in unit {
-        let mut f = Fields::of_frame(frame);
-        let statement = match frame[0] {
-            msg::PARSE => {
-                let Ok(name) = f.cstr_bytes() else {
-                    return true;
-                };
-                if !name.is_empty() {
-                    return true;
-                }
+        if !matches!(frame[0], msg::PARSE | msg::BIND | msg::DESCRIBE) {
+            continue;
+        }
+        // A malformed message waits too: the server's answers before it decide
+        // nothing about it, but waiting is never wrong.
+        let statement = match Frontend::decode(frame) {
+            Ok(Frontend::Parse(parse)) if parse.name.is_empty() => {
                 parsed_unnamed = true;
                 continue;
             }
-            msg::BIND => f.cstr_bytes().and_then(|_| f.cstr_bytes()),
-            msg::DESCRIBE => match f.u8() {
-                Ok(b'S') => f.cstr_bytes(),
-                _ => continue,
-            },
-            _ => continue,
-        };
-        match statement {
-            Ok(name) if name.is_empty() && parsed_unnamed => {}
+            Ok(Frontend::Bind(bind)) => bind.statement,
+            Ok(Frontend::Describe {
+                target: Target::Statement,
+                name,
+            }) => name,
+            Ok(Frontend::Describe { .. }) => continue,
             _ => return true,
+        };
+        if !(statement.is_empty() && parsed_unnamed) {
+            return true;
         }
     }
     false

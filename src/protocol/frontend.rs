@@ -1,0 +1,239 @@
+//! Client messages decoded into typed views that borrow the frame's bytes: the one
+//! place where the fields of a Query, Parse, Bind, Describe, Close or Execute are read.
+//! Decoding checks the fields the proxy uses (names and texts) and leaves the rest as
+//! the bytes that were sent (parameter types, a Bind's parameters, an Execute's row
+//! limit): nothing is copied, and what the proxy does not use is for the server to
+//! judge, with Postgres's own errors.
+
+use super::ProtocolError;
+use super::messages::{self as msg, Fields};
+
+/// What a Describe or a Close names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    Statement,
+    Portal,
+    /// Another kind byte: the server refuses it.
+    Unknown(u8),
+}
+
+/// A client message of the query phase.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Frontend<'a> {
+    Query { sql: &'a [u8] },
+    Parse(Parse<'a>),
+    Bind(Bind<'a>),
+    Describe { target: Target, name: &'a str },
+    Close { target: Target, name: &'a str },
+    Execute { portal: &'a [u8] },
+    Sync,
+    Flush,
+    FunctionCall,
+    CopyData,
+    CopyDone,
+    CopyFail,
+    Terminate,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Parse<'a> {
+    /// The statement's name ("" for the unnamed one).
+    pub name: &'a str,
+    pub sql: &'a [u8],
+    /// Everything after the name, as sent: the text and the parameter types. What a
+    /// statement is registered by, and what a Parse under another name repeats.
+    pub tail: &'a [u8],
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bind<'a> {
+    pub portal: &'a [u8],
+    /// The statement's name ("" for the unnamed one).
+    pub statement: &'a str,
+    /// Everything after the statement's name, as sent: formats, parameters, result
+    /// formats. A Bind under another statement name repeats it.
+    pub rest: &'a [u8],
+}
+
+impl Parse<'_> {
+    /// Whether it gives no parameter types.
+    pub fn declares_no_types(&self) -> bool {
+        self.tail.get(self.sql.len() + 1..) == Some(&[0, 0][..])
+    }
+}
+
+impl Bind<'_> {
+    /// Whether it binds no parameter values (its format codes may still be given).
+    pub fn binds_no_values(&self) -> bool {
+        let mut f = Fields::new(self.rest);
+        let Ok(formats) = f.i16() else {
+            return false;
+        };
+        let Ok(formats) = usize::try_from(formats) else {
+            return false;
+        };
+        f.bytes(2 * formats).is_ok() && matches!(f.i16(), Ok(0))
+    }
+}
+
+impl<'a> Frontend<'a> {
+    /// Decodes a whole frame (tag, length, body). An unknown tag or a body that does
+    /// not hold the fields its tag requires is a protocol violation.
+    pub fn decode(frame: &'a [u8]) -> Result<Frontend<'a>, ProtocolError> {
+        let Some(&tag) = frame.first() else {
+            return Err(violation("invalid message format: an empty message"));
+        };
+        let mut f = Fields::of_frame(frame);
+        Ok(match tag {
+            msg::QUERY => Frontend::Query {
+                sql: f.cstr_bytes()?,
+            },
+            msg::PARSE => {
+                let name = f.cstr()?;
+                let tail = f.rest();
+                let sql = f.cstr_bytes()?;
+                Frontend::Parse(Parse { name, sql, tail })
+            }
+            msg::BIND => {
+                let portal = f.cstr_bytes()?;
+                let statement = f.cstr()?;
+                Frontend::Bind(Bind {
+                    portal,
+                    statement,
+                    rest: f.rest(),
+                })
+            }
+            msg::DESCRIBE | msg::CLOSE => {
+                let target = match f.u8()? {
+                    b'S' => Target::Statement,
+                    b'P' => Target::Portal,
+                    other => Target::Unknown(other),
+                };
+                let name = f.cstr()?;
+                if tag == msg::DESCRIBE {
+                    Frontend::Describe { target, name }
+                } else {
+                    Frontend::Close { target, name }
+                }
+            }
+            msg::EXECUTE => Frontend::Execute {
+                portal: f.cstr_bytes()?,
+            },
+            msg::SYNC => Frontend::Sync,
+            msg::FLUSH => Frontend::Flush,
+            msg::FUNCTION_CALL => Frontend::FunctionCall,
+            msg::COPY_DATA => Frontend::CopyData,
+            msg::COPY_DONE => Frontend::CopyDone,
+            msg::COPY_FAIL => Frontend::CopyFail,
+            msg::TERMINATE => Frontend::Terminate,
+            other => {
+                return Err(violation(&format!(
+                    "invalid frontend message type '{}'",
+                    super::framing::printable_tag(other)
+                )));
+            }
+        })
+    }
+}
+
+fn violation(what: &str) -> ProtocolError {
+    ProtocolError::Violation(what.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::{BufMut, BytesMut};
+
+    fn frame(tag: u8, body: &[u8]) -> BytesMut {
+        let mut buf = BytesMut::new();
+        buf.put_u8(tag);
+        buf.put_i32(body.len() as i32 + 4);
+        buf.extend_from_slice(body);
+        buf
+    }
+
+    #[test]
+    fn parse_and_bind_borrow_their_fields() {
+        let parse = frame(b'P', b"s1\0SELECT $1\0\0\x01\0\0\0\x17");
+        let Frontend::Parse(p) = Frontend::decode(&parse).unwrap() else {
+            panic!("not a Parse");
+        };
+        assert_eq!(p.name, "s1");
+        assert_eq!(p.sql, b"SELECT $1");
+        assert_eq!(p.tail, b"SELECT $1\0\0\x01\0\0\0\x17");
+        assert!(!p.declares_no_types());
+
+        let bind = frame(b'B', b"p\0s1\0\0\0\0\x01\0\0\0\x011\0\0");
+        let Frontend::Bind(b) = Frontend::decode(&bind).unwrap() else {
+            panic!("not a Bind");
+        };
+        assert_eq!((b.portal, b.statement), (&b"p"[..], "s1"));
+        assert_eq!(b.rest, b"\0\0\0\x01\0\0\0\x011\0\0");
+        assert!(!b.binds_no_values());
+
+        let parse = frame(b'P', b"\0BEGIN\0\0\0");
+        let Ok(Frontend::Parse(p)) = Frontend::decode(&parse) else {
+            panic!("not a Parse");
+        };
+        assert!(p.declares_no_types());
+        let bind = frame(b'B', b"\0\0\0\x01\0\x01\0\0\0\0");
+        let Ok(Frontend::Bind(b)) = Frontend::decode(&bind) else {
+            panic!("not a Bind");
+        };
+        assert!(b.binds_no_values());
+    }
+
+    #[test]
+    fn describe_close_and_execute_say_what_they_name() {
+        let describe = frame(b'D', b"Ss1\0");
+        assert_eq!(
+            Frontend::decode(&describe).unwrap(),
+            Frontend::Describe {
+                target: Target::Statement,
+                name: "s1"
+            }
+        );
+        let close = frame(b'C', b"P\0");
+        assert_eq!(
+            Frontend::decode(&close).unwrap(),
+            Frontend::Close {
+                target: Target::Portal,
+                name: ""
+            }
+        );
+        let execute = frame(b'E', b"\0\0\0\0\x0a");
+        assert_eq!(
+            Frontend::decode(&execute).unwrap(),
+            Frontend::Execute { portal: b"" }
+        );
+        // A kind Postgres does not know is the server's to refuse.
+        assert_eq!(
+            Frontend::decode(&frame(b'D', b"Xname\0")).unwrap(),
+            Frontend::Describe {
+                target: Target::Unknown(b'X'),
+                name: "name"
+            }
+        );
+    }
+
+    #[test]
+    fn truncated_or_unknown_messages_are_violations() {
+        for bad in [
+            frame(b'P', b"s1\0SELECT 1"),
+            frame(b'P', b"\xff\0SELECT 1\0\0\0"),
+            frame(b'B', b"\0s1"),
+            frame(b'D', b""),
+            frame(b'C', b"S"),
+            frame(b'E', b""),
+            frame(b'Q', b"SELECT 1"),
+            frame(b'?', b""),
+        ] {
+            assert!(
+                matches!(Frontend::decode(&bad), Err(ProtocolError::Violation(_))),
+                "{bad:?}"
+            );
+        }
+        assert!(Frontend::decode(&[]).is_err());
+    }
+}
