@@ -105,7 +105,7 @@ impl Session {
             .get(&self.core.project.name)
         {
             self.core.project = project.clone();
-            self.core.ryw = project.read_your_writes_applies(self.core.session_mode);
+            self.core.ryw = project.read_your_writes_applies(self.core.session_mode());
         }
     }
 

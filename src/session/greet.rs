@@ -50,13 +50,14 @@ impl Session {
                 }
             }
         }
+        let session_mode = self.core.session_mode();
         let Some(held) = self.core.server.as_mut() else {
             return Err(End::fatal("08006", "no server available"));
         };
         for (name, value) in &held.conn.params {
             msg::parameter_status(&mut self.core.client_out, name, value);
         }
-        if self.core.session_mode {
+        if session_mode {
             // The client keeps this server: it gets the server's real process id, so
             // that pg_backend_pid(), pg_terminate_backend() and NOTIFY's sender agree
             // with what the driver reports. Cancel requests still come to the proxy.

@@ -198,7 +198,7 @@ impl Session {
             }
             self.write_ready()?;
             if self.core.server.is_none()
-                && !self.core.skip_until_sync
+                && !self.core.skips_here()
                 && self.core.next_unit_len().is_some()
             {
                 // A failed write to the server sent a read back to the queue.

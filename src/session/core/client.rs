@@ -27,7 +27,7 @@ impl<H: ServerHandle> Core<H> {
     /// whole: in session pooling every one, in transaction pooling COPY data going
     /// straight to the held server. The core need not look inside those.
     pub(in crate::session) fn streams_client(&self, tag: u8) -> bool {
-        self.session_mode
+        self.session_mode()
             || (tag == msg::COPY_DATA && self.pending.is_empty() && self.server.is_some())
     }
 
@@ -36,7 +36,7 @@ impl<H: ServerHandle> Core<H> {
         let frame = match piece {
             Piece::Frame(frame) => frame,
             Piece::Head { tag, bytes } => {
-                if self.session_mode {
+                if self.session_mode() {
                     self.note_client_message(tag)?;
                 }
                 self.streamed_in = Streamed::ToServer;
@@ -55,7 +55,7 @@ impl<H: ServerHandle> Core<H> {
                 return Ok(());
             }
         };
-        if self.session_mode {
+        if self.session_mode() {
             return self.pass_client_frame(frame);
         }
         if frame.len() != 5

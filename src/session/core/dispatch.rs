@@ -16,30 +16,30 @@ impl<H: ServerHandle> Core<H> {
         loop {
             // Postgres discards every message up to Sync after an extended-protocol
             // error, simple Queries included.
-            if self.skip_until_sync {
-                while let Some(frame) = self.pending.pop_front() {
-                    if frame[0] == msg::SYNC {
-                        self.skip_until_sync = false;
-                        self.deallocated_in_stretch = None;
-                        msg::ready_for_query(&mut self.client_out, self.tx_status);
-                        break;
+            match self.skipping {
+                SkipToSync::No => {}
+                SkipToSync::Here => {
+                    while let Some(frame) = self.pending.pop_front() {
+                        if frame[0] == msg::SYNC {
+                            self.skipping = SkipToSync::No;
+                            self.deallocated_in_stretch = None;
+                            msg::ready_for_query(&mut self.client_out, self.tx_status);
+                            break;
+                        }
                     }
                 }
-                if self.skip_until_sync {
-                    return Ok(None);
+                SkipToSync::OnServer => {
+                    while let Some(frame) = self.pending.front() {
+                        if frame[0] == msg::SYNC {
+                            self.skipping = SkipToSync::No;
+                            break;
+                        }
+                        self.pending.pop_front();
+                    }
                 }
             }
-            if self.server_skips_until_sync {
-                while let Some(frame) = self.pending.front() {
-                    if frame[0] == msg::SYNC {
-                        self.server_skips_until_sync = false;
-                        break;
-                    }
-                    self.pending.pop_front();
-                }
-                if self.server_skips_until_sync {
-                    return Ok(None);
-                }
+            if self.skipping != SkipToSync::No {
+                return Ok(None);
             }
             while self.pending.front().is_some_and(|f| is_copy_frame(f)) {
                 if let Some(frame) = self.pending.pop_front() {
@@ -206,7 +206,7 @@ impl<H: ServerHandle> Core<H> {
             return false;
         }
         if !self.tx_status.is_idle()
-            || self.session_mode
+            || self.session_mode()
             || self.pinned.is_some()
             || decision.tx != TxEffect::Begin
         {

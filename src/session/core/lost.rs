@@ -50,7 +50,7 @@ impl<H: ServerHandle> Core<H> {
                 "{reason} (in the middle of a message to the client)"
             )));
         }
-        if self.session_mode {
+        if self.session_mode() {
             // The client's session lived on that server: it ends with it, as it would
             // on a direct connection, rather than moving on to another server.
             if let Some(held) = self.server.as_mut() {
@@ -91,7 +91,7 @@ impl<H: ServerHandle> Core<H> {
             return Ok(());
         }
         warn!(node = node_name, user = %self.user.name, "server connection lost: {reason}");
-        if !self.tx_status.is_idle() || self.pinned.is_some() || self.session_mode {
+        if !self.tx_status.is_idle() || self.pinned.is_some() || self.session_mode() {
             return Err(End::fatal(
                 "08006",
                 format!(
@@ -115,9 +115,14 @@ impl<H: ServerHandle> Core<H> {
         }
         if self.mid_batch || !answered {
             msg::error_response(&mut self.client_out, "ERROR", "08006", &message);
-            self.skip_until_sync = self.mid_batch;
         }
-        self.server_skips_until_sync = false;
+        // The server's skip to Sync died with it; a batch the client has not finished
+        // is skipped here instead.
+        self.skipping = if self.mid_batch {
+            SkipToSync::Here
+        } else {
+            SkipToSync::No
+        };
         self.copy_in = false;
         self.mid_batch = false;
         self.group_error = false;

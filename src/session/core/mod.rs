@@ -152,6 +152,43 @@ fn malformed_message(tag: u8) -> End {
     )
 }
 
+/// How the client shares servers (`pool_mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pooling {
+    /// A server per transaction, or per request outside one.
+    Transaction,
+    /// The client keeps the server it logged in with, and messages pass both ways
+    /// unchanged (`passthrough.rs`).
+    Session(Passthrough),
+}
+
+/// What session pooling watches of a pass-through session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Passthrough {
+    /// Syncs, Queries and FunctionCalls forwarded and not yet answered with
+    /// ReadyForQuery (an over-count after a Query the server skipped only makes the
+    /// session look busy).
+    awaiting_ready: usize,
+    /// The cancel slot names the server (something was sent since the server last
+    /// became idle).
+    cancel_armed: bool,
+}
+
+/// Client messages up to the next Sync that go nowhere, as Postgres discards them after
+/// an error in the extended protocol (simple Queries included).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SkipToSync {
+    No,
+    /// The error was the proxy's (no server could be had, or it was lost): the core
+    /// drops them and answers the Sync itself.
+    Here,
+    /// The held server answered an extended-protocol message with an error before the
+    /// client's Sync was sent: it discards everything up to that Sync, so the core
+    /// drops the client's messages up to it and sends the Sync on (see
+    /// `abandon_group`). The server stays held until then.
+    OnServer,
+}
+
 /// Where the pieces of a large frame being passed on go (see `Piece`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Streamed {
@@ -225,7 +262,7 @@ pub(in crate::session) struct Core<H> {
     pub(super) server_out: BytesMut,
     pub(super) user: Arc<UserEntry>,
     pub(super) project: Arc<Project>,
-    pub(super) session_mode: bool,
+    pooling: Pooling,
     pub(super) cancel_slot: Arc<CancelSlot>,
 
     /// Settings from the startup packet (what RESET returns to) and the current ones.
@@ -252,22 +289,10 @@ pub(in crate::session) struct Core<H> {
     pub(super) copy_in: bool,
     /// Extended-protocol messages were sent since the last Sync.
     pub(super) mid_batch: bool,
-    /// Session mode: Syncs, Queries and FunctionCalls forwarded and not yet answered
-    /// with ReadyForQuery (an over-count after a Query the server skipped only makes
-    /// the session look busy).
-    pub(super) awaiting_ready: usize,
-    /// Session mode: the cancel slot names the server (something was sent since the
-    /// server last became idle).
-    cancel_armed: bool,
     group_error: bool,
     saw_rollback: bool,
-    /// After a failure without a server, drop client messages up to Sync (as Postgres
-    /// does) and answer the Sync here.
-    pub(super) skip_until_sync: bool,
-    /// The held server answered an extended-protocol message with an error before the
-    /// client's Sync was sent: it discards everything up to that Sync, so the proxy
-    /// drops the client's messages up to it and sends the Sync on (see `abandon_group`).
-    server_skips_until_sync: bool,
+    /// Client messages up to the next Sync that go nowhere after an error.
+    skipping: SkipToSync,
 
     /// Read-your-writes is on for this client (and can matter: the project has replicas).
     pub(super) ryw: bool,
@@ -402,7 +427,14 @@ impl<H: ServerHandle> Core<H> {
             server_out: BytesMut::new(),
             user,
             project,
-            session_mode,
+            pooling: if session_mode {
+                Pooling::Session(Passthrough {
+                    awaiting_ready: 0,
+                    cancel_armed: true,
+                })
+            } else {
+                Pooling::Transaction
+            },
             cancel_slot,
             settings: startup_settings.clone(),
             startup_settings: Box::new(startup_settings),
@@ -419,12 +451,9 @@ impl<H: ServerHandle> Core<H> {
             tx_status: TxStatus::Idle,
             copy_in: false,
             mid_batch: false,
-            awaiting_ready: 0,
-            cancel_armed: true,
             group_error: false,
             saw_rollback: false,
-            skip_until_sync: false,
-            server_skips_until_sync: false,
+            skipping: SkipToSync::No,
             ryw,
             min_lsn: 0,
             wrote: false,
@@ -445,7 +474,7 @@ impl<H: ServerHandle> Core<H> {
 
     /// The held server must stay with this client (its state lives there).
     pub(super) fn is_sticky(&self) -> bool {
-        self.session_mode
+        self.session_mode()
             || self.pinned.is_some()
             || !self.tx_status.is_idle()
             || self.mid_batch
@@ -454,8 +483,8 @@ impl<H: ServerHandle> Core<H> {
 
     /// What the session is doing, for its timeouts and for a shutdown.
     pub(super) fn phase(&self) -> Phase {
-        if self.session_mode {
-            if self.awaiting_ready > 0 || self.copy_in {
+        if let Pooling::Session(passthrough) = self.pooling {
+            if passthrough.awaiting_ready > 0 || self.copy_in {
                 Phase::Busy
             } else if !self.tx_status.is_idle() {
                 Phase::IdleInTransaction
@@ -519,11 +548,21 @@ impl<H: ServerHandle> Core<H> {
             Some(msg::SYNC | msg::QUERY | msg::FUNCTION_CALL) => {
                 msg::ready_for_query(&mut self.client_out, self.tx_status)
             }
-            _ => self.skip_until_sync = true,
+            _ => self.skipping = SkipToSync::Here,
         }
     }
 
     pub(super) fn decide(&self, sql: &[u8]) -> Arc<Decision> {
         self.shared.cache.decide_bytes(sql)
+    }
+
+    /// Client messages are being dropped up to a Sync the core answers itself.
+    pub(in crate::session) fn skips_here(&self) -> bool {
+        self.skipping == SkipToSync::Here
+    }
+
+    /// Session pooling: the client keeps its server.
+    pub(in crate::session) fn session_mode(&self) -> bool {
+        matches!(self.pooling, Pooling::Session(_))
     }
 }

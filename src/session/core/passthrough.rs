@@ -18,19 +18,19 @@ impl<H: ServerHandle> Core<H> {
     /// What the proxy notes of a client message in session mode, from its tag alone
     /// (a large one is passed on in pieces).
     pub(super) fn note_client_message(&mut self, tag: u8) -> Result<(), End> {
-        if !self.cancel_armed
+        let Pooling::Session(passthrough) = &mut self.pooling else {
+            return Ok(());
+        };
+        if !passthrough.cancel_armed
             && let Some(held) = self.server.as_ref()
         {
-            self.cancel_slot.set(
-                &held.conn.state().addr,
-                held.conn.state().pid,
-                held.conn.state().secret,
-            );
-            self.cancel_armed = true;
+            let state = held.conn.state();
+            self.cancel_slot.set(&state.addr, state.pid, state.secret);
+            passthrough.cancel_armed = true;
         }
         match tag {
             msg::TERMINATE => return Err(End::ClientGone),
-            msg::SYNC | msg::QUERY | msg::FUNCTION_CALL => self.awaiting_ready += 1,
+            msg::SYNC | msg::QUERY | msg::FUNCTION_CALL => passthrough.awaiting_ready += 1,
             _ => {}
         }
         if matches!(tag, msg::QUERY | msg::EXECUTE) {
@@ -57,18 +57,19 @@ impl<H: ServerHandle> Core<H> {
                 return;
             }
         };
-        let Some(held) = self.server.as_mut() else {
+        let (Some(held), Pooling::Session(passthrough)) = (self.server.as_mut(), &mut self.pooling)
+        else {
             return;
         };
         match frame[0] {
             msg::READY_FOR_QUERY => {
                 self.tx_status = TxStatus::of_ready_frame(&frame);
-                self.awaiting_ready = self.awaiting_ready.saturating_sub(1);
+                passthrough.awaiting_ready = passthrough.awaiting_ready.saturating_sub(1);
                 if let Some(started) = self.started.take() {
                     held.node.stats.latency.observe(started.elapsed());
                 }
                 self.clock.query_started();
-                if self.awaiting_ready > 0 && self.clock.timeouts.query.get().is_some() {
+                if passthrough.awaiting_ready > 0 && self.clock.timeouts.query.get().is_some() {
                     // Pipelined requests: the next one runs from now on.
                     self.started = Some(Instant::now());
                 }
@@ -77,13 +78,13 @@ impl<H: ServerHandle> Core<H> {
                 } else {
                     ClientState::InTransaction
                 });
-                if self.awaiting_ready == 0 {
+                if passthrough.awaiting_ready == 0 {
                     // Nothing runs: a cancel request arriving now has nothing to
                     // cancel, as on the server itself. Forwarded, a late one (it
                     // takes a detour through the proxy) could hit the client's
                     // next statement instead.
                     self.cancel_slot.clear();
-                    self.cancel_armed = false;
+                    passthrough.cancel_armed = false;
                 }
             }
             msg::PARAMETER_STATUS => held.conn.state_mut().record_parameter(&frame),
@@ -106,6 +107,14 @@ impl<H: ServerHandle> Core<H> {
 
     /// Nothing is in flight on the session's server: no request unanswered, no COPY.
     pub(in crate::session) fn passthrough_idle(&self) -> bool {
-        self.awaiting_ready == 0 && self.tx_status.is_idle() && !self.copy_in
+        self.awaiting_ready() == 0 && self.tx_status.is_idle() && !self.copy_in
+    }
+
+    /// Session pooling: requests forwarded and not answered yet (0 otherwise).
+    pub(super) fn awaiting_ready(&self) -> usize {
+        match self.pooling {
+            Pooling::Session(passthrough) => passthrough.awaiting_ready,
+            Pooling::Transaction => 0,
+        }
     }
 }

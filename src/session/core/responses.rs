@@ -10,7 +10,7 @@ impl<H: ServerHandle> Core<H> {
     /// A server message, or a piece of a large one: large rows and COPY data go on in
     /// pieces (the core need not look inside them).
     pub(in crate::session) fn server_piece(&mut self, piece: Piece) -> Result<(), End> {
-        if self.session_mode {
+        if self.session_mode() {
             self.pass_server_piece(piece);
             return Ok(());
         }
@@ -372,7 +372,7 @@ impl<H: ServerHandle> Core<H> {
             if let Some(held) = self.server.as_mut() {
                 held.conn.state_mut().broken = true;
             }
-            if self.tx_status.is_idle() && self.pinned.is_none() && !self.session_mode {
+            if self.tx_status.is_idle() && self.pinned.is_none() && !self.session_mode() {
                 msg::error_response(&mut self.client_out, "ERROR", &fields.code, &fields.message);
                 return;
             }
@@ -384,7 +384,7 @@ impl<H: ServerHandle> Core<H> {
     /// message up to the next Sync, simple Queries and FunctionCalls included: what was
     /// sent behind the failed message gets no answer. If the client's Sync has not been
     /// sent yet, its messages up to that Sync are dropped here instead, as the server
-    /// would drop them (`server_skips_until_sync`), and the server stays held: it must
+    /// would drop them (`SkipToSync::OnServer`), and the server stays held: it must
     /// get that Sync before it answers anything again.
     fn abandon_group(&mut self) {
         self.copy_in = false;
@@ -394,7 +394,7 @@ impl<H: ServerHandle> Core<H> {
         let mut abandoned = Vec::new();
         loop {
             let Some(entry) = self.expect.front() else {
-                self.server_skips_until_sync = true;
+                self.skipping = SkipToSync::OnServer;
                 self.mid_batch = true;
                 break;
             };

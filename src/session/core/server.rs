@@ -72,15 +72,15 @@ impl<H: ServerHandle> Core<H> {
             || !self.tx_status.is_idle()
             || self.copy_in
             || self.mid_batch
-            || (self.session_mode && !self.passthrough_idle());
+            || (self.session_mode() && !self.passthrough_idle());
         if busy && !conn.state().broken {
             return Some(Leaving::Recover {
                 conn,
                 unsent: std::mem::take(&mut self.server_out),
-                in_flight: !self.expect.is_empty() || self.awaiting_ready > 0 || self.copy_in,
+                in_flight: !self.expect.is_empty() || self.awaiting_ready() > 0 || self.copy_in,
             });
         }
-        if self.pinned.is_some() || self.session_mode {
+        if self.pinned.is_some() || self.session_mode() {
             conn.state_mut().needs_reset = true;
         }
         Some(Leaving::Release(conn))
