@@ -160,7 +160,7 @@ async fn serve_connection(shared: Arc<Shared>, stream: TcpStream, peer: SocketAd
     // Taken before anything else, held until the task ends; a client over the limit
     // still gets its answer (after its startup packet, so that it can read it) and a
     // cancel request still works.
-    let seat = crate::session::limits::ClientLimits::connection(&shared);
+    let seat = crate::session::limits::ClientLimits::connection(&shared.sessions);
     let full = seat.as_ref().err().copied();
     // Boxed, as the console: the handshake's futures (TLS, authentication) are large
     // and short-lived, and a task keeps the space of its largest await point for the
@@ -168,13 +168,14 @@ async fn serve_connection(shared: Arc<Shared>, stream: TcpStream, peer: SocketAd
     // The admission is used up inside this block, before the session runs: a value
     // still in scope across an await would stay in the task.
     let session = {
-        let Some(admission) = Box::pin(crate::session::admit(&shared, stream, peer, full)).await
+        let Some(admission) =
+            Box::pin(crate::session::admit(&shared.sessions, stream, peer, full)).await
         else {
             return;
         };
         match admission {
             crate::session::Admission::Session(admitted) => {
-                crate::session::serve(shared, admitted, peer)
+                crate::session::serve(shared.sessions.clone(), admitted, peer)
             }
             crate::session::Admission::Console {
                 reader,

@@ -6,20 +6,15 @@
 
 use sha2::{Digest, Sha256};
 
+pub use crate::config::ADMIN_TOKEN_ENV as TOKEN_ENV;
 use crate::config::ProxySettings;
-
-/// The environment variable that holds the admin token (it wins over proxy.toml).
-pub const TOKEN_ENV: &str = "REPLICATOR_ADMIN_TOKEN";
 
 /// The largest request body the admin endpoints read (a node URI, nothing bigger).
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 
 /// The token requests must present: the environment's, else proxy.toml's.
 pub fn configured_token(proxy: &ProxySettings) -> Option<String> {
-    std::env::var(TOKEN_ENV)
-        .ok()
-        .filter(|t| !t.is_empty())
-        .or_else(|| Some(proxy.admin_token.clone()).filter(|t| !t.is_empty()))
+    proxy.admin_token()
 }
 
 /// What an endpoint asks of the caller.

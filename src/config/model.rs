@@ -173,7 +173,18 @@ pub enum ClientTls {
     Require,
 }
 
+/// The environment variable that holds the admin token (it wins over proxy.toml).
+pub const ADMIN_TOKEN_ENV: &str = "REPLICATOR_ADMIN_TOKEN";
+
 impl ProxySettings {
+    /// The token the admin endpoints require: the environment's, else proxy.toml's.
+    pub fn admin_token(&self) -> Option<String> {
+        std::env::var(ADMIN_TOKEN_ENV)
+            .ok()
+            .filter(|t| !t.is_empty())
+            .or_else(|| Some(self.admin_token.clone()).filter(|t| !t.is_empty()))
+    }
+
     /// The effective `client_tls`.
     pub fn client_tls(&self) -> ClientTls {
         match self.client_tls {

@@ -34,7 +34,7 @@ fn is_loopback_host(host: &str) -> bool {
 pub fn weak_setups(config: &Config, file_mode: Option<u32>) -> Vec<Warning> {
     let mut out = Vec::new();
     let proxy = &config.proxy;
-    let token = crate::admin::access::configured_token(proxy);
+    let token = proxy.admin_token();
     let tls = proxy.tls_cert_file.is_some() && proxy.client_tls() != ClientTls::Disable;
     if !proxy.admin_listen.is_empty() && !is_loopback_listen(&proxy.admin_listen) {
         if token.is_none() {

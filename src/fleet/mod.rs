@@ -393,3 +393,18 @@ impl Fleet {
         topology::publish_knowledge(self, project, knowledge).await;
     }
 }
+
+/// The fleet as the sessions see it.
+impl crate::session::Peers for Fleet {
+    fn writes_allowed(&self) -> Result<(), String> {
+        Fleet::writes_allowed(self)
+    }
+
+    fn forward_cancel<'a>(
+        &'a self,
+        pid: i32,
+        secret: i32,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send + 'a>> {
+        Box::pin(self.forward_cancel_elsewhere(pid, secret))
+    }
+}

@@ -15,7 +15,7 @@ use super::{HANDSHAKE_TIMEOUT, Session, limits};
 use crate::cluster::Project;
 use crate::protocol::messages as msg;
 use crate::protocol::{MAX_CLIENT_MESSAGE, MessageReader};
-use crate::state::Shared;
+use crate::session::Context;
 use crate::tls::stream::{ClientRead, ClientWrite};
 
 /// What a client that passed the handshake goes on to.
@@ -34,7 +34,7 @@ pub enum Admission {
 /// the future is: a future keeps its arguments for its whole life, and the client's
 /// task keeps the future for the client's.
 pub fn serve(
-    shared: Arc<Shared>,
+    shared: Arc<Context>,
     admitted: Admitted,
     peer: SocketAddr,
 ) -> impl std::future::Future<Output = ()> + Send {
@@ -60,7 +60,7 @@ pub struct Admitted {
 /// request and a refusal end here (None). `full`: the proxy is at max_client_conn (the
 /// client is refused after its startup packet).
 pub async fn admit(
-    shared: &Arc<Shared>,
+    shared: &Arc<Context>,
     stream: TcpStream,
     peer: SocketAddr,
     full: Option<usize>,
@@ -122,8 +122,8 @@ pub async fn admit(
             return None;
         }
         Ok(Ok(Startup::Cancel { pid, secret })) => {
-            if let Some(fleet) = &shared.fleet
-                && fleet.forward_cancel_elsewhere(pid, secret).await
+            if let Some(peers) = &shared.peers
+                && peers.forward_cancel(pid, secret).await
             {
                 return None;
             }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use crate::cluster::monitor::{Credentials, control_connection};
 use crate::protocol::auth::{ScramVerifier, Secret, is_md5_hash};
-use crate::state::Shared;
+use crate::session::Context;
 use crate::users::UserEntry;
 
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
@@ -35,7 +35,7 @@ impl AuthQueryCache {
     /// there is no `[auth]`, no such login, or it has no usable secret.
     pub async fn lookup(
         &self,
-        shared: &Shared,
+        shared: &Context,
         project: &str,
         name: &str,
     ) -> Result<Option<Arc<UserEntry>>, String> {

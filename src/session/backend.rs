@@ -67,8 +67,8 @@ impl Session {
                 .wait_for_primary(BackendError::Timeout("a switchover is in progress".into()))
                 .await;
         }
-        if let Some(fleet) = &self.core.shared.fleet
-            && let Err(reason) = fleet.writes_allowed()
+        if let Some(peers) = &self.core.shared.peers
+            && let Err(reason) = peers.writes_allowed()
         {
             return Box::pin(self.wait_for_primary(BackendError::Timeout(reason))).await;
         }
@@ -132,8 +132,8 @@ impl Session {
             {
                 continue;
             }
-            if let Some(fleet) = &self.core.shared.fleet
-                && let Err(reason) = fleet.writes_allowed()
+            if let Some(peers) = &self.core.shared.peers
+                && let Err(reason) = peers.writes_allowed()
             {
                 last = BackendError::Timeout(reason);
                 continue;

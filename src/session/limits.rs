@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use crate::state::Shared;
+use crate::session::Context;
 
 #[derive(Default)]
 pub struct ClientLimits {
@@ -44,7 +44,7 @@ pub enum Limit {
 }
 
 /// A connection's place under max_client_conn.
-pub struct ConnectionSeat(Arc<Shared>);
+pub struct ConnectionSeat(Arc<Context>);
 
 impl Drop for ConnectionSeat {
     fn drop(&mut self) {
@@ -67,7 +67,7 @@ impl Drop for LoginSeat {
 
 impl ClientLimits {
     /// A seat for a new connection, or the limit when the proxy is full.
-    pub fn connection(shared: &Arc<Shared>) -> Result<ConnectionSeat, usize> {
+    pub fn connection(shared: &Arc<Context>) -> Result<ConnectionSeat, usize> {
         let max = shared.config.load().proxy.max_client_conn;
         let limits = &shared.limits;
         let before = limits.connected.fetch_add(1, Ordering::Relaxed);
@@ -80,7 +80,7 @@ impl ClientLimits {
     }
 
     /// A seat for `user` in `project`, or the limit the login would exceed.
-    pub fn login(shared: &Arc<Shared>, project: &str, user: &str) -> Result<LoginSeat, Limit> {
+    pub fn login(shared: &Arc<Context>, project: &str, user: &str) -> Result<LoginSeat, Limit> {
         let config = shared.config.load();
         let project_max = config.projects.get(project).map_or(0, |p| p.max_clients);
         let user_max = config.user(user).map_or(0, |u| u.max_clients);

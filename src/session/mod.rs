@@ -19,6 +19,7 @@ pub mod auth_query;
 mod backend;
 pub mod cancel;
 pub mod clients;
+pub mod context;
 mod core;
 mod greet;
 pub mod limits;
@@ -28,6 +29,7 @@ mod timeouts;
 pub(crate) mod transaction;
 
 pub use admit::{Admission, Admitted, admit, serve};
+pub use context::{Context, Peers};
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -46,7 +48,6 @@ use crate::protocol::messages::{self as msg, TxStatus};
 use crate::protocol::settings;
 use crate::protocol::{MessageReader, STREAM_FRAME_OVER, spare};
 use crate::router::Route;
-use crate::state::Shared;
 use cancel::CancelSlot;
 use clients::ClientInfo;
 use startup::Login;
@@ -89,7 +90,7 @@ struct Registration {
 impl Session {
     /// Registers an admitted client (its cancel key, its entry behind SHOW CLIENTS) and
     /// makes its session.
-    fn start(shared: Arc<Shared>, admitted: Admitted, peer: SocketAddr) -> Session {
+    fn start(shared: Arc<Context>, admitted: Admitted, peer: SocketAddr) -> Session {
         let Admitted {
             reader,
             writer,
@@ -133,7 +134,7 @@ impl Session {
     }
 
     fn new(
-        shared: Arc<Shared>,
+        shared: Arc<Context>,
         client: MessageReader<ClientRead>,
         writer: ClientWrite,
         login: Login,

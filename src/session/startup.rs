@@ -12,7 +12,7 @@ use crate::config::{ClientTls, allow};
 use crate::protocol::auth::{Binding, ScramKeys, ScramServer, Secret, md5_response_matches};
 use crate::protocol::messages::{self as msg, Fields};
 use crate::protocol::{MessageReader, ProtocolError};
-use crate::state::Shared;
+use crate::session::Context;
 use crate::users::UserEntry;
 
 pub enum Startup {
@@ -52,7 +52,7 @@ impl From<ProtocolError> for Refusal {
 pub async fn handshake(
     reader: &mut MessageReader<ClientRead>,
     writer: &mut ClientWrite,
-    shared: &Shared,
+    shared: &Context,
     peer: SocketAddr,
     channel_binding: Option<&[u8]>,
     full: Option<usize>,

@@ -53,7 +53,7 @@ use crate::protocol::messages::{self as msg, TxStatus};
 use crate::protocol::settings::Settings;
 use crate::protocol::{Piece, ProtocolError, spare};
 use crate::router::{Decision, Route, SessionEffect, TxEffect};
-use crate::state::Shared;
+use crate::session::Context;
 use crate::users::UserEntry;
 use expect::{Expect, ExpectQueue};
 use pending::Pending;
@@ -245,7 +245,7 @@ pub(in crate::session) struct Held<H> {
 
 /// What the core starts from: the client's login, its project and its registrations.
 pub(in crate::session) struct CoreParts {
-    pub shared: Arc<Shared>,
+    pub shared: Arc<Context>,
     pub user: Arc<UserEntry>,
     pub project: Arc<Project>,
     pub startup_settings: Settings,
@@ -256,7 +256,7 @@ pub(in crate::session) struct CoreParts {
 }
 
 pub(in crate::session) struct Core<H> {
-    pub(super) shared: Arc<Shared>,
+    pub(super) shared: Arc<Context>,
     /// Bytes waiting to go to the client / to the server.
     pub(super) client_out: BytesMut,
     pub(super) server_out: BytesMut,

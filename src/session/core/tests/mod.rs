@@ -75,7 +75,7 @@ impl Drop for TestConn {
 
 struct Bed {
     core: Core<TestConn>,
-    shared: Arc<Shared>,
+    shared: Arc<Context>,
     idle: Idle,
     /// Every checkout the core asked for, with the node that served it.
     checkouts: Vec<(Checkout, String)>,
@@ -93,7 +93,8 @@ impl Bed {
         let config = Config::parse(text).expect("test config");
         let session_mode = config.proxy.pool_mode == crate::config::PoolMode::Session;
         let timeouts = Timeouts::from_settings(&config.proxy);
-        let shared = Shared::new(config, None, None, None);
+        let topology = crate::cluster::Topology::build(&config, None, None);
+        let shared = Arc::new(Context::new(config, topology, None, None));
         let project = shared.topology.load().projects["app"].clone();
         let user = shared.users.load().get("app").cloned().expect("user");
         let (_, _, cancel_slot) = shared.cancels.register();
