@@ -145,7 +145,11 @@ pub async fn reload(shared: &Arc<Shared>, trigger: &str) -> Result<String, Strin
         }
     };
     let old_topology = shared.topology.load_full();
-    let topology = Topology::build(&next, Some(&old_topology), shared.fleet.as_ref());
+    let topology = Topology::build(
+        &next,
+        Some(&old_topology),
+        crate::fleet::coordination(&shared.fleet),
+    );
     let summary = describe_changes(&old_topology, &topology);
     spawn_monitors(shared, &topology, &next);
     shared.users.store(Arc::new(users::from_config(&next)));

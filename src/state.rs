@@ -41,7 +41,7 @@ impl Shared {
         fleet: Option<Arc<crate::fleet::Fleet>>,
         tls: Option<Arc<crate::tls::ServerTls>>,
     ) -> Arc<Shared> {
-        let topology = Topology::build(&config, None, fleet.as_ref());
+        let topology = Topology::build(&config, None, crate::fleet::coordination(&fleet));
         let peers = fleet
             .clone()
             .map(|fleet| fleet as Arc<dyn crate::session::Peers>);

@@ -1,6 +1,7 @@
 //! The live topology: per project, its nodes (primary and replicas), their pools and
 //! health, and the choice of a node for a read.
 
+pub mod coordination;
 pub mod failover;
 pub mod health;
 pub mod monitor;
@@ -392,7 +393,7 @@ impl Topology {
     pub fn build(
         config: &Config,
         previous: Option<&Topology>,
-        fleet: Option<&Arc<crate::fleet::Fleet>>,
+        fleet: Option<Arc<dyn coordination::Coordination>>,
     ) -> Topology {
         let epoch = Instant::now();
         let mut projects = HashMap::new();
@@ -471,14 +472,14 @@ impl Topology {
                     write_wait: Duration::from_millis(config.failover.write_wait_ms),
                     credentials: control_credentials.clone(),
                     state_path: state_path.clone(),
-                    fleet: fleet.cloned(),
+                    fleet: fleet.clone(),
                 }),
                 retired: AtomicBool::new(false),
             });
             if let Some(old) = old_project {
                 project.failover.carry_counters(&old.failover);
             }
-            match fleet.and_then(|f| f.record(name)) {
+            match fleet.as_ref().and_then(|f| f.record(name)) {
                 Some(record) => state_file::assign_roles(&project, Some(&record), "etcd"),
                 None => state_file::assign_roles(
                     &project,

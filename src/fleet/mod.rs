@@ -66,16 +66,7 @@ pub struct Member {
     pub heartbeat: u64,
 }
 
-/// What the leader publishes for a successor: the primary's last position and each
-/// replica's lag when the primary was last seen.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-pub struct Knowledge {
-    pub leader: String,
-    pub primary_lsn: u64,
-    pub lag_ms: BTreeMap<String, u64>,
-    /// Seconds since the Unix epoch.
-    pub at: u64,
-}
+pub use crate::cluster::coordination::Knowledge;
 
 /// One row of SHOW FLEET.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -406,5 +397,61 @@ impl crate::session::Peers for Fleet {
         secret: i32,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send + 'a>> {
         Box::pin(self.forward_cancel_elsewhere(pid, secret))
+    }
+}
+
+/// The fleet, if there is one, as failover sees it.
+pub fn coordination(
+    fleet: &Option<Arc<Fleet>>,
+) -> Option<Arc<dyn crate::cluster::coordination::Coordination>> {
+    fleet
+        .clone()
+        .map(|fleet| fleet as Arc<dyn crate::cluster::coordination::Coordination>)
+}
+
+/// The fleet as failover sees it.
+impl crate::cluster::coordination::Coordination for Fleet {
+    fn is_leader(&self) -> bool {
+        Fleet::is_leader(self)
+    }
+
+    fn leader(&self) -> Option<String> {
+        Fleet::leader(self)
+    }
+
+    fn instance(&self) -> &str {
+        &self.settings.instance
+    }
+
+    fn record(&self, project: &str) -> Option<ProjectState> {
+        Fleet::record(self, project)
+    }
+
+    fn published_primary_lsn(&self, project: &str) -> Option<u64> {
+        Fleet::published_primary_lsn(self, project)
+    }
+
+    fn published_lag(&self, project: &str, node: &str) -> Option<u64> {
+        Fleet::published_lag(self, project, node)
+    }
+
+    fn swap_topology<'a>(
+        &'a self,
+        project: &'a str,
+        next: ProjectState,
+    ) -> crate::cluster::coordination::Pending<'a, Result<ProjectState, String>> {
+        Box::pin(Fleet::swap_topology(self, project, next))
+    }
+
+    fn cache_topology(&self, state_path: &std::path::Path, project: &str, stored: ProjectState) {
+        cache_topology(state_path, project, stored)
+    }
+
+    fn publish_knowledge<'a>(
+        &'a self,
+        project: &'a str,
+        knowledge: Knowledge,
+    ) -> crate::cluster::coordination::Pending<'a, ()> {
+        Box::pin(Fleet::publish_knowledge(self, project, knowledge))
     }
 }

@@ -42,7 +42,7 @@ pub struct FailoverSettings {
     pub credentials: Option<Credentials>,
     pub state_path: PathBuf,
     /// Fleet mode: decisions are the leader's, recorded in etcd.
-    pub fleet: Option<Arc<crate::fleet::Fleet>>,
+    pub fleet: Option<Arc<dyn crate::cluster::coordination::Coordination>>,
 }
 
 /// A project's failover machinery: settings, what it is doing, and its counters.
@@ -175,7 +175,7 @@ pub async fn after_checks(
         ),
         Some(fleet) => {
             if primary_reachable {
-                publish_knowledge(project, fleet).await;
+                publish_knowledge(project, fleet.as_ref()).await;
             }
             None
         }
@@ -267,7 +267,10 @@ pub async fn after_checks(
 
 /// The leader publishes what a successor needs to judge replicas the moment it takes
 /// over: the primary's last position and each replica's lag when it was last seen.
-async fn publish_knowledge(project: &Project, fleet: &crate::fleet::Fleet) {
+async fn publish_knowledge(
+    project: &Project,
+    fleet: &dyn crate::cluster::coordination::Coordination,
+) {
     let Some(primary) = project.primary() else {
         return;
     };
@@ -277,8 +280,8 @@ async fn publish_knowledge(project: &Project, fleet: &crate::fleet::Fleet) {
         .filter(|n| n.role() == super::NodeRole::Replica)
         .filter_map(|n| Some((n.name.clone(), n.health.lag_at_primary_seen_ms()?)))
         .collect();
-    let knowledge = crate::fleet::Knowledge {
-        leader: fleet.settings.instance.clone(),
+    let knowledge = crate::cluster::coordination::Knowledge {
+        leader: fleet.instance().to_string(),
         primary_lsn: primary.health.lsn(),
         lag_ms,
         at: super::state_file::now_secs(),

@@ -40,7 +40,7 @@ async fn record_decision(project: &Project, record: ProjectState) -> Result<(), 
         None => state_file::record(&settings.state_path, &project.name, record),
         Some(fleet) => {
             let stored = fleet.swap_topology(&project.name, record).await?;
-            crate::fleet::cache_topology(&settings.state_path, &project.name, stored);
+            fleet.cache_topology(&settings.state_path, &project.name, stored);
             Ok(())
         }
     }
