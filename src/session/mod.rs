@@ -51,7 +51,7 @@ use crate::router::Route;
 use cancel::CancelSlot;
 use clients::ClientInfo;
 use startup::Login;
-use timeouts::{Expired, Phase, Timeouts};
+use timeouts::{Expired, Phase, Timeouts, Timer};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long a closing session may take to hand its client the last messages.
@@ -76,6 +76,8 @@ struct Session {
     key: (i32, i32),
     /// Its place under the project's and the user's client limits.
     _login_seat: limits::LoginSeat,
+    /// The one timer of the session's timeouts (`core.clock` says when it is due).
+    timer: Timer,
 }
 
 /// How other parts of the proxy find this session: its cancel key and its entry in
@@ -167,6 +169,7 @@ impl Session {
             writer,
             key,
             _login_seat: login_seat,
+            timer: Timer::default(),
         }
     }
 
@@ -226,8 +229,8 @@ impl Session {
                 // write_ready could not write it all: the client's socket is full.
                 self.core.clock.client_write_waiting();
             }
-            self.core.clock.arm(self.core.started);
-            let timed = self.core.clock.is_armed();
+            self.timer.arm(self.core.clock.deadline(self.core.started));
+            let timed = self.timer.is_armed();
             let read_client = self.core.pending.len() < MAX_PENDING
                 && self.core.pending.bytes() < MAX_PENDING_BYTES
                 && self.core.server_out.len() < SERVER_OUT_LIMIT;
@@ -238,7 +241,7 @@ impl Session {
             let server = &mut self.core.server;
             let (client_out, server_out) = (&self.core.client_out, &self.core.server_out);
             let info = &self.core.info;
-            let clock = &mut self.core.clock;
+            let timer = &mut self.timer;
             let registered = &mut stop_registered;
             // One poll function over both sockets, the notices and the timer, rather
             // than a future per socket: the loop keeps no state between passes (an idle
@@ -274,7 +277,7 @@ impl Session {
                 if info.poll_notice(cx, registered).is_ready() {
                     return Poll::Ready(Event::Notice);
                 }
-                if timed && clock.poll_fired(cx).is_ready() {
+                if timed && timer.poll_fired(cx).is_ready() {
                     return Poll::Ready(Event::Timer);
                 }
                 Poll::Pending

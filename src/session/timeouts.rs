@@ -93,8 +93,50 @@ pub(super) struct SessionClock {
     write_stalled_since: Option<Instant>,
     /// The query now running was already cancelled once.
     query_cancelled: bool,
+}
+
+/// The session's one timer: armed at the clock's earliest deadline and only moved
+/// earlier (see the module comment). The shell keeps it; the clock in the core is
+/// plain state.
+#[derive(Default)]
+pub(super) struct Timer {
     sleep: Option<Pin<Box<Sleep>>>,
     armed: Option<Instant>,
+}
+
+impl Timer {
+    /// Arms the timer for `deadline` (from `SessionClock::deadline`): only ever earlier.
+    pub fn arm(&mut self, deadline: Option<Instant>) {
+        let Some(deadline) = deadline else {
+            return;
+        };
+        if self.armed.is_some_and(|armed| armed <= deadline) {
+            return;
+        }
+        self.armed = Some(deadline);
+        match self.sleep.as_mut() {
+            Some(sleep) => sleep.as_mut().reset(deadline),
+            None => self.sleep = Some(Box::pin(tokio::time::sleep_until(deadline))),
+        }
+    }
+
+    pub fn is_armed(&self) -> bool {
+        self.armed.is_some()
+    }
+
+    /// Ready when the armed deadline passes; disarms the timer then.
+    pub fn poll_fired(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let Some(sleep) = self.sleep.as_mut() else {
+            return Poll::Pending;
+        };
+        match sleep.as_mut().poll(cx) {
+            Poll::Ready(()) => {
+                self.armed = None;
+                Poll::Ready(())
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
 }
 
 impl SessionClock {
@@ -105,8 +147,6 @@ impl SessionClock {
             phase_since: None,
             write_stalled_since: None,
             query_cancelled: false,
-            sleep: None,
-            armed: None,
         }
     }
 
@@ -149,7 +189,7 @@ impl SessionClock {
 
     /// The earliest instant at which a timeout could run out, given the state;
     /// `query_since` is when the query now running was sent (None: none runs).
-    fn next_deadline(&self, query_since: Option<Instant>) -> Option<Instant> {
+    pub fn deadline(&self, query_since: Option<Instant>) -> Option<Instant> {
         let mut next: Option<Instant> = None;
         let mut consider = |at: Instant| {
             next = Some(next.map_or(at, |n| n.min(at)));
@@ -181,40 +221,6 @@ impl SessionClock {
             consider(since + limit);
         }
         next
-    }
-
-    /// Arms the timer for the state after an event: only ever earlier (see the module
-    /// comment).
-    pub fn arm(&mut self, query_since: Option<Instant>) {
-        let Some(deadline) = self.next_deadline(query_since) else {
-            return;
-        };
-        if self.armed.is_some_and(|armed| armed <= deadline) {
-            return;
-        }
-        self.armed = Some(deadline);
-        match self.sleep.as_mut() {
-            Some(sleep) => sleep.as_mut().reset(deadline),
-            None => self.sleep = Some(Box::pin(tokio::time::sleep_until(deadline))),
-        }
-    }
-
-    pub fn is_armed(&self) -> bool {
-        self.armed.is_some()
-    }
-
-    /// Ready when the armed deadline passes; disarms the timer then.
-    pub fn poll_fired(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        let Some(sleep) = self.sleep.as_mut() else {
-            return Poll::Pending;
-        };
-        match sleep.as_mut().poll(cx) {
-            Poll::Ready(()) => {
-                self.armed = None;
-                Poll::Ready(())
-            }
-            Poll::Pending => Poll::Pending,
-        }
     }
 
     /// The timeout that really ran out, if one did, after the timer fired.
@@ -280,12 +286,13 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn with_every_timeout_off_nothing_is_ever_armed() {
         let mut c = clock(Timeouts::default());
+        let mut t = Timer::default();
         for phase in [Phase::Busy, Phase::IdleInTransaction, Phase::Idle] {
             c.set_phase(phase);
             c.client_write_waiting();
-            c.arm(Some(Instant::now()));
-            assert!(!c.is_armed());
-            assert!(c.sleep.is_none());
+            t.arm(c.deadline(Some(Instant::now())));
+            assert!(!t.is_armed());
+            assert!(t.sleep.is_none());
         }
     }
 
@@ -296,10 +303,11 @@ mod tests {
             idle_transaction: Limit::ms(3000),
             ..Timeouts::default()
         });
+        let mut t = Timer::default();
         c.set_phase(Phase::Busy);
         c.set_phase(Phase::IdleInTransaction);
-        c.arm(None);
-        assert!(c.is_armed());
+        t.arm(c.deadline(None));
+        assert!(t.is_armed());
         tokio::time::advance(Duration::from_secs(2)).await;
         assert_eq!(c.expired(None), None);
         tokio::time::advance(Duration::from_secs(2)).await;
@@ -325,30 +333,31 @@ mod tests {
             client_write: Limit::ms(1000),
             ..Timeouts::default()
         });
+        let mut t = Timer::default();
         c.set_phase(Phase::Busy);
         let sent = Instant::now();
-        c.arm(Some(sent));
-        assert_eq!(c.armed, Some(Instant::now() + Duration::from_secs(5)));
+        t.arm(c.deadline(Some(sent)));
+        assert_eq!(t.armed, Some(Instant::now() + Duration::from_secs(5)));
         c.client_write_waiting();
-        c.arm(Some(sent));
-        assert_eq!(c.armed, Some(Instant::now() + Duration::from_secs(1)));
+        t.arm(c.deadline(Some(sent)));
+        assert_eq!(t.armed, Some(Instant::now() + Duration::from_secs(1)));
         // A later deadline leaves the timer where it is.
         tokio::time::advance(Duration::from_millis(500)).await;
         c.client_write_progressed();
         c.client_write_waiting();
-        c.arm(Some(sent));
+        t.arm(c.deadline(Some(sent)));
         assert_eq!(
-            c.armed,
+            t.armed,
             Some(Instant::now() + Duration::from_millis(500)),
             "not moved later"
         );
         // It fires; nothing ran out yet (the write progressed), and it is armed again.
-        std::future::poll_fn(|cx| c.poll_fired(cx)).await;
-        assert!(!c.is_armed());
+        std::future::poll_fn(|cx| t.poll_fired(cx)).await;
+        assert!(!t.is_armed());
         assert_eq!(c.expired(Some(sent)), None);
-        c.arm(Some(sent));
-        assert!(c.is_armed());
-        std::future::poll_fn(|cx| c.poll_fired(cx)).await;
+        t.arm(c.deadline(Some(sent)));
+        assert!(t.is_armed());
+        std::future::poll_fn(|cx| t.poll_fired(cx)).await;
         assert_eq!(
             c.expired(Some(sent)),
             Some(Expired::ClientWrite(Duration::from_secs(1)))
@@ -361,6 +370,7 @@ mod tests {
             query: Limit::ms(2000),
             ..Timeouts::default()
         });
+        let mut t = Timer::default();
         c.set_phase(Phase::Busy);
         let sent = Instant::now();
         tokio::time::advance(Duration::from_secs(3)).await;
@@ -370,8 +380,8 @@ mod tests {
         );
         c.query_cancel_sent();
         assert_eq!(c.expired(Some(sent)), None);
-        c.arm(Some(sent));
-        assert!(!c.is_armed(), "nothing left to time");
+        t.arm(c.deadline(Some(sent)));
+        assert!(!t.is_armed(), "nothing left to time");
         c.query_started();
         assert!(c.expired(Some(sent)).is_some());
     }
