@@ -52,6 +52,16 @@ pub fn frontend(data: &[u8]) {
 
 /// One client message's fields, read as the session reads them.
 fn decode_frontend(frame: &[u8]) {
+    // The same bytes as a server's message (its fields, and a row's first column).
+    match crate::protocol::backend::Backend::decode(frame) {
+        crate::protocol::backend::Backend::DataRow(row) => {
+            let _ = crate::protocol::backend::first_column(row);
+        }
+        crate::protocol::backend::Backend::Error(report) => {
+            let _ = report.to_string();
+        }
+        _ => {}
+    }
     match crate::protocol::frontend::Frontend::decode(frame) {
         Ok(crate::protocol::frontend::Frontend::Parse(parse)) => {
             let _ = parse.declares_no_types();

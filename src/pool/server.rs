@@ -140,11 +140,16 @@ impl ServerState {
         }
     }
 
+    /// Keeps the value a ParameterStatus frame reports.
     pub fn record_parameter(&mut self, frame: &[u8]) {
-        let mut f = Fields::of_frame(frame);
-        let (Ok(name), Ok(value)) = (f.cstr_bytes(), f.cstr_bytes()) else {
+        let crate::protocol::backend::Backend::ParameterStatus { name, value } =
+            crate::protocol::backend::Backend::decode(frame)
+        else {
             return;
         };
+        if name.is_empty() {
+            return;
+        }
         let name = String::from_utf8_lossy(name).into_owned();
         let value = String::from_utf8_lossy(value).into_owned();
         match self.params.iter_mut().find(|(n, _)| *n == name) {

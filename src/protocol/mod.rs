@@ -3,6 +3,7 @@
 
 pub mod auth;
 pub mod auth_policy;
+pub mod backend;
 pub mod framing;
 pub mod frontend;
 pub mod messages;

@@ -3,6 +3,7 @@
 //! its first ReadyForQuery, as from Postgres.
 
 use super::*;
+use crate::protocol::backend::Backend;
 
 /// Why applying a client's startup settings on a server failed.
 enum Greeting {
@@ -93,22 +94,21 @@ impl Session {
                 .read_frame()
                 .await
                 .map_err(|e| Greeting::ServerLost(e.to_string()))?;
-            match frame[0] {
-                msg::PARAMETER_STATUS => held.conn.record_parameter(&frame),
-                msg::ERROR_RESPONSE => {
-                    let fields = msg::parse_error_fields(&frame);
-                    if fields.severity == "FATAL" || fields.severity == "PANIC" {
-                        return Err(Greeting::ServerLost(fields.to_string()));
-                    }
+            match Backend::decode(&frame) {
+                Backend::ParameterStatus { .. } => held.conn.record_parameter(&frame),
+                Backend::Error(report) if report.is_fatal() => {
+                    return Err(Greeting::ServerLost(report.to_string()));
+                }
+                Backend::Error(report) => {
                     // An invalid startup parameter: Postgres refuses such a login too.
                     held.conn.needs_reset = true;
                     self.core.expect.clear();
-                    return Err(Greeting::Refused(End::Fatal {
-                        code: fields.code,
-                        message: fields.message,
-                    }));
+                    return Err(Greeting::Refused(End::fatal(
+                        report.code(),
+                        report.message(),
+                    )));
                 }
-                msg::READY_FOR_QUERY => {
+                Backend::ReadyForQuery(_) => {
                     self.core.expect.pop_front();
                 }
                 _ => {}

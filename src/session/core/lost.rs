@@ -13,9 +13,8 @@ impl<H: ServerHandle> Core<H> {
             .as_ref()
             .map(|h| h.node.name.clone())
             .unwrap_or_default();
-        if frame[0] == msg::ERROR_RESPONSE {
-            let fields = msg::parse_error_fields(&frame);
-            warn!(%node, "server sent an error outside any request: {fields}");
+        if let Backend::Error(report) = Backend::decode(&frame) {
+            warn!(%node, "server sent an error outside any request: {report}");
             if let Some(held) = self.server.as_mut() {
                 held.conn.state_mut().broken = true;
             }

@@ -61,9 +61,9 @@ impl<H: ServerHandle> Core<H> {
         else {
             return;
         };
-        match frame[0] {
-            msg::READY_FOR_QUERY => {
-                self.tx_status = TxStatus::of_ready_frame(&frame);
+        match Backend::decode(&frame) {
+            Backend::ReadyForQuery(status) => {
+                self.tx_status = status;
                 passthrough.awaiting_ready = passthrough.awaiting_ready.saturating_sub(1);
                 if let Some(started) = self.started.take() {
                     held.node.stats.latency.observe(started.elapsed());
@@ -87,17 +87,16 @@ impl<H: ServerHandle> Core<H> {
                     passthrough.cancel_armed = false;
                 }
             }
-            msg::PARAMETER_STATUS => held.conn.state_mut().record_parameter(&frame),
-            msg::COPY_IN_RESPONSE => self.copy_in = true,
-            msg::COMMAND_COMPLETE => self.copy_in = false,
-            msg::ERROR_RESPONSE => {
+            Backend::ParameterStatus { .. } => held.conn.state_mut().record_parameter(&frame),
+            Backend::Other(msg::COPY_IN_RESPONSE) => self.copy_in = true,
+            Backend::CommandComplete { .. } => self.copy_in = false,
+            Backend::Error(report) => {
                 self.copy_in = false;
-                let fields = msg::parse_error_fields(&frame);
-                if fields.severity == "FATAL" || fields.severity == "PANIC" {
+                if report.is_fatal() {
                     // The server ends the session; the client learns it from the
                     // server's own words, then from the closed connection.
                     held.conn.state_mut().broken = true;
-                    info!(node = %held.node.name, user = %self.user.name, "server ended the session: {fields}");
+                    info!(node = %held.node.name, user = %self.user.name, "server ended the session: {report}");
                 }
             }
             _ => {}

@@ -124,36 +124,39 @@ impl<H: ServerHandle> Core<H> {
         let Some(front) = self.expect.front() else {
             return self.unsolicited(frame);
         };
+        let message = Backend::decode(&frame);
         match front {
             Expect::Injected => {
-                if tag == msg::ERROR_RESPONSE {
-                    let fields = msg::parse_error_fields(&frame);
-                    warn!(user = %self.user.name, "restoring session settings failed: {fields}");
-                    msg::notice_response(
-                        &mut self.client_out,
-                        "01000",
-                        &format!(
-                            "replicator could not restore a session setting: {}",
-                            fields.message
-                        ),
-                    );
-                } else if tag == msg::READY_FOR_QUERY {
-                    self.expect.pop_front();
+                match message {
+                    Backend::Error(report) => {
+                        warn!(user = %self.user.name, "restoring session settings failed: {report}");
+                        msg::notice_response(
+                            &mut self.client_out,
+                            "01000",
+                            &format!(
+                                "replicator could not restore a session setting: {}",
+                                report.message()
+                            ),
+                        );
+                    }
+                    Backend::ReadyForQuery(_) => {
+                        self.expect.pop_front();
+                    }
+                    _ => {}
                 }
                 return Ok(());
             }
             Expect::CommitLsn => {
-                match tag {
-                    msg::DATA_ROW => {
-                        self.commit_lsn = msg::first_column(&frame)
+                match message {
+                    Backend::DataRow(row) => {
+                        self.commit_lsn = backend::first_column(row)
                             .and_then(|v| std::str::from_utf8(v).ok())
                             .and_then(health::parse_lsn);
                     }
-                    msg::READY_FOR_QUERY => {
+                    Backend::ReadyForQuery(status) => {
                         self.expect.pop_front();
                         // Valid only if it ran outside a transaction, i.e. after the
                         // commit; otherwise the next idle ReadyForQuery asks again.
-                        let status = TxStatus::of_ready_frame(&frame);
                         match self.commit_lsn.take() {
                             Some(lsn) if status.is_idle() => self.min_lsn = self.min_lsn.max(lsn),
                             _ => self.wrote = true,
@@ -166,11 +169,12 @@ impl<H: ServerHandle> Core<H> {
                 return Ok(());
             }
             Expect::DeferredBegin => {
-                if tag == msg::ERROR_RESPONSE {
-                    return Err(self.deferred_begin_refused(&frame));
-                }
-                if tag == msg::COMMAND_COMPLETE {
-                    self.expect.pop_front();
+                match message {
+                    Backend::Error(report) => return Err(self.deferred_begin_refused(&report)),
+                    Backend::CommandComplete { .. } => {
+                        self.expect.pop_front();
+                    }
+                    _ => {}
                 }
                 return Ok(());
             }
@@ -185,36 +189,38 @@ impl<H: ServerHandle> Core<H> {
             _ => {}
         }
         if let Some(reparse) = self.reparse.take() {
-            if tag == msg::ERROR_RESPONSE && msg::parse_error_fields(&frame).code == "0A000" {
+            if let Backend::Error(report) = message
+                && report.code == b"0A000"
+            {
                 self.send_again_with_parse(*reparse);
                 return Ok(());
             }
             // Answered: nothing to send again.
             drop(reparse);
         }
-        if tag == msg::ERROR_RESPONSE && self.replay.is_some() {
-            let fields = msg::parse_error_fields(&frame);
-            if fields.severity == "FATAL" || fields.severity == "PANIC" {
-                // The server is going away before answering a read: try another node.
-                return self.server_lost(&fields.to_string());
-            }
+        if let Backend::Error(report) = message
+            && report.is_fatal()
+            && self.replay.is_some()
+        {
+            // The server is going away before answering a read: try another node.
+            return self.server_lost(&report.to_string());
         }
-        if tag == msg::ERROR_RESPONSE {
+        if let Backend::Error(report) = message {
             let survives = front.survives_error();
             let duplicate = match front {
                 Expect::ParseDuplicate(name) => Some(name.clone()),
                 _ => None,
             };
-            if !self.group_named.is_empty() && msg::parse_error_fields(&frame).code == "0A000" {
+            if !self.group_named.is_empty() && report.code == b"0A000" {
                 self.retire_refused_statements();
             }
             self.forget_server_unnamed();
             match duplicate {
-                Some(name) if msg::parse_error_fields(&frame).code == "42P05" => {
+                Some(name) if report.code == b"42P05" => {
                     let message = format!("prepared statement \"{name}\" already exists");
                     msg::error_response(&mut self.client_out, "ERROR", "42P05", &message);
                 }
-                _ => self.forward_error(&frame),
+                _ => self.forward_error(&frame, &report),
             }
             self.group_error = true;
             if !survives {
@@ -225,8 +231,8 @@ impl<H: ServerHandle> Core<H> {
         let ends = front.ends_with(tag);
         let in_execute = matches!(front, Expect::Execute);
         self.client_out.extend_from_slice(&frame);
-        match tag {
-            msg::COPY_IN_RESPONSE => {
+        match message {
+            Backend::Other(msg::COPY_IN_RESPONSE) => {
                 self.copy_in = true;
                 if in_execute {
                     // Extended protocol: the server ignores a Sync that reaches it during
@@ -251,9 +257,9 @@ impl<H: ServerHandle> Core<H> {
                     }
                 }
             }
-            msg::COMMAND_COMPLETE => {
+            Backend::CommandComplete { tag: command } => {
                 self.copy_in = false;
-                match msg::command_tag(&frame) {
+                match command {
                     b"ROLLBACK" => self.saw_rollback = true,
                     b"DEALLOCATE ALL" | b"DISCARD ALL" => self.statements_deallocated(true),
                     b"DEALLOCATE" => self.statements_deallocated(false),
@@ -268,8 +274,7 @@ impl<H: ServerHandle> Core<H> {
         if ends {
             let entry = self.expect.pop_front();
             self.emit_synthetics();
-            if tag == msg::READY_FOR_QUERY {
-                let status = TxStatus::of_ready_frame(&frame);
+            if let Backend::ReadyForQuery(status) = message {
                 let effects = match entry {
                     Some(Expect::Ready { effects, .. }) => effects,
                     _ => Vec::new(),
@@ -303,8 +308,7 @@ impl<H: ServerHandle> Core<H> {
     /// server, so this is a server in trouble). The client was told its transaction
     /// started; the server skipped its statements, so nothing of it ran. The session
     /// ends, as when a server is lost inside a transaction.
-    fn deferred_begin_refused(&mut self, frame: &[u8]) -> End {
-        let fields = msg::parse_error_fields(frame);
+    fn deferred_begin_refused(&mut self, report: &Report) -> End {
         let node = match self.server.as_mut() {
             Some(held) => {
                 held.conn.state_mut().broken = true;
@@ -312,12 +316,12 @@ impl<H: ServerHandle> Core<H> {
             }
             None => String::new(),
         };
-        warn!(%node, user = %self.user.name, "server refused a deferred BEGIN: {fields}");
+        warn!(%node, user = %self.user.name, "server refused a deferred BEGIN: {report}");
         End::fatal(
             "08006",
             format!(
                 "server \"{node}\" could not start the transaction: {}; none of its statements ran",
-                fields.message
+                report.message()
             ),
         )
     }
@@ -366,14 +370,18 @@ impl<H: ServerHandle> Core<H> {
     /// Forwards a server error. A FATAL one means the server is about to close this
     /// connection; when the client's session does not depend on that server it carries
     /// on elsewhere, so it gets the error as a plain ERROR.
-    fn forward_error(&mut self, frame: &[u8]) {
-        let fields = msg::parse_error_fields(frame);
-        if fields.severity == "FATAL" || fields.severity == "PANIC" {
+    fn forward_error(&mut self, frame: &[u8], report: &Report) {
+        if report.is_fatal() {
             if let Some(held) = self.server.as_mut() {
                 held.conn.state_mut().broken = true;
             }
             if self.tx_status.is_idle() && self.pinned.is_none() && !self.session_mode() {
-                msg::error_response(&mut self.client_out, "ERROR", &fields.code, &fields.message);
+                msg::error_response(
+                    &mut self.client_out,
+                    "ERROR",
+                    report.code(),
+                    &report.message(),
+                );
                 return;
             }
         }
