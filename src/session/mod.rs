@@ -68,6 +68,26 @@ const WRITE_WAIT_POLL: Duration = Duration::from_millis(50);
 /// How often a read waiting for a replica to catch up (causal_wait_ms) asks it again.
 const CAUSAL_POLL: Duration = Duration::from_millis(1);
 
+/// What woke the session.
+enum Event {
+    Client(std::io::Result<usize>),
+    Server(std::io::Result<usize>),
+    ClientWrote(std::io::Result<Sent>),
+    ServerWrote(std::io::Result<Sent>),
+    /// A stop or a reload.
+    Notice,
+    Timer,
+}
+
+/// What the session waits for in one pass of its loop.
+#[derive(Clone, Copy)]
+struct Wants {
+    read_client: bool,
+    read_server: bool,
+    flush_client: bool,
+    timed: bool,
+}
+
 struct Session {
     core: Core<Pooled>,
     client: MessageReader<ClientRead>,
@@ -208,15 +228,6 @@ impl Session {
                 // A failed write to the server sent a read back to the queue.
                 continue;
             }
-            enum Event {
-                Client(std::io::Result<usize>),
-                Server(std::io::Result<usize>),
-                ClientWrote(std::io::Result<Sent>),
-                ServerWrote(std::io::Result<Sent>),
-                /// A stop or a reload.
-                Notice,
-                Timer,
-            }
             let phase = self.core.phase();
             if phase == Phase::Idle {
                 self.park_buffers();
@@ -236,53 +247,17 @@ impl Session {
                 && self.core.server_out.len() < SERVER_OUT_LIMIT;
             let read_server = self.core.client_out.len() < CLIENT_OUT_LIMIT;
             let flush_client = self.writer.has_unflushed();
-            let client = &mut self.client;
-            let writer = &mut self.writer;
-            let server = &mut self.core.server;
-            let (client_out, server_out) = (&self.core.client_out, &self.core.server_out);
-            let info = &self.core.info;
-            let timer = &mut self.timer;
+            let wants = Wants {
+                read_client,
+                read_server,
+                flush_client,
+                timed,
+            };
+            // The poll function holds one reference to the session (and the notice's
+            // registration flag): it is kept in the task while the session waits.
+            let this = &mut *self;
             let registered = &mut stop_registered;
-            // One poll function over both sockets, the notices and the timer, rather
-            // than a future per socket: the loop keeps no state between passes (an idle
-            // client's task stays small). The order is fixed: it does not matter for
-            // fairness here (one client, one server). Writes come first, so that what
-            // is ready goes out before more is read; each side is read only while what
-            // waits for the other side is below its limit. Notices (a shutdown, a
-            // reload, the end of the shutdown's grace period) and the session's timer
-            // come last.
-            let event = std::future::poll_fn(|cx| {
-                if let Some(held) = server.as_mut() {
-                    let conn = &mut *held.conn;
-                    if (!server_out.is_empty() || conn.writer.has_unflushed())
-                        && let Poll::Ready(r) = conn.writer.poll_send(cx, server_out)
-                    {
-                        return Poll::Ready(Event::ServerWrote(r));
-                    }
-                }
-                if (!client_out.is_empty() || flush_client)
-                    && let Poll::Ready(r) = writer.poll_send(cx, client_out)
-                {
-                    return Poll::Ready(Event::ClientWrote(r));
-                }
-                if let Some(held) = server.as_mut()
-                    && read_server
-                    && let Poll::Ready(r) = held.conn.reader.poll_fill(cx)
-                {
-                    return Poll::Ready(Event::Server(r));
-                }
-                if read_client && let Poll::Ready(r) = client.poll_fill_when_ready(cx) {
-                    return Poll::Ready(Event::Client(r));
-                }
-                if info.poll_notice(cx, registered).is_ready() {
-                    return Poll::Ready(Event::Notice);
-                }
-                if timed && timer.poll_fired(cx).is_ready() {
-                    return Poll::Ready(Event::Timer);
-                }
-                Poll::Pending
-            })
-            .await;
+            let event = std::future::poll_fn(|cx| this.poll_event(cx, wants, registered)).await;
             match event {
                 Event::Client(Ok(0)) => return Err(End::ClientGone),
                 Event::Client(Err(e)) => return Err(End::ClientIo(e)),
@@ -332,6 +307,53 @@ impl Session {
                 ));
             }
         }
+    }
+
+    /// One poll over both sockets, the notices and the timer, rather than a future per
+    /// socket: the loop keeps no state between passes (an idle client's task stays
+    /// small). The order is fixed: it does not matter for fairness here (one client,
+    /// one server). Writes come first, so that what is ready goes out before more is
+    /// read; each side is read only while what waits for the other side is below its
+    /// limit. Notices (a shutdown, a reload, the end of the shutdown's grace period)
+    /// and the session's timer come last.
+    fn poll_event(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        wants: Wants,
+        registered: &mut bool,
+    ) -> Poll<Event> {
+        let core = &mut self.core;
+        if let Some(held) = core.server.as_mut() {
+            let conn = &mut *held.conn;
+            if (!core.server_out.is_empty() || conn.writer.has_unflushed())
+                && let Poll::Ready(r) = conn.writer.poll_send(cx, &core.server_out)
+            {
+                return Poll::Ready(Event::ServerWrote(r));
+            }
+        }
+        if (!core.client_out.is_empty() || wants.flush_client)
+            && let Poll::Ready(r) = self.writer.poll_send(cx, &core.client_out)
+        {
+            return Poll::Ready(Event::ClientWrote(r));
+        }
+        if let Some(held) = core.server.as_mut()
+            && wants.read_server
+            && let Poll::Ready(r) = held.conn.reader.poll_fill(cx)
+        {
+            return Poll::Ready(Event::Server(r));
+        }
+        if wants.read_client
+            && let Poll::Ready(r) = self.client.poll_fill_when_ready(cx)
+        {
+            return Poll::Ready(Event::Client(r));
+        }
+        if core.info.poll_notice(cx, registered).is_ready() {
+            return Poll::Ready(Event::Notice);
+        }
+        if wants.timed && self.timer.poll_fired(cx).is_ready() {
+            return Poll::Ready(Event::Timer);
+        }
+        Poll::Pending
     }
 
     /// Between requests the session lends its empty buffers back (see
