@@ -33,16 +33,20 @@ pub enum Admission {
 /// The session of an admitted client, then its cleanup. The session is built before
 /// the future is: a future keeps its arguments for its whole life, and the client's
 /// task keeps the future for the client's.
-pub fn serve(
+/// `guard` is kept until the session has ended (the client's place under
+/// `max_client_conn`).
+pub fn serve<G: Send + 'static>(
     shared: Arc<Context>,
     admitted: Admitted,
     peer: SocketAddr,
+    guard: G,
 ) -> impl std::future::Future<Output = ()> + Send {
     let mut session = Session::start(shared, admitted, peer);
     async move {
         let end = session.run().await;
         Box::pin(session.finish(end)).await;
         session.leave();
+        drop(guard);
     }
 }
 

@@ -42,7 +42,7 @@ impl Session {
                         held.conn.broken = true;
                     }
                     self.core.release();
-                    self.core.expect.clear();
+                    self.core.flight.expect.clear();
                     self.core.server_out.clear();
                     if attempt >= 3 {
                         return Err(End::fatal("08006", reason));
@@ -87,7 +87,7 @@ impl Session {
             .await
             .map_err(|e| Greeting::ServerLost(e.to_string()))?;
         self.core.server_out.clear();
-        while !self.core.expect.is_empty() {
+        while !self.core.flight.expect.is_empty() {
             let frame = held
                 .conn
                 .reader
@@ -102,14 +102,14 @@ impl Session {
                 Backend::Error(report) => {
                     // An invalid startup parameter: Postgres refuses such a login too.
                     held.conn.needs_reset = true;
-                    self.core.expect.clear();
+                    self.core.flight.expect.clear();
                     return Err(Greeting::Refused(End::fatal(
                         report.code(),
                         report.message(),
                     )));
                 }
                 Backend::ReadyForQuery(_) => {
-                    self.core.expect.pop_front();
+                    self.core.flight.expect.pop_front();
                 }
                 _ => {}
             }

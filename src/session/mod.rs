@@ -204,7 +204,7 @@ impl Session {
         // after each notice (a wake uses the registration up).
         let mut stop_registered = false;
         loop {
-            if !self.core.pending.is_empty() {
+            if !self.core.flight.pending.is_empty() {
                 // (Each in its own statement: a temporary of a statement with an
                 // await, a `while let`'s scrutinee among them, would keep its place in
                 // the task across the await.)
@@ -240,10 +240,11 @@ impl Session {
                 // write_ready could not write it all: the client's socket is full.
                 self.core.clock.client_write_waiting();
             }
-            self.timer.arm(self.core.clock.deadline(self.core.started));
+            self.timer
+                .arm(self.core.clock.deadline(self.core.flight.started));
             let timed = self.timer.is_armed();
-            let read_client = self.core.pending.len() < MAX_PENDING
-                && self.core.pending.bytes() < MAX_PENDING_BYTES
+            let read_client = self.core.flight.pending.len() < MAX_PENDING
+                && self.core.flight.pending.bytes() < MAX_PENDING_BYTES
                 && self.core.server_out.len() < SERVER_OUT_LIMIT;
             let read_server = self.core.client_out.len() < CLIENT_OUT_LIMIT;
             let flush_client = self.writer.has_unflushed();
@@ -299,7 +300,7 @@ impl Session {
             // is worked out only then: it is not free, and this runs every pass.)
             if self.core.info.stop_requested()
                 && self.core.phase() == Phase::Idle
-                && self.core.pending.is_empty()
+                && self.core.flight.pending.is_empty()
             {
                 return Err(End::fatal(
                     "57P01",
@@ -366,7 +367,7 @@ impl Session {
 
     /// The session's timer fired: act on the timeout that ran out, if one did.
     async fn on_timer(&mut self) -> Result<(), End> {
-        let Some(expired) = self.core.clock.expired(self.core.started) else {
+        let Some(expired) = self.core.clock.expired(self.core.flight.started) else {
             return Ok(());
         };
         let counters = &self.core.shared.limits.timeouts;
@@ -572,7 +573,7 @@ mod task_size {
     #[test]
     fn a_session_stays_small() {
         let session = std::mem::size_of::<Session>();
-        assert!(session <= 800, "a session takes {session} bytes");
+        assert!(session <= 520, "a session takes {session} bytes");
     }
 
     use super::*;

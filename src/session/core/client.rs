@@ -10,14 +10,14 @@ impl<H: ServerHandle> Core<H> {
     /// in flight are among them, those reads can no longer be replayed elsewhere.
     pub(in crate::session) fn client_wrote(&mut self, n: usize) {
         self.clock.client_write_progressed();
-        if let Some(replay) = self.replay.as_mut() {
+        if let Some(replay) = self.flight.replay.as_mut() {
             if n > replay.client_mark {
                 self.forget_replay();
             } else {
                 replay.client_mark -= n;
             }
         }
-        if let Some(reparse) = self.reparse.as_mut() {
+        if let Some(reparse) = self.flight.reparse.as_mut() {
             reparse.client_mark = reparse.client_mark.saturating_sub(n);
         }
         consume(&mut self.client_out, n);
@@ -28,7 +28,7 @@ impl<H: ServerHandle> Core<H> {
     /// straight to the held server. The core need not look inside those.
     pub(in crate::session) fn streams_client(&self, tag: u8) -> bool {
         self.session_mode()
-            || (tag == msg::COPY_DATA && self.pending.is_empty() && self.server.is_some())
+            || (tag == msg::COPY_DATA && self.flight.pending.is_empty() && self.server.is_some())
     }
 
     /// A client message, or a piece of a large one (see `streams_client`).
@@ -69,7 +69,7 @@ impl<H: ServerHandle> Core<H> {
             // session would hang behind it.
             return Err(malformed_message(frame[0]));
         }
-        if is_copy_frame(&frame) && self.pending.is_empty() {
+        if is_copy_frame(&frame) && self.flight.pending.is_empty() {
             self.forward_copy_frame(&frame);
             return Ok(());
         }
@@ -89,7 +89,7 @@ impl<H: ServerHandle> Core<H> {
             | msg::COPY_FAIL => {}
             other => return Err(invalid_message(other)),
         }
-        self.pending.push_back(frame);
+        self.flight.pending.push_back(frame);
         Ok(())
     }
 
@@ -107,14 +107,14 @@ impl<H: ServerHandle> Core<H> {
 
     /// Marks where the client's CopyDone or CopyFail went, among the answers expected.
     pub(super) fn note_copy_end(&mut self, tag: u8) {
-        if matches!(tag, msg::COPY_DONE | msg::COPY_FAIL) && !self.expect.is_empty() {
-            self.expect.push_back(Expect::CopyEnd);
+        if matches!(tag, msg::COPY_DONE | msg::COPY_FAIL) && !self.flight.expect.is_empty() {
+            self.flight.expect.push_back(Expect::CopyEnd);
         }
     }
 
     /// Number of pending messages that form the next complete unit.
     pub(in crate::session) fn next_unit_len(&self) -> Option<usize> {
-        let end = self.pending.iter().position(|f| {
+        let end = self.flight.pending.iter().position(|f| {
             matches!(
                 f[0],
                 msg::SYNC | msg::QUERY | msg::FUNCTION_CALL | msg::FLUSH
@@ -122,10 +122,10 @@ impl<H: ServerHandle> Core<H> {
         });
         match end {
             Some(i) => Some(i + 1),
-            None if self.pending.len() >= PARTIAL_UNIT
-                || self.pending.bytes() >= PARTIAL_UNIT_BYTES =>
+            None if self.flight.pending.len() >= PARTIAL_UNIT
+                || self.flight.pending.bytes() >= PARTIAL_UNIT_BYTES =>
             {
-                Some(self.pending.len())
+                Some(self.flight.pending.len())
             }
             None => None,
         }

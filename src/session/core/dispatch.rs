@@ -19,30 +19,35 @@ impl<H: ServerHandle> Core<H> {
             match self.skipping {
                 SkipToSync::No => {}
                 SkipToSync::Here => {
-                    while let Some(frame) = self.pending.pop_front() {
+                    while let Some(frame) = self.flight.pending.pop_front() {
                         if frame[0] == msg::SYNC {
                             self.skipping = SkipToSync::No;
-                            self.deallocated_in_stretch = None;
+                            self.flight.deallocated_in_stretch = None;
                             msg::ready_for_query(&mut self.client_out, self.tx_status);
                             break;
                         }
                     }
                 }
                 SkipToSync::OnServer => {
-                    while let Some(frame) = self.pending.front() {
+                    while let Some(frame) = self.flight.pending.front() {
                         if frame[0] == msg::SYNC {
                             self.skipping = SkipToSync::No;
                             break;
                         }
-                        self.pending.pop_front();
+                        self.flight.pending.pop_front();
                     }
                 }
             }
             if self.skipping != SkipToSync::No {
                 return Ok(None);
             }
-            while self.pending.front().is_some_and(|f| is_copy_frame(f)) {
-                if let Some(frame) = self.pending.pop_front() {
+            while self
+                .flight
+                .pending
+                .front()
+                .is_some_and(|f| is_copy_frame(f))
+            {
+                if let Some(frame) = self.flight.pending.pop_front() {
                     self.forward_copy_frame(&frame);
                 }
             }
@@ -54,11 +59,11 @@ impl<H: ServerHandle> Core<H> {
                 return Ok(None);
             };
             let mut unit = spare::take_vec(&SPARE_UNITS);
-            self.pending.take_front(len, &mut unit);
+            self.flight.pending.take_front(len, &mut unit);
             match self.dispatch(unit)? {
                 Dispatch::Done => {}
                 Dispatch::Later(unit) => {
-                    self.pending.put_back(unit);
+                    self.flight.pending.put_back(unit);
                     return Ok(None);
                 }
                 Dispatch::NeedServer(planned) => return Ok(Some(planned)),
@@ -151,8 +156,8 @@ impl<H: ServerHandle> Core<H> {
         let Some(name) = statements::deallocate_target(sql) else {
             return Deallocate::NotHere;
         };
-        if !self.expect.is_empty() {
-            return if self.statements.contains_key(&name) || self.expect.uncertain() {
+        if !self.flight.expect.is_empty() {
+            return if self.statements.contains_key(&name) || self.flight.expect.uncertain() {
                 Deallocate::Wait
             } else {
                 Deallocate::NotHere
@@ -179,17 +184,17 @@ impl<H: ServerHandle> Core<H> {
         decision: &Decision,
         parsed: &[Arc<PreparedStatement>],
     ) -> bool {
-        if !self.expect.is_empty() || self.server.is_some() {
+        if !self.flight.expect.is_empty() || self.server.is_some() {
             return false;
         }
-        if let Some(begin) = &self.deferred_begin {
+        if let Some(begin) = &self.flight.deferred_begin {
             if let Some(lone) = transaction::lone_statement(unit)
                 && let Some(end) = transaction::plain_end(lone.sql)
             {
                 // Postgres reports the end of an aborted transaction as a rollback.
                 let tag = if begin.aborted { "ROLLBACK" } else { end.tag() };
                 transaction::answer(&mut self.client_out, lone.extended, tag, TxStatus::Idle);
-                self.deferred_begin = None;
+                self.flight.deferred_begin = None;
                 self.tx_status = TxStatus::Idle;
                 self.info.set_state(ClientState::Idle);
                 self.note_unnamed(lone.extended, parsed);
@@ -225,7 +230,7 @@ impl<H: ServerHandle> Core<H> {
         sql.truncate(sql_len);
         debug!(user = %self.user.name, "BEGIN answered by the proxy; sent with the first statement");
         transaction::answer(&mut self.client_out, extended, tag, TxStatus::InBlock);
-        self.deferred_begin = Some(Box::new(DeferredBegin {
+        self.flight.deferred_begin = Some(Box::new(DeferredBegin {
             sql,
             route: decision.route,
             aborted: false,
@@ -253,7 +258,7 @@ impl<H: ServerHandle> Core<H> {
     /// skip everything up to a Sync (a simple query included) rather than run the
     /// client's statements outside a transaction, and it sends the error at once.
     pub(super) fn send_deferred_begin(&mut self) {
-        let Some(begin) = self.deferred_begin.take() else {
+        let Some(begin) = self.flight.deferred_begin.take() else {
             return;
         };
         msg::run_unnamed(&mut self.server_out, &begin.sql);
@@ -272,7 +277,7 @@ impl<H: ServerHandle> Core<H> {
             }
             return Ok(Dispatch::Done);
         }
-        if self.expect.uncertain() && requests::relies_on_statements(&unit) {
+        if self.flight.expect.uncertain() && requests::relies_on_statements(&unit) {
             // What its statement names mean depends on an answer still to come.
             return Ok(Dispatch::Later(unit));
         }
@@ -297,7 +302,7 @@ impl<H: ServerHandle> Core<H> {
             return Ok(Dispatch::Done);
         }
         // A deferred BEGIN decides where its transaction runs, as it would have sent it.
-        let mut route = match &self.deferred_begin {
+        let mut route = match &self.flight.deferred_begin {
             Some(begin) => begin.route,
             None => decision.route,
         };
@@ -314,7 +319,11 @@ impl<H: ServerHandle> Core<H> {
                     && (held.conn.state().broken
                         || (route == Route::Primary && held.node.role() != NodeRole::Primary)
                         || (route == Route::Replica
-                            && self.expect.iter().any(|e| matches!(e, Expect::CommitLsn)))) =>
+                            && self
+                                .flight
+                                .expect
+                                .iter()
+                                .any(|e| matches!(e, Expect::CommitLsn)))) =>
             {
                 return Ok(Dispatch::Later(unit));
             }
@@ -322,7 +331,7 @@ impl<H: ServerHandle> Core<H> {
             None => {
                 let checkout = Checkout {
                     route,
-                    hinted: decision.hinted && self.deferred_begin.is_none(),
+                    hinted: decision.hinted && self.flight.deferred_begin.is_none(),
                     executes: unit
                         .iter()
                         .any(|f| matches!(f[0], msg::QUERY | msg::EXECUTE | msg::FUNCTION_CALL)),
@@ -357,7 +366,7 @@ impl<H: ServerHandle> Core<H> {
         let Planned {
             unit, mut parsed, ..
         } = planned;
-        if let Some(begin) = self.deferred_begin.as_mut() {
+        if let Some(begin) = self.flight.deferred_begin.as_mut() {
             begin.aborted = true;
             self.tx_status = TxStatus::Failed;
         }
@@ -390,7 +399,7 @@ impl<H: ServerHandle> Core<H> {
             self.pinned = Some(reason);
             self.info.set_pinned(reason);
         }
-        let fresh_server = self.expect.is_empty();
+        let fresh_server = self.flight.expect.is_empty();
         if let Some(held) = &self.server {
             let counter = if route == Route::Primary {
                 &held.node.stats.writes
@@ -406,8 +415,8 @@ impl<H: ServerHandle> Core<H> {
                 self.wrote = true;
             }
         }
-        if self.started.is_none() {
-            self.started = Some(Instant::now());
+        if self.flight.started.is_none() {
+            self.flight.started = Some(Instant::now());
             self.clock.query_started();
         }
         self.info.set_state(ClientState::Active);
@@ -421,7 +430,7 @@ impl<H: ServerHandle> Core<H> {
         let idle_before = self.tx_status.is_idle();
         self.skipped_parse = false;
         if fresh_server {
-            self.group_named.clear();
+            self.flight.group_named.clear();
         }
         let mut statements = parsed.drain(..);
         for frame in &unit {
@@ -438,10 +447,10 @@ impl<H: ServerHandle> Core<H> {
             && fresh_server
             && idle_before
             && matches!(unit.last().map(|f| f[0]), Some(msg::SYNC));
-        self.reparse = None;
+        self.flight.reparse = None;
         // Answers the proxy gives itself wait for the server's first answer, unless the
         // server owes nothing.
-        if self.expect.iter().all(Expect::is_local) {
+        if self.flight.expect.iter().all(Expect::is_local) {
             self.emit_synthetics();
         }
         // A read that the server has not started answering can be sent again elsewhere
@@ -454,16 +463,16 @@ impl<H: ServerHandle> Core<H> {
             && self.replays < MAX_READ_REPLAYS
             && self.client_out.len() == answered_before
             && matches!(unit.last().map(|f| f[0]), Some(msg::SYNC | msg::QUERY));
-        match (fresh_server, replayable, self.replay.as_mut()) {
+        match (fresh_server, replayable, self.flight.replay.as_mut()) {
             (true, true, _) => {
                 self.forget_replay();
                 if keep_for_reparse {
-                    self.reparse = Some(Box::new(Reparse {
+                    self.flight.reparse = Some(Box::new(Reparse {
                         frames: unit.clone(),
                         client_mark: answered_before,
                     }));
                 }
-                self.replay = Some(Box::new(Replay {
+                self.flight.replay = Some(Box::new(Replay {
                     frames: unit,
                     client_mark: answered_before,
                     settled: Vec::new(),
@@ -477,7 +486,7 @@ impl<H: ServerHandle> Core<H> {
                 self.forget_replay();
                 // Kept whole rather than copied: nothing else needs these frames.
                 if keep_for_reparse {
-                    self.reparse = Some(Box::new(Reparse {
+                    self.flight.reparse = Some(Box::new(Reparse {
                         frames: unit,
                         client_mark: answered_before,
                     }));

@@ -168,6 +168,14 @@ pub struct ExpectQueue {
 }
 
 impl ExpectQueue {
+    pub const fn new() -> ExpectQueue {
+        ExpectQueue {
+            queue: VecDeque::new(),
+            changes: 0,
+            open_changes: 0,
+        }
+    }
+
     pub fn push_back(&mut self, entry: Expect) {
         if entry.changes_statements() {
             self.changes += 1;

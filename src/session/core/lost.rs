@@ -38,7 +38,7 @@ impl<H: ServerHandle> Core<H> {
     /// finished safely, so the client is disconnected with a clear message.
     pub(in crate::session) fn server_lost(&mut self, reason: &str) -> Result<(), End> {
         let mid_frame = std::mem::replace(&mut self.streamed, Streamed::No) == Streamed::ToClient;
-        if mid_frame && self.replay.is_none() {
+        if mid_frame && self.flight.replay.is_none() {
             // Part of a message is on its way to the client: nothing else can follow
             // it, so the client's connection ends with the server's.
             if let Some(held) = self.server.as_mut() {
@@ -62,11 +62,11 @@ impl<H: ServerHandle> Core<H> {
             held.conn.state_mut().broken = true;
             held.node.mark_down();
         }
-        self.deallocated_in_stretch = None;
+        self.flight.deallocated_in_stretch = None;
         self.release();
         let node_name = node.as_ref().map(|n| n.name.as_str()).unwrap_or("?");
-        self.started = None;
-        if let Some(replay) = self.replay.take() {
+        self.flight.started = None;
+        if let Some(replay) = self.flight.replay.take() {
             let Replay {
                 frames: unit,
                 client_mark,
@@ -80,13 +80,13 @@ impl<H: ServerHandle> Core<H> {
             self.replays += 1;
             // The unit is processed again from its first message: everything it
             // changed is undone, answered or not.
-            settled.extend(self.expect.take_all());
+            settled.extend(self.flight.expect.take_all());
             self.undo_statement_changes(settled);
             self.mid_batch = false;
             self.copy_in = false;
             self.group_error = false;
-            self.group_effects.clear();
-            self.pending.put_back(unit);
+            self.flight.group_effects.clear();
+            self.flight.pending.put_back(unit);
             return Ok(());
         }
         warn!(node = node_name, user = %self.user.name, "server connection lost: {reason}");
@@ -102,7 +102,7 @@ impl<H: ServerHandle> Core<H> {
             "connection to server \"{node_name}\" was lost while running the statement: {reason}"
         );
         let mut answered = false;
-        while let Some(entry) = self.expect.pop_front() {
+        while let Some(entry) = self.flight.expect.pop_front() {
             if let Expect::Ready { .. } | Expect::FunctionCall = entry {
                 // The request in progress may already have its error (the server's FATAL).
                 if answered || !self.group_error {
@@ -125,8 +125,8 @@ impl<H: ServerHandle> Core<H> {
         self.copy_in = false;
         self.mid_batch = false;
         self.group_error = false;
-        self.group_effects.clear();
-        self.tx_effects.clear();
+        self.flight.group_effects.clear();
+        self.flight.tx_effects.clear();
         Ok(())
     }
 }

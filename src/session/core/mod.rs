@@ -256,6 +256,134 @@ pub(in crate::session) struct CoreParts {
     pub timeouts: Timeouts,
 }
 
+/// What a session holds only while something is in flight: client messages waiting,
+/// answers expected, effects not yet applied, a deferred `BEGIN`, a read kept for a
+/// replay. Boxed and given back when the session is idle (`Core::park`), so that an
+/// idle client keeps none of it.
+pub(super) struct InFlight {
+    pub(super) pending: Pending,
+    pub(super) expect: ExpectQueue,
+    /// Effects of statements inside the open transaction, applied at COMMIT.
+    tx_effects: Vec<SessionEffect>,
+    /// Effects of the extended-protocol group being sent (applied at its Sync).
+    group_effects: Vec<SessionEffect>,
+    /// Decisions of statements with session effects bound to open portals, by portal
+    /// name: a statement changes the session when it is executed, not when it is bound.
+    portal_effects: Vec<(Box<[u8]>, Arc<Decision>)>,
+    /// A `DEALLOCATE ALL` (or `DISCARD ALL`) was executed since the last Sync sent: the
+    /// names the client parsed after it, the only ones the server still knows.
+    deallocated_in_stretch: Option<Vec<String>>,
+    /// The WAL position the pending CommitLsn query returned.
+    commit_lsn: Option<u64>,
+    /// When the request now running on the server was sent (latency histogram).
+    pub(super) started: Option<Instant>,
+    /// Reads in flight whose answers have not reached the client's socket yet, kept
+    /// to be sent again elsewhere if their server fails first.
+    replay: Option<Box<Replay>>,
+    /// A unit whose Parse the proxy answered, kept until its first answer (see
+    /// `Reparse`).
+    reparse: Option<Box<Reparse>>,
+    /// Registry ids of the proxy-named statements bound or described since the server
+    /// last had nothing in flight: the ones to retire if it refuses a cached plan.
+    group_named: Vec<u64>,
+    /// A `BEGIN` the proxy answered itself, not yet sent to any server (see
+    /// `transaction.rs`).
+    deferred_begin: Option<Box<DeferredBegin>>,
+}
+
+impl InFlight {
+    const VACANT: InFlight = InFlight {
+        pending: Pending::new(),
+        expect: ExpectQueue::new(),
+        tx_effects: Vec::new(),
+        group_effects: Vec::new(),
+        portal_effects: Vec::new(),
+        deallocated_in_stretch: None,
+        commit_lsn: None,
+        started: None,
+        replay: None,
+        reparse: None,
+        group_named: Vec::new(),
+        deferred_begin: None,
+    };
+
+    /// Nothing is in flight that the session must remember: what is left (statements
+    /// noted for a refused plan, a read kept for a replay, a unit kept for a re-parse)
+    /// only matters while a server owes answers.
+    fn is_settled(&self) -> bool {
+        self.pending.is_empty()
+            && self.expect.is_empty()
+            && self.tx_effects.is_empty()
+            && self.group_effects.is_empty()
+            && self.portal_effects.is_empty()
+            && self.deallocated_in_stretch.is_none()
+            && self.commit_lsn.is_none()
+            && self.started.is_none()
+            && self.deferred_begin.is_none()
+    }
+}
+
+/// Read by a session with nothing in flight.
+static VACANT: InFlight = InFlight::VACANT;
+
+thread_local! {
+    /// In-flight states given back by idle sessions, for the next busy one (see
+    /// `protocol::spare`): a busy period costs no allocation. Kept boxed: a session
+    /// holds its state in a box, which moves in and out of here as it is.
+    #[allow(clippy::vec_box)]
+    static SPARE_FLIGHTS: std::cell::RefCell<Vec<Box<InFlight>>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The in-flight state of a session: read as empty while there is none, made (or taken
+/// from the thread's spares) on the first change.
+#[derive(Default)]
+pub(super) struct Flight(Option<Box<InFlight>>);
+
+impl std::ops::Deref for Flight {
+    type Target = InFlight;
+    fn deref(&self) -> &InFlight {
+        self.0.as_deref().unwrap_or(&VACANT)
+    }
+}
+
+impl std::ops::DerefMut for Flight {
+    fn deref_mut(&mut self) -> &mut InFlight {
+        self.0.get_or_insert_with(|| {
+            SPARE_FLIGHTS
+                .with(|spares| spares.borrow_mut().pop())
+                .unwrap_or_else(|| Box::new(InFlight::VACANT))
+        })
+    }
+}
+
+impl Flight {
+    /// Gives the in-flight state back if nothing in it must be remembered; what is
+    /// left is dropped (a replay's frames go back to the thread's spares).
+    fn settle(&mut self) {
+        const KEPT: usize = 64;
+        let Some(flight) = self.0.as_mut() else {
+            return;
+        };
+        if !flight.is_settled() {
+            return;
+        }
+        if let Some(replay) = flight.replay.take() {
+            spare::give_back_vec(&SPARE_UNITS, replay.frames, 64);
+        }
+        flight.reparse = None;
+        flight.group_named.clear();
+        if let Some(flight) = self.0.take() {
+            SPARE_FLIGHTS.with(|spares| {
+                let mut spares = spares.borrow_mut();
+                if spares.len() < KEPT {
+                    spares.push(flight);
+                }
+            });
+        }
+    }
+}
+
 pub(in crate::session) struct Core<H> {
     pub(super) shared: Arc<Context>,
     /// Bytes waiting to go to the client / to the server.
@@ -269,23 +397,13 @@ pub(in crate::session) struct Core<H> {
     /// Settings from the startup packet (what RESET returns to) and the current ones.
     startup_settings: Box<Settings>,
     settings: Settings,
-    /// Effects of statements inside the open transaction, applied at COMMIT.
-    tx_effects: Vec<SessionEffect>,
-    /// Effects of the extended-protocol group being sent (applied at its Sync).
-    group_effects: Vec<SessionEffect>,
-    /// Decisions of statements with session effects bound to open portals, by portal
-    /// name: a statement changes the session when it is executed, not when it is bound.
-    portal_effects: Vec<(Box<[u8]>, Arc<Decision>)>,
     statements: HashMap<String, Arc<PreparedStatement>>,
     unnamed: Option<Arc<PreparedStatement>>,
-    /// A `DEALLOCATE ALL` (or `DISCARD ALL`) was executed since the last Sync sent: the
-    /// names the client parsed after it, the only ones the server still knows.
-    deallocated_in_stretch: Option<Vec<String>>,
 
     pub(super) server: Option<Held<H>>,
     pub(super) pinned: Option<&'static str>,
-    pub(super) pending: Pending,
-    pub(super) expect: ExpectQueue,
+    /// What the session holds only while something is in flight (see `InFlight`).
+    pub(super) flight: Flight,
     pub(super) tx_status: TxStatus,
     pub(super) copy_in: bool,
     /// Extended-protocol messages were sent since the last Sync.
@@ -301,24 +419,9 @@ pub(in crate::session) struct Core<H> {
     pub(super) min_lsn: u64,
     /// A write went to the primary since the last time the server was idle.
     wrote: bool,
-    /// The WAL position the pending CommitLsn query returned.
-    commit_lsn: Option<u64>,
-    /// When the request now running on the server was sent (latency histogram).
-    pub(super) started: Option<Instant>,
-    /// Reads in flight whose answers have not reached the client's socket yet, kept
-    /// to be sent again elsewhere if their server fails first.
-    replay: Option<Box<Replay>>,
     replays: u8,
     /// The unit being forwarded had its Parse answered by the proxy.
     skipped_parse: bool,
-    /// Such a unit, kept until its first answer (see `Reparse`).
-    reparse: Option<Box<Reparse>>,
-    /// Registry ids of the proxy-named statements bound or described since the server
-    /// last had nothing in flight: the ones to retire if it refuses a cached plan.
-    group_named: Vec<u64>,
-    /// A `BEGIN` the proxy answered itself, not yet sent to any server (see
-    /// `transaction.rs`).
-    deferred_begin: Option<Box<DeferredBegin>>,
     /// This client's entry in the registry behind SHOW CLIENTS.
     pub(super) info: Arc<ClientInfo>,
     /// The idle, transaction, query and write timeouts (see `timeouts.rs`).
@@ -439,16 +542,11 @@ impl<H: ServerHandle> Core<H> {
             cancel_slot,
             settings: startup_settings.clone(),
             startup_settings: Box::new(startup_settings),
-            tx_effects: Vec::new(),
-            group_effects: Vec::new(),
-            portal_effects: Vec::new(),
             statements: HashMap::new(),
             unnamed: None,
-            deallocated_in_stretch: None,
             server: None,
             pinned: None,
-            pending: Pending::default(),
-            expect: ExpectQueue::default(),
+            flight: Flight::default(),
             tx_status: TxStatus::Idle,
             copy_in: false,
             mid_batch: false,
@@ -458,14 +556,8 @@ impl<H: ServerHandle> Core<H> {
             ryw,
             min_lsn: 0,
             wrote: false,
-            commit_lsn: None,
-            started: None,
-            replay: None,
             replays: 0,
             skipped_parse: false,
-            reparse: None,
-            group_named: Vec::new(),
-            deferred_begin: None,
             info,
             clock: SessionClock::new(timeouts),
             streamed: Streamed::No,
@@ -492,12 +584,14 @@ impl<H: ServerHandle> Core<H> {
             } else {
                 Phase::Idle
             }
-        } else if !self.expect.is_empty() || (!self.pending.is_empty() && self.server.is_some()) {
+        } else if !self.flight.expect.is_empty()
+            || (!self.flight.pending.is_empty() && self.server.is_some())
+        {
             Phase::Busy
-        } else if !self.pending.is_empty() && self.next_unit_len().is_none() {
+        } else if !self.flight.pending.is_empty() && self.next_unit_len().is_none() {
             // Part of a batch, waiting for the rest of it.
             Phase::IdleInTransaction
-        } else if !self.pending.is_empty() {
+        } else if !self.flight.pending.is_empty() {
             Phase::Busy
         } else if !self.tx_status.is_idle() || self.mid_batch || self.copy_in {
             Phase::IdleInTransaction
@@ -512,6 +606,7 @@ impl<H: ServerHandle> Core<H> {
     pub(super) fn park_buffers(&mut self) {
         spare::give_back(&mut self.client_out);
         spare::give_back(&mut self.server_out);
+        self.flight.settle();
     }
 
     /// A request arrived: the output buffers are taken again from the spares rather
@@ -535,7 +630,7 @@ impl<H: ServerHandle> Core<H> {
     }
 
     pub(super) fn forget_replay(&mut self) {
-        if let Some(replay) = self.replay.take() {
+        if let Some(replay) = self.flight.replay.take() {
             self.recycle_unit(replay.frames);
         }
     }

@@ -37,8 +37,8 @@ impl<H: ServerHandle> Core<H> {
             self.info
                 .statements
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            if self.started.is_none() {
-                self.started = Some(Instant::now());
+            if self.flight.started.is_none() {
+                self.flight.started = Some(Instant::now());
                 self.clock.query_started();
             }
             self.info.set_state(ClientState::Active);
@@ -65,13 +65,13 @@ impl<H: ServerHandle> Core<H> {
             Backend::ReadyForQuery(status) => {
                 self.tx_status = status;
                 passthrough.awaiting_ready = passthrough.awaiting_ready.saturating_sub(1);
-                if let Some(started) = self.started.take() {
+                if let Some(started) = self.flight.started.take() {
                     held.node.stats.latency.observe(started.elapsed());
                 }
                 self.clock.query_started();
                 if passthrough.awaiting_ready > 0 && self.clock.timeouts.query.get().is_some() {
                     // Pipelined requests: the next one runs from now on.
-                    self.started = Some(Instant::now());
+                    self.flight.started = Some(Instant::now());
                 }
                 self.info.set_state(if self.tx_status.is_idle() {
                     ClientState::Idle

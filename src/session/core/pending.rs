@@ -13,6 +13,13 @@ pub struct Pending {
 }
 
 impl Pending {
+    pub const fn new() -> Pending {
+        Pending {
+            frames: VecDeque::new(),
+            bytes: 0,
+        }
+    }
+
     pub fn push_back(&mut self, frame: BytesMut) {
         self.bytes += frame.len();
         self.frames.push_back(frame);

@@ -7,7 +7,7 @@ use super::*;
 
 impl<H: ServerHandle> Core<H> {
     pub(super) fn push_expect(&mut self, e: Expect) {
-        self.expect.push_back(e);
+        self.flight.expect.push_back(e);
     }
 
     fn server_unnamed_is(&self, id: u64) -> bool {
@@ -38,13 +38,15 @@ impl<H: ServerHandle> Core<H> {
         match self.unnamed.clone() {
             Some(statement) if !self.server_unnamed_is(statement.id) => {
                 msg::parse_with_name(&mut self.server_out, "", &statement.tail);
-                self.expect.push_back(Expect::InjectedParse { id: None });
+                self.flight
+                    .expect
+                    .push_back(Expect::InjectedParse { id: None });
                 self.set_server_unnamed(Some(statement.id));
             }
             Some(_) => {}
             None => {
                 msg::close(&mut self.server_out, b'S', "");
-                self.expect.push_back(Expect::InjectedClose);
+                self.flight.expect.push_back(Expect::InjectedClose);
                 self.forget_server_unnamed();
             }
         }
@@ -55,7 +57,7 @@ impl<H: ServerHandle> Core<H> {
     /// only the names parsed since exist (the proxy forgets the others when the server
     /// reports it ran, which is after this message is sent).
     fn client_statement(&self, name: &str) -> Option<Arc<PreparedStatement>> {
-        if let Some(names) = &self.deallocated_in_stretch
+        if let Some(names) = &self.flight.deallocated_in_stretch
             && !names.iter().any(|n| n == name)
         {
             return None;
@@ -74,7 +76,7 @@ impl<H: ServerHandle> Core<H> {
                 &statement.server_name,
                 &statement.tail,
             );
-            self.expect.push_back(Expect::InjectedParse {
+            self.flight.expect.push_back(Expect::InjectedParse {
                 id: Some(statement.id),
             });
         }
@@ -102,7 +104,7 @@ impl<H: ServerHandle> Core<H> {
                 // nothing to drop: an earlier change undone by an error hands its
                 // statement on to it (`undo_statement_changes`).
                 let previous = self.unnamed.take();
-                if previous.is_some() || self.expect.len() > 1 {
+                if previous.is_some() || self.flight.expect.len() > 1 {
                     self.push_expect(Expect::UndoUnnamed(previous));
                 }
             }
@@ -126,7 +128,7 @@ impl<H: ServerHandle> Core<H> {
                     if let Some(held) = self.server.as_ref()
                         && held.conn.state().unnamed == Some(statement.id)
                         && self.tx_status != TxStatus::Failed
-                        && !self.expect.uncertain()
+                        && !self.flight.expect.uncertain()
                     {
                         // The server's unnamed statement is this one already (left by
                         // this client or another): parsing it again would only repeat
@@ -156,7 +158,7 @@ impl<H: ServerHandle> Core<H> {
                     msg::parse_with_name(&mut self.server_out, &existing.server_name, tail);
                     self.push_expect(Expect::ParseDuplicate(name.into()));
                 } else {
-                    if let Some(names) = self.deallocated_in_stretch.as_mut() {
+                    if let Some(names) = self.flight.deallocated_in_stretch.as_mut() {
                         names.push(name.clone());
                     }
                     let previous = self.statements.insert(name.clone(), statement.clone());
@@ -196,7 +198,7 @@ impl<H: ServerHandle> Core<H> {
                 if name.is_empty() {
                     self.ensure_unnamed_on_server(parsed_unnamed);
                     note_bound(
-                        &mut self.portal_effects,
+                        &mut self.flight.portal_effects,
                         portal,
                         self.unnamed.as_ref().map(|s| &s.decision),
                     );
@@ -204,7 +206,11 @@ impl<H: ServerHandle> Core<H> {
                 } else if let Some(statement) = self.client_statement(name) {
                     self.ensure_prepared(&statement);
                     self.note_named_use(statement.id);
-                    note_bound(&mut self.portal_effects, portal, Some(&statement.decision));
+                    note_bound(
+                        &mut self.flight.portal_effects,
+                        portal,
+                        Some(&statement.decision),
+                    );
                     let mut prefix = Vec::with_capacity(portal.len() + 1);
                     prefix.extend_from_slice(portal);
                     prefix.push(0);
@@ -217,7 +223,7 @@ impl<H: ServerHandle> Core<H> {
                     );
                 } else {
                     // Unknown to us: the server answers with the proper error.
-                    note_bound(&mut self.portal_effects, portal, None);
+                    note_bound(&mut self.flight.portal_effects, portal, None);
                     self.server_out.extend_from_slice(frame);
                 }
                 self.push_expect(Expect::Bind);
@@ -253,19 +259,19 @@ impl<H: ServerHandle> Core<H> {
                     // Proxy-named statements stay on the servers for other clients.
                     let previous = self.statements.remove(name);
                     self.push_expect(Expect::Synthetic(msg::CLOSE_COMPLETE));
-                    if previous.is_some() || self.expect.len() > 1 {
+                    if previous.is_some() || self.flight.expect.len() > 1 {
                         self.push_expect(Expect::UndoNamed(Box::new((name.to_string(), previous))));
                     }
                 } else {
                     self.server_out.extend_from_slice(frame);
                     self.push_expect(Expect::Close);
                     if target == Target::Portal {
-                        note_bound(&mut self.portal_effects, name.as_bytes(), None);
+                        note_bound(&mut self.flight.portal_effects, name.as_bytes(), None);
                     }
                     if target == Target::Statement {
                         self.forget_server_unnamed();
                         let previous = self.unnamed.take();
-                        if previous.is_some() || self.expect.len() > 1 {
+                        if previous.is_some() || self.flight.expect.len() > 1 {
                             self.push_expect(Expect::UndoUnnamed(previous));
                         }
                     }
@@ -274,26 +280,29 @@ impl<H: ServerHandle> Core<H> {
             msg::EXECUTE => {
                 // Read only when a portal may change the session: the rest of the
                 // message is the server's to judge.
-                if !self.portal_effects.is_empty()
+                let flight = &mut *self.flight;
+                if !flight.portal_effects.is_empty()
                     && let Frontend::Execute { portal } = Frontend::decode(frame)?
                     && let Some((_, decision)) =
-                        self.portal_effects.iter().find(|(p, _)| &**p == portal)
+                        flight.portal_effects.iter().find(|(p, _)| &**p == portal)
                 {
                     if decision
                         .effects
                         .contains(&SessionEffect::ForgetClientStatements)
                     {
-                        self.deallocated_in_stretch = Some(Vec::new());
+                        flight.deallocated_in_stretch = Some(Vec::new());
                     }
-                    self.group_effects.extend(decision.effects.iter().cloned());
+                    flight
+                        .group_effects
+                        .extend(decision.effects.iter().cloned());
                 }
                 self.server_out.extend_from_slice(frame);
                 self.push_expect(Expect::Execute);
             }
             msg::SYNC => {
-                self.deallocated_in_stretch = None;
+                self.flight.deallocated_in_stretch = None;
                 self.server_out.extend_from_slice(frame);
-                let effects = std::mem::take(&mut self.group_effects);
+                let effects = std::mem::take(&mut self.flight.group_effects);
                 self.push_expect(Expect::Ready {
                     effects,
                     sync: true,

@@ -33,7 +33,7 @@ impl<H: ServerHandle> Core<H> {
     /// as it arrives, unless it answers something the proxy asked itself.
     fn on_large_frame(&mut self, tag: u8, bytes: BytesMut) -> Result<(), End> {
         self.emit_synthetics();
-        let Some(front) = self.expect.front() else {
+        let Some(front) = self.flight.expect.front() else {
             return self.unsolicited(bytes);
         };
         if front.is_injected() || matches!(front, Expect::CommitLsn | Expect::DeferredBegin) {
@@ -42,7 +42,7 @@ impl<H: ServerHandle> Core<H> {
             return Ok(());
         }
         // A row is an answer: nothing to send again with a Parse.
-        self.reparse = None;
+        self.flight.reparse = None;
         self.streamed = Streamed::ToClient;
         self.client_out.extend_from_slice(&bytes);
         Ok(())
@@ -51,13 +51,13 @@ impl<H: ServerHandle> Core<H> {
     /// Writes responses the proxy answers itself once they reach the front of the queue,
     /// and settles the statement changes of messages that were answered.
     pub(super) fn emit_synthetics(&mut self) {
-        while let Some(entry) = self.expect.front().filter(|e| e.is_local()) {
+        while let Some(entry) = self.flight.expect.front().filter(|e| e.is_local()) {
             if let Expect::Synthetic(tag) = entry {
                 msg::empty_message(&mut self.client_out, *tag);
             }
-            if let Some(entry) = self.expect.pop_front()
+            if let Some(entry) = self.flight.expect.pop_front()
                 && matches!(entry, Expect::UndoNamed(_) | Expect::UndoUnnamed(_))
-                && let Some(replay) = self.replay.as_mut()
+                && let Some(replay) = self.flight.replay.as_mut()
             {
                 replay.settled.push(entry);
             }
@@ -73,7 +73,7 @@ impl<H: ServerHandle> Core<H> {
             match entry {
                 Expect::UndoNamed(change) => {
                     let (name, previous) = *change;
-                    if let Some(later) = self.expect.next_change_of(Some(&name)) {
+                    if let Some(later) = self.flight.expect.next_change_of(Some(&name)) {
                         *later = previous;
                         continue;
                     }
@@ -86,7 +86,7 @@ impl<H: ServerHandle> Core<H> {
                         }
                     }
                 }
-                Expect::UndoUnnamed(previous) => match self.expect.next_change_of(None) {
+                Expect::UndoUnnamed(previous) => match self.flight.expect.next_change_of(None) {
                     Some(later) => *later = previous,
                     None => self.unnamed = previous,
                 },
@@ -97,7 +97,7 @@ impl<H: ServerHandle> Core<H> {
 
     fn on_server_frame(&mut self, frame: BytesMut) -> Result<(), End> {
         let tag = frame[0];
-        let injected = self.expect.front().is_some_and(Expect::is_injected);
+        let injected = self.flight.expect.front().is_some_and(Expect::is_injected);
         match tag {
             msg::NOTIFICATION => {
                 self.client_out.extend_from_slice(&frame);
@@ -121,7 +121,7 @@ impl<H: ServerHandle> Core<H> {
             _ => {}
         }
         self.emit_synthetics();
-        let Some(front) = self.expect.front() else {
+        let Some(front) = self.flight.expect.front() else {
             return self.unsolicited(frame);
         };
         let message = Backend::decode(&frame);
@@ -140,7 +140,7 @@ impl<H: ServerHandle> Core<H> {
                         );
                     }
                     Backend::ReadyForQuery(_) => {
-                        self.expect.pop_front();
+                        self.flight.expect.pop_front();
                     }
                     _ => {}
                 }
@@ -149,15 +149,15 @@ impl<H: ServerHandle> Core<H> {
             Expect::CommitLsn => {
                 match message {
                     Backend::DataRow(row) => {
-                        self.commit_lsn = backend::first_column(row)
+                        self.flight.commit_lsn = backend::first_column(row)
                             .and_then(|v| std::str::from_utf8(v).ok())
                             .and_then(health::parse_lsn);
                     }
                     Backend::ReadyForQuery(status) => {
-                        self.expect.pop_front();
+                        self.flight.expect.pop_front();
                         // Valid only if it ran outside a transaction, i.e. after the
                         // commit; otherwise the next idle ReadyForQuery asks again.
-                        match self.commit_lsn.take() {
+                        match self.flight.commit_lsn.take() {
                             Some(lsn) if status.is_idle() => self.min_lsn = self.min_lsn.max(lsn),
                             _ => self.wrote = true,
                         }
@@ -172,23 +172,31 @@ impl<H: ServerHandle> Core<H> {
                 match message {
                     Backend::Error(report) => return Err(self.deferred_begin_refused(&report)),
                     Backend::CommandComplete { .. } => {
-                        self.expect.pop_front();
+                        self.flight.expect.pop_front();
                     }
                     _ => {}
                 }
                 return Ok(());
             }
             Expect::InjectedParse { .. } if tag == msg::PARSE_COMPLETE => {
-                self.expect.pop_front();
+                self.flight.expect.pop_front();
                 return Ok(());
             }
             Expect::InjectedClose if tag == msg::CLOSE_COMPLETE => {
-                self.expect.pop_front();
+                self.flight.expect.pop_front();
                 return Ok(());
             }
             _ => {}
         }
-        if let Some(reparse) = self.reparse.take() {
+        // What the answer means for the entry it answers, read before anything changes.
+        let survives = front.survives_error();
+        let duplicate = match front {
+            Expect::ParseDuplicate(name) => Some(name.clone()),
+            _ => None,
+        };
+        let ends = front.ends_with(tag);
+        let in_execute = matches!(front, Expect::Execute);
+        if let Some(reparse) = self.flight.reparse.take() {
             if let Backend::Error(report) = message
                 && report.code == b"0A000"
             {
@@ -200,18 +208,13 @@ impl<H: ServerHandle> Core<H> {
         }
         if let Backend::Error(report) = message
             && report.is_fatal()
-            && self.replay.is_some()
+            && self.flight.replay.is_some()
         {
             // The server is going away before answering a read: try another node.
             return self.server_lost(&report.to_string());
         }
         if let Backend::Error(report) = message {
-            let survives = front.survives_error();
-            let duplicate = match front {
-                Expect::ParseDuplicate(name) => Some(name.clone()),
-                _ => None,
-            };
-            if !self.group_named.is_empty() && report.code == b"0A000" {
+            if !self.flight.group_named.is_empty() && report.code == b"0A000" {
                 self.retire_refused_statements();
             }
             self.forget_server_unnamed();
@@ -228,8 +231,6 @@ impl<H: ServerHandle> Core<H> {
             }
             return Ok(());
         }
-        let ends = front.ends_with(tag);
-        let in_execute = matches!(front, Expect::Execute);
         self.client_out.extend_from_slice(&frame);
         match message {
             Backend::Other(msg::COPY_IN_RESPONSE) => {
@@ -240,14 +241,16 @@ impl<H: ServerHandle> Core<H> {
                     // `CopyEnd` marker); the client sends another after those, which is
                     // the one that gets answered.
                     let ignored = self
+                        .flight
                         .expect
                         .iter()
                         .take_while(|e| !matches!(e, Expect::CopyEnd))
                         .position(|e| matches!(e, Expect::Ready { .. }));
                     if let Some(i) = ignored {
-                        self.expect.remove(i);
+                        self.flight.expect.remove(i);
                         // Unless its Sync is already on the way, the batch is open again.
                         if !self
+                            .flight
                             .expect
                             .iter()
                             .any(|e| matches!(e, Expect::Ready { .. }))
@@ -272,7 +275,7 @@ impl<H: ServerHandle> Core<H> {
             _ => {}
         }
         if ends {
-            let entry = self.expect.pop_front();
+            let entry = self.flight.expect.pop_front();
             self.emit_synthetics();
             if let Backend::ReadyForQuery(status) = message {
                 let effects = match entry {
@@ -290,7 +293,7 @@ impl<H: ServerHandle> Core<H> {
     /// later error or rollback does not undo it, and statements prepared by messages
     /// still in flight behind it are prepared after it, so they stay.
     fn statements_deallocated(&mut self, all: bool) {
-        let (kept_names, kept_ids) = self.expect.forget_before_in_flight();
+        let (kept_names, kept_ids) = self.flight.expect.forget_before_in_flight();
         if let Some(held) = self.server.as_mut() {
             // A named DEALLOCATE that reaches the server names no statement of the
             // client's (those are answered here), but could name a proxy-wide one.
@@ -332,8 +335,9 @@ impl<H: ServerHandle> Core<H> {
     /// refusal of one left out is retired at the client's next attempt instead.
     pub(super) fn note_named_use(&mut self, id: u64) {
         const MAX_NOTED: usize = 256;
-        if self.group_named.last() != Some(&id) && self.group_named.len() < MAX_NOTED {
-            self.group_named.push(id);
+        if self.flight.group_named.last() != Some(&id) && self.flight.group_named.len() < MAX_NOTED
+        {
+            self.flight.group_named.push(id);
         }
     }
 
@@ -343,7 +347,7 @@ impl<H: ServerHandle> Core<H> {
     /// text must plan afresh, whichever server it lands on, instead of meeting the same
     /// refusal on every connection that holds the old statement.
     fn retire_refused_statements(&mut self) {
-        for id in std::mem::take(&mut self.group_named) {
+        for id in std::mem::take(&mut self.flight.group_named) {
             if let Some(statement) = self.statements.values().find(|s| s.id == id) {
                 debug!(user = %self.user.name, statement = %statement.server_name, "a server refused a prepared statement's cached plan; the next Parse of its text prepares it anew");
                 self.shared.statements.retire(statement);
@@ -360,11 +364,11 @@ impl<H: ServerHandle> Core<H> {
         self.forget_server_unnamed();
         self.forget_replay();
         // The server still ends the unit with ReadyForQuery: not the client's.
-        let abandoned = self.expect.replace_first_ready(Expect::Injected);
+        let abandoned = self.flight.expect.replace_first_ready(Expect::Injected);
         // The unit is processed again from its first message.
         self.undo_statement_changes(abandoned);
-        self.group_effects.clear();
-        self.pending.put_back(reparse.frames);
+        self.flight.group_effects.clear();
+        self.flight.pending.put_back(reparse.frames);
     }
 
     /// Forwards a server error. A FATAL one means the server is about to close this
@@ -398,10 +402,10 @@ impl<H: ServerHandle> Core<H> {
         self.copy_in = false;
         // A refused Parse of the unnamed statement leaves none: Postgres drops the old
         // one before parsing the new one.
-        let mut unnamed_refused = matches!(self.expect.front(), Some(Expect::Parse));
+        let mut unnamed_refused = matches!(self.flight.expect.front(), Some(Expect::Parse));
         let mut abandoned = Vec::new();
         loop {
-            let Some(entry) = self.expect.front() else {
+            let Some(entry) = self.flight.expect.front() else {
                 self.skipping = SkipToSync::OnServer;
                 self.mid_batch = true;
                 break;
@@ -409,7 +413,7 @@ impl<H: ServerHandle> Core<H> {
             if matches!(entry, Expect::Ready { sync: true, .. }) {
                 break;
             }
-            match self.expect.pop_front() {
+            match self.flight.expect.pop_front() {
                 Some(Expect::ParseNamed { id } | Expect::InjectedParse { id: Some(id) }) => {
                     if let Some(held) = self.server.as_mut() {
                         held.conn.state_mut().prepared.remove(&id);
@@ -437,30 +441,30 @@ impl<H: ServerHandle> Core<H> {
         } else {
             ClientState::InTransaction
         });
-        if let (Some(started), Some(held)) = (self.started.take(), self.server.as_ref()) {
+        if let (Some(started), Some(held)) = (self.flight.started.take(), self.server.as_ref()) {
             held.node.stats.latency.observe(started.elapsed());
         }
         self.clock.query_started();
-        if !self.expect.is_empty() && self.clock.timeouts.query.get().is_some() {
+        if !self.flight.expect.is_empty() && self.clock.timeouts.query.get().is_some() {
             // Pipelined requests: the next one runs from now on.
-            self.started = Some(Instant::now());
+            self.flight.started = Some(Instant::now());
         }
         if status.is_idle() && self.wrote {
             // Learn where this commit put the WAL before the server goes back to the
             // pool; the client already has its answer and is not kept waiting.
             self.wrote = false;
             msg::query(&mut self.server_out, COMMIT_LSN_SQL);
-            self.expect.push_back(Expect::CommitLsn);
+            self.flight.expect.push_back(Expect::CommitLsn);
             self.forget_server_unnamed();
         }
         if !self.group_error {
-            self.tx_effects.extend(effects);
+            self.flight.tx_effects.extend(effects);
         }
         self.group_error = false;
         if status.is_idle() {
             // Portals end with their transaction.
-            self.portal_effects.clear();
-            let effects = std::mem::take(&mut self.tx_effects);
+            self.flight.portal_effects.clear();
+            let effects = std::mem::take(&mut self.flight.tx_effects);
             if !self.saw_rollback {
                 self.apply_effects(&effects);
             }
@@ -471,7 +475,7 @@ impl<H: ServerHandle> Core<H> {
 
     /// Transaction pooling: the server goes back to the pool once nothing is in flight.
     fn release_if_idle(&mut self) {
-        if self.tx_status.is_idle() && self.expect.is_empty() && !self.is_sticky() {
+        if self.tx_status.is_idle() && self.flight.expect.is_empty() && !self.is_sticky() {
             self.release();
         }
     }

@@ -13,7 +13,7 @@ impl<H: ServerHandle> Core<H> {
     }
 
     pub(in crate::session) fn release(&mut self) {
-        self.reparse = None;
+        self.flight.reparse = None;
         if self.streamed_in == Streamed::ToServer {
             // The rest of a large client message was for this server only.
             self.streamed_in = Streamed::Dropped;
@@ -30,7 +30,7 @@ impl<H: ServerHandle> Core<H> {
         let sql = self.sync_sql();
         if !sql.is_empty() {
             msg::query(&mut self.server_out, &sql);
-            self.expect.push_back(Expect::Injected);
+            self.flight.expect.push_back(Expect::Injected);
             self.forget_server_unnamed();
         }
     }
@@ -46,7 +46,7 @@ impl<H: ServerHandle> Core<H> {
             // DISCARD ALL refuses to run inside the implicit transaction of a
             // multi-statement query, so it goes alone.
             msg::query(&mut self.server_out, "DISCARD ALL");
-            self.expect.push_back(Expect::Injected);
+            self.flight.expect.push_back(Expect::Injected);
             conn.settings.clear();
             conn.prepared.clear();
             conn.unnamed = None;
@@ -68,7 +68,7 @@ impl<H: ServerHandle> Core<H> {
         let held = self.server.take()?;
         self.cancel_slot.clear();
         let mut conn = held.conn;
-        let busy = !self.expect.is_empty()
+        let busy = !self.flight.expect.is_empty()
             || !self.tx_status.is_idle()
             || self.copy_in
             || self.mid_batch
@@ -77,7 +77,9 @@ impl<H: ServerHandle> Core<H> {
             return Some(Leaving::Recover {
                 conn,
                 unsent: std::mem::take(&mut self.server_out),
-                in_flight: !self.expect.is_empty() || self.awaiting_ready() > 0 || self.copy_in,
+                in_flight: !self.flight.expect.is_empty()
+                    || self.awaiting_ready() > 0
+                    || self.copy_in,
             });
         }
         if self.pinned.is_some() || self.session_mode() {
