@@ -31,8 +31,8 @@ impl ClientState {
 
 pub struct ClientInfo {
     pub id: u64,
-    pub user: String,
-    pub project: String,
+    pub user: Arc<str>,
+    pub project: Arc<str>,
     pub peer: SocketAddr,
     pub connected_at: SystemTime,
     state: AtomicU8,
@@ -142,6 +142,8 @@ impl ClientInfo {
 pub struct ClientRegistry {
     next_id: AtomicU64,
     clients: Mutex<BTreeMap<u64, Arc<ClientInfo>>>,
+    /// User and project names, one copy each for all the clients that bear them.
+    names: Mutex<std::collections::HashSet<Arc<str>>>,
 }
 
 impl ClientRegistry {
@@ -149,8 +151,8 @@ impl ClientRegistry {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         let info = Arc::new(ClientInfo {
             id,
-            user: user.to_string(),
-            project: project.to_string(),
+            user: self.name(user),
+            project: self.name(project),
             peer,
             connected_at: SystemTime::now(),
             state: AtomicU8::new(ClientState::Idle as u8),
@@ -166,6 +168,25 @@ impl ClientRegistry {
             clients.insert(id, info.clone());
         }
         info
+    }
+
+    /// The shared copy of a name.
+    fn name(&self, name: &str) -> Arc<str> {
+        // Names come from logins that succeeded (configured users, or users `[auth]
+        // query` found): few, but kept bounded all the same.
+        const MAX_NAMES: usize = 10_000;
+        let Ok(mut names) = self.names.lock() else {
+            return Arc::from(name);
+        };
+        if let Some(shared) = names.get(name) {
+            return shared.clone();
+        }
+        if names.len() >= MAX_NAMES {
+            names.clear();
+        }
+        let shared: Arc<str> = Arc::from(name);
+        names.insert(shared.clone());
+        shared
     }
 
     pub fn unregister(&self, id: u64) {
@@ -200,5 +221,24 @@ impl ClientRegistry {
             .lock()
             .map(|c| c.values().cloned().collect())
             .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clients_of_one_user_and_project_share_the_names() {
+        let registry = ClientRegistry::default();
+        let peer: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        let a = registry.register("app", "shop", peer);
+        let b = registry.register("app", "shop", peer);
+        let c = registry.register("report", "shop", peer);
+        assert!(Arc::ptr_eq(&a.user, &b.user));
+        assert!(Arc::ptr_eq(&a.project, &c.project));
+        assert_eq!(&*c.user, "report");
+        registry.unregister(a.id);
+        assert_eq!(registry.snapshot().len(), 2);
     }
 }

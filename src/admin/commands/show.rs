@@ -186,8 +186,8 @@ pub(super) fn show_clients(shared: &Shared) -> Reply {
         .map(|c| {
             vec![
                 c.id.to_string(),
-                c.user.clone(),
-                c.project.clone(),
+                c.user.to_string(),
+                c.project.to_string(),
                 c.peer.to_string(),
                 c.state().as_str().to_string(),
                 c.pinned().unwrap_or("").to_string(),
