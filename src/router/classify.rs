@@ -12,7 +12,7 @@ use sqlparser::ast::{
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
 
-use super::decision::{Decision, Route, SessionEffect, TxEffect};
+use super::decision::{Decision, PinReason, Route, SessionEffect, TxEffect};
 use super::functions;
 
 /// Classifies the full text of one Query or Parse message (may hold several statements).
@@ -147,12 +147,12 @@ fn classify_statement(statement: &Statement) -> Decision {
             }
             d
         }
-        Statement::LISTEN { .. } => pinned("LISTEN"),
-        Statement::Prepare { .. } => pinned("PREPARE in SQL"),
-        Statement::CreateTable(create) if create.temporary => pinned("temporary table"),
+        Statement::LISTEN { .. } => pinned(PinReason::Listen),
+        Statement::Prepare { .. } => pinned(PinReason::SqlPrepare),
+        Statement::CreateTable(create) if create.temporary => pinned(PinReason::TemporaryTable),
         Statement::Declare { stmts, .. } => {
             if stmts.iter().any(|d| d.hold == Some(true)) {
-                pinned("cursor WITH HOLD")
+                pinned(PinReason::CursorWithHold)
             } else {
                 let mut d = Decision::primary();
                 for declare in stmts {
@@ -177,7 +177,7 @@ impl Decision {
     }
 }
 
-fn pinned(reason: &'static str) -> Decision {
+fn pinned(reason: PinReason) -> Decision {
     let mut d = Decision::primary();
     d.pin = Some(reason);
     d
@@ -232,7 +232,7 @@ fn check_set_expr(body: &SetExpr, decision: &mut Decision) {
             if let Some(into) = &select.into {
                 decision.route = Route::Primary;
                 if into.temporary {
-                    decision.pin = Some("temporary table");
+                    decision.pin = Some(PinReason::TemporaryTable);
                 }
             }
         }
@@ -314,7 +314,7 @@ fn classify_set(set: &Set) -> Decision {
                 }
             }
         }
-        Set::SetSessionAuthorization(_) => return pinned("SET SESSION AUTHORIZATION"),
+        Set::SetSessionAuthorization(_) => return pinned(PinReason::SessionAuthorization),
         _ => return Decision::primary(),
     }
     d
@@ -338,13 +338,13 @@ fn classify_unparsed(sql: &str) -> Decision {
         .map(|w| w.to_ascii_lowercase())
         .collect();
     match words.first().map(String::as_str) {
-        Some("listen") => d.pin = Some("LISTEN"),
-        Some("prepare") => d.pin = Some("PREPARE in SQL"),
+        Some("listen") => d.pin = Some(PinReason::Listen),
+        Some("prepare") => d.pin = Some(PinReason::SqlPrepare),
         Some("begin") | Some("start") => d.tx = TxEffect::Begin,
         Some("commit") | Some("end") | Some("abort") => d.tx = TxEffect::End,
         Some("rollback") if !sql.to_ascii_lowercase().contains(" to ") => d.tx = TxEffect::End,
         Some("declare") if sql.to_ascii_lowercase().contains("with hold") => {
-            d.pin = Some("cursor WITH HOLD")
+            d.pin = Some(PinReason::CursorWithHold)
         }
         _ => {}
     }
@@ -352,7 +352,7 @@ fn classify_unparsed(sql: &str) -> Decision {
 }
 
 /// Pins recognised in the raw text, whatever the parser made of it.
-fn lexical_pin(sql: &str) -> Option<&'static str> {
+fn lexical_pin(sql: &str) -> Option<PinReason> {
     let lower = sql.to_ascii_lowercase();
     for f in ["pg_advisory_lock", "pg_try_advisory_lock"] {
         let mut rest = lower.as_str();
@@ -361,7 +361,7 @@ fn lexical_pin(sql: &str) -> Option<&'static str> {
             // pg_advisory_lock( and pg_advisory_lock_shared( are session locks;
             // the _xact_ variants are released at commit and need no pin.
             if after.starts_with('(') || after.starts_with("_shared") {
-                return Some("session advisory lock");
+                return Some(PinReason::SessionAdvisoryLock);
             }
             rest = after;
         }
@@ -373,7 +373,7 @@ fn lexical_pin(sql: &str) -> Option<&'static str> {
             .skip(1)
             .any(|w| *w == "temp" || *w == "temporary")
     {
-        return Some("temporary object");
+        return Some(PinReason::TemporaryObject);
     }
     None
 }

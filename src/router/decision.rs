@@ -33,11 +33,52 @@ pub enum SessionEffect {
     ForgetClientStatements,
 }
 
+/// Why a statement ties its client to one server connection for good: what it leaves
+/// behind lives in that server's session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PinReason {
+    Listen,
+    SqlPrepare,
+    TemporaryTable,
+    TemporaryObject,
+    CursorWithHold,
+    SessionAuthorization,
+    SessionAdvisoryLock,
+    SetConfig,
+    DblinkConnection,
+    /// A statement too large to parse that names something of the session's.
+    LargeStatement,
+}
+
+impl PinReason {
+    /// As SHOW CLIENTS and the log say it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PinReason::Listen => "LISTEN",
+            PinReason::SqlPrepare => "PREPARE in SQL",
+            PinReason::TemporaryTable => "temporary table",
+            PinReason::TemporaryObject => "temporary object",
+            PinReason::CursorWithHold => "cursor WITH HOLD",
+            PinReason::SessionAuthorization => "SET SESSION AUTHORIZATION",
+            PinReason::SessionAdvisoryLock => "session advisory lock",
+            PinReason::SetConfig => "set_config() changes session state",
+            PinReason::DblinkConnection => "dblink connection",
+            PinReason::LargeStatement => "a large statement that changes session state",
+        }
+    }
+}
+
+impl std::fmt::Display for PinReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Decision {
     pub route: Route,
     /// Why this statement ties the client to one backend for good, if it does.
-    pub pin: Option<&'static str>,
+    pub pin: Option<PinReason>,
     pub tx: TxEffect,
     pub effects: Vec<SessionEffect>,
     /// The route came from a `/* replicator: ... */` hint.

@@ -3,14 +3,14 @@
 //! fails, while a read sent to the primary only costs a little load.
 
 /// Functions whose call ties the client to one backend (session-scoped side effects).
-pub fn pins_session(name: &str) -> Option<&'static str> {
+pub fn pins_session(name: &str) -> Option<super::PinReason> {
     match name {
         "pg_advisory_lock"
         | "pg_advisory_lock_shared"
         | "pg_try_advisory_lock"
-        | "pg_try_advisory_lock_shared" => Some("session advisory lock"),
-        "set_config" => Some("set_config() changes session state"),
-        "dblink_connect" | "dblink_connect_u" => Some("dblink connection"),
+        | "pg_try_advisory_lock_shared" => Some(super::PinReason::SessionAdvisoryLock),
+        "set_config" => Some(super::PinReason::SetConfig),
+        "dblink_connect" | "dblink_connect_u" => Some(super::PinReason::DblinkConnection),
         _ => None,
     }
 }

@@ -8,7 +8,7 @@
 //! servers (SET, PREPARE, LISTEN, a temporary table...) pins the client to that
 //! primary connection instead, which keeps the state where it was made.
 
-use super::decision::Decision;
+use super::decision::{Decision, PinReason};
 
 /// Statement texts longer than this are routed by `decide`, without a full parse.
 pub const LARGE_STATEMENT: usize = 256 * 1024;
@@ -31,7 +31,7 @@ const SESSION_KEYWORDS: &[&[u8]] = &[
 pub fn decide(sql: &[u8]) -> Decision {
     let mut decision = Decision::primary();
     if statement_starts(sql).any(|start| changes_session(&sql[start..])) {
-        decision.pin = Some("a large statement that changes session state");
+        decision.pin = Some(PinReason::LargeStatement);
     }
     decision
 }

@@ -9,4 +9,4 @@ pub mod functions;
 pub mod large;
 
 pub use cache::DecisionCache;
-pub use decision::{Decision, Route, SessionEffect, TxEffect};
+pub use decision::{Decision, PinReason, Route, SessionEffect, TxEffect};

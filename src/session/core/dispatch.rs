@@ -395,9 +395,9 @@ impl<H: ServerHandle> Core<H> {
         if let Some(reason) = decision.pin
             && self.pinned.is_none()
         {
-            info!(user = %self.user.name, project = %self.project.name, reason, "client pinned to its primary connection");
+            info!(user = %self.user.name, project = %self.project.name, %reason, "client pinned to its primary connection");
             self.pinned = Some(reason);
-            self.info.set_pinned(reason);
+            self.info.set_pinned(reason.as_str());
         }
         let fresh_server = self.flight.expect.is_empty();
         if let Some(held) = &self.server {

@@ -54,7 +54,7 @@ use crate::protocol::frontend::{Bind, Frontend, Parse, Target};
 use crate::protocol::messages::{self as msg, TxStatus};
 use crate::protocol::settings::Settings;
 use crate::protocol::{Piece, ProtocolError, spare};
-use crate::router::{Decision, Route, SessionEffect, TxEffect};
+use crate::router::{Decision, PinReason, Route, SessionEffect, TxEffect};
 use crate::session::Context;
 use crate::users::UserEntry;
 use expect::{Expect, ExpectQueue};
@@ -275,7 +275,7 @@ pub(in crate::session) struct Core<H> {
     unnamed: Option<Arc<PreparedStatement>>,
 
     pub(super) server: Option<Held<H>>,
-    pub(super) pinned: Option<&'static str>,
+    pub(super) pinned: Option<PinReason>,
     /// What the session holds only while something is in flight (see `InFlight`).
     pub(super) flight: Flight,
     pub(super) tx_status: TxStatus,

@@ -253,7 +253,7 @@ fn a_session_level_statement_pins_the_client_to_its_server() {
         Some("primary"),
         "kept after ReadyForQuery(Idle)"
     );
-    assert_eq!(bed.core.pinned, Some("LISTEN"));
+    assert_eq!(bed.core.pinned, Some(PinReason::Listen));
 
     // Reads stay on that server too: no other checkout.
     bed.client([query("SELECT 1")]).unwrap();
