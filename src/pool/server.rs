@@ -142,11 +142,15 @@ impl ServerState {
 
     /// Keeps the value a ParameterStatus frame reports.
     pub fn record_parameter(&mut self, frame: &[u8]) {
-        let crate::protocol::backend::Backend::ParameterStatus { name, value } =
+        if let crate::protocol::backend::Backend::ParameterStatus { name, value } =
             crate::protocol::backend::Backend::decode(frame)
-        else {
-            return;
-        };
+        {
+            self.set_parameter(name, value);
+        }
+    }
+
+    /// Keeps a value the server reported (a ParameterStatus already decoded).
+    pub fn set_parameter(&mut self, name: &[u8], value: &[u8]) {
         if name.is_empty() {
             return;
         }

@@ -103,7 +103,7 @@ impl<'a> Report<'a> {
     pub fn to_fields(&self) -> ErrorFields {
         ErrorFields {
             severity: String::from_utf8_lossy(self.severity).into_owned(),
-            code: self.code().to_string(),
+            code: String::from_utf8_lossy(self.code).into_owned(),
             message: self.message().into_owned(),
         }
     }

@@ -390,26 +390,15 @@ pub struct ErrorFields {
     pub message: String,
 }
 
+/// An owned copy of an ErrorResponse's or NoticeResponse's fields (empty for any other
+/// message), for an error that outlives its frame. Read by `backend::Backend`.
 pub fn parse_error_fields(frame: &[u8]) -> ErrorFields {
-    let mut out = ErrorFields::default();
-    let mut fields = Fields::of_frame(frame);
-    while let Ok(kind) = fields.u8() {
-        if kind == 0 {
-            break;
+    match super::backend::Backend::decode(frame) {
+        super::backend::Backend::Error(report) | super::backend::Backend::Notice(report) => {
+            report.to_fields()
         }
-        let Ok(value) = fields.cstr_bytes() else {
-            break;
-        };
-        let value = String::from_utf8_lossy(value).into_owned();
-        match kind {
-            b'V' => out.severity = value,
-            b'S' if out.severity.is_empty() => out.severity = value,
-            b'C' => out.code = value,
-            b'M' => out.message = value,
-            _ => {}
-        }
+        _ => ErrorFields::default(),
     }
-    out
 }
 
 impl std::fmt::Display for ErrorFields {
@@ -418,24 +407,10 @@ impl std::fmt::Display for ErrorFields {
     }
 }
 
-/// Tag of a CommandComplete frame, e.g. "COMMIT" or "INSERT 0 1".
-pub fn command_tag(frame: &[u8]) -> &[u8] {
-    let payload = frame.get(5..).unwrap_or(&[]);
-    payload.strip_suffix(&[0]).unwrap_or(payload)
-}
-
-/// The first column of a DataRow, `None` when it is NULL or the frame is malformed.
+/// The first column of a DataRow frame, `None` when it is NULL or the frame is
+/// malformed.
 pub fn first_column(frame: &[u8]) -> Option<&[u8]> {
-    let body = frame.get(5..)?;
-    let columns = u16::from_be_bytes([*body.first()?, *body.get(1)?]);
-    if columns == 0 {
-        return None;
-    }
-    let len = i32::from_be_bytes(body.get(2..6)?.try_into().ok()?);
-    if len < 0 {
-        return None;
-    }
-    body.get(6..6 + len as usize)
+    super::backend::first_column(frame.get(5..)?)
 }
 
 #[cfg(test)]

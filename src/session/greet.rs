@@ -95,7 +95,7 @@ impl Session {
                 .await
                 .map_err(|e| Greeting::ServerLost(e.to_string()))?;
             match Backend::decode(&frame) {
-                Backend::ParameterStatus { .. } => held.conn.record_parameter(&frame),
+                Backend::ParameterStatus { name, value } => held.conn.set_parameter(name, value),
                 Backend::Error(report) if report.is_fatal() => {
                     return Err(Greeting::ServerLost(report.to_string()));
                 }

@@ -309,54 +309,36 @@ impl<H: ServerHandle> Core<H> {
         if decision.pin.is_some() || self.pinned.is_some() {
             route = Route::Primary;
         }
-        match &self.server {
-            // Still answering earlier units: queue behind them if this unit needs another
-            // node, or if that server is going away (it sent a FATAL error).
-            // A read right after a write waits for that write's commit position, so
-            // that it can be routed by it rather than pile onto the primary.
-            Some(held)
-                if !self.is_sticky()
-                    && (held.conn.state().broken
-                        || (route == Route::Primary && held.node.role() != NodeRole::Primary)
-                        || (route == Route::Replica
-                            && self
-                                .flight
-                                .expect
-                                .iter()
-                                .any(|e| matches!(e, Expect::CommitLsn)))) =>
-            {
-                return Ok(Dispatch::Later(unit));
-            }
-            Some(_) => {}
-            None => {
-                let checkout = Checkout {
-                    route,
-                    hinted: decision.hinted && self.flight.deferred_begin.is_none(),
-                    executes: unit
+        // Still answering earlier units: queue behind them if this unit needs another
+        // node, or if that server is going away (it sent a FATAL error).
+        // A read right after a write waits for that write's commit position, so
+        // that it can be routed by it rather than pile onto the primary.
+        if let Some(held) = &self.server
+            && !self.is_sticky()
+            && (held.conn.state().broken
+                || (route == Route::Primary && held.node.role() != NodeRole::Primary)
+                || (route == Route::Replica
+                    && self
+                        .flight
+                        .expect
                         .iter()
-                        .any(|f| matches!(f[0], msg::QUERY | msg::EXECUTE | msg::FUNCTION_CALL)),
-                };
-                return Ok(Dispatch::NeedServer(Planned {
-                    unit,
-                    decision,
-                    query_effects,
-                    parsed,
-                    checkout,
-                }));
-            }
+                        .any(|e| matches!(e, Expect::CommitLsn))))
+        {
+            return Ok(Dispatch::Later(unit));
         }
-        let checkout = Checkout {
-            route,
-            hinted: false,
-            executes: false,
-        };
-        self.send_unit(Planned {
+        let planned = Planned {
             unit,
+            // A deferred BEGIN's route is the transaction's, whatever the hint says.
+            hinted: decision.hinted && self.flight.deferred_begin.is_none(),
             decision,
             query_effects,
             parsed,
-            checkout,
-        })?;
+            route,
+        };
+        if self.server.is_none() {
+            return Ok(Dispatch::NeedServer(planned));
+        }
+        self.send_unit(planned)?;
         Ok(Dispatch::Done)
     }
 
@@ -390,7 +372,8 @@ impl<H: ServerHandle> Core<H> {
             decision,
             mut query_effects,
             mut parsed,
-            checkout: Checkout { route, .. },
+            route,
+            ..
         } = planned;
         if let Some(reason) = decision.pin
             && self.pinned.is_none()

@@ -365,12 +365,20 @@ pub(in crate::session) struct Planned {
     decision: Decision,
     query_effects: Vec<SessionEffect>,
     parsed: Vec<Arc<PreparedStatement>>,
-    checkout: Checkout,
+    route: Route,
+    hinted: bool,
 }
 
 impl Planned {
     pub(in crate::session) fn checkout(&self) -> Checkout {
-        self.checkout
+        Checkout {
+            route: self.route,
+            hinted: self.hinted,
+            executes: self
+                .unit
+                .iter()
+                .any(|f| matches!(f[0], msg::QUERY | msg::EXECUTE | msg::FUNCTION_CALL)),
+        }
     }
 }
 

@@ -87,7 +87,9 @@ impl<H: ServerHandle> Core<H> {
                     passthrough.cancel_armed = false;
                 }
             }
-            Backend::ParameterStatus { .. } => held.conn.state_mut().record_parameter(&frame),
+            Backend::ParameterStatus { name, value } => {
+                held.conn.state_mut().set_parameter(name, value)
+            }
             Backend::Other(msg::COPY_IN_RESPONSE) => self.copy_in = true,
             Backend::CommandComplete { .. } => self.copy_in = false,
             Backend::Error(report) => {

@@ -51,14 +51,7 @@ fn a_refused_cached_plan_is_parsed_again_without_the_client_noticing() {
     ])
     .unwrap();
     bed.sent();
-    bed.server([
-        parse_complete(),
-        bind_complete(),
-        row("1"),
-        complete("SELECT 1"),
-        ready(b'I'),
-    ])
-    .unwrap();
+    bed.server(extended_select("1")).unwrap();
     bed.answered();
 
     // The same text again on the same server: its unnamed statement is reused.
@@ -76,14 +69,7 @@ fn a_refused_cached_plan_is_parsed_again_without_the_client_noticing() {
     assert_eq!(tags(&again), "PBES", "sent again with its Parse");
     assert!(bed.answered().is_empty(), "the client saw nothing of it");
     bed.server([ready(b'I')]).unwrap();
-    bed.server([
-        parse_complete(),
-        bind_complete(),
-        row("1"),
-        complete("SELECT 1"),
-        ready(b'I'),
-    ])
-    .unwrap();
+    bed.server(extended_select("1")).unwrap();
     assert_eq!(tags(&bed.answered()), "12DCZ");
 }
 
@@ -117,15 +103,7 @@ fn a_server_lost_inside_a_transaction_ends_the_session() {
     let mut bed = Bed::new();
     bed.client([query("BEGIN"), query("INSERT INTO t VALUES (1)")])
         .unwrap();
-    bed.server([
-        parse_complete(),
-        bind_complete(),
-        complete("BEGIN"),
-        close_complete(),
-        complete("INSERT 0 1"),
-        ready(b'T'),
-    ])
-    .unwrap();
+    bed.server(begun_then("INSERT 0 1")).unwrap();
     match bed.core.server_lost("connection reset") {
         Err(End::Fatal { code, .. }) => assert_eq!(code, "08006"),
         other => panic!("expected the session to end, got {other:?}"),

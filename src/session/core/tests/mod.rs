@@ -300,3 +300,27 @@ fn error(code: &str) -> BytesMut {
 fn copy_in_response() -> BytesMut {
     frame(b'G', &[&[0, 0, 0]])
 }
+
+/// The server's answers to Parse, Bind, Execute and Sync of a one-row SELECT.
+fn extended_select(value: &str) -> [BytesMut; 5] {
+    [
+        parse_complete(),
+        bind_complete(),
+        row(value),
+        complete("SELECT 1"),
+        ready(b'I'),
+    ]
+}
+
+/// The server's answers to a deferred `BEGIN` (Parse, Bind, Execute, Close of its
+/// portal) and the simple query sent behind it, which completes with `tag`.
+fn begun_then(tag: &str) -> [BytesMut; 6] {
+    [
+        parse_complete(),
+        bind_complete(),
+        complete("BEGIN"),
+        close_complete(),
+        complete(tag),
+        ready(b'T'),
+    ]
+}

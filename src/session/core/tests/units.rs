@@ -52,25 +52,11 @@ fn pipelined_units_share_one_server_and_their_answers_keep_their_order() {
     assert_eq!(bed.checkouts.len(), 1, "one checkout for the pipeline");
     assert_eq!(tags(&bed.sent()), "PBESPBES");
 
-    bed.server([
-        parse_complete(),
-        bind_complete(),
-        row("1"),
-        complete("SELECT 1"),
-        ready(b'I'),
-    ])
-    .unwrap();
+    bed.server(extended_select("1")).unwrap();
     assert_eq!(tags(&bed.answered()), "12DCZ");
     assert!(bed.held().is_some(), "the second unit is still in flight");
 
-    bed.server([
-        parse_complete(),
-        bind_complete(),
-        row("2"),
-        complete("SELECT 1"),
-        ready(b'I'),
-    ])
-    .unwrap();
+    bed.server(extended_select("2")).unwrap();
     let answers = bed.answered();
     assert_eq!(tags(&answers), "12DCZ");
     assert_eq!(&answers[2][answers[2].len() - 1..], b"2");
@@ -97,15 +83,7 @@ fn begin_waits_for_the_first_statement_and_goes_with_it() {
     assert_eq!(text(&sent[0]), "");
     assert_eq!(text(&sent[4]), "INSERT INTO t VALUES (1)");
 
-    bed.server([
-        parse_complete(),
-        bind_complete(),
-        complete("BEGIN"),
-        close_complete(),
-        complete("INSERT 0 1"),
-        ready(b'T'),
-    ])
-    .unwrap();
+    bed.server(begun_then("INSERT 0 1")).unwrap();
     let answer = bed.answered();
     assert_eq!(tags(&answer), "CZ", "the BEGIN's answers are the proxy's");
     assert_eq!(text(&answer[0]), "INSERT 0 1");
@@ -155,14 +133,7 @@ fn a_named_statement_is_prepared_again_on_a_server_that_lacks_it() {
     let sent = bed.sent();
     assert_eq!(tags(&sent), "PBES");
     assert_eq!(text(&sent[0]), server_name);
-    bed.server([
-        parse_complete(),
-        bind_complete(),
-        row("1"),
-        complete("SELECT 1"),
-        ready(b'I'),
-    ])
-    .unwrap();
+    bed.server(extended_select("1")).unwrap();
     assert_eq!(tags(&bed.answered()), "2DCZ");
 }
 
@@ -199,15 +170,7 @@ fn a_setting_rolled_back_is_not_kept() {
     bed.client([query("BEGIN"), query("SET search_path TO s")])
         .unwrap();
     bed.sent();
-    bed.server([
-        parse_complete(),
-        bind_complete(),
-        complete("BEGIN"),
-        close_complete(),
-        complete("SET"),
-        ready(b'T'),
-    ])
-    .unwrap();
+    bed.server(begun_then("SET")).unwrap();
     bed.client([query("ROLLBACK")]).unwrap();
     bed.server([complete("ROLLBACK"), ready(b'I')]).unwrap();
     bed.sent();
@@ -280,14 +243,7 @@ fn session_pooling_passes_both_ways_unchanged() {
     assert_eq!(tags(&sent), "PBES");
     assert_eq!(text(&sent[0]), "s1", "names stay the client's");
     assert_eq!(bed.core.phase(), Phase::Busy);
-    bed.server([
-        parse_complete(),
-        bind_complete(),
-        row("1"),
-        complete("SELECT 1"),
-        ready(b'I'),
-    ])
-    .unwrap();
+    bed.server(extended_select("1")).unwrap();
     assert_eq!(tags(&bed.answered()), "12DCZ");
     assert_eq!(bed.held(), Some("primary"), "the session keeps its server");
     assert_eq!(bed.core.phase(), Phase::Idle);
