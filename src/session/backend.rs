@@ -22,31 +22,26 @@ impl Session {
         hinted: bool,
         executes: bool,
     ) -> Result<(), BackendError> {
-        self.follow_reload();
+        self.core.follow_reload();
         if route == Route::Replica {
-            // A read hinted to a replica is the user's choice over read-your-writes.
-            let min_lsn = if self.core.ryw && !hinted {
-                self.core.min_lsn
-            } else {
-                0
-            };
+            let min_lsn = self.core.read_floor(hinted);
             let mut nodes = spare::take_vec(&SPARE_NODES);
             self.core
-                .project
+                .project()
                 .read_candidates_into(min_lsn, executes, &mut nodes);
             if nodes.is_empty() && min_lsn > 0 {
-                if !self.core.project.causal_wait.is_zero()
+                if !self.core.project().causal_wait.is_zero()
                     && Box::pin(self.wait_for_replica(min_lsn)).await
                 {
                     return Ok(());
                 }
                 self.core
-                    .project
+                    .project()
                     .causal_primary_reads
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
             // Then the primary, which runs any read.
-            let Some(primary) = self.core.project.primary().cloned() else {
+            let Some(primary) = self.core.project().primary().cloned() else {
                 return self.attach_first(nodes).await;
             };
             if nodes.is_empty() {
@@ -58,7 +53,7 @@ impl Session {
         }
         let paused = self
             .core
-            .project
+            .project()
             .failover
             .writes_paused
             .load(std::sync::atomic::Ordering::SeqCst);
@@ -67,12 +62,12 @@ impl Session {
                 .wait_for_primary(BackendError::Timeout("a switchover is in progress".into()))
                 .await;
         }
-        if let Some(peers) = &self.core.shared.peers
+        if let Some(peers) = &self.core.context().peers
             && let Err(reason) = peers.writes_allowed()
         {
             return Box::pin(self.wait_for_primary(BackendError::Timeout(reason))).await;
         }
-        let attached = match self.core.project.primary().cloned() {
+        let attached = match self.core.project().primary().cloned() {
             Some(node) => self.attach_from(node).await,
             None => Err(BackendError::Timeout(
                 "the project has no primary now".into(),
@@ -84,38 +79,13 @@ impl Session {
         }
     }
 
-    /// After a reload, moves to the project's new topology (its old one keeps serving
-    /// only what is already in flight). A removed project keeps its old topology for
-    /// the clients still connected to it.
-    fn follow_reload(&mut self) {
-        if !self
-            .core
-            .project
-            .retired
-            .load(std::sync::atomic::Ordering::Relaxed)
-        {
-            return;
-        }
-        if let Some(project) = self
-            .core
-            .shared
-            .topology
-            .load()
-            .projects
-            .get(&self.core.project.name)
-        {
-            self.core.project = project.clone();
-            self.core.ryw = project.read_your_writes_applies(self.core.session_mode());
-        }
-    }
-
     /// A write found no primary (it is down, or a failover or switchover is running):
     /// wait up to `write_wait_ms` for one instead of failing at once.
     async fn wait_for_primary(&mut self, first: BackendError) -> Result<(), BackendError> {
-        let failover = &self.core.project.failover;
+        let failover = &self.core.project().failover;
         let wait = failover.settings.write_wait;
         let deadline = Instant::now() + wait;
-        info!(project = %self.core.project.name, "no primary available ({first}); the write waits up to {} ms for one", wait.as_millis());
+        info!(project = %self.core.project().name, "no primary available ({first}); the write waits up to {} ms for one", wait.as_millis());
         let mut last = first;
         loop {
             if Instant::now() >= deadline {
@@ -132,16 +102,16 @@ impl Session {
             {
                 continue;
             }
-            if let Some(peers) = &self.core.shared.peers
+            if let Some(peers) = &self.core.context().peers
                 && let Err(reason) = peers.writes_allowed()
             {
                 last = BackendError::Timeout(reason);
                 continue;
             }
-            let Some(primary) = self.core.project.primary().cloned() else {
+            let Some(primary) = self.core.project().primary().cloned() else {
                 continue;
             };
-            match primary.checkout(&self.core.user).await {
+            match primary.checkout(self.core.user()).await {
                 Ok(conn) => {
                     self.core.attach(primary, conn);
                     return Ok(());
@@ -157,15 +127,15 @@ impl Session {
     async fn wait_for_replica(&mut self, min_lsn: u64) -> bool {
         let Some(node) = self
             .core
-            .project
+            .project()
             .read_candidates(0, false)
             .into_iter()
             .max_by_key(|n| n.health.lsn())
         else {
             return false;
         };
-        let deadline = Instant::now() + self.core.project.causal_wait;
-        let Ok(mut conn) = node.checkout(&self.core.user).await else {
+        let deadline = Instant::now() + self.core.project().causal_wait;
+        let Ok(mut conn) = node.checkout(self.core.user()).await else {
             return false;
         };
         loop {
@@ -206,13 +176,13 @@ impl Session {
     }
 
     async fn attach_from(&mut self, node: Arc<Node>) -> Result<(), BackendError> {
-        match node.checkout(&self.core.user).await {
+        match node.checkout(self.core.user()).await {
             Ok(conn) => {
                 self.core.attach(node, conn);
                 Ok(())
             }
             Err(e) => {
-                warn!(node = %node.name, project = %self.core.project.name, "cannot get a server connection: {e}");
+                warn!(node = %node.name, project = %self.core.project().name, "cannot get a server connection: {e}");
                 Err(e)
             }
         }

@@ -1,17 +1,8 @@
 //! The end of a login: a server is attached, the client's startup settings are applied
-//! on it, and the client gets the server's ParameterStatus values, its cancel key and
-//! its first ReadyForQuery, as from Postgres.
+//! on it (the core reads its answers, `core/login.rs`), and the client is welcomed.
 
+use super::core::Greeting;
 use super::*;
-use crate::protocol::backend::Backend;
-
-/// Why applying a client's startup settings on a server failed.
-enum Greeting {
-    /// The server refused a setting: the login fails, as it would on Postgres.
-    Refused(End),
-    /// The server connection died: another one may do.
-    ServerLost(String),
-}
 
 impl Session {
     /// Finishes the login: ParameterStatus from a real server with the client's
@@ -22,15 +13,15 @@ impl Session {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let mut nodes: Vec<Arc<Node>> =
-                self.core.project.primary().cloned().into_iter().collect();
-            nodes.extend(self.core.project.read_candidates(0, false));
+            let project = self.core.project();
+            let mut nodes: Vec<Arc<Node>> = project.primary().cloned().into_iter().collect();
+            nodes.extend(project.read_candidates(0, false));
             if let Err(e) = self.attach_first(nodes).await {
                 return Err(End::fatal(
                     e.sqlstate(),
                     format!(
                         "no server of project \"{}\" is available: {e}",
-                        self.core.project.name
+                        self.core.project().name
                     ),
                 ));
             }
@@ -38,81 +29,56 @@ impl Session {
                 Ok(()) => break,
                 Err(Greeting::Refused(end)) => return Err(end),
                 Err(Greeting::ServerLost(reason)) => {
-                    if let Some(held) = self.core.server.as_mut() {
-                        held.conn.broken = true;
-                    }
-                    self.core.release();
-                    self.core.flight.expect.clear();
-                    self.core.server_out.clear();
+                    self.core.login_server_lost();
                     if attempt >= 3 {
                         return Err(End::fatal("08006", reason));
                     }
-                    debug!(user = %self.core.user.name, "server connection failed during login ({reason}); trying another");
+                    debug!(user = %self.core.user().name, "server connection failed during login ({reason}); trying another");
                 }
             }
         }
         let session_mode = self.core.session_mode();
-        let Some(held) = self.core.server.as_mut() else {
+        let Some(held) = self.core.held_mut() else {
             return Err(End::fatal("08006", "no server available"));
         };
-        for (name, value) in &held.conn.params {
-            msg::parameter_status(&mut self.core.client_out, name, value);
-        }
         if session_mode {
             // The client keeps this server: it gets the server's real process id, so
             // that pg_backend_pid(), pg_terminate_backend() and NOTIFY's sender agree
             // with what the driver reports. Cancel requests still come to the proxy.
-            self.key = self.core.shared.cancels.rekey(self.key, held.conn.pid);
+            let pid = held.conn.pid;
+            self.key = self.core.context().cancels.rekey(self.key, pid);
         }
-        msg::backend_key_data(&mut self.core.client_out, self.key.0, self.key.1);
-        msg::ready_for_query(&mut self.core.client_out, TxStatus::Idle);
-        if !self.core.is_sticky() {
-            self.core.release();
-        }
+        self.core.welcome(self.key);
         Ok(())
     }
 
-    /// Applies the client's startup settings on the attached server and records the
-    /// ParameterStatus values it reports.
+    /// Applies the client's startup settings on the attached server; the core records
+    /// the ParameterStatus values it reports.
     async fn settle_login_settings(&mut self) -> Result<(), Greeting> {
         self.core.prepare_server();
-        let Some(held) = self.core.server.as_mut() else {
+        let io = self.core.io();
+        let Some(conn) = io.server else {
             return Err(Greeting::ServerLost("no server available".into()));
         };
-        if self.core.server_out.is_empty() {
+        if io.server_out.is_empty() {
             return Ok(());
         }
-        held.conn
-            .send(&self.core.server_out)
+        conn.send(io.server_out)
             .await
             .map_err(|e| Greeting::ServerLost(e.to_string()))?;
-        self.core.server_out.clear();
-        while !self.core.flight.expect.is_empty() {
+        let sent = io.server_out.len();
+        self.core.server_wrote(sent);
+        while self.core.awaits_login_answers() {
+            let Some(held) = self.core.held_mut() else {
+                return Err(Greeting::ServerLost("no server available".into()));
+            };
             let frame = held
                 .conn
                 .reader
                 .read_frame()
                 .await
                 .map_err(|e| Greeting::ServerLost(e.to_string()))?;
-            match Backend::decode(&frame) {
-                Backend::ParameterStatus { name, value } => held.conn.set_parameter(name, value),
-                Backend::Error(report) if report.is_fatal() => {
-                    return Err(Greeting::ServerLost(report.to_string()));
-                }
-                Backend::Error(report) => {
-                    // An invalid startup parameter: Postgres refuses such a login too.
-                    held.conn.needs_reset = true;
-                    self.core.flight.expect.clear();
-                    return Err(Greeting::Refused(End::fatal(
-                        report.code(),
-                        report.message(),
-                    )));
-                }
-                Backend::ReadyForQuery(_) => {
-                    self.core.flight.expect.pop_front();
-                }
-                _ => {}
-            }
+            self.core.login_answer(&frame)?;
         }
         Ok(())
     }

@@ -40,11 +40,11 @@ use crate::tls::stream::{ClientRead, ClientWrite, Sent};
 use tokio::io::AsyncWriteExt;
 use tracing::{debug, info, warn};
 
-use self::core::{Core, CoreParts, End, Leaving, Planned, SERVER_OUT_LIMIT, consume};
+use self::core::{Core, CoreParts, End, Leaving, Planned};
 use crate::cluster::{Node, Project, health};
 use crate::config::PoolMode;
 use crate::pool::{BackendError, Pooled};
-use crate::protocol::messages::{self as msg, TxStatus};
+use crate::protocol::messages as msg;
 use crate::protocol::settings;
 use crate::protocol::{MessageReader, STREAM_FRAME_OVER, spare};
 use crate::router::Route;
@@ -56,13 +56,6 @@ use timeouts::{Expired, Phase, Timeouts, Timer};
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long a closing session may take to hand its client the last messages.
 const FINAL_WRITE: Duration = Duration::from_secs(5);
-/// Client messages read ahead of the server before the proxy stops reading (backpressure).
-const MAX_PENDING: usize = 4096;
-/// Bytes of client messages read ahead of the server before the proxy stops reading.
-const MAX_PENDING_BYTES: usize = 1024 * 1024;
-/// Bytes waiting for a slow client beyond which the server is not read (see
-/// `core::SERVER_OUT_LIMIT` for the other direction).
-const CLIENT_OUT_LIMIT: usize = 256 * 1024;
 /// How often a write waiting for a primary (write_wait_ms) looks again.
 const WRITE_WAIT_POLL: Duration = Duration::from_millis(50);
 /// How often a read waiting for a replica to catch up (causal_wait_ms) asks it again.
@@ -96,7 +89,7 @@ struct Session {
     key: (i32, i32),
     /// Its place under the project's and the user's client limits.
     _login_seat: limits::LoginSeat,
-    /// The one timer of the session's timeouts (`core.clock` says when it is due).
+    /// The one timer of the session's timeouts (`core.deadline()` says when it is due).
     timer: Timer,
 }
 
@@ -145,12 +138,12 @@ impl Session {
 
     /// Undoes what `start` registered.
     fn leave(self) {
-        self.core.shared.clients.unregister(self.core.info.id);
+        let context = self.core.context();
+        context.clients.unregister(self.core.info().id);
         // Session mode gives the client its server's process id: the key may have
         // changed.
-        self.core.shared.cancels.unregister(self.key.0, self.key.1);
-        self.core
-            .shared
+        context.cancels.unregister(self.key.0, self.key.1);
+        context
             .active_clients
             .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
@@ -197,14 +190,14 @@ impl Session {
         // Boxed, as the rare paths below: a task keeps the space of its largest await
         // point for its whole life, idle or not.
         Box::pin(self.greet()).await?;
-        if *self.core.shared.shutdown.borrow() {
-            self.core.info.request_stop();
+        if *self.core.context().shutdown.borrow() {
+            self.core.info().request_stop();
         }
         // A task's waker does not change, so the session registers it once, and again
         // after each notice (a wake uses the registration up).
         let mut stop_registered = false;
         loop {
-            if !self.core.flight.pending.is_empty() {
+            if self.core.has_pending() {
                 // (Each in its own statement: a temporary of a statement with an
                 // await, a `while let`'s scrutinee among them, would keep its place in
                 // the task across the await.)
@@ -221,38 +214,23 @@ impl Session {
                 }
             }
             self.write_ready()?;
-            if self.core.server.is_none()
+            if !self.core.holds_server()
                 && !self.core.skips_here()
                 && self.core.next_unit_len().is_some()
             {
                 // A failed write to the server sent a read back to the queue.
                 continue;
             }
-            let phase = self.core.phase();
-            if phase == Phase::Idle {
-                self.park_buffers();
-            } else if self.core.clock.phase() == Phase::Idle {
-                // A request begins: it runs under the timeouts of the latest reload.
-                self.core.refresh_timeouts();
+            if self.core.before_wait() == Phase::Idle {
+                // An idle client keeps no buffers (the core lent its own back).
+                self.client.park();
             }
-            self.core.clock.set_phase(phase);
-            if !self.core.client_out.is_empty() {
-                // write_ready could not write it all: the client's socket is full.
-                self.core.clock.client_write_waiting();
-            }
-            self.timer
-                .arm(self.core.clock.deadline(self.core.flight.started));
-            let timed = self.timer.is_armed();
-            let read_client = self.core.flight.pending.len() < MAX_PENDING
-                && self.core.flight.pending.bytes() < MAX_PENDING_BYTES
-                && self.core.server_out.len() < SERVER_OUT_LIMIT;
-            let read_server = self.core.client_out.len() < CLIENT_OUT_LIMIT;
-            let flush_client = self.writer.has_unflushed();
+            self.timer.arm(self.core.deadline());
             let wants = Wants {
-                read_client,
-                read_server,
-                flush_client,
-                timed,
+                read_client: self.core.reads_client(),
+                read_server: self.core.reads_server(),
+                flush_client: self.writer.has_unflushed(),
+                timed: self.timer.is_armed(),
             };
             // The poll function holds one reference to the session (and the notice's
             // registration flag): it is kept in the task while the session waits.
@@ -273,20 +251,14 @@ impl Session {
                 Event::ClientWrote(Ok(Sent::Wrote(n))) => self.core.client_wrote(n),
                 Event::ClientWrote(Ok(Sent::Flushed)) => {}
                 Event::ClientWrote(Err(e)) => return Err(End::ClientIo(e)),
-                Event::ServerWrote(Ok(Sent::Wrote(n))) if n > 0 => {
-                    consume(&mut self.core.server_out, n)
-                }
+                Event::ServerWrote(Ok(Sent::Wrote(n))) if n > 0 => self.core.server_wrote(n),
                 Event::ServerWrote(Ok(Sent::Flushed)) => {}
                 Event::ServerWrote(Ok(Sent::Wrote(n))) => self.server_write_failed(Ok(n))?,
                 Event::ServerWrote(Err(e)) => self.server_write_failed(Err(e))?,
                 Event::Notice => {
-                    self.core.info.take_notice();
                     // The wake that brought the notice used the registered waker up.
                     stop_registered = false;
-                    if self.core.info.take_reconfigured() {
-                        self.core.refresh_timeouts();
-                    }
-                    if self.core.info.terminate_requested() {
+                    if self.core.take_notice() {
                         return Err(End::fatal(
                             "57P01",
                             "terminating connection: the proxy is shutting down and shutdown_timeout_ms is over",
@@ -298,9 +270,9 @@ impl Session {
             // Shutting down: a client leaves as soon as it holds no server (between
             // transactions); one inside a transaction may finish it first. (The phase
             // is worked out only then: it is not free, and this runs every pass.)
-            if self.core.info.stop_requested()
+            if self.core.info().stop_requested()
                 && self.core.phase() == Phase::Idle
-                && self.core.flight.pending.is_empty()
+                && !self.core.has_pending()
             {
                 return Err(End::fatal(
                     "57P01",
@@ -323,23 +295,22 @@ impl Session {
         wants: Wants,
         registered: &mut bool,
     ) -> Poll<Event> {
-        let core = &mut self.core;
-        if let Some(held) = core.server.as_mut() {
-            let conn = &mut *held.conn;
-            if (!core.server_out.is_empty() || conn.writer.has_unflushed())
-                && let Poll::Ready(r) = conn.writer.poll_send(cx, &core.server_out)
-            {
-                return Poll::Ready(Event::ServerWrote(r));
-            }
+        let io = self.core.io();
+        let mut server = io.server;
+        if let Some(conn) = server.as_deref_mut()
+            && (!io.server_out.is_empty() || conn.writer.has_unflushed())
+            && let Poll::Ready(r) = conn.writer.poll_send(cx, io.server_out)
+        {
+            return Poll::Ready(Event::ServerWrote(r));
         }
-        if (!core.client_out.is_empty() || wants.flush_client)
-            && let Poll::Ready(r) = self.writer.poll_send(cx, &core.client_out)
+        if (!io.client_out.is_empty() || wants.flush_client)
+            && let Poll::Ready(r) = self.writer.poll_send(cx, io.client_out)
         {
             return Poll::Ready(Event::ClientWrote(r));
         }
-        if let Some(held) = core.server.as_mut()
+        if let Some(conn) = server
             && wants.read_server
-            && let Poll::Ready(r) = held.conn.reader.poll_fill(cx)
+            && let Poll::Ready(r) = conn.reader.poll_fill(cx)
         {
             return Poll::Ready(Event::Server(r));
         }
@@ -348,7 +319,7 @@ impl Session {
         {
             return Poll::Ready(Event::Client(r));
         }
-        if core.info.poll_notice(cx, registered).is_ready() {
+        if self.core.info().poll_notice(cx, registered).is_ready() {
             return Poll::Ready(Event::Notice);
         }
         if wants.timed && self.timer.poll_fired(cx).is_ready() {
@@ -357,20 +328,12 @@ impl Session {
         Poll::Pending
     }
 
-    /// Between requests the session lends its empty buffers back (see
-    /// `protocol::spare`): an idle client keeps none, and one that grew for a large
-    /// message does not keep that memory.
-    fn park_buffers(&mut self) {
-        self.client.park();
-        self.core.park_buffers();
-    }
-
     /// The session's timer fired: act on the timeout that ran out, if one did.
     async fn on_timer(&mut self) -> Result<(), End> {
-        let Some(expired) = self.core.clock.expired(self.core.flight.started) else {
+        let Some(expired) = self.core.timer_fired() else {
             return Ok(());
         };
-        let counters = &self.core.shared.limits.timeouts;
+        let counters = &self.core.context().limits.timeouts;
         match expired {
             Expired::ClientWrite(limit) => {
                 counters
@@ -403,14 +366,14 @@ impl Session {
                 ))
             }
             Expired::Query(limit) => {
-                self.core.clock.query_cancel_sent();
-                let Some(held) = self.core.server.as_mut() else {
-                    return Ok(());
-                };
                 counters
                     .query
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                info!(user = %self.core.user.name, node = %held.node.name, "query ran past query_timeout_ms ({} ms); cancelling it", limit.as_millis());
+                let user = self.core.user().clone();
+                let Some(held) = self.core.held_mut() else {
+                    return Ok(());
+                };
+                info!(user = %user.name, node = %held.node.name, "query ran past query_timeout_ms ({} ms); cancelling it", limit.as_millis());
                 // Awaited here, before the server can go back to the pool: a cancel
                 // still on its way could otherwise hit the next client's query.
                 let conn = &mut held.conn;
@@ -432,19 +395,25 @@ impl Session {
     /// Writes what each socket accepts now without waiting: the server's bytes first,
     /// then the client's. The rest waits for the socket in the session loop.
     fn write_ready(&mut self) -> Result<(), End> {
-        while !self.core.server_out.is_empty() {
-            let Some(held) = self.core.server.as_mut() else {
-                self.core.server_out.clear();
+        self.core.drop_orphan_output();
+        loop {
+            let io = self.core.io();
+            let Some(conn) = io.server else { break };
+            if io.server_out.is_empty() {
                 break;
-            };
-            match held.conn.writer.try_write(&self.core.server_out) {
-                Ok(n) if n > 0 => consume(&mut self.core.server_out, n),
+            }
+            match conn.writer.try_write(io.server_out) {
+                Ok(n) if n > 0 => self.core.server_wrote(n),
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 failed => self.server_write_failed(failed)?,
             }
         }
-        while !self.core.client_out.is_empty() {
-            match self.writer.try_write(&self.core.client_out) {
+        loop {
+            let client_out = self.core.io().client_out;
+            if client_out.is_empty() {
+                break;
+            }
+            match self.writer.try_write(client_out) {
                 Ok(0) => return Err(End::ClientGone),
                 Ok(n) => self.core.client_wrote(n),
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
@@ -457,12 +426,11 @@ impl Session {
     /// A write to the server failed (or took nothing): what was waiting for it is
     /// dropped and the server is lost.
     fn server_write_failed(&mut self, failed: std::io::Result<usize>) -> Result<(), End> {
-        self.core.server_out.clear();
         let reason = match failed {
             Err(e) => format!("write failed: {e}"),
             Ok(_) => "write failed: the server accepts no more data".to_string(),
         };
-        self.core.server_lost(&reason)
+        self.core.server_write_failed(&reason)
     }
 
     fn take_client_frames(&mut self) -> Result<(), End> {
@@ -480,7 +448,7 @@ impl Session {
 
     fn take_server_frames(&mut self) -> Result<(), End> {
         loop {
-            let Some(held) = self.core.server.as_mut() else {
+            let Some(held) = self.core.held_mut() else {
                 return Ok(());
             };
             let piece = held.conn.reader.next_piece(STREAM_FRAME_OVER, |tag| {
@@ -516,27 +484,27 @@ impl Session {
         let mut reachable = true;
         match end {
             Ok(()) | Err(End::ClientGone) => {
-                debug!(user = %self.core.user.name, "client disconnected")
+                debug!(user = %self.core.user().name, "client disconnected")
             }
             Err(End::ClientIo(e)) => {
-                debug!(user = %self.core.user.name, "client connection error: {e}")
+                debug!(user = %self.core.user().name, "client connection error: {e}")
             }
             Err(End::ServerGone(reason)) => {
-                info!(user = %self.core.user.name, "server connection of a session-mode client ended ({reason}); closing the client's")
+                info!(user = %self.core.user().name, "server connection of a session-mode client ended ({reason}); closing the client's")
             }
             Err(End::Fatal { code, message }) => {
-                warn!(user = %self.core.user.name, code, "closing client connection: {message}");
-                msg::error_response(&mut self.core.client_out, "FATAL", &code, &message);
+                warn!(user = %self.core.user().name, code, "closing client connection: {message}");
+                self.core.say_fatal(&code, &message);
             }
             Err(End::WriteTimeout(limit)) => {
-                warn!(user = %self.core.user.name, "closing client connection: it read nothing of its results for client_write_timeout_ms ({} ms)", limit.as_millis());
+                warn!(user = %self.core.user().name, "closing client connection: it read nothing of its results for client_write_timeout_ms ({} ms)", limit.as_millis());
                 reachable = false;
             }
         }
         // The last words are bounded in time: a client that stopped reading must not
         // keep this task, or its server connection, forever.
         let writer = &mut self.writer;
-        let last_words = &self.core.client_out;
+        let last_words = self.core.last_words();
         let _ = tokio::time::timeout(FINAL_WRITE, async {
             if reachable && !last_words.is_empty() {
                 let _ = writer.write_all(last_words).await;
@@ -561,8 +529,6 @@ impl Session {
             Some(Leaving::Release(conn)) => drop(conn),
             None => {}
         }
-        self.core.cancel_slot.clear();
-        self.core.cancel_slot.clear();
     }
 }
 

@@ -24,14 +24,16 @@
 
 mod client;
 mod dispatch;
-pub(super) mod expect;
-pub(super) mod flight;
+mod expect;
+mod flight;
+mod login;
 mod lost;
 mod passthrough;
-pub(super) mod pending;
+mod pending;
 mod requests;
 mod responses;
 mod server;
+mod shell;
 #[cfg(test)]
 mod tests;
 
@@ -61,6 +63,8 @@ use expect::{Expect, ExpectQueue};
 use flight::Flight;
 use pending::Pending;
 
+pub(super) use login::Greeting;
+
 /// A batch without Sync is sent on once it grows this long (JDBC batches, COPY-less
 /// bulk), in messages or in bytes.
 const PARTIAL_UNIT: usize = 512;
@@ -69,7 +73,7 @@ const PARTIAL_UNIT_BYTES: usize = 256 * 1024;
 /// units are sent): the shell keeps reading each side while it writes to the other,
 /// with bounded buffers, so that a client that pipelines and a server that streams
 /// results never wait on each other.
-pub(super) const SERVER_OUT_LIMIT: usize = 256 * 1024;
+const SERVER_OUT_LIMIT: usize = 256 * 1024;
 /// Proxy-named statements one server connection may accumulate before it is cleared.
 const MAX_PREPARED_PER_SERVER: usize = 2000;
 /// How often one read is sent again elsewhere after its server failed before answering.
@@ -123,7 +127,7 @@ thread_local! {
 
 /// Drops the `n` bytes of `buf` a socket took. A buffer written whole is cleared, not
 /// advanced, so that the next message is written at its front again.
-pub(super) fn consume(buf: &mut BytesMut, n: usize) {
+fn consume(buf: &mut BytesMut, n: usize) {
     if n >= buf.len() {
         buf.clear();
     } else {
@@ -259,14 +263,14 @@ pub(in crate::session) struct CoreParts {
 }
 
 pub(in crate::session) struct Core<H> {
-    pub(super) shared: Arc<Context>,
+    shared: Arc<Context>,
     /// Bytes waiting to go to the client / to the server.
-    pub(super) client_out: BytesMut,
-    pub(super) server_out: BytesMut,
-    pub(super) user: Arc<UserEntry>,
-    pub(super) project: Arc<Project>,
+    client_out: BytesMut,
+    server_out: BytesMut,
+    user: Arc<UserEntry>,
+    project: Arc<Project>,
     pooling: Pooling,
-    pub(super) cancel_slot: Arc<CancelSlot>,
+    cancel_slot: Arc<CancelSlot>,
 
     /// Settings from the startup packet (what RESET returns to) and the current ones.
     startup_settings: Box<Settings>,
@@ -274,32 +278,32 @@ pub(in crate::session) struct Core<H> {
     statements: HashMap<String, Arc<PreparedStatement>>,
     unnamed: Option<Arc<PreparedStatement>>,
 
-    pub(super) server: Option<Held<H>>,
-    pub(super) pinned: Option<PinReason>,
+    server: Option<Held<H>>,
+    pinned: Option<PinReason>,
     /// What the session holds only while something is in flight (see `InFlight`).
-    pub(super) flight: Flight,
-    pub(super) tx_status: TxStatus,
-    pub(super) copy_in: bool,
+    flight: Flight,
+    tx_status: TxStatus,
+    copy_in: bool,
     /// Extended-protocol messages were sent since the last Sync.
-    pub(super) mid_batch: bool,
+    mid_batch: bool,
     group_error: bool,
     saw_rollback: bool,
     /// Client messages up to the next Sync that go nowhere after an error.
     skipping: SkipToSync,
 
     /// Read-your-writes is on for this client (and can matter: the project has replicas).
-    pub(super) ryw: bool,
+    ryw: bool,
     /// Replicas must have replayed this far to serve this client's reads (0: any).
-    pub(super) min_lsn: u64,
+    min_lsn: u64,
     /// A write went to the primary since the last time the server was idle.
     wrote: bool,
     replays: u8,
     /// The unit being forwarded had its Parse answered by the proxy.
     skipped_parse: bool,
     /// This client's entry in the registry behind SHOW CLIENTS.
-    pub(super) info: Arc<ClientInfo>,
+    info: Arc<ClientInfo>,
     /// The idle, transaction, query and write timeouts (see `timeouts.rs`).
-    pub(super) clock: SessionClock,
+    clock: SessionClock,
     /// A large frame is being passed on in pieces: where the pieces go.
     streamed: Streamed,
     /// The same for a large client message.
@@ -448,7 +452,7 @@ impl<H: ServerHandle> Core<H> {
     }
 
     /// The held server must stay with this client (its state lives there).
-    pub(super) fn is_sticky(&self) -> bool {
+    fn is_sticky(&self) -> bool {
         self.session_mode()
             || self.pinned.is_some()
             || !self.tx_status.is_idle()
@@ -457,7 +461,7 @@ impl<H: ServerHandle> Core<H> {
     }
 
     /// What the session is doing, for its timeouts and for a shutdown.
-    pub(super) fn phase(&self) -> Phase {
+    pub(in crate::session) fn phase(&self) -> Phase {
         if let Pooling::Session(passthrough) = self.pooling {
             if passthrough.awaiting_ready > 0 || self.copy_in {
                 Phase::Busy
@@ -485,7 +489,7 @@ impl<H: ServerHandle> Core<H> {
     /// Between requests the core lends its empty output buffers back (see
     /// `protocol::spare`): an idle client keeps none, and one that grew for a large
     /// message does not keep that memory.
-    pub(super) fn park_buffers(&mut self) {
+    fn park_buffers(&mut self) {
         spare::give_back(&mut self.client_out);
         spare::give_back(&mut self.server_out);
         self.flight.settle();
@@ -493,7 +497,7 @@ impl<H: ServerHandle> Core<H> {
 
     /// A request arrived: the output buffers are taken again from the spares rather
     /// than grown from nothing.
-    pub(super) fn unpark_buffers(&mut self) {
+    pub(in crate::session) fn unpark_buffers(&mut self) {
         for buf in [&mut self.client_out, &mut self.server_out] {
             if buf.capacity() == 0 {
                 *buf = spare::take();
@@ -501,7 +505,7 @@ impl<H: ServerHandle> Core<H> {
         }
     }
 
-    pub(super) fn refresh_timeouts(&mut self) {
+    fn refresh_timeouts(&mut self) {
         self.clock
             .update(Timeouts::from_settings(&self.shared.config.load().proxy));
     }
