@@ -250,3 +250,79 @@ fn session_pooling_passes_both_ways_unchanged() {
     assert!(bed.checkouts.is_empty());
     drop(bed.shared);
 }
+
+fn parameter_status(name: &str, value: &str) -> BytesMut {
+    frame(b'S', &[&cstr(name), &cstr(value)])
+}
+
+/// A login with `application_name` in its startup packet, on a fresh server: the
+/// setting is applied, and the client is welcomed with what the server reported.
+fn login_bed() -> Bed {
+    let mut bed = Bed::new();
+    bed.core.settings.set("application_name", "billing");
+    let node = bed.node(Route::Primary);
+    let conn = bed.conn(&node);
+    bed.core.attach(node, conn);
+    bed.core.prepare_server();
+    bed
+}
+
+#[test]
+fn a_login_applies_the_startup_settings_and_welcomes_the_client_with_the_servers_values() {
+    let mut bed = login_bed();
+    let sent = bed.sent();
+    assert_eq!(tags(&sent), "Q");
+    assert!(
+        text(&sent[0]).contains("application_name"),
+        "{}",
+        text(&sent[0])
+    );
+    assert!(bed.core.awaits_login_answers());
+
+    for answer in [
+        parameter_status("application_name", "billing"),
+        complete("SET"),
+        ready(b'I'),
+    ] {
+        assert!(bed.core.login_answer(&answer).is_ok());
+    }
+    assert!(!bed.core.awaits_login_answers());
+    bed.core.welcome((41, 42));
+    let welcome = bed.answered();
+    assert_eq!(tags(&welcome), "SKZ");
+    assert_eq!(text(&welcome[0]), "application_name");
+    assert_eq!(&welcome[1][5..], &[0, 0, 0, 41, 0, 0, 0, 42]);
+    assert_eq!(
+        bed.held(),
+        None,
+        "transaction pooling gives the server back"
+    );
+    assert_eq!(bed.idle.borrow()["primary"].len(), 1);
+}
+
+#[test]
+fn a_refused_startup_setting_fails_the_login_and_a_lost_server_allows_another() {
+    let mut bed = login_bed();
+    bed.sent();
+    match bed.core.login_answer(&error("22023")) {
+        Err(Greeting::Refused(End::Fatal { code, .. })) => assert_eq!(code, "22023"),
+        _ => panic!("a refused setting must end the login"),
+    }
+
+    let mut bed = login_bed();
+    bed.sent();
+    let mut fatal = BytesMut::new();
+    msg::error_response(&mut fatal, "FATAL", "57P01", "terminating connection");
+    assert!(matches!(
+        bed.core.login_answer(&fatal),
+        Err(Greeting::ServerLost(_))
+    ));
+    bed.core.login_server_lost();
+    assert_eq!(bed.held(), None);
+    assert!(!bed.core.awaits_login_answers());
+    assert!(bed.sent().is_empty(), "nothing is left for the next server");
+    assert!(
+        bed.idle.borrow().get("primary").is_none_or(Vec::is_empty),
+        "the dead connection is not given back to the pool"
+    );
+}
