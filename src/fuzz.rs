@@ -6,7 +6,7 @@
 
 use bytes::BytesMut;
 
-use crate::protocol::messages::{self as msg, Fields};
+use crate::protocol::messages as msg;
 use crate::protocol::{MAX_CLIENT_MESSAGE, MessageReader, Piece, STREAM_FRAME_OVER};
 
 /// A fuzz target: any bytes in, no panic out.
@@ -50,81 +50,39 @@ pub fn frontend(data: &[u8]) {
     }
 }
 
-/// One client message's fields, read as the session reads them.
+/// One message's fields, read as the proxy reads them: as a client's (the session,
+/// the login's password messages) and as a server's (the pool's login, the answers).
 fn decode_frontend(frame: &[u8]) {
-    // The same bytes as a server's message (its fields, and a row's first column).
-    match crate::protocol::backend::Backend::decode(frame) {
-        crate::protocol::backend::Backend::DataRow(row) => {
-            let _ = crate::protocol::backend::first_column(row);
+    use crate::protocol::backend::{Authentication, Backend, first_column};
+    use crate::protocol::frontend::{Frontend, PasswordMessage};
+    match Backend::decode(frame) {
+        Backend::DataRow(row) => {
+            let _ = first_column(row);
         }
-        crate::protocol::backend::Backend::Error(report) => {
+        Backend::Error(report) => {
             let _ = report.to_string();
+        }
+        Backend::Authentication(Authentication::Sasl(mechanisms)) => {
+            let _ = mechanisms.names().count();
         }
         _ => {}
     }
-    match crate::protocol::frontend::Frontend::decode(frame) {
-        Ok(crate::protocol::frontend::Frontend::Parse(parse)) => {
+    match Frontend::decode(frame) {
+        Ok(Frontend::Query { sql }) => {
+            let _ = crate::session::statements::deallocate_target(sql);
+        }
+        Ok(Frontend::Parse(parse)) => {
             let _ = parse.declares_no_types();
         }
-        Ok(crate::protocol::frontend::Frontend::Bind(bind)) => {
+        Ok(Frontend::Bind(bind)) => {
             let _ = bind.binds_no_values();
         }
         _ => {}
     }
-    let mut f = Fields::of_frame(frame);
-    match frame[0] {
-        msg::QUERY => {
-            if let Ok(sql) = f.cstr_bytes() {
-                let _ = crate::session::statements::deallocate_target(sql);
-            }
-        }
-        msg::PARSE => {
-            let _ = f.cstr();
-            let _ = f.cstr_bytes();
-            if let Ok(count) = f.i16() {
-                for _ in 0..count.max(0) {
-                    if f.i32().is_err() {
-                        break;
-                    }
-                }
-            }
-        }
-        msg::BIND => {
-            let _ = f.cstr_bytes();
-            let _ = f.cstr();
-            for _ in 0..2 {
-                let Ok(formats) = f.i16() else { return };
-                for _ in 0..formats.max(0) {
-                    if f.i16().is_err() {
-                        return;
-                    }
-                }
-                if let Ok(params) = f.i16() {
-                    for _ in 0..params.max(0) {
-                        match f.i32() {
-                            Ok(len) if len >= 0 => {
-                                if f.bytes(len as usize).is_err() {
-                                    return;
-                                }
-                            }
-                            Ok(_) => {}
-                            Err(_) => return,
-                        }
-                    }
-                }
-            }
-        }
-        msg::DESCRIBE | msg::CLOSE => {
-            let _ = f.u8();
-            let _ = f.cstr();
-        }
-        msg::EXECUTE => {
-            let _ = f.cstr_bytes();
-            let _ = f.i32();
-        }
-        _ => {
-            let _ = msg::parse_error_fields(frame);
-        }
+    if frame[0] == msg::PASSWORD {
+        let answer = PasswordMessage::of_frame(frame);
+        let _ = answer.password();
+        let _ = answer.sasl_initial();
     }
 }
 

@@ -12,7 +12,8 @@ use tracing::{info, warn};
 
 use super::commands::{self, Reply};
 use crate::protocol::MessageReader;
-use crate::protocol::messages::{self as msg, Fields};
+use crate::protocol::frontend::Frontend;
+use crate::protocol::messages as msg;
 use crate::session::startup::Login;
 use crate::state::Shared;
 
@@ -73,10 +74,10 @@ pub async fn serve(
         };
         match frame[0] {
             msg::QUERY => {
-                let text = Fields::of_frame(&frame)
-                    .cstr()
-                    .map(str::to_string)
-                    .unwrap_or_default();
+                let text = match Frontend::decode(&frame) {
+                    Ok(Frontend::Query { sql }) => String::from_utf8_lossy(sql).into_owned(),
+                    _ => String::new(),
+                };
                 run_query(&shared, &text, &mut out).await;
                 msg::ready_for_query(&mut out, msg::TxStatus::Idle);
             }

@@ -17,6 +17,7 @@ use bytes::{BufMut, BytesMut};
 
 use crate::pool::server::{BackendError, LoginInfo, ServerConn};
 use crate::protocol::ProtocolError;
+use crate::protocol::backend::{self, Backend};
 use crate::protocol::messages as msg;
 
 /// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01).
@@ -107,12 +108,10 @@ impl WalSender {
         let mut error = None;
         loop {
             let frame = self.conn.reader.read_frame().await?;
-            match frame[0] {
-                msg::DATA_ROW => rows.push(data_row(&frame)?),
-                msg::ERROR_RESPONSE => {
-                    error = Some(msg::parse_error_fields(&frame).to_string());
-                }
-                msg::READY_FOR_QUERY => break,
+            match Backend::decode(&frame) {
+                Backend::DataRow(row) => rows.push(data_row(row)?),
+                Backend::Error(report) => error = Some(report.to_string()),
+                Backend::ReadyForQuery(_) => break,
                 _ => {}
             }
         }
@@ -170,18 +169,15 @@ impl WalSender {
         self.conn.send(&out).await?;
         loop {
             let frame = self.conn.reader.read_frame().await?;
-            match frame[0] {
-                msg::COPY_BOTH_RESPONSE => {
+            match Backend::decode(&frame) {
+                Backend::Other(msg::COPY_BOTH_RESPONSE) => {
                     self.streaming = true;
                     return Ok(());
                 }
-                msg::ERROR_RESPONSE => {
-                    return Err(WalError::Server(
-                        msg::parse_error_fields(&frame).to_string(),
-                    ));
-                }
-                msg::NOTICE_RESPONSE => {}
-                other => {
+                Backend::Error(report) => return Err(WalError::Server(report.to_string())),
+                Backend::Notice(_) => {}
+                _ => {
+                    let other = frame[0];
                     return Err(WalError::Unexpected(format!(
                         "'{}' instead of CopyBothResponse",
                         crate::protocol::framing::printable_tag(other)
@@ -195,6 +191,10 @@ impl WalSender {
     pub async fn next(&mut self) -> Result<StreamEvent, WalError> {
         loop {
             let mut frame = self.conn.reader.read_frame().await?;
+            if let Backend::Error(report) = Backend::decode(&frame) {
+                self.streaming = false;
+                return Err(WalError::Server(report.to_string()));
+            }
             match frame[0] {
                 msg::COPY_DATA => {
                     let body = frame.split_off(5);
@@ -203,12 +203,6 @@ impl WalSender {
                 msg::COPY_DONE | msg::COMMAND_COMPLETE | msg::READY_FOR_QUERY => {
                     self.streaming = false;
                     return Ok(StreamEvent::End);
-                }
-                msg::ERROR_RESPONSE => {
-                    self.streaming = false;
-                    return Err(WalError::Server(
-                        msg::parse_error_fields(&frame).to_string(),
-                    ));
                 }
                 _ => {} // notices, parameter changes
             }
@@ -304,24 +298,13 @@ fn parse_copy_data(body: BytesMut) -> Result<StreamEvent, WalError> {
     }
 }
 
-fn data_row(frame: &[u8]) -> Result<Vec<Option<String>>, ProtocolError> {
-    let mut f = msg::Fields::of_frame(frame);
-    let count = {
-        let b = f.bytes(2)?;
-        u16::from_be_bytes([b[0], b[1]])
-    };
-    let mut out = Vec::with_capacity(count as usize);
-    for _ in 0..count {
-        let len = f.i32()?;
-        if len < 0 {
-            out.push(None);
-        } else {
-            out.push(Some(
-                String::from_utf8_lossy(f.bytes(len as usize)?).into_owned(),
-            ));
-        }
-    }
-    Ok(out)
+fn data_row(row: &[u8]) -> Result<Vec<Option<String>>, ProtocolError> {
+    let columns = backend::columns(row)
+        .ok_or_else(|| ProtocolError::Violation("malformed DataRow".into()))?;
+    Ok(columns
+        .into_iter()
+        .map(|c| c.map(|v| String::from_utf8_lossy(v).into_owned()))
+        .collect())
 }
 
 pub fn quote_ident(name: &str) -> String {

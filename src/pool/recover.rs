@@ -16,6 +16,7 @@ use tokio::net::TcpStream;
 
 use super::{Pooled, ServerConn};
 use crate::config::NodeAddress;
+use crate::protocol::backend::{Backend, first_column};
 use crate::protocol::messages as msg;
 use crate::protocol::{Piece, STREAM_FRAME_OVER};
 use crate::tls::stream::Sent;
@@ -125,27 +126,23 @@ async fn bring_back(
             let Piece::Frame(frame) = piece else {
                 continue;
             };
-            match frame[0] {
-                msg::DATA_ROW if contains(&frame, token.as_bytes()) => token_seen = true,
-                msg::READY_FOR_QUERY if token_seen => {
-                    return match frame.get(5) {
-                        Some(b'I') if out.is_empty() && conn.reader.buffered() == 0 => Ok(()),
-                        _ => Err("it was not idle after the rollback".into()),
+            match Backend::decode(&frame) {
+                Backend::DataRow(row) if first_column(row) == Some(token.as_bytes()) => {
+                    token_seen = true
+                }
+                Backend::ReadyForQuery(status) if token_seen => {
+                    return if status.is_idle() && out.is_empty() && conn.reader.buffered() == 0 {
+                        Ok(())
+                    } else {
+                        Err("it was not idle after the rollback".into())
                     };
                 }
-                msg::ERROR_RESPONSE => {
-                    let fields = msg::parse_error_fields(&frame);
-                    if fields.severity == "FATAL" || fields.severity == "PANIC" {
-                        return Err(format!("the server ended the session: {fields}"));
-                    }
+                Backend::Error(report) if report.is_fatal() => {
+                    return Err(format!("the server ended the session: {report}"));
                 }
-                msg::PARAMETER_STATUS => conn.record_parameter(&frame),
+                Backend::ParameterStatus { name, value } => conn.set_parameter(name, value),
                 _ => {}
             }
         }
     }
-}
-
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
 }

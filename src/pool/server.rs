@@ -17,7 +17,8 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use crate::config::NodeAddress;
-use crate::protocol::messages::{self as msg, ErrorFields, Fields};
+use crate::protocol::backend::{Authentication, Backend, first_column};
+use crate::protocol::messages::{self as msg, ErrorFields};
 use crate::protocol::settings::Settings;
 use crate::protocol::{MAX_SERVER_MESSAGE, MessageReader, ProtocolError};
 use crate::tls::stream::{ServerRead, ServerWrite};
@@ -141,14 +142,6 @@ impl ServerState {
     }
 
     /// Keeps the value a ParameterStatus frame reports.
-    pub fn record_parameter(&mut self, frame: &[u8]) {
-        if let crate::protocol::backend::Backend::ParameterStatus { name, value } =
-            crate::protocol::backend::Backend::decode(frame)
-        {
-            self.set_parameter(name, value);
-        }
-    }
-
     /// Keeps a value the server reported (a ParameterStatus already decoded).
     pub fn set_parameter(&mut self, name: &[u8], value: &[u8]) {
         if name.is_empty() {
@@ -226,19 +219,24 @@ impl ServerConn {
         conn.authenticate(login).await?;
         loop {
             let frame = conn.reader.read_frame().await.map_err(protocol)?;
-            match frame[0] {
-                msg::PARAMETER_STATUS => conn.record_parameter(&frame),
-                msg::BACKEND_KEY_DATA => {
-                    let mut f = Fields::of_frame(&frame);
-                    conn.pid = f.i32().map_err(protocol)?;
-                    conn.secret = f.i32().map_err(protocol)?;
+            match Backend::decode(&frame) {
+                Backend::ParameterStatus { name, value } => conn.set_parameter(name, value),
+                Backend::BackendKeyData { pid, secret } => {
+                    conn.pid = pid;
+                    conn.secret = secret;
                 }
-                msg::READY_FOR_QUERY => return Ok(conn),
-                msg::ERROR_RESPONSE => {
+                Backend::ReadyForQuery(_) => return Ok(conn),
+                Backend::Error(report) => {
                     return Err(BackendError::Auth {
                         addr,
-                        fields: msg::parse_error_fields(&frame),
+                        fields: report.to_fields(),
                     });
+                }
+                Backend::Malformed(tag) => {
+                    return Err(protocol(ProtocolError::Violation(format!(
+                        "malformed '{}' message",
+                        crate::protocol::framing::printable_tag(tag)
+                    ))));
                 }
                 _ => {} // notices
             }
@@ -317,28 +315,29 @@ impl ServerConn {
         let mut asked = false;
         loop {
             let frame = self.reader.read_frame().await.map_err(protocol)?;
-            if frame[0] == msg::ERROR_RESPONSE {
-                return Err(BackendError::Auth {
-                    addr,
-                    fields: msg::parse_error_fields(&frame),
-                });
-            }
-            if frame[0] != msg::AUTHENTICATION {
-                return Err(protocol(ProtocolError::Violation(format!(
-                    "expected authentication request, got '{}'",
-                    crate::protocol::framing::printable_tag(frame[0])
-                ))));
-            }
-            let mut fields = Fields::of_frame(&frame);
-            let code = fields.i32().map_err(protocol)?;
+            let request = match Backend::decode(&frame) {
+                Backend::Authentication(request) => request,
+                Backend::Error(report) => {
+                    return Err(BackendError::Auth {
+                        addr,
+                        fields: report.to_fields(),
+                    });
+                }
+                _ => {
+                    return Err(protocol(ProtocolError::Violation(format!(
+                        "expected authentication request, got '{}'",
+                        crate::protocol::framing::printable_tag(frame[0])
+                    ))));
+                }
+            };
             policy
-                .check(code, asked)
+                .check(request.code(), asked)
                 .map_err(|reason| unsupported(&reason))?;
             asked = true;
             let mut out = BytesMut::new();
-            match code {
-                0 => return Ok(()),
-                3 => {
+            match request {
+                Authentication::Ok => return Ok(()),
+                Authentication::CleartextPassword => {
                     if !crate::protocol::auth::is_plain_password(&login.password) {
                         return Err(unsupported(
                             "the server asks for the clear-text password, but only a hash is configured for this user",
@@ -348,31 +347,21 @@ impl ServerConn {
                     pw.push(0);
                     msg::password_message(&mut out, &pw);
                 }
-                5 => {
-                    let salt: [u8; 4] =
-                        fields.bytes(4).map_err(protocol)?.try_into().map_err(|_| {
-                            protocol(ProtocolError::Violation("bad md5 salt".into()))
-                        })?;
+                Authentication::Md5Password { salt } => {
                     let response = md5_response(&login.user, &login.password, salt)
                         .ok_or_else(|| unsupported("the server asks for md5, but only a SCRAM verifier is configured for this user"))?;
                     let mut pw = response.into_bytes();
                     pw.push(0);
                     msg::password_message(&mut out, &pw);
                 }
-                10 => {
-                    let mut mechanisms = Vec::new();
-                    while let Ok(m) = fields.cstr() {
-                        if m.is_empty() {
-                            break;
-                        }
-                        mechanisms.push(m.to_string());
-                    }
+                Authentication::Sasl(mechanisms) => {
                     // Over TLS, bound to the server's certificate when it offers that.
-                    let plus = self.channel_binding.is_some()
-                        && mechanisms.iter().any(|m| m == SCRAM_SHA_256_PLUS);
-                    if !plus && !mechanisms.iter().any(|m| m == SCRAM_SHA_256) {
+                    let plus =
+                        self.channel_binding.is_some() && mechanisms.offers(SCRAM_SHA_256_PLUS);
+                    if !plus && !mechanisms.offers(SCRAM_SHA_256) {
+                        let offered: Vec<&str> = mechanisms.names().collect();
                         return Err(unsupported(&format!(
-                            "no supported SASL mechanism in {mechanisms:?}"
+                            "no supported SASL mechanism in {offered:?}"
                         )));
                     }
                     if !crate::protocol::auth::is_plain_password(&login.password) {
@@ -415,18 +404,18 @@ impl ServerConn {
                     msg::sasl_initial_response(&mut out, mechanism, client.message());
                     scram = Some(client);
                 }
-                11 if key_client.is_some() => {
+                Authentication::SaslContinue(data) if key_client.is_some() => {
                     let Some(client) = key_client.as_mut() else {
                         continue;
                     };
                     let last = client
-                        .final_message(fields.rest())
+                        .final_message(data)
                         .map_err(|e| protocol(ProtocolError::Violation(format!("SCRAM: {e:?}"))))?;
                     msg::password_message(&mut out, last.as_bytes());
                 }
-                12 if key_client.is_some() => {
+                Authentication::SaslFinal(data) if key_client.is_some() => {
                     if let Some(client) = &key_client {
-                        client.verify_server(fields.rest()).map_err(|e| {
+                        client.verify_server(data).map_err(|e| {
                             protocol(ProtocolError::Violation(format!(
                                 "SCRAM server signature: {e:?}"
                             )))
@@ -434,29 +423,29 @@ impl ServerConn {
                     }
                     continue;
                 }
-                11 => {
+                Authentication::SaslContinue(data) => {
                     let client = scram
                         .as_mut()
                         .ok_or_else(|| unsupported("SASL continue without start"))?;
                     client
-                        .update(fields.rest())
+                        .update(data)
                         .map_err(|e| protocol(ProtocolError::Violation(format!("SCRAM: {e}"))))?;
                     msg::password_message(&mut out, client.message());
                 }
-                12 => {
+                Authentication::SaslFinal(data) => {
                     let client = scram
                         .as_mut()
                         .ok_or_else(|| unsupported("SASL final without start"))?;
-                    client.finish(fields.rest()).map_err(|e| {
+                    client.finish(data).map_err(|e| {
                         protocol(ProtocolError::Violation(format!(
                             "SCRAM server signature: {e}"
                         )))
                     })?;
                     continue;
                 }
-                other => {
+                Authentication::Other(code) => {
                     return Err(unsupported(&format!(
-                        "authentication method {other} is not supported"
+                        "authentication method {code} is not supported"
                     )));
                 }
             }
@@ -481,16 +470,12 @@ impl ServerConn {
         let mut value = None;
         loop {
             let frame = self.reader.read_frame().await?;
-            match frame[0] {
-                crate::protocol::messages::DATA_ROW => {
-                    value = crate::protocol::messages::first_column(&frame)
-                        .map(|v| String::from_utf8_lossy(v).into_owned());
+            match Backend::decode(&frame) {
+                Backend::DataRow(row) => {
+                    value = first_column(row).map(|v| String::from_utf8_lossy(v).into_owned());
                 }
-                crate::protocol::messages::ERROR_RESPONSE => {
-                    let fields = crate::protocol::messages::parse_error_fields(&frame);
-                    tracing::debug!("control query failed: {fields}");
-                }
-                crate::protocol::messages::READY_FOR_QUERY => break,
+                Backend::Error(report) => tracing::debug!("control query failed: {report}"),
+                Backend::ReadyForQuery(_) => break,
                 _ => {}
             }
         }

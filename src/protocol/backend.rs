@@ -1,9 +1,11 @@
 //! Server messages decoded into typed views that borrow the frame's bytes: the one
 //! place where the fields of a ReadyForQuery, CommandComplete, ErrorResponse,
-//! NoticeResponse or ParameterStatus are read. Everything else (rows, descriptions,
-//! COPY data) is only its tag: the data path never decodes a row. Decoding never fails:
-//! a server's malformed field reads as empty, as the proxy cannot judge it better than
-//! the client will.
+//! NoticeResponse, ParameterStatus, an authentication request or BackendKeyData are
+//! read. Everything else (rows, descriptions, COPY data) is only its tag: the data path
+//! never decodes a row. Decoding never fails: a server's malformed field reads as
+//! empty, as the proxy cannot judge it better than the client will; only where an
+//! empty value would mean nothing (an authentication request, a cancel key) is the
+//! message `Malformed`.
 
 use std::borrow::Cow;
 
@@ -24,8 +26,81 @@ pub enum Backend<'a> {
     },
     /// A row, undecoded (see `first_column` for the proxy's own one-value queries).
     DataRow(&'a [u8]),
+    Authentication(Authentication<'a>),
+    BackendKeyData {
+        pid: i32,
+        secret: i32,
+    },
+    /// A message too short for the fields the proxy must read from it, by its tag.
+    Malformed(u8),
     /// Any other message, by its tag.
     Other(u8),
+}
+
+/// An authentication request (`R`), by the method the server asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Authentication<'a> {
+    Ok,
+    CleartextPassword,
+    Md5Password {
+        salt: [u8; 4],
+    },
+    /// SASL, with the mechanisms the server offers.
+    Sasl(Mechanisms<'a>),
+    /// The server's SCRAM message.
+    SaslContinue(&'a [u8]),
+    /// The server's SCRAM signature.
+    SaslFinal(&'a [u8]),
+    /// A method the proxy does not speak (Kerberos, GSS, SSPI), by its code.
+    Other(i32),
+}
+
+/// The list of SASL mechanisms of an AuthenticationSASL request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mechanisms<'a>(&'a [u8]);
+
+impl<'a> Mechanisms<'a> {
+    pub fn names(&self) -> impl Iterator<Item = &'a str> + 'a {
+        self.0
+            .split(|&b| b == 0)
+            .take_while(|name| !name.is_empty())
+            .filter_map(|name| std::str::from_utf8(name).ok())
+    }
+
+    pub fn offers(&self, mechanism: &str) -> bool {
+        self.names().any(|name| name == mechanism)
+    }
+}
+
+impl Authentication<'_> {
+    /// The request's code, as the protocol numbers it (what `require_auth` checks).
+    pub fn code(&self) -> i32 {
+        match self {
+            Authentication::Ok => 0,
+            Authentication::CleartextPassword => 3,
+            Authentication::Md5Password { .. } => 5,
+            Authentication::Sasl(_) => 10,
+            Authentication::SaslContinue(_) => 11,
+            Authentication::SaslFinal(_) => 12,
+            Authentication::Other(code) => *code,
+        }
+    }
+
+    fn decode(body: &[u8]) -> Option<Authentication<'_>> {
+        let code = i32::from_be_bytes(body.get(..4)?.try_into().ok()?);
+        let data = &body[4..];
+        Some(match code {
+            0 => Authentication::Ok,
+            3 => Authentication::CleartextPassword,
+            5 => Authentication::Md5Password {
+                salt: data.get(..4)?.try_into().ok()?,
+            },
+            10 => Authentication::Sasl(Mechanisms(data)),
+            11 => Authentication::SaslContinue(data),
+            12 => Authentication::SaslFinal(data),
+            other => Authentication::Other(other),
+        })
+    }
 }
 
 /// An ErrorResponse or NoticeResponse: the fields the proxy reads, borrowed.
@@ -57,6 +132,17 @@ impl<'a> Backend<'a> {
                 }
             }
             msg::DATA_ROW => Backend::DataRow(body),
+            msg::AUTHENTICATION => match Authentication::decode(body) {
+                Some(request) => Backend::Authentication(request),
+                None => Backend::Malformed(msg::AUTHENTICATION),
+            },
+            msg::BACKEND_KEY_DATA => match (body.get(..4), body.get(4..8)) {
+                (Some(pid), Some(secret)) => Backend::BackendKeyData {
+                    pid: i32::from_be_bytes(pid.try_into().unwrap_or_default()),
+                    secret: i32::from_be_bytes(secret.try_into().unwrap_or_default()),
+                },
+                _ => Backend::Malformed(msg::BACKEND_KEY_DATA),
+            },
             other => Backend::Other(other),
         }
     }
@@ -134,6 +220,27 @@ pub fn first_column(row: &[u8]) -> Option<&[u8]> {
     row.get(6..6 + len as usize)
 }
 
+/// Every column of a row (`None` for NULL), or `None` if the row is malformed. For the
+/// control plane's own queries (a replication command's answer); the data path never
+/// decodes a row.
+pub fn columns(row: &[u8]) -> Option<Vec<Option<&[u8]>>> {
+    let count = u16::from_be_bytes([*row.first()?, *row.get(1)?]);
+    let mut rest = &row[2..];
+    let mut out = Vec::with_capacity(usize::from(count));
+    for _ in 0..count {
+        let len = i32::from_be_bytes(rest.get(..4)?.try_into().ok()?);
+        rest = &rest[4..];
+        match usize::try_from(len) {
+            Ok(len) => {
+                out.push(Some(rest.get(..len)?));
+                rest = &rest[len..];
+            }
+            Err(_) => out.push(None),
+        }
+    }
+    Some(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -188,7 +295,70 @@ mod tests {
             panic!("not a row");
         };
         assert_eq!(first_column(row), Some(&b"0/3000060"[..]));
+        assert_eq!(columns(row), Some(vec![Some(&b"0/3000060"[..]), None]));
+        assert_eq!(columns(b"\0\x02\0\0\0\x01a\0\0\0\x05ab"), None);
         assert_eq!(Backend::decode(b"T\0\0\0\x06\0\0"), Backend::Other(b'T'));
+    }
+
+    #[test]
+    fn authentication_requests_and_the_cancel_key() {
+        let request = |code: i32, data: &[u8]| {
+            let mut buf = BytesMut::new();
+            msg::authentication(&mut buf, code, data);
+            buf
+        };
+        let ok = request(0, b"");
+        assert_eq!(
+            Backend::decode(&ok),
+            Backend::Authentication(Authentication::Ok)
+        );
+        let md5 = request(5, b"salt");
+        assert_eq!(
+            Backend::decode(&md5),
+            Backend::Authentication(Authentication::Md5Password { salt: *b"salt" })
+        );
+        assert_eq!(
+            Backend::decode(&request(5, b"sa")),
+            Backend::Malformed(b'R')
+        );
+        let sasl = request(10, b"SCRAM-SHA-256-PLUS\0SCRAM-SHA-256\0\0");
+        let Backend::Authentication(Authentication::Sasl(mechanisms)) = Backend::decode(&sasl)
+        else {
+            panic!("not a SASL request");
+        };
+        assert_eq!(
+            mechanisms.names().collect::<Vec<_>>(),
+            ["SCRAM-SHA-256-PLUS", "SCRAM-SHA-256"]
+        );
+        assert!(mechanisms.offers("SCRAM-SHA-256") && !mechanisms.offers("SCRAM"));
+        let next = request(11, b"r=abc");
+        assert_eq!(
+            Backend::decode(&next),
+            Backend::Authentication(Authentication::SaslContinue(b"r=abc"))
+        );
+        let gss = request(7, b"");
+        assert_eq!(
+            Backend::decode(&gss),
+            Backend::Authentication(Authentication::Other(7))
+        );
+        assert_eq!(
+            Backend::decode(b"R\0\0\0\x06\0\0"),
+            Backend::Malformed(b'R')
+        );
+
+        let mut buf = BytesMut::new();
+        msg::backend_key_data(&mut buf, 4321, -7);
+        assert_eq!(
+            Backend::decode(&buf),
+            Backend::BackendKeyData {
+                pid: 4321,
+                secret: -7
+            }
+        );
+        assert_eq!(
+            Backend::decode(b"K\0\0\0\x08\0\0\0\x01"),
+            Backend::Malformed(b'K')
+        );
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Client messages decoded into typed views that borrow the frame's bytes: the one
-//! place where the fields of a Query, Parse, Bind, Describe, Close or Execute are read.
+//! place where the fields of a Query, Parse, Bind, Describe, Close, Execute or a
+//! password message are read.
 //! Decoding checks the fields the proxy uses (names and texts) and leaves the rest as
 //! the bytes that were sent (parameter types, a Bind's parameters, an Execute's row
 //! limit): nothing is copied, and what the proxy does not use is for the server to
@@ -53,6 +54,50 @@ pub struct Bind<'a> {
     /// Everything after the statement's name, as sent: formats, parameters, result
     /// formats. A Bind under another statement name repeats it.
     pub rest: &'a [u8],
+}
+
+/// A client's answer during authentication (`p`). What it holds depends on what the
+/// proxy asked for: the message does not say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PasswordMessage<'a> {
+    body: &'a [u8],
+}
+
+/// The client's first SCRAM message, with the mechanism it chose.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SaslInitial<'a> {
+    pub mechanism: &'a str,
+    pub data: &'a [u8],
+}
+
+impl<'a> PasswordMessage<'a> {
+    pub fn of_frame(frame: &'a [u8]) -> PasswordMessage<'a> {
+        PasswordMessage {
+            body: frame.get(5..).unwrap_or(&[]),
+        }
+    }
+
+    /// A password, or an md5 response (the proxy asked for one of those).
+    pub fn password(&self) -> Result<&'a [u8], ProtocolError> {
+        Fields::new(self.body).cstr_bytes()
+    }
+
+    /// A SASLInitialResponse (the proxy offered SASL mechanisms).
+    pub fn sasl_initial(&self) -> Result<SaslInitial<'a>, ProtocolError> {
+        let mut f = Fields::new(self.body);
+        let mechanism = f.cstr()?;
+        let data = match usize::try_from(f.i32()?) {
+            Ok(len) => f.bytes(len)?,
+            // -1: no initial data.
+            Err(_) => &[],
+        };
+        Ok(SaslInitial { mechanism, data })
+    }
+
+    /// A SASLResponse (the proxy sent its SCRAM message): the client's next one.
+    pub fn sasl_response(&self) -> &'a [u8] {
+        self.body
+    }
 }
 
 impl Parse<'_> {
@@ -133,6 +178,37 @@ impl<'a> Frontend<'a> {
                 )));
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod password_tests {
+    use super::*;
+
+    #[test]
+    fn a_password_message_reads_as_what_was_asked_for() {
+        let mut buf = bytes::BytesMut::new();
+        msg::password_message(&mut buf, b"md5abc\0");
+        assert_eq!(
+            PasswordMessage::of_frame(&buf).password().unwrap(),
+            b"md5abc"
+        );
+
+        let mut buf = bytes::BytesMut::new();
+        msg::sasl_initial_response(&mut buf, "SCRAM-SHA-256", b"n,,n=,r=xyz");
+        let initial = PasswordMessage::of_frame(&buf).sasl_initial().unwrap();
+        assert_eq!(initial.mechanism, "SCRAM-SHA-256");
+        assert_eq!(initial.data, b"n,,n=,r=xyz");
+
+        // A length beyond the message, and no data at all (-1).
+        let short = b"p\0\0\0\x16SCRAM-SHA-256\0\0\0\0\x09ab";
+        assert!(PasswordMessage::of_frame(short).sasl_initial().is_err());
+        let none = b"p\0\0\0\x16SCRAM-SHA-256\0\xff\xff\xff\xff";
+        assert_eq!(
+            PasswordMessage::of_frame(none).sasl_initial().unwrap().data,
+            b""
+        );
+        assert!(PasswordMessage::of_frame(b"p").password().is_err());
     }
 }
 

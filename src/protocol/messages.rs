@@ -382,7 +382,8 @@ impl<'a> Fields<'a> {
     }
 }
 
-/// Severity, SQLSTATE and message of an ErrorResponse/NoticeResponse frame.
+/// Severity, SQLSTATE and message of an ErrorResponse or NoticeResponse, owned: for an
+/// error that outlives its frame (`backend::Report::to_fields`).
 #[derive(Debug, Default, Clone)]
 pub struct ErrorFields {
     pub severity: String,
@@ -390,27 +391,10 @@ pub struct ErrorFields {
     pub message: String,
 }
 
-/// An owned copy of an ErrorResponse's or NoticeResponse's fields (empty for any other
-/// message), for an error that outlives its frame. Read by `backend::Backend`.
-pub fn parse_error_fields(frame: &[u8]) -> ErrorFields {
-    match super::backend::Backend::decode(frame) {
-        super::backend::Backend::Error(report) | super::backend::Backend::Notice(report) => {
-            report.to_fields()
-        }
-        _ => ErrorFields::default(),
-    }
-}
-
 impl std::fmt::Display for ErrorFields {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}: {} ({})", self.severity, self.message, self.code)
     }
-}
-
-/// The first column of a DataRow frame, `None` when it is NULL or the frame is
-/// malformed.
-pub fn first_column(frame: &[u8]) -> Option<&[u8]> {
-    super::backend::first_column(frame.get(5..)?)
 }
 
 #[cfg(test)]
@@ -433,7 +417,12 @@ mod tests {
     fn error_response_round_trips() {
         let mut buf = BytesMut::new();
         error_response(&mut buf, "FATAL", "3D000", "database \"x\" does not exist");
-        let fields = parse_error_fields(&buf);
+        let super::super::backend::Backend::Error(report) =
+            super::super::backend::Backend::decode(&buf)
+        else {
+            panic!("not an error");
+        };
+        let fields = report.to_fields();
         assert_eq!(fields.severity, "FATAL");
         assert_eq!(fields.code, "3D000");
         assert_eq!(fields.message, "database \"x\" does not exist");

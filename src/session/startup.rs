@@ -10,6 +10,7 @@ use tokio::io::AsyncWriteExt;
 
 use crate::config::{ClientTls, allow};
 use crate::protocol::auth::{Binding, ScramKeys, ScramServer, Secret, md5_response_matches};
+use crate::protocol::frontend::{PasswordMessage, SaslInitial};
 use crate::protocol::messages::{self as msg, Fields};
 use crate::protocol::{MessageReader, ProtocolError};
 use crate::session::Context;
@@ -267,8 +268,7 @@ async fn authenticate(
             msg::authentication(&mut out, 5, &salt);
             send(writer, &out).await?;
             let frame = read_password(reader).await?;
-            let mut f = Fields::of_frame(&frame);
-            let response = f.cstr_bytes()?;
+            let response = PasswordMessage::of_frame(&frame).password()?;
             if !known || !md5_response_matches(hash, salt, response) {
                 return Err(auth_failed(user_name));
             }
@@ -284,8 +284,8 @@ async fn authenticate(
             msg::authentication(&mut out, 10, mechanisms);
             send(writer, &out).await?;
             let frame = read_password(reader).await?;
-            let mut f = Fields::of_frame(&frame);
-            let mechanism = f.cstr()?;
+            let SaslInitial { mechanism, data } =
+                PasswordMessage::of_frame(&frame).sasl_initial()?;
             let plus = match mechanism {
                 "SCRAM-SHA-256" => false,
                 "SCRAM-SHA-256-PLUS" if channel_binding.is_some() => true,
@@ -295,12 +295,6 @@ async fn authenticate(
                         format!("unsupported SASL mechanism \"{mechanism}\""),
                     ));
                 }
-            };
-            let len = f.i32()?;
-            let data = if len < 0 {
-                &[][..]
-            } else {
-                f.bytes(len as usize)?
             };
             let binding = Binding {
                 plus,
@@ -318,7 +312,7 @@ async fn authenticate(
             send(writer, &out).await?;
             let frame = read_password(reader).await?;
             let (final_message, client_keys) = server
-                .finish(Fields::of_frame(&frame).rest())
+                .finish(PasswordMessage::of_frame(&frame).sasl_response())
                 .map_err(|_| auth_failed(user_name))?;
             keys = Some(client_keys);
             if !known {

@@ -110,8 +110,10 @@ impl<H: ServerHandle> Core<H> {
                 return Ok(());
             }
             msg::PARAMETER_STATUS => {
-                if let Some(held) = self.server.as_mut() {
-                    held.conn.state_mut().record_parameter(&frame);
+                if let Some(held) = self.server.as_mut()
+                    && let Backend::ParameterStatus { name, value } = Backend::decode(&frame)
+                {
+                    held.conn.state_mut().set_parameter(name, value);
                 }
                 if !injected {
                     self.client_out.extend_from_slice(&frame);
