@@ -313,7 +313,7 @@ impl Collector for ProxyCollector {
             "Statements too large to parse on the data path, routed to the primary by a lexical scan.",
             &[(vec![], shared.cache.large_statements())],
         )?;
-        encode_rules(&mut encoder, &shared.cdc.views(&shared))?;
+        encode_rules(&mut encoder, &shared.cdc.views(&shared.topology.load()))?;
         if let Some(fleet) = &shared.fleet {
             encode_fleet(&mut encoder, &fleet.view())?;
         }

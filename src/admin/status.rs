@@ -112,7 +112,7 @@ impl Status {
                 last: shared.reloads.last(),
             },
             projects,
-            rules: shared.cdc.views(shared),
+            rules: shared.cdc.views(&shared.topology.load()),
             fleet: shared.fleet.as_ref().map(|f| f.view()),
         }
     }

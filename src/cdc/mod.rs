@@ -31,8 +31,10 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tracing::{info, warn};
 
+use crate::cluster::Topology;
 use crate::cluster::health::format_lsn;
 use crate::config::Rule;
+use crate::session::Context;
 use crate::state::Shared;
 use run::{Mode, Runner, SyncRequest};
 use stats::{RuleStats, RunReport, SnapshotProgress, now_ms};
@@ -132,10 +134,15 @@ impl Cdc {
             let (requests, receiver) = mpsc::channel(16);
             let (stop, stop_rx) = watch::channel(false);
             let stop = Arc::new(stop);
-            forward_shutdown(shared, stop.clone());
+            forward_shutdown(&shared.sessions, stop.clone());
             stats.set_state(if rule.enabled { "starting" } else { "disabled" });
             let task = tokio::spawn(rule_task(
-                Runner::new(rule.clone(), shared.clone(), stats.clone()),
+                Runner::new(
+                    rule.clone(),
+                    shared.sessions.clone(),
+                    shared.fleet.clone(),
+                    stats.clone(),
+                ),
                 receiver,
                 stop_rx,
                 before,
@@ -190,8 +197,7 @@ impl Cdc {
             .map_err(|_| format!("rule \"{rule}\" stopped before its run finished"))?
     }
 
-    pub fn views(&self, shared: &Shared) -> Vec<RuleView> {
-        let topology = shared.topology.load();
+    pub fn views(&self, topology: &Topology) -> Vec<RuleView> {
         self.handles()
             .values()
             .map(|h| {
@@ -250,8 +256,8 @@ impl Cdc {
 }
 
 /// A rule stops when the proxy shuts down, too.
-fn forward_shutdown(shared: &Arc<Shared>, stop: Arc<watch::Sender<bool>>) {
-    let mut shutdown = shared.shutdown.subscribe();
+fn forward_shutdown(context: &Context, stop: Arc<watch::Sender<bool>>) {
+    let mut shutdown = context.shutdown.subscribe();
     tokio::spawn(async move {
         loop {
             if *shutdown.borrow_and_update() {

@@ -30,8 +30,9 @@ use crate::cluster::health::format_lsn;
 use crate::cluster::monitor::{Credentials, control_connection};
 use crate::cluster::state_file::{self, CdcState};
 use crate::config::{Config, Rule, TargetKind};
+use crate::fleet::Fleet;
 use crate::pool::server::LoginInfo;
-use crate::state::Shared;
+use crate::session::Context;
 
 mod stream;
 use stream::{Counters, Stream};
@@ -94,7 +95,10 @@ impl From<super::walsender::WalError> for RunError {
 
 pub struct Runner {
     pub rule: Rule,
-    pub shared: Arc<Shared>,
+    /// The live config and topology (a failover moves the source's primary).
+    context: Arc<Context>,
+    /// In fleet mode, where the rule's slot is recorded.
+    fleet: Option<Arc<Fleet>>,
     pub stats: Arc<RuleStats>,
     sink: Option<Sink>,
 }
@@ -120,22 +124,28 @@ impl Source {
 }
 
 impl Runner {
-    pub fn new(rule: Rule, shared: Arc<Shared>, stats: Arc<RuleStats>) -> Runner {
+    pub fn new(
+        rule: Rule,
+        context: Arc<Context>,
+        fleet: Option<Arc<Fleet>>,
+        stats: Arc<RuleStats>,
+    ) -> Runner {
         Runner {
             rule,
-            shared,
+            context,
+            fleet,
             stats,
             sink: None,
         }
     }
 
     fn config(&self) -> Arc<Config> {
-        self.shared.config.load_full()
+        self.context.config.load_full()
     }
 
     /// The current primary of `project` (it changes with a failover).
     fn primary_of(&self, project: &str) -> Result<Arc<Node>, RunError> {
-        let topology = self.shared.topology.load_full();
+        let topology = self.context.topology.load_full();
         let project = topology
             .projects
             .get(project)
@@ -282,7 +292,7 @@ impl Runner {
     /// resumes from the slot its predecessor made, without a new snapshot), else from
     /// the state file.
     async fn recorded_slot(&self) -> Result<Option<CdcState>, RunError> {
-        match &self.shared.fleet {
+        match &self.fleet {
             Some(fleet) => fleet
                 .cdc_state(&self.rule.name)
                 .await
@@ -296,7 +306,7 @@ impl Runner {
     }
 
     async fn record_slot(&self, state: CdcState) -> Result<(), RunError> {
-        if let Some(fleet) = &self.shared.fleet {
+        if let Some(fleet) = &self.fleet {
             fleet
                 .record_cdc_state(&self.rule.name, &state)
                 .await

@@ -145,7 +145,7 @@ impl Fleet {
 
     /// Starts the lease keeper, the campaign and the topology watch.
     pub fn start(self: &Arc<Fleet>, shared: &Arc<crate::state::Shared>) {
-        session::spawn(self.clone(), shared);
+        session::spawn(self.clone(), shared.shutdown.subscribe());
         topology::spawn(self.clone(), shared);
         // Leader-only work follows leadership.
         let mut changes = self.leadership_changes();

@@ -13,7 +13,6 @@ use etcd_client::{
 use tracing::{info, warn};
 
 use super::{Fleet, Member, keys, now_secs};
-use crate::state::Shared;
 
 /// How often the lease is renewed: often enough that a few lost keepalives do not
 /// let it lapse, at least every second so that leadership moves fast.
@@ -21,8 +20,7 @@ pub fn tick(fleet: &Fleet) -> Duration {
     (fleet.settings.lease_ttl / 5).clamp(Duration::from_millis(200), Duration::from_secs(1))
 }
 
-pub fn spawn(fleet: Arc<Fleet>, shared: &Arc<Shared>) {
-    let mut shutdown = shared.shutdown.subscribe();
+pub fn spawn(fleet: Arc<Fleet>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
     tokio::spawn(async move {
         loop {
             let mut lease = 0;
