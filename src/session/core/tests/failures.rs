@@ -2,6 +2,8 @@
 //! clients that leave mid-request, protocol violations.
 
 use super::*;
+use crate::session::timeouts::Expired;
+use std::time::Duration;
 
 #[test]
 fn after_an_error_the_server_skips_to_sync_and_so_does_the_core() {
@@ -130,4 +132,40 @@ fn a_message_with_an_unknown_tag_ends_the_session_with_a_protocol_error() {
         Err(End::Fatal { code, .. }) => assert_eq!(code, "08P01"),
         other => panic!("expected a protocol violation, got {other:?}"),
     }
+}
+
+/// The timeouts' clock, as the shell reads it before each wait: a query past
+/// query_timeout_ms is reported once (the shell cancels it), then the idle client's
+/// own timeout runs.
+#[tokio::test(start_paused = true)]
+async fn a_query_past_its_timeout_is_reported_once_and_an_idle_client_after_its_own() {
+    let config = CONFIG.replace(
+        "pool_mode = \"transaction\"",
+        "pool_mode = \"transaction\"\nquery_timeout_ms = 1000\nclient_idle_timeout_ms = 5000",
+    );
+    let mut bed = Bed::with_config(&config);
+    bed.client([query("SELECT pg_sleep(10)")]).unwrap();
+    assert_eq!(bed.core.before_wait(), Phase::Busy);
+    let due = bed.core.deadline().expect("a query timeout is running");
+    assert!(bed.core.timer_fired().is_none(), "not yet");
+
+    tokio::time::advance(Duration::from_millis(1001)).await;
+    assert!(Instant::now() >= due);
+    assert!(matches!(
+        bed.core.timer_fired(),
+        Some(Expired::Query(limit)) if limit == Duration::from_secs(1)
+    ));
+    bed.core.before_wait();
+    assert_eq!(bed.core.deadline(), None, "a query is cancelled once");
+
+    // The cancelled query ends; the client is idle, under client_idle_timeout_ms.
+    bed.server([error("57014"), ready(b'I')]).unwrap();
+    assert_eq!(tags(&bed.answered()), "EZ");
+    assert_eq!(bed.core.before_wait(), Phase::Idle);
+    assert!(bed.core.deadline().is_some());
+    tokio::time::advance(Duration::from_millis(5001)).await;
+    assert!(matches!(
+        bed.core.timer_fired(),
+        Some(Expired::ClientIdle(_))
+    ));
 }
