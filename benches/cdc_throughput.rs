@@ -41,7 +41,7 @@ async fn wait_copied(proxy: &Proxy, rows: u64) -> anyhow::Result<()> {
         if proxy
             .shared
             .cdc
-            .views(&proxy.shared)
+            .views(&proxy.shared.topology.load())
             .first()
             .is_some_and(|r| {
                 r.snapshot_rows >= rows && r.state == "streaming" && !r.position.is_empty()
