@@ -11,6 +11,9 @@
 #   SOAK_SECONDS=120 IDLE_CLIENTS=2000 benches/soak.sh
 #   KEEP_WORK=1 benches/soak.sh                   # keep the logs (proxy, PgBouncer, driver)
 #   PARTS='idle pgbench' benches/soak.sh          # only some of: soak idle pgbench
+#   BUILD=plain benches/soak.sh                   # a plain release build (default: the
+#                                                 # profile-guided one the image ships)
+#   BIN=path/to/replicator benches/soak.sh        # a binary already built
 #
 # Needs the PostgreSQL server binaries, pgbench and psql; PgBouncer is compared when
 # installed (Debian: apt-get install pgbouncer).
@@ -32,9 +35,19 @@ export PGPASSWORD=secret
 # Each idle client is a socket in the driver and one in the proxy.
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
-cargo build --release --quiet
 cargo build --release --quiet --bench soak
-BIN=target/release/replicator
+BUILD=${BUILD:-pgo}
+if [ -n "${BIN:-}" ]; then
+  BUILD=given
+  [ -x "$BIN" ] || { echo "BIN=$BIN is not an executable" >&2; exit 1; }
+else
+  case "$BUILD" in
+    pgo) BIN=$(scripts/pgo-build.sh | tail -1) ;;
+    plain) BIN=target/release/replicator; cargo build --release --quiet ;;
+    *) echo "BUILD must be pgo or plain" >&2; exit 1 ;;
+  esac
+fi
+echo "measuring $BIN ($BUILD build)" >&2
 DRIVER=$(find target/release/deps -maxdepth 1 -type f -executable -name 'soak-*' -printf '%T@ %p\n' | sort -n | tail -1 | cut -d' ' -f2)
 PGBIN=$( (pg_config --bindir 2>/dev/null; ls -d /usr/lib/postgresql/*/bin 2>/dev/null) | while read -r d; do [ -x "$d/pgbench" ] && echo "$d"; done | tail -1)
 
@@ -215,22 +228,42 @@ done
 fi
 if part pgbench; then
 echo
-echo "## pgbench -S (simple protocol), median of $PGBENCH_ROUNDS rounds of $PGBENCH_SECONDS s"
+echo "## pgbench -S (simple protocol), $PGBENCH_ROUNDS interleaved rounds of $PGBENCH_SECONDS s ($BUILD build)"
 echo
 echo "replicator-primary-only: a project of the primary alone, pool_size 20, as PgBouncer's;"
 echo "replicator: the soak proxy, whose reads go to the two replicas on the same cores."
+echo "Ratio: primary-only TPS over PgBouncer's in the same round (minutes apart at most, which"
+echo "cancels the machine's slow drifts): geometric mean, [95% interval], (lowest-highest)."
 echo
-echo "| clients | replicator-primary-only tps | replicator tps | pgbouncer tps | primary-only / pgbouncer |"
-echo "|---|---|---|---|---|"
-for clients in 64 512; do
-  median() {
-    awk -v c="$clients" -v t="$1" '$2 == c && $3 == t {print $4}' "$WORK/tps.tsv" | sort -n \
-      | awk '{v[NR] = $1} END {if (NR) print v[int((NR + 1) / 2)]}'
-  }
-  s=$(median replicator-primary-only)
-  r=$(median replicator)
-  b=$(median pgbouncer)
-  ratio=$(awk -v r="${s:-0}" -v b="${b:-0}" 'BEGIN { if (b > 0) printf "%.2f", r / b; else print "-" }')
-  echo "| $clients | ${s:-} | ${r:-} | ${b:--} | $ratio |"
-done
+python3 - "$WORK/tps.tsv" <<'PY'
+import sys, statistics, math
+rows = [l.split() for l in open(sys.argv[1]) if l.strip()]
+tps = {(r, c, t): float(v) for r, c, t, v in rows}
+rounds = sorted({r for r, _, _, _ in rows}, key=int)
+# Student's t, two-sided 95%, by degrees of freedom (1-10); beyond, the normal 1.96.
+T95 = [12.71, 4.30, 3.18, 2.78, 2.57, 2.45, 2.36, 2.31, 2.26, 2.23]
+def median(clients, target):
+    vals = [tps[k] for k in tps if k[1] == clients and k[2] == target]
+    return f"{statistics.median(vals):.0f}" if vals else "-"
+print("| clients | replicator-primary-only tps | replicator tps | pgbouncer tps | primary-only / pgbouncer |")
+print("|---|---|---|---|---|")
+for clients in ("64", "512"):
+    ratios = [tps[(r, clients, "replicator-primary-only")] / tps[(r, clients, "pgbouncer")]
+              for r in rounds
+              if tps.get((r, clients, "pgbouncer"), 0) > 0
+              and tps.get((r, clients, "replicator-primary-only"), 0) > 0]
+    if len(ratios) >= 2:
+        logs = [math.log(x) for x in ratios]
+        t = T95[len(logs) - 2] if len(logs) - 1 <= len(T95) else 1.96
+        half = t * statistics.stdev(logs) / math.sqrt(len(logs))
+        mean = statistics.fmean(logs)
+        ratio = (f"{math.exp(mean):.2f} [{math.exp(mean - half):.2f}-{math.exp(mean + half):.2f}]"
+                 f" ({min(ratios):.2f}-{max(ratios):.2f})")
+    elif ratios:
+        ratio = f"{ratios[0]:.2f}"
+    else:
+        ratio = "-"
+    print(f"| {clients} | {median(clients, 'replicator-primary-only')} | "
+          f"{median(clients, 'replicator')} | {median(clients, 'pgbouncer')} | {ratio} |")
+PY
 fi
