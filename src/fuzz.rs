@@ -27,7 +27,15 @@ pub const TARGETS: &[(&str, Target)] = &[
 pub fn frontend(data: &[u8]) {
     let (startup, rest) =
         data.split_at(data.len().min(data.first().copied().unwrap_or(0) as usize));
-    let _ = crate::session::startup::parse_params(&BytesMut::from(startup));
+    // As sent, and as the parameters of a 3.0 login.
+    let login = [&[0, 3, 0, 0][..], startup].concat();
+    for packet in [startup, &login[..]] {
+        if let crate::protocol::frontend::StartupPacket::Login { params, .. } =
+            crate::protocol::frontend::StartupPacket::decode(packet)
+        {
+            let _ = crate::session::startup::startup_params(params);
+        }
+    }
     let mut reader = MessageReader::with_prefix(tokio::io::empty(), MAX_CLIENT_MESSAGE, rest);
     let mut unit: Vec<BytesMut> = Vec::new();
     loop {

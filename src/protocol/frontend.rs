@@ -1,6 +1,6 @@
 //! Client messages decoded into typed views that borrow the frame's bytes: the one
-//! place where the fields of a Query, Parse, Bind, Describe, Close, Execute or a
-//! password message are read.
+//! place where the fields of a startup packet, a Query, Parse, Bind, Describe, Close,
+//! Execute or a password message are read.
 //! Decoding checks the fields the proxy uses (names and texts) and leaves the rest as
 //! the bytes that were sent (parameter types, a Bind's parameters, an Execute's row
 //! limit): nothing is copied, and what the proxy does not use is for the server to
@@ -54,6 +54,85 @@ pub struct Bind<'a> {
     /// Everything after the statement's name, as sent: formats, parameters, result
     /// formats. A Bind under another statement name repeats it.
     pub rest: &'a [u8],
+}
+
+/// The first packet of a connection (after any encryption negotiation), without its
+/// length word.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StartupPacket<'a> {
+    /// A protocol 3.x login: the minor version and the parameters.
+    Login {
+        minor: u16,
+        params: StartupParams<'a>,
+    },
+    Cancel {
+        pid: i32,
+        secret: i32,
+    },
+    /// An SSLRequest or GSSENCRequest where none may come (inside TLS, or a second).
+    EncryptionRequest,
+    /// Another protocol version (or a cancel request too short to read).
+    Unsupported {
+        code: u32,
+    },
+}
+
+/// A startup packet's parameters: name and value pairs up to an empty name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StartupParams<'a> {
+    body: &'a [u8],
+}
+
+impl<'a> StartupPacket<'a> {
+    pub fn decode(packet: &'a [u8]) -> StartupPacket<'a> {
+        let Some(code) = packet.get(..4) else {
+            return StartupPacket::Unsupported { code: 0 };
+        };
+        let code = u32::from_be_bytes([code[0], code[1], code[2], code[3]]);
+        let body = &packet[4..];
+        match code {
+            msg::SSL_REQUEST | msg::GSSENC_REQUEST => StartupPacket::EncryptionRequest,
+            msg::CANCEL_REQUEST => match (body.get(..4), body.get(4..8)) {
+                (Some(pid), Some(secret)) => StartupPacket::Cancel {
+                    pid: i32::from_be_bytes([pid[0], pid[1], pid[2], pid[3]]),
+                    secret: i32::from_be_bytes([secret[0], secret[1], secret[2], secret[3]]),
+                },
+                _ => StartupPacket::Unsupported { code },
+            },
+            code if code >> 16 == 3 => StartupPacket::Login {
+                minor: (code & 0xffff) as u16,
+                params: StartupParams { body },
+            },
+            code => StartupPacket::Unsupported { code },
+        }
+    }
+}
+
+impl<'a> StartupParams<'a> {
+    /// The pairs in order; an error for a name or value not terminated (or not UTF-8).
+    pub fn pairs(&self) -> impl Iterator<Item = Result<(&'a str, &'a str), ProtocolError>> + 'a {
+        let mut f = Fields::new(self.body);
+        let mut done = false;
+        std::iter::from_fn(move || {
+            if done {
+                return None;
+            }
+            let name = match f.cstr() {
+                Ok("") => {
+                    done = true;
+                    return None;
+                }
+                Ok(name) => name,
+                Err(e) => {
+                    done = true;
+                    return Some(Err(e));
+                }
+            };
+            let value = f.cstr();
+            done = value.is_err();
+            Some(value.map(|value| (name, value)))
+        })
+    }
 }
 
 /// A client's answer during authentication (`p`). What it holds depends on what the
@@ -184,6 +263,49 @@ impl<'a> Frontend<'a> {
 #[cfg(test)]
 mod password_tests {
     use super::*;
+
+    #[test]
+    fn a_startup_packet_is_read_as_a_login_a_cancel_or_a_refusal() {
+        let mut login = 196608u32.to_be_bytes().to_vec();
+        login.extend_from_slice(b"user\0app\0database\0db\0\0");
+        let StartupPacket::Login { minor: 0, params } = StartupPacket::decode(&login) else {
+            panic!("not a login");
+        };
+        let pairs: Vec<_> = params.pairs().collect::<Result<_, _>>().unwrap();
+        assert_eq!(pairs, [("user", "app"), ("database", "db")]);
+
+        let mut cut = 196610u32.to_be_bytes().to_vec();
+        cut.extend_from_slice(b"user\0ap");
+        let StartupPacket::Login { minor: 2, params } = StartupPacket::decode(&cut) else {
+            panic!("not a login");
+        };
+        assert!(params.pairs().any(|p| p.is_err()), "an unterminated value");
+
+        let mut cancel = msg::CANCEL_REQUEST.to_be_bytes().to_vec();
+        cancel.extend_from_slice(&[0, 0, 0, 7, 0, 0, 0, 9]);
+        assert_eq!(
+            StartupPacket::decode(&cancel),
+            StartupPacket::Cancel { pid: 7, secret: 9 }
+        );
+        assert_eq!(
+            StartupPacket::decode(&cancel[..6]),
+            StartupPacket::Unsupported {
+                code: msg::CANCEL_REQUEST
+            }
+        );
+        assert_eq!(
+            StartupPacket::decode(&msg::SSL_REQUEST.to_be_bytes()),
+            StartupPacket::EncryptionRequest
+        );
+        assert_eq!(
+            StartupPacket::decode(&131072u32.to_be_bytes()),
+            StartupPacket::Unsupported { code: 131072 }
+        );
+        assert_eq!(
+            StartupPacket::decode(b"ab"),
+            StartupPacket::Unsupported { code: 0 }
+        );
+    }
 
     #[test]
     fn a_password_message_reads_as_what_was_asked_for() {

@@ -5,13 +5,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use crate::tls::stream::{ClientRead, ClientWrite};
-use bytes::{Buf, BytesMut};
+use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 
 use crate::config::{ClientTls, allow};
 use crate::protocol::auth::{Binding, ScramKeys, ScramServer, Secret, md5_response_matches};
-use crate::protocol::frontend::{PasswordMessage, SaslInitial};
-use crate::protocol::messages::{self as msg, Fields};
+use crate::protocol::frontend::{PasswordMessage, SaslInitial, StartupPacket, StartupParams};
+use crate::protocol::messages as msg;
 use crate::protocol::{MessageReader, ProtocolError};
 use crate::session::Context;
 use crate::users::UserEntry;
@@ -58,43 +58,36 @@ pub async fn handshake(
     channel_binding: Option<&[u8]>,
     full: Option<usize>,
 ) -> Result<Startup, Refusal> {
-    let mut packet = reader.read_startup_packet().await?;
-    let code = packet.get_u32();
-    let params = {
-        match code {
-            msg::SSL_REQUEST | msg::GSSENC_REQUEST => {
-                // Negotiation happened before (tls::negotiate): one now comes inside
-                // TLS or after too many.
-                return Err(Refusal::new(
-                    "08P01",
-                    "unexpected encryption negotiation request",
-                ));
+    let packet = reader.read_startup_packet().await?;
+    let params = match StartupPacket::decode(&packet) {
+        StartupPacket::EncryptionRequest => {
+            // Negotiation happened before (tls::negotiate): one now comes inside TLS or
+            // after too many.
+            return Err(Refusal::new(
+                "08P01",
+                "unexpected encryption negotiation request",
+            ));
+        }
+        StartupPacket::Cancel { pid, secret } => return Ok(Startup::Cancel { pid, secret }),
+        StartupPacket::Login { minor, params } => {
+            let params = startup_params(params)?;
+            if minor != 0 {
+                negotiate_version(writer, &params).await?;
             }
-            msg::CANCEL_REQUEST => {
-                if packet.len() < 8 {
-                    return Err(Refusal::new("08P01", "malformed cancel request"));
-                }
-                let pid = packet.get_i32();
-                let secret = packet.get_i32();
-                return Ok(Startup::Cancel { pid, secret });
-            }
-            code if code >> 16 == 3 => {
-                let params = parse_params(&packet)?;
-                if code & 0xffff != 0 {
-                    negotiate_version(writer, &params).await?;
-                }
-                params
-            }
-            code => {
-                return Err(Refusal::new(
-                    "08P01",
-                    format!(
-                        "unsupported frontend protocol {}.{}: server supports 3.0",
-                        code >> 16,
-                        code & 0xffff
-                    ),
-                ));
-            }
+            params
+        }
+        StartupPacket::Unsupported { code } if code == msg::CANCEL_REQUEST => {
+            return Err(Refusal::new("08P01", "malformed cancel request"));
+        }
+        StartupPacket::Unsupported { code } => {
+            return Err(Refusal::new(
+                "08P01",
+                format!(
+                    "unsupported frontend protocol {}.{}: server supports 3.0",
+                    code >> 16,
+                    code & 0xffff
+                ),
+            ));
         }
     };
     if let Some(max) = full {
@@ -200,21 +193,17 @@ pub async fn handshake(
     }))
 }
 
-pub(crate) fn parse_params(packet: &BytesMut) -> Result<Vec<(String, String)>, Refusal> {
-    let mut fields = Fields::new(packet);
-    let mut params = Vec::new();
-    loop {
-        let name = fields.cstr()?;
-        if name.is_empty() {
-            break;
-        }
-        let value = fields.cstr()?;
-        params.push((name.to_string(), value.to_string()));
-        if params.len() > 64 {
+/// The startup parameters, owned (they stay with the session), at most 64.
+pub(crate) fn startup_params(params: StartupParams) -> Result<Vec<(String, String)>, Refusal> {
+    let mut owned = Vec::new();
+    for pair in params.pairs() {
+        let (name, value) = pair?;
+        owned.push((name.to_string(), value.to_string()));
+        if owned.len() > 64 {
             return Err(Refusal::new("08P01", "too many startup parameters"));
         }
     }
-    Ok(params)
+    Ok(owned)
 }
 
 /// Answers a 3.x (x > 0) client with NegotiateProtocolVersion: we speak 3.0.
