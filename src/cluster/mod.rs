@@ -95,9 +95,9 @@ impl Node {
             self.clear_down();
             return Ok(conn);
         }
-        // Boxed: connecting (TLS, authentication) is a large future, and every
-        // client's task would otherwise keep its space for the client's whole life.
-        let result = Box::pin(self.pool_for(user).get()).await;
+        // Small: the pool boxes a connection attempt, the one large part, only when it
+        // makes one (a checkout that waits is the common case under load).
+        let result = self.pool_for(user).get().await;
         match result {
             Ok(conn) => {
                 self.clear_down();

@@ -145,7 +145,10 @@ impl Pool {
             }
         };
         match waiting {
-            None => self.inner.clone().connect_reserved().await,
+            // Boxed, here and below: opening a connection (TLS, authentication) is a
+            // future of kilobytes, and a checkout that only waits, the common case under
+            // load, should not carry (and write) its space.
+            None => Box::pin(self.inner.clone().connect_reserved()).await,
             Some(waiting) => self.wait(waiting).await,
         }
     }
@@ -162,7 +165,7 @@ impl Pool {
             };
         match handoff {
             Some(Handoff::Conn(conn)) => Ok(self.inner.pooled(conn)),
-            Some(Handoff::Slot) => self.inner.clone().connect_reserved().await,
+            Some(Handoff::Slot) => Box::pin(self.inner.clone().connect_reserved()).await,
             Some(Handoff::Failed(e)) => Err(e),
             None => Err(BackendError::Timeout(format!(
                 "{}: every pooled connection stayed busy for query_wait_timeout_ms ({} ms)",
@@ -378,5 +381,39 @@ impl Drop for Pooled {
         if let Some(conn) = self.conn.take() {
             self.pool.put_back(conn);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A checkout that waits (every one, with more clients than connections) carries
+    /// its future; opening a connection, kilobytes of it, is boxed apart.
+    #[tokio::test]
+    async fn a_checkout_that_waits_stays_small() {
+        let addr = crate::config::NodeAddress::parse("postgresql://127.0.0.1:1/app")
+            .expect("a test address");
+        let pool = Pool::new(
+            LoginInfo {
+                addr: Arc::new(addr),
+                database: "app".into(),
+                user: "app".into(),
+                password: "secret".into(),
+                scram_keys: None,
+                extra_params: Vec::new(),
+            },
+            PoolSettings {
+                size: 1,
+                connect_timeout: Duration::from_secs(1),
+                wait_timeout: Duration::from_secs(1),
+                idle_timeout: Duration::from_secs(1),
+                lifetime: None,
+                keepalive: Keepalive::default(),
+            },
+        );
+        let checkout = pool.get();
+        let size = std::mem::size_of_val(&checkout);
+        assert!(size <= 384, "a checkout's future takes {size} bytes");
     }
 }
