@@ -35,7 +35,14 @@ export PGPASSWORD=secret
 # Each idle client is a socket in the driver and one in the proxy.
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
-cargo build --release --quiet --bench soak
+part() { [[ " $PARTS " == *" $1 "* ]]; }
+
+# The client driver (benches/soak.rs), for the soak and the idle clients.
+DRIVER=
+if part soak || part idle; then
+  cargo build --release --quiet --bench soak
+  DRIVER=$(find target/release/deps -maxdepth 1 -type f -executable -name 'soak-*' -printf '%T@ %p\n' | sort -n | tail -1 | cut -d' ' -f2)
+fi
 BUILD=${BUILD:-pgo}
 if [ -n "${BIN:-}" ]; then
   BUILD=given
@@ -48,7 +55,6 @@ else
   esac
 fi
 echo "measuring $BIN ($BUILD build)" >&2
-DRIVER=$(find target/release/deps -maxdepth 1 -type f -executable -name 'soak-*' -printf '%T@ %p\n' | sort -n | tail -1 | cut -d' ' -f2)
 PGBIN=$( (pg_config --bindir 2>/dev/null; ls -d /usr/lib/postgresql/*/bin 2>/dev/null) | while read -r d; do [ -x "$d/pgbench" ] && echo "$d"; done | tail -1)
 
 cleanup() {
@@ -62,8 +68,6 @@ trap cleanup EXIT
 
 rss_kb() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
 value() { awk -v k="$1" '$1 == k {print $2}' "$2"; }
-part() { [[ " $PARTS " == *" $1 "* ]]; }
-
 # The cluster (the demo's primary and two replicas; its own proxy is not used).
 setsid "$BIN" demo --listen "127.0.0.1:$((PROXY_PORT + 10))" > "$WORK/demo.log" 2>&1 &
 DEMO_PID=$!
