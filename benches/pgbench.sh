@@ -38,18 +38,8 @@ chmod 755 "$WORK"
 RESULTS="$WORK/results.tsv"
 export PGPASSWORD=secret
 
-BUILD=${BUILD:-pgo}
-if [ -n "${BIN:-}" ]; then
-  BUILD=given
-  [ -x "$BIN" ] || { echo "BIN=$BIN is not an executable" >&2; exit 1; }
-else
-  case "$BUILD" in
-    pgo) BIN=$(scripts/pgo-build.sh | tail -1) ;;
-    plain) BIN=target/release/replicator; cargo build --release --quiet ;;
-    *) echo "BUILD must be pgo or plain" >&2; exit 1 ;;
-  esac
-fi
-echo "measuring $BIN ($BUILD build)" >&2
+# shellcheck source=benches/proxy-binary.sh
+source benches/proxy-binary.sh
 PGBIN=$( (pg_config --bindir 2>/dev/null; ls -d /usr/lib/postgresql/*/bin 2>/dev/null) | while read -r d; do [ -x "$d/pgbench" ] && echo "$d"; done | tail -1)
 PGBENCH="$PGBIN/pgbench"
 
@@ -222,7 +212,9 @@ for round in $(seq 1 "$ROUNDS"); do
 done
 
 python3 - "$RESULTS" "$ROUNDS" "$DURATION" <<'PY'
-import sys, statistics, collections, math
+import sys, statistics, collections
+sys.path.insert(0, "benches")
+from paired import summary
 rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
 cells = collections.defaultdict(list)
 by_round = {}
@@ -251,21 +243,6 @@ for w in order:
             parts += [f"{tps:.0f}", f"{lat:.3f}", ratio]
     print(f"| {w} | " + " | ".join(parts) + " |")
 
-# Student's t, two-sided 95%, by degrees of freedom (1-30); beyond 30 the normal 1.96.
-T95 = [12.71, 4.30, 3.18, 2.78, 2.57, 2.45, 2.36, 2.31, 2.26, 2.23, 2.20, 2.18, 2.16, 2.14,
-       2.13, 2.12, 2.11, 2.10, 2.09, 2.09, 2.08, 2.07, 2.07, 2.06, 2.06, 2.06, 2.05, 2.05,
-       2.05, 2.04]
-def interval(ratios):
-    """95% interval of the geometric mean, from the spread of the log ratios: whether a
-    difference is the machine's noise or the proxy's."""
-    if len(ratios) < 2:
-        return "[-]"
-    logs = [math.log(r) for r in ratios]
-    t = T95[len(logs) - 2] if len(logs) - 1 <= len(T95) else 1.96
-    half = t * statistics.stdev(logs) / math.sqrt(len(logs))
-    mean = statistics.fmean(logs)
-    return f"[{math.exp(mean - half):.2f}-{math.exp(mean + half):.2f}]"
-
 # The same comparison paired by round: each replicator target against PgBouncer (and
 # against the older binary, with BEFORE) in the same round (minutes apart at most),
 # which cancels the machine's slow drifts that the medians above keep.
@@ -286,10 +263,6 @@ for baseline in [b for b in ("pgbouncer", "replicator-before") if b in targets]:
                     ratios = None
                     break
                 ratios.append(float(x) / float(b))
-            if not ratios:
-                parts.append("-")
-            else:
-                gm = statistics.geometric_mean(ratios)
-                parts.append(f"{gm:.2f} {interval(ratios)} ({min(ratios):.2f}-{max(ratios):.2f})")
+            parts.append(summary(ratios or []))
         print(f"| {w} | " + " | ".join(parts) + " |")
 PY

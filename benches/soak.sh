@@ -43,18 +43,8 @@ if part soak || part idle; then
   cargo build --release --quiet --bench soak
   DRIVER=$(find target/release/deps -maxdepth 1 -type f -executable -name 'soak-*' -printf '%T@ %p\n' | sort -n | tail -1 | cut -d' ' -f2)
 fi
-BUILD=${BUILD:-pgo}
-if [ -n "${BIN:-}" ]; then
-  BUILD=given
-  [ -x "$BIN" ] || { echo "BIN=$BIN is not an executable" >&2; exit 1; }
-else
-  case "$BUILD" in
-    pgo) BIN=$(scripts/pgo-build.sh | tail -1) ;;
-    plain) BIN=target/release/replicator; cargo build --release --quiet ;;
-    *) echo "BUILD must be pgo or plain" >&2; exit 1 ;;
-  esac
-fi
-echo "measuring $BIN ($BUILD build)" >&2
+# shellcheck source=benches/proxy-binary.sh
+source benches/proxy-binary.sh
 PGBIN=$( (pg_config --bindir 2>/dev/null; ls -d /usr/lib/postgresql/*/bin 2>/dev/null) | while read -r d; do [ -x "$d/pgbench" ] && echo "$d"; done | tail -1)
 
 cleanup() {
@@ -240,12 +230,12 @@ echo "Ratio: primary-only TPS over PgBouncer's in the same round (minutes apart 
 echo "cancels the machine's slow drifts): geometric mean, [95% interval], (lowest-highest)."
 echo
 python3 - "$WORK/tps.tsv" <<'PY'
-import sys, statistics, math
+import sys, statistics
+sys.path.insert(0, "benches")
+from paired import summary
 rows = [l.split() for l in open(sys.argv[1]) if l.strip()]
 tps = {(r, c, t): float(v) for r, c, t, v in rows}
 rounds = sorted({r for r, _, _, _ in rows}, key=int)
-# Student's t, two-sided 95%, by degrees of freedom (1-10); beyond, the normal 1.96.
-T95 = [12.71, 4.30, 3.18, 2.78, 2.57, 2.45, 2.36, 2.31, 2.26, 2.23]
 def median(clients, target):
     vals = [tps[k] for k in tps if k[1] == clients and k[2] == target]
     return f"{statistics.median(vals):.0f}" if vals else "-"
@@ -256,17 +246,7 @@ for clients in ("64", "512"):
               for r in rounds
               if tps.get((r, clients, "pgbouncer"), 0) > 0
               and tps.get((r, clients, "replicator-primary-only"), 0) > 0]
-    if len(ratios) >= 2:
-        logs = [math.log(x) for x in ratios]
-        t = T95[len(logs) - 2] if len(logs) - 1 <= len(T95) else 1.96
-        half = t * statistics.stdev(logs) / math.sqrt(len(logs))
-        mean = statistics.fmean(logs)
-        ratio = (f"{math.exp(mean):.2f} [{math.exp(mean - half):.2f}-{math.exp(mean + half):.2f}]"
-                 f" ({min(ratios):.2f}-{max(ratios):.2f})")
-    elif ratios:
-        ratio = f"{ratios[0]:.2f}"
-    else:
-        ratio = "-"
+    ratio = summary(ratios)
     print(f"| {clients} | {median(clients, 'replicator-primary-only')} | "
           f"{median(clients, 'replicator')} | {median(clients, 'pgbouncer')} | {ratio} |")
 PY

@@ -96,6 +96,8 @@ fn the_scripts_pass_shellcheck() {
         repo().join("docker/primary-init.sh"),
         repo().join("docker/replica-entrypoint.sh"),
         repo().join("benches/pgbench.sh"),
+        repo().join("benches/soak.sh"),
+        repo().join("benches/proxy-binary.sh"),
         repo().join("benches/run.sh"),
         repo().join("benches/driver-suite.sh"),
         repo().join("benches/pgbench-tls.sh"),
