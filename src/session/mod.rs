@@ -409,7 +409,7 @@ impl Session {
             }
         }
         loop {
-            let client_out = self.core.io().client_out;
+            let client_out = self.core.client_out();
             if client_out.is_empty() {
                 break;
             }
@@ -504,7 +504,7 @@ impl Session {
         // The last words are bounded in time: a client that stopped reading must not
         // keep this task, or its server connection, forever.
         let writer = &mut self.writer;
-        let last_words = self.core.last_words();
+        let last_words = self.core.client_out();
         let _ = tokio::time::timeout(FINAL_WRITE, async {
             if reachable && !last_words.is_empty() {
                 let _ = writer.write_all(last_words).await;

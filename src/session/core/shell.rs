@@ -146,8 +146,8 @@ impl<H: ServerHandle> Core<H> {
         msg::error_response(&mut self.client_out, "FATAL", code, message);
     }
 
-    /// What is left for the client when the session ends.
-    pub(in crate::session) fn last_words(&self) -> &[u8] {
+    /// The bytes waiting for the client (at the end, its last words).
+    pub(in crate::session) fn client_out(&self) -> &[u8] {
         &self.client_out
     }
 
