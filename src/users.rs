@@ -42,10 +42,15 @@ impl UserEntry {
 
     /// The keys to log in to servers with, when there is no plain password to use.
     pub fn backend_keys(&self) -> Option<ScramKeys> {
+        self.backend_keys_ref().cloned()
+    }
+
+    /// As `backend_keys`, without a copy (compared on every checkout).
+    pub fn backend_keys_ref(&self) -> Option<&ScramKeys> {
         if crate::protocol::auth::is_plain_password(&self.backend_password) {
             None
         } else {
-            self.learned_keys.get().cloned()
+            self.learned_keys.get()
         }
     }
 }

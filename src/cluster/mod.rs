@@ -62,6 +62,45 @@ impl From<Role> for NodeRole {
     }
 }
 
+/// A checkout from a node's pool that notes the outcome on the node: up again after a
+/// connection, down after a failed connection attempt.
+pub struct NodeCheckout<'a> {
+    node: &'a Node,
+    checkout: crate::pool::Checkout,
+}
+
+impl std::future::Future for NodeCheckout<'_> {
+    type Output = Result<Pooled, BackendError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let this = &mut *self;
+        let result = std::task::ready!(std::pin::Pin::new(&mut this.checkout).poll(cx));
+        match &result {
+            Ok(_) => this.node.clear_down(),
+            Err(err) => {
+                // A refused login is about the user, not the node; except "cannot
+                // connect now" (57P03: starting up or shutting down).
+                let node_fault = match err {
+                    BackendError::Auth { fields, .. } => fields.code == "57P03",
+                    BackendError::Unsupported { .. } => false,
+                    _ => true,
+                };
+                if node_fault {
+                    this.node.mark_down();
+                }
+                this.node
+                    .stats
+                    .connect_errors
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        std::task::Poll::Ready(result)
+    }
+}
+
 pub struct Node {
     pub name: String,
     role: AtomicU8,
@@ -85,38 +124,26 @@ impl Node {
     /// Checks out a server connection for `user`, creating the user's pool on first use.
     /// Fails as soon as a connection attempt to this node fails, rather than waiting
     /// for the connect timeout.
-    pub async fn checkout(&self, user: &UserEntry) -> Result<Pooled, BackendError> {
-        // Fast path: an idle connection, taken under the read lock without cloning the
-        // pool handle or entering the pool's async path.
-        if let Ok(pools) = self.pools.read()
-            && let Some(pool) = pools.get(&user.name)
-            && let Some(conn) = pool.take_idle()
-        {
-            self.clear_down();
-            return Ok(conn);
-        }
-        // Small: the pool boxes a connection attempt, the one large part, only when it
-        // makes one (a checkout that waits is the common case under load).
-        let result = self.pool_for(user).get().await;
-        match result {
-            Ok(conn) => {
-                self.clear_down();
-                Ok(conn)
+    ///
+    /// A plain future (see `pool::Checkout`): it is part of every session's checkout.
+    pub fn checkout(&self, user: &UserEntry) -> NodeCheckout<'_> {
+        // An idle connection is taken under the read lock, and the pool handle is
+        // cloned only for a checkout that waits or connects.
+        let pools = match self.pools.read() {
+            Ok(pools) => pools,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let checkout = match pools.get(&user.name) {
+            Some(pool) if pool.serves(user) => pool.get(),
+            // The first checkout of this user, or its credentials changed.
+            _ => {
+                drop(pools);
+                self.pool_for(user).get()
             }
-            Err(err) => {
-                // A refused login is about the user, not the node; except "cannot
-                // connect now" (57P03: starting up or shutting down).
-                let node_fault = match &err {
-                    BackendError::Auth { fields, .. } => fields.code == "57P03",
-                    BackendError::Unsupported { .. } => false,
-                    _ => true,
-                };
-                if node_fault {
-                    self.mark_down();
-                }
-                self.stats.connect_errors.fetch_add(1, Ordering::Relaxed);
-                Err(err)
-            }
+        };
+        NodeCheckout {
+            node: self,
+            checkout,
         }
     }
 
@@ -124,17 +151,8 @@ impl Node {
     /// (an auth_query user whose password was changed: the old pool's connections
     /// finish their work and go).
     fn pool_for(&self, user: &UserEntry) -> Pool {
+        let current = |pool: &Pool| pool.serves(user);
         let keys = user.backend_keys();
-        let current = |pool: &Pool| {
-            let login = pool.login();
-            login.password == user.backend_password && login.scram_keys == keys
-        };
-        if let Ok(pools) = self.pools.read()
-            && let Some(pool) = pools.get(&user.name)
-            && current(pool)
-        {
-            return pool.clone();
-        }
         let mut pools = match self.pools.write() {
             Ok(p) => p,
             Err(poisoned) => poisoned.into_inner(),

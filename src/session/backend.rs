@@ -3,7 +3,7 @@
 //! or for a replica to catch up with the client's writes, and bringing the held
 //! server's session state (settings, reset) in line with the client's.
 
-use super::core::ServerHandle;
+use super::core::{Checkout, ServerHandle};
 use super::*;
 use crate::pool::ServerState;
 use tokio::time::Instant;
@@ -13,69 +13,110 @@ thread_local! {
     static SPARE_NODES: spare::SpareVecs<Arc<Node>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
+/// Where a checkout goes: the nodes to try, or a wait first.
+enum Candidates {
+    Nodes(Vec<Arc<Node>>),
+    /// A read after the client's write (`causal_wait_ms`): no replica is known to
+    /// have replayed it; ask one until it has.
+    CaughtUpReplica(u64),
+    /// A write with no primary to go to now.
+    WaitForPrimary(BackendError),
+}
+
 impl Session {
-    /// Checks out a server for `route`: reads try the replicas in strategy order, then
-    /// the primary, so a replica that is down costs the client nothing.
-    pub(super) async fn acquire(
-        &mut self,
-        route: Route,
-        hinted: bool,
-        executes: bool,
-    ) -> Result<(), BackendError> {
-        self.core.follow_reload();
-        if route == Route::Replica {
-            let min_lsn = self.core.read_floor(hinted);
-            let mut nodes = spare::take_vec(&SPARE_NODES);
-            self.core
-                .project()
-                .read_candidates_into(min_lsn, executes, &mut nodes);
-            if nodes.is_empty() && min_lsn > 0 {
-                if !self.core.project().causal_wait.is_zero()
-                    && Box::pin(self.wait_for_replica(min_lsn)).await
-                {
+    /// Checks out a server for `route` (see `candidates`), waiting for a primary when
+    /// a write finds none. Its future is what the session boxes for every checkout
+    /// (see `send_with_server`): the common path awaits one small future, and the
+    /// waits of the rare paths are boxed apart.
+    pub(super) async fn acquire(&mut self, checkout: Checkout) -> Result<(), BackendError> {
+        let nodes = match self.candidates(checkout) {
+            Candidates::Nodes(nodes) => nodes,
+            rare => return Box::pin(self.acquire_rare(rare)).await,
+        };
+        match self.attach_first(nodes).await {
+            // A write waits for a primary (after a failover, one may come).
+            Err(e) if checkout.route != Route::Replica => Box::pin(self.wait_for_primary(e)).await,
+            attached => attached,
+        }
+    }
+
+    /// A read that waits for a replica to catch up, or a write that waits for a
+    /// primary.
+    async fn acquire_rare(&mut self, rare: Candidates) -> Result<(), BackendError> {
+        match rare {
+            Candidates::CaughtUpReplica(min_lsn) => {
+                if self.wait_for_replica(min_lsn).await {
                     return Ok(());
                 }
-                self.core
-                    .project()
+                // No replica caught up in time: the primary has the write.
+                let project = self.core.project();
+                project
+                    .causal_primary_reads
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let mut nodes = spare::take_vec(&SPARE_NODES);
+                nodes.extend(project.primary().cloned());
+                self.attach_first(nodes).await
+            }
+            Candidates::WaitForPrimary(first) => self.wait_for_primary(first).await,
+            Candidates::Nodes(nodes) => self.attach_first(nodes).await,
+        }
+    }
+
+    /// The nodes to try, in order (a vector from `SPARE_NODES`), or the wait that
+    /// must come first: reads try the replicas in strategy order, then the primary, so
+    /// a replica that is down costs the client nothing.
+    fn candidates(&mut self, checkout: Checkout) -> Candidates {
+        let Checkout {
+            route,
+            hinted,
+            executes,
+        } = checkout;
+        self.core.follow_reload();
+        let mut nodes = spare::take_vec(&SPARE_NODES);
+        let project = self.core.project();
+        if route == Route::Replica {
+            let min_lsn = self.core.read_floor(hinted);
+            let project = self.core.project();
+            project.read_candidates_into(min_lsn, executes, &mut nodes);
+            if nodes.is_empty() && min_lsn > 0 {
+                if !project.causal_wait.is_zero() {
+                    spare::give_back_vec(&SPARE_NODES, nodes, 16);
+                    return Candidates::CaughtUpReplica(min_lsn);
+                }
+                project
                     .causal_primary_reads
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             }
             // Then the primary, which runs any read.
-            let Some(primary) = self.core.project().primary().cloned() else {
-                return self.attach_first(nodes).await;
-            };
-            if nodes.is_empty() {
-                spare::give_back_vec(&SPARE_NODES, nodes, 16);
-                return self.attach_from(primary).await;
+            if let Some(primary) = project.primary() {
+                nodes.push(primary.clone());
             }
-            nodes.push(primary);
-            return self.attach_first(nodes).await;
+            return Candidates::Nodes(nodes);
         }
-        let paused = self
-            .core
-            .project()
+        let paused = project
             .failover
             .writes_paused
             .load(std::sync::atomic::Ordering::SeqCst);
-        if paused {
-            return self
-                .wait_for_primary(BackendError::Timeout("a switchover is in progress".into()))
-                .await;
-        }
-        if let Some(peers) = &self.core.context().peers
+        let blocked = if paused {
+            Some(BackendError::Timeout("a switchover is in progress".into()))
+        } else if let Some(peers) = &self.core.context().peers
             && let Err(reason) = peers.writes_allowed()
         {
-            return Box::pin(self.wait_for_primary(BackendError::Timeout(reason))).await;
-        }
-        let attached = match self.core.project().primary().cloned() {
-            Some(node) => self.attach_from(node).await,
-            None => Err(BackendError::Timeout(
+            Some(BackendError::Timeout(reason))
+        } else if let Some(primary) = project.primary() {
+            nodes.push(primary.clone());
+            None
+        } else {
+            Some(BackendError::Timeout(
                 "the project has no primary now".into(),
-            )),
+            ))
         };
-        match attached {
-            Err(e) => Box::pin(self.wait_for_primary(e)).await,
-            ok => ok,
+        match blocked {
+            Some(first) => {
+                spare::give_back_vec(&SPARE_NODES, nodes, 16);
+                Candidates::WaitForPrimary(first)
+            }
+            None => Candidates::Nodes(nodes),
         }
     }
 
@@ -161,30 +202,30 @@ impl Session {
         &mut self,
         mut nodes: Vec<Arc<Node>>,
     ) -> Result<(), BackendError> {
-        // The last node's outcome; none when there was no node to try.
-        let mut result = None;
-        for node in nodes.drain(..) {
-            let attached = self.attach_from(node).await;
-            let done = attached.is_ok();
-            result = Some(attached);
-            if done {
-                break;
+        // The last node's failure; none when there was no node to try. (Boxed: it
+        // is rare, and kept across the next checkout it would widen every one.)
+        let mut last_error: Option<Box<BackendError>> = None;
+        let mut attached = false;
+        for node in &nodes {
+            let node = node.clone();
+            match node.checkout(self.core.user()).await {
+                Ok(conn) => {
+                    self.core.attach(node, conn);
+                    attached = true;
+                    break;
+                }
+                Err(e) => {
+                    warn!(node = %node.name, project = %self.core.project().name, "cannot get a server connection: {e}");
+                    last_error = Some(Box::new(e));
+                }
             }
         }
+        nodes.clear();
         spare::give_back_vec(&SPARE_NODES, nodes, 16);
-        result.unwrap_or_else(|| Err(BackendError::Timeout("no node available".into())))
-    }
-
-    async fn attach_from(&mut self, node: Arc<Node>) -> Result<(), BackendError> {
-        match node.checkout(self.core.user()).await {
-            Ok(conn) => {
-                self.core.attach(node, conn);
-                Ok(())
-            }
-            Err(e) => {
-                warn!(node = %node.name, project = %self.core.project().name, "cannot get a server connection: {e}");
-                Err(e)
-            }
+        match (attached, last_error) {
+            (true, _) => Ok(()),
+            (false, Some(e)) => Err(*e),
+            (false, None) => Err(BackendError::Timeout("no node available".into())),
         }
     }
 }

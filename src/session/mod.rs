@@ -208,7 +208,8 @@ impl Session {
                     // Boxed: checking out (and, on its slow paths, waiting) is a large
                     // future that the client's task would keep while idle; a box of a
                     // few hundred bytes per checkout is what a thread's cache serves
-                    // fastest.
+                    // fastest. (The future is built, then copied into the box: its
+                    // size is paid on every transaction, see `acquire`.)
                     let sending = Box::pin(self.send_with_server(planned));
                     sending.await?;
                 }
@@ -465,11 +466,7 @@ impl Session {
     /// Checks out a server for a unit that needs one and sends it, or answers it with
     /// the reason there is none.
     async fn send_with_server(&mut self, planned: Planned) -> Result<(), End> {
-        let checkout = planned.checkout();
-        match self
-            .acquire(checkout.route, checkout.hinted, checkout.executes)
-            .await
-        {
+        match self.acquire(planned.checkout()).await {
             Ok(()) => self.core.send_unit(planned),
             Err(e) => {
                 self.core.checkout_failed(planned, &e);
