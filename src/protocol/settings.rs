@@ -5,14 +5,21 @@
 //! statement runs on a server, the two are compared by hash (one integer compare on the
 //! hot path) and, only when they differ, the server is brought in line with one
 //! `RESET`/`SET` batch whose answers the client never sees.
+//!
+//! Equal hashes are confirmed by comparing the entries, which live apart from the
+//! session: with hundreds of clients, another client's entries are rarely in the CPU's
+//! cache. So the entries are shared (`Arc`), and two equal settings found equal keep
+//! one copy from then on (`share_with`): clients with the same settings converge on
+//! one copy, and the confirmation is a pointer compare.
 
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
+use std::sync::Arc;
 
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Settings {
-    /// (name, SQL value text) sorted by name; names are lower case.
-    entries: Vec<(String, String)>,
+    /// (name, SQL value text) sorted by name; names are lower case. Copied on write.
+    entries: Arc<Vec<(String, String)>>,
     hash: u64,
 }
 
@@ -26,9 +33,10 @@ impl Settings {
 
     pub fn set(&mut self, name: &str, value: &str) {
         let name = name.to_ascii_lowercase();
-        match self.entries.binary_search_by(|(n, _)| n.cmp(&name)) {
-            Ok(i) => self.entries[i].1 = value.to_string(),
-            Err(i) => self.entries.insert(i, (name, value.to_string())),
+        let entries = Arc::make_mut(&mut self.entries);
+        match entries.binary_search_by(|(n, _)| n.cmp(&name)) {
+            Ok(i) => entries[i].1 = value.to_string(),
+            Err(i) => entries.insert(i, (name, value.to_string())),
         }
         self.rehash();
     }
@@ -36,13 +44,15 @@ impl Settings {
     pub fn remove(&mut self, name: &str) {
         let name = name.to_ascii_lowercase();
         if let Ok(i) = self.entries.binary_search_by(|(n, _)| n.cmp(&name)) {
-            self.entries.remove(i);
+            Arc::make_mut(&mut self.entries).remove(i);
             self.rehash();
         }
     }
 
     pub fn clear(&mut self) {
-        self.entries.clear();
+        if !self.entries.is_empty() {
+            self.entries = Arc::default();
+        }
         self.rehash();
     }
 
@@ -51,24 +61,39 @@ impl Settings {
     }
 
     pub fn same_as(&self, other: &Settings) -> bool {
-        self.hash == other.hash && self.entries == other.entries
+        self.hash == other.hash
+            && (Arc::ptr_eq(&self.entries, &other.entries) || self.entries == other.entries)
+    }
+
+    /// Settings found equal (`same_as`) keep one copy of their entries from now on:
+    /// the one at the lower address, so that every holder of equal settings converges
+    /// on the same copy.
+    pub fn share_with(&mut self, other: &mut Settings) {
+        if Arc::ptr_eq(&self.entries, &other.entries) {
+            return;
+        }
+        if Arc::as_ptr(&self.entries) < Arc::as_ptr(&other.entries) {
+            other.entries = self.entries.clone();
+        } else {
+            self.entries = other.entries.clone();
+        }
     }
 
     fn rehash(&mut self) {
         let mut h = DefaultHasher::new();
-        self.entries.hash(&mut h);
+        self.entries[..].hash(&mut h);
         self.hash = h.finish();
     }
 
     /// SQL that turns a server holding `self` into one holding `target`.
     pub fn transition_sql(&self, target: &Settings) -> String {
         let mut sql = String::new();
-        for (name, _) in &self.entries {
+        for (name, _) in self.entries.iter() {
             if target.get(name).is_none() {
                 sql.push_str(&format!("RESET {};", quote_ident(name)));
             }
         }
-        for (name, value) in &target.entries {
+        for (name, value) in target.entries.iter() {
             if self.get(name) != Some(value.as_str()) {
                 sql.push_str(&format!("SET {} = {};", quote_ident(name), value));
             }
@@ -156,6 +181,25 @@ fn parse_options(options: &str) -> Vec<(String, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Equal settings found equal share one copy of their entries (the next compare
+    /// is a pointer compare); a change to one is its own (copy on write).
+    #[test]
+    fn equal_settings_share_one_copy_and_stay_apart_when_changed() {
+        let mut client = from_startup(&[("application_name".into(), "app".into())]);
+        let mut server = from_startup(&[("application_name".into(), "app".into())]);
+        assert!(!Arc::ptr_eq(&client.entries, &server.entries));
+        assert!(client.same_as(&server));
+        client.share_with(&mut server);
+        assert!(Arc::ptr_eq(&client.entries, &server.entries));
+        assert!(client.same_as(&server));
+
+        client.set("search_path", "'tenant'");
+        assert!(!client.same_as(&server));
+        assert_eq!(server.get("search_path"), None);
+        assert_eq!(client.get("search_path"), Some("'tenant'"));
+        assert_eq!(server.get("application_name"), Some("'app'"));
+    }
 
     #[test]
     fn transition_resets_and_sets_only_differences() {

@@ -56,7 +56,10 @@ impl<H: ServerHandle> Core<H> {
             sql.push_str("DEALLOCATE ALL;");
             conn.prepared.clear();
         }
-        if !conn.settings.same_as(&self.settings) {
+        if conn.settings.same_as(&self.settings) {
+            // Compared as pointers from now on (see `protocol::settings`).
+            conn.settings.share_with(&mut self.settings);
+        } else {
             sql.push_str(&conn.settings.transition_sql(&self.settings));
             conn.settings = self.settings.clone();
         }
