@@ -333,10 +333,9 @@ impl<'a> Fields<'a> {
     }
 
     pub fn cstr_bytes(&mut self) -> Result<&'a [u8], ProtocolError> {
-        let end = self
-            .data
-            .iter()
-            .position(|b| *b == 0)
+        // memchr scans a word or a vector at a time: the SQL text of every Query and
+        // Parse goes through here.
+        let end = memchr::memchr(0, self.data)
             .ok_or_else(|| ProtocolError::Violation("unterminated string in message".into()))?;
         let s = &self.data[..end];
         self.data = &self.data[end + 1..];

@@ -455,11 +455,11 @@ impl<H: ServerHandle> Core<H> {
                         client_mark: answered_before,
                     }));
                 }
-                self.flight.replay = Some(Box::new(Replay {
+                self.flight.replay = Some(Replay {
                     frames: unit,
                     client_mark: answered_before,
                     settled: Vec::new(),
-                }))
+                })
             }
             (false, true, Some(earlier)) => {
                 earlier.frames.append(&mut unit);

@@ -25,8 +25,9 @@ pub(in crate::session) struct InFlight {
     /// When the request now running on the server was sent (latency histogram).
     pub(in crate::session) started: Option<Instant>,
     /// Reads in flight whose answers have not reached the client's socket yet, kept
-    /// to be sent again elsewhere if their server fails first.
-    pub(in crate::session) replay: Option<Box<Replay>>,
+    /// to be sent again elsewhere if their server fails first. Not boxed (unlike the
+    /// rare parts): nearly every read keeps one, and this whole state is boxed already.
+    pub(in crate::session) replay: Option<Replay>,
     /// A unit whose Parse the proxy answered, kept until its first answer (see
     /// `Reparse`).
     pub(in crate::session) reparse: Option<Box<Reparse>>,

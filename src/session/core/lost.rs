@@ -71,7 +71,7 @@ impl<H: ServerHandle> Core<H> {
                 frames: unit,
                 client_mark,
                 mut settled,
-            } = *replay;
+            } = replay;
             // What the failed server had answered never left the proxy; take it back.
             self.client_out.truncate(client_mark);
             // A read its server never answered: the client sees nothing of this, the
