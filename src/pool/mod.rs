@@ -15,6 +15,11 @@
 //!   a pool waits the same length of time, so the oldest one's deadline is the next,
 //!   and one timer serves them all (a timer armed and disarmed per waiting checkout
 //!   cost about 9% of the proxy's instructions per select-only transaction).
+//! - The handoff itself goes through the pool's own state, under the lock the return
+//!   takes anyway: a waiting checkout is a ticket in the queue and its task's waker,
+//!   and what it is handed waits under its ticket until it looks. No channel is made
+//!   per wait (with more clients than connections, every checkout waits, and a
+//!   channel was an allocation and a few cache lines of its own each time).
 //! - A failed connection attempt fails every waiting checkout at once: a session
 //!   waiting for a node that just refused a connection should try another node, not
 //!   sit out its timeout.
@@ -24,6 +29,7 @@
 //!   `server_lifetime_ms` (so that servers' memory and a changed DNS name or
 //!   configuration are taken up over time).
 
+mod checkout;
 pub mod recover;
 pub mod server;
 
@@ -32,11 +38,11 @@ use std::future::Future;
 use std::ops::{Deref, DerefMut};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
-use tokio::sync::oneshot;
-
+pub use checkout::Checkout;
+use checkout::{Stage, Waiting};
 pub use server::{BackendError, LoginInfo, ServerConn, ServerState};
 
 use crate::keepalive::Keepalive;
@@ -82,12 +88,21 @@ struct PoolState {
     idle: Vec<IdleConn>,
     /// Open connections (idle or checked out) plus connection attempts under way.
     total: u32,
+    /// Queued checkouts, oldest first (so in ticket order).
     waiters: VecDeque<Waiter>,
+    /// What was handed to queued checkouts that have not looked yet, by ticket: at
+    /// most one entry per connection or place of the pool, so a short list.
+    handed: Vec<(u64, Handoff)>,
+    /// The last failed connection attempt and the first ticket it did not fail: every
+    /// checkout queued before it was waiting on that attempt, and gets its error.
+    failed: Option<(u64, BackendError)>,
+    next_ticket: u64,
 }
 
-/// A queued checkout: where its connection goes, and when it gives up.
+/// A queued checkout: its ticket, how to wake it, and when it gives up.
 struct Waiter {
-    tx: oneshot::Sender<Handoff>,
+    ticket: u64,
+    waker: Waker,
     deadline: tokio::time::Instant,
 }
 
@@ -101,8 +116,6 @@ enum Handoff {
     Conn(Box<ServerConn>),
     /// A place in the pool was freed for the waiter: it opens its own connection.
     Slot,
-    /// A connection attempt to this node just failed.
-    Failed(BackendError),
 }
 
 /// Connection counts of one pool.
@@ -146,30 +159,14 @@ impl Pool {
     }
 
     /// A connection from the pool, a new one if there is room, or the next one returned
-    /// within the wait timeout.
+    /// within the wait timeout. Decided when first polled (a waiting checkout needs
+    /// its task's waker); the caller awaits it at once.
     ///
     /// A plain future rather than an `async fn`: a checkout that waits, the common case
-    /// under load, is a few words (the receiver of its handoff), not a state machine
-    /// sized for opening a connection (that one is boxed, made only when needed).
+    /// under load, is a few words (its ticket), not a state machine sized for opening
+    /// a connection (that one is boxed, made only when needed).
     pub fn get(&self) -> Checkout {
-        let mut state = self.inner.lock();
-        if let Some(conn) = state.pop_usable() {
-            return Checkout::Ready(Some(self.inner.pooled(conn)));
-        }
-        if state.total < self.inner.settings.size {
-            state.total += 1;
-            drop(state);
-            return Checkout::connecting(self.inner.clone());
-        }
-        let (tx, rx) = oneshot::channel();
-        state.waiters.push_back(Waiter {
-            tx,
-            deadline: tokio::time::Instant::now() + self.inner.settings.wait_timeout,
-        });
-        Checkout::Waiting(Waiting {
-            pool: self.inner.clone(),
-            rx,
-        })
+        Checkout(Stage::Start(self.inner.clone()))
     }
 
     pub fn counts(&self) -> PoolCounts {
@@ -211,6 +208,47 @@ impl PoolInner {
         }
     }
 
+    /// The first poll of a checkout: an idle connection, a place to open one, or a
+    /// place in the queue.
+    fn start(self: Arc<Self>, waker: &Waker) -> Stage {
+        let mut state = self.lock();
+        if let Some(conn) = state.pop_usable() {
+            drop(state);
+            return Stage::Ready(Some(Pooled {
+                conn: Some(conn),
+                pool: self,
+            }));
+        }
+        if state.total < self.settings.size {
+            state.total += 1;
+            drop(state);
+            return Stage::connecting(self);
+        }
+        let ticket = state.next_ticket;
+        state.next_ticket += 1;
+        state.waiters.push_back(Waiter {
+            ticket,
+            waker: waker.clone(),
+            deadline: tokio::time::Instant::now() + self.settings.wait_timeout,
+        });
+        drop(state);
+        Stage::Waiting(Waiting {
+            pool: self,
+            ticket: Some(ticket),
+        })
+    }
+
+    /// Hands `handoff` to the oldest waiter, or gives it back if nobody waits.
+    fn hand_to_oldest(&self, state: &mut PoolState, handoff: Handoff) -> Result<Waker, Handoff> {
+        match state.waiters.pop_front() {
+            Some(waiter) => {
+                state.handed.push((waiter.ticket, handoff));
+                Ok(waiter.waker)
+            }
+            None => Err(handoff),
+        }
+    }
+
     /// Opens a connection in a place already counted in `total`.
     async fn connect_reserved(self: Arc<Self>) -> Result<Pooled, BackendError> {
         let reservation = Reservation(Some(self.clone()));
@@ -223,9 +261,13 @@ impl PoolInner {
             }
             Err(e) => {
                 tracing::warn!(node = %self.login.addr, user = %self.login.user, "backend connection failed: {e}");
-                let waiters = std::mem::take(&mut self.lock().waiters);
+                let waiters = {
+                    let mut state = self.lock();
+                    state.failed = Some((state.next_ticket, e.duplicate()));
+                    std::mem::take(&mut state.waiters)
+                };
                 for waiter in waiters {
-                    let _ = waiter.tx.send(Handoff::Failed(e.duplicate()));
+                    waiter.waker.wake();
                 }
                 drop(reservation);
                 Err(e)
@@ -242,17 +284,17 @@ impl PoolInner {
         }
         conn.reader.release_excess(RETAINED_READ_BUFFER);
         let mut state = self.lock();
-        while let Some(waiter) = state.waiters.pop_front() {
-            match waiter.tx.send(Handoff::Conn(conn)) {
-                Ok(()) => return,
-                Err(Handoff::Conn(back)) => conn = back,
-                Err(_) => return,
+        match self.hand_to_oldest(&mut state, Handoff::Conn(conn)) {
+            Ok(waker) => {
+                drop(state);
+                waker.wake();
             }
+            Err(Handoff::Conn(conn)) => state.idle.push(IdleConn {
+                conn,
+                since: Instant::now(),
+            }),
+            Err(Handoff::Slot) => {}
         }
-        state.idle.push(IdleConn {
-            conn,
-            since: Instant::now(),
-        });
     }
 
     fn past_lifetime(&self, conn: &ServerConn) -> bool {
@@ -264,12 +306,13 @@ impl PoolInner {
     /// A place in the pool is free: the oldest waiter takes it, or the pool shrinks.
     fn release_place(&self) {
         let mut state = self.lock();
-        while let Some(waiter) = state.waiters.pop_front() {
-            if waiter.tx.send(Handoff::Slot).is_ok() {
-                return;
+        match self.hand_to_oldest(&mut state, Handoff::Slot) {
+            Ok(waker) => {
+                drop(state);
+                waker.wake();
             }
+            Err(_) => state.total = state.total.saturating_sub(1),
         }
-        state.total = state.total.saturating_sub(1);
     }
 
     /// Closes connections idle for longer than the idle timeout (the oldest are at the
@@ -300,17 +343,73 @@ impl PoolInner {
     }
 
     /// Ends the waits that ran out (the oldest waiters are at the front, and all wait
-    /// equally long): their senders are dropped, which the waiting checkout reads as
-    /// the timeout. The next deadline, if a checkout still waits.
+    /// equally long): they leave the queue with nothing handed to them, which the
+    /// waiting checkout reads as the timeout. The next deadline, if a checkout still
+    /// waits.
     fn expire_waiters(&self, now: tokio::time::Instant) -> Option<tokio::time::Instant> {
-        let mut state = self.lock();
-        while let Some(front) = state.waiters.front() {
-            if front.deadline > now && !front.tx.is_closed() {
-                return Some(front.deadline);
+        let mut expired = Vec::new();
+        let next = {
+            let mut state = self.lock();
+            loop {
+                match state.waiters.front() {
+                    Some(front) if front.deadline > now => break Some(front.deadline),
+                    Some(_) => expired.extend(state.waiters.pop_front()),
+                    None => break None,
+                }
             }
-            state.waiters.pop_front();
+        };
+        for waiter in expired {
+            waiter.waker.wake();
         }
-        None
+        next
+    }
+
+    /// Where a queued checkout stands: handed something, still queued, or out of the
+    /// queue with nothing (its connection attempt failed, or its wait ran out).
+    fn look(&self, ticket: u64, waker: &Waker) -> Poll<Result<Handoff, BackendError>> {
+        let mut state = self.lock();
+        if let Some(i) = state.handed.iter().position(|(t, _)| *t == ticket) {
+            return Poll::Ready(Ok(state.handed.swap_remove(i).1));
+        }
+        if let Ok(i) = state.waiters.binary_search_by_key(&ticket, |w| w.ticket) {
+            // Still waiting (this poll was for something else of the task's).
+            let waiter = &mut state.waiters[i];
+            if !waiter.waker.will_wake(waker) {
+                waiter.waker = waker.clone();
+            }
+            return Poll::Pending;
+        }
+        if let Some((before, e)) = &state.failed
+            && ticket < *before
+        {
+            return Poll::Ready(Err(e.duplicate()));
+        }
+        Poll::Ready(Err(BackendError::Timeout(format!(
+            "{}: every pooled connection stayed busy for query_wait_timeout_ms ({} ms)",
+            self.login.addr,
+            self.settings.wait_timeout.as_millis()
+        ))))
+    }
+
+    /// A queued checkout gives up: it leaves the queue, and what it was handed
+    /// meanwhile goes back.
+    fn abandon(&self, ticket: u64) {
+        let handed = {
+            let mut state = self.lock();
+            if let Ok(i) = state.waiters.binary_search_by_key(&ticket, |w| w.ticket) {
+                state.waiters.remove(i);
+            }
+            state
+                .handed
+                .iter()
+                .position(|(t, _)| *t == ticket)
+                .map(|i| state.handed.swap_remove(i).1)
+        };
+        match handed {
+            Some(Handoff::Conn(conn)) => self.put_back(conn),
+            Some(Handoff::Slot) => self.release_place(),
+            None => {}
+        }
     }
 }
 
@@ -361,83 +460,6 @@ impl Drop for Reservation {
     }
 }
 
-/// A checkout under way (see `Pool::get`).
-pub enum Checkout {
-    Ready(Option<Pooled>),
-    Waiting(Waiting),
-    /// Opening a connection in a place already counted in the pool.
-    Connecting(Pin<Box<dyn Future<Output = Result<Pooled, BackendError>> + Send>>),
-}
-
-impl Checkout {
-    fn connecting(pool: Arc<PoolInner>) -> Checkout {
-        Checkout::Connecting(Box::pin(pool.connect_reserved()))
-    }
-}
-
-impl Future for Checkout {
-    type Output = Result<Pooled, BackendError>;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        loop {
-            let this = &mut *self;
-            let handoff = match this {
-                Checkout::Ready(conn) => {
-                    return match conn.take() {
-                        Some(conn) => Poll::Ready(Ok(conn)),
-                        None => Poll::Pending,
-                    };
-                }
-                Checkout::Connecting(connecting) => return connecting.as_mut().poll(cx),
-                Checkout::Waiting(waiting) => match Pin::new(&mut waiting.rx).poll(cx) {
-                    Poll::Pending => return Poll::Pending,
-                    Poll::Ready(handoff) => (handoff.ok(), waiting.pool.clone()),
-                },
-            };
-            match handoff {
-                (Some(Handoff::Conn(conn)), pool) => {
-                    *this = Checkout::Ready(None);
-                    return Poll::Ready(Ok(pool.pooled(conn)));
-                }
-                // The place is this checkout's now: the waiting ends without handing
-                // anything back, and the connection attempt owns the place.
-                (Some(Handoff::Slot), pool) => *this = Checkout::connecting(pool),
-                (Some(Handoff::Failed(e)), _) => {
-                    *this = Checkout::Ready(None);
-                    return Poll::Ready(Err(e));
-                }
-                // The pool's task dropped the sender: the wait ran out.
-                (None, pool) => {
-                    *this = Checkout::Ready(None);
-                    return Poll::Ready(Err(BackendError::Timeout(format!(
-                        "{}: every pooled connection stayed busy for query_wait_timeout_ms ({} ms)",
-                        pool.login.addr,
-                        pool.settings.wait_timeout.as_millis()
-                    ))));
-                }
-            }
-        }
-    }
-}
-
-/// A checkout waiting for a connection. If the caller gives up (timeout, or its
-/// future is dropped), a connection or place handed to it meanwhile goes back.
-pub struct Waiting {
-    pool: Arc<PoolInner>,
-    rx: oneshot::Receiver<Handoff>,
-}
-
-impl Drop for Waiting {
-    fn drop(&mut self) {
-        self.rx.close();
-        match self.rx.try_recv() {
-            Ok(Handoff::Conn(conn)) => self.pool.put_back(conn),
-            Ok(Handoff::Slot) => self.pool.release_place(),
-            Ok(Handoff::Failed(_)) | Err(_) => {}
-        }
-    }
-}
-
 /// A server connection checked out of a pool; goes back when dropped.
 pub struct Pooled {
     /// Boxed: a connection changes hands on every transaction, and moving a pointer
@@ -469,113 +491,4 @@ impl Drop for Pooled {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A checkout that waits (every one, with more clients than connections) carries
-    /// its future, a few words; opening a connection, kilobytes, is boxed apart.
-    #[tokio::test]
-    async fn a_checkout_that_waits_stays_small() {
-        let pool = test_pool(Duration::from_secs(1));
-        let checkout = pool.get();
-        let size = std::mem::size_of_val(&checkout);
-        assert!(size <= 32, "a checkout's future takes {size} bytes");
-    }
-
-    /// The pool's task ends a wait at its deadline, not before, oldest first; a
-    /// checkout that gave up is dropped from the queue on the way.
-    #[tokio::test]
-    async fn waits_run_out_in_order_at_their_deadline() {
-        let pool = test_pool(Duration::from_millis(300));
-        let start = tokio::time::Instant::now();
-        let queue = |at_ms: u64| {
-            let (tx, rx) = oneshot::channel();
-            pool.inner.lock().waiters.push_back(Waiter {
-                tx,
-                deadline: start + Duration::from_millis(at_ms),
-            });
-            rx
-        };
-        let mut first = queue(300);
-        let gave_up = queue(350);
-        let mut third = queue(400);
-        drop(gave_up);
-        let at = |ms: u64| start + Duration::from_millis(ms);
-
-        assert_eq!(pool.inner.expire_waiters(at(299)), Some(at(300)));
-        assert!(
-            first
-                .try_recv()
-                .is_err_and(|e| e == oneshot::error::TryRecvError::Empty)
-        );
-
-        // The first runs out; the one that gave up goes with it; the third waits on.
-        assert_eq!(pool.inner.expire_waiters(at(300)), Some(at(400)));
-        assert!(
-            first
-                .try_recv()
-                .is_err_and(|e| e == oneshot::error::TryRecvError::Closed)
-        );
-        assert!(
-            third
-                .try_recv()
-                .is_err_and(|e| e == oneshot::error::TryRecvError::Empty)
-        );
-        assert_eq!(pool.inner.lock().waiters.len(), 1);
-
-        assert_eq!(pool.inner.expire_waiters(at(450)), None);
-        assert!(
-            third
-                .try_recv()
-                .is_err_and(|e| e == oneshot::error::TryRecvError::Closed)
-        );
-    }
-
-    /// A checkout of a full pool ends with the timeout error after the wait, through
-    /// the pool's own task (on tokio's paused clock: no real time passes).
-    #[tokio::test(start_paused = true)]
-    async fn a_checkout_of_a_full_pool_times_out_after_the_wait() {
-        let pool = test_pool(Duration::from_millis(300));
-        // The pool is full: its one place is taken by a connection being opened.
-        pool.inner.lock().total = 1;
-        let start = tokio::time::Instant::now();
-        let err = match tokio::time::timeout(Duration::from_secs(5), pool.get()).await {
-            Ok(Err(e)) => e,
-            Ok(Ok(_)) => panic!("a full pool handed out a connection"),
-            Err(_) => panic!("the wait did not end at query_wait_timeout_ms"),
-        };
-        assert!(
-            err.to_string().contains("query_wait_timeout_ms (300 ms)"),
-            "{err}"
-        );
-        let waited = start.elapsed();
-        assert!(
-            waited >= Duration::from_millis(300) && waited < Duration::from_millis(400),
-            "waited {waited:?}"
-        );
-        assert!(pool.inner.lock().waiters.is_empty());
-    }
-
-    fn test_pool(wait_timeout: Duration) -> Pool {
-        let addr = crate::config::NodeAddress::parse("postgresql://127.0.0.1:1/app")
-            .expect("a test address");
-        Pool::new(
-            LoginInfo {
-                addr: Arc::new(addr),
-                database: "app".into(),
-                user: "app".into(),
-                password: "secret".into(),
-                scram_keys: None,
-                extra_params: Vec::new(),
-            },
-            PoolSettings {
-                size: 1,
-                connect_timeout: Duration::from_secs(1),
-                wait_timeout,
-                idle_timeout: Duration::from_secs(60),
-                lifetime: None,
-                keepalive: Keepalive::default(),
-            },
-        )
-    }
-}
+mod tests;

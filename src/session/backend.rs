@@ -16,11 +16,16 @@ thread_local! {
 /// Where a checkout goes: the nodes to try, or a wait first.
 enum Candidates {
     Nodes(Vec<Arc<Node>>),
+    Wait(Wait),
+}
+
+/// A wait that comes before a checkout (the rare paths, boxed apart).
+enum Wait {
     /// A read after the client's write (`causal_wait_ms`): no replica is known to
     /// have replayed it; ask one until it has.
     CaughtUpReplica(u64),
     /// A write with no primary to go to now.
-    WaitForPrimary(BackendError),
+    ForPrimary(BackendError),
 }
 
 impl Session {
@@ -31,7 +36,7 @@ impl Session {
     pub(super) async fn acquire(&mut self, checkout: Checkout) -> Result<(), BackendError> {
         let nodes = match self.candidates(checkout) {
             Candidates::Nodes(nodes) => nodes,
-            rare => return Box::pin(self.acquire_rare(rare)).await,
+            Candidates::Wait(wait) => return Box::pin(self.acquire_after(wait)).await,
         };
         match self.attach_first(nodes).await {
             // A write waits for a primary (after a failover, one may come).
@@ -42,9 +47,9 @@ impl Session {
 
     /// A read that waits for a replica to catch up, or a write that waits for a
     /// primary.
-    async fn acquire_rare(&mut self, rare: Candidates) -> Result<(), BackendError> {
-        match rare {
-            Candidates::CaughtUpReplica(min_lsn) => {
+    async fn acquire_after(&mut self, wait: Wait) -> Result<(), BackendError> {
+        match wait {
+            Wait::CaughtUpReplica(min_lsn) => {
                 if self.wait_for_replica(min_lsn).await {
                     return Ok(());
                 }
@@ -57,8 +62,7 @@ impl Session {
                 nodes.extend(project.primary().cloned());
                 self.attach_first(nodes).await
             }
-            Candidates::WaitForPrimary(first) => self.wait_for_primary(first).await,
-            Candidates::Nodes(nodes) => self.attach_first(nodes).await,
+            Wait::ForPrimary(first) => self.wait_for_primary(first).await,
         }
     }
 
@@ -76,12 +80,11 @@ impl Session {
         let project = self.core.project();
         if route == Route::Replica {
             let min_lsn = self.core.read_floor(hinted);
-            let project = self.core.project();
             project.read_candidates_into(min_lsn, executes, &mut nodes);
             if nodes.is_empty() && min_lsn > 0 {
                 if !project.causal_wait.is_zero() {
                     spare::give_back_vec(&SPARE_NODES, nodes, 16);
-                    return Candidates::CaughtUpReplica(min_lsn);
+                    return Candidates::Wait(Wait::CaughtUpReplica(min_lsn));
                 }
                 project
                     .causal_primary_reads
@@ -114,7 +117,7 @@ impl Session {
         match blocked {
             Some(first) => {
                 spare::give_back_vec(&SPARE_NODES, nodes, 16);
-                Candidates::WaitForPrimary(first)
+                Candidates::Wait(Wait::ForPrimary(first))
             }
             None => Candidates::Nodes(nodes),
         }
