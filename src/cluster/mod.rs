@@ -64,12 +64,22 @@ impl From<Role> for NodeRole {
 
 /// A checkout from a node's pool that notes the outcome on the node: up again after a
 /// connection, down after a failed connection attempt.
-pub struct NodeCheckout<'a> {
-    node: &'a Node,
+pub struct NodeCheckout {
+    node: Arc<Node>,
     checkout: crate::pool::Checkout,
 }
 
-impl std::future::Future for NodeCheckout<'_> {
+impl NodeCheckout {
+    /// The connection, if the pool hands one over without waiting (an idle one). The
+    /// checkout is still to be awaited otherwise.
+    pub fn now(&mut self) -> Option<Pooled> {
+        let conn = self.checkout.now()?;
+        self.node.clear_down();
+        Some(conn)
+    }
+}
+
+impl std::future::Future for NodeCheckout {
     type Output = Result<Pooled, BackendError>;
 
     fn poll(
@@ -126,7 +136,7 @@ impl Node {
     /// for the connect timeout.
     ///
     /// A plain future (see `pool::Checkout`): it is part of every session's checkout.
-    pub fn checkout(&self, user: &UserEntry) -> NodeCheckout<'_> {
+    pub fn checkout(self: &Arc<Self>, user: &UserEntry) -> NodeCheckout {
         // An idle connection is taken under the read lock, and the pool handle is
         // cloned only for a checkout that waits or connects.
         let pools = match self.pools.read() {
@@ -142,7 +152,7 @@ impl Node {
             }
         };
         NodeCheckout {
-            node: self,
+            node: self.clone(),
             checkout,
         }
     }

@@ -15,6 +15,18 @@ pub(super) enum Stage {
     Connecting(Pin<Box<dyn Future<Output = Result<Pooled, BackendError>> + Send>>),
 }
 
+impl Checkout {
+    /// The connection, if one is idle now; the checkout is left to be awaited (and
+    /// to wait) otherwise. Only before the first poll.
+    pub fn now(&mut self) -> Option<Pooled> {
+        let Stage::Start(pool) = &self.0 else {
+            return None;
+        };
+        let conn = pool.lock().pop_usable()?;
+        Some(pool.pooled(conn))
+    }
+}
+
 impl Stage {
     pub(super) fn connecting(pool: Arc<PoolInner>) -> Stage {
         Stage::Connecting(Box::pin(pool.connect_reserved()))

@@ -152,12 +152,6 @@ impl Pool {
             && login.scram_keys.as_ref() == user.backend_keys_ref()
     }
 
-    /// An idle connection, if the pool has a usable one.
-    pub fn take_idle(&self) -> Option<Pooled> {
-        let conn = self.inner.lock().pop_usable()?;
-        Some(self.inner.pooled(conn))
-    }
-
     /// A connection from the pool, a new one if there is room, or the next one returned
     /// within the wait timeout. Decided when first polled (a waiting checkout needs
     /// its task's waker); the caller awaits it at once.

@@ -170,3 +170,23 @@ fn test_pool(wait_timeout: Duration) -> Pool {
         },
     )
 }
+
+/// Looking for an idle connection without waiting finds none in an empty pool, and
+/// leaves the checkout to take its turn as usual (here: a place in the queue).
+#[tokio::test]
+async fn a_look_without_waiting_leaves_the_checkout_whole() {
+    let pool = test_pool(Duration::from_secs(60));
+    pool.inner.lock().total = 1;
+    let mut checkout = pool.get();
+    assert!(checkout.now().is_none());
+    assert!(
+        pool.inner.lock().waiters.is_empty(),
+        "a look queues nothing"
+    );
+    let waker = Waker::noop();
+    let mut cx = Context::from_waker(waker);
+    assert!(Pin::new(&mut checkout).poll(&mut cx).is_pending());
+    assert_eq!(pool.inner.lock().waiters.len(), 1);
+    // Polled, it no longer looks: its turn is in the queue.
+    assert!(checkout.now().is_none());
+}

@@ -5,6 +5,7 @@
 
 use super::core::{Checkout, ServerHandle};
 use super::*;
+use crate::cluster::NodeCheckout;
 use crate::pool::ServerState;
 use tokio::time::Instant;
 
@@ -14,13 +15,14 @@ thread_local! {
 }
 
 /// Where a checkout goes: the nodes to try, or a wait first.
-enum Candidates {
-    Nodes(Vec<Arc<Node>>),
+pub(super) enum Candidates {
+    /// The nodes in order, and the checkout already begun from the first of them.
+    Nodes(Vec<Arc<Node>>, Option<NodeCheckout>),
     Wait(Wait),
 }
 
 /// A wait that comes before a checkout (the rare paths, boxed apart).
-enum Wait {
+pub(super) enum Wait {
     /// A read after the client's write (`causal_wait_ms`): no replica is known to
     /// have replayed it; ask one until it has.
     CaughtUpReplica(u64),
@@ -29,18 +31,45 @@ enum Wait {
 }
 
 impl Session {
-    /// Checks out a server for `route` (see `candidates`), waiting for a primary when
+    /// Attaches an idle connection of the first node to try, if it has one: the
+    /// checkout that needs no waiting is done here, without the boxed future of
+    /// `acquire` (with fewer clients than pooled connections, every checkout). The
+    /// candidates come back otherwise.
+    /// (The checkout begun here goes on in `acquire`: the pool is looked up once.)
+    pub(super) fn attach_idle(&mut self, candidates: Candidates) -> Result<(), Candidates> {
+        let Candidates::Nodes(mut nodes, None) = candidates else {
+            return Err(candidates);
+        };
+        let Some(first) = nodes.first() else {
+            return Err(Candidates::Nodes(nodes, None));
+        };
+        let mut checkout = first.checkout(self.core.user());
+        let Some(conn) = checkout.now() else {
+            return Err(Candidates::Nodes(nodes, Some(checkout)));
+        };
+        let node = first.clone();
+        self.core.attach(node, conn);
+        nodes.clear();
+        spare::give_back_vec(&SPARE_NODES, nodes, 16);
+        Ok(())
+    }
+
+    /// Checks out a server for `route` from `candidates`, waiting for a primary when
     /// a write finds none. Its future is what the session boxes for every checkout
-    /// (see `send_with_server`): the common path awaits one small future, and the
-    /// waits of the rare paths are boxed apart.
-    pub(super) async fn acquire(&mut self, checkout: Checkout) -> Result<(), BackendError> {
-        let nodes = match self.candidates(checkout) {
-            Candidates::Nodes(nodes) => nodes,
+    /// that may wait (see `send_with_server`): the common path awaits one small
+    /// future, and the waits of the rare paths are boxed apart.
+    pub(super) async fn acquire(
+        &mut self,
+        route: Route,
+        candidates: Candidates,
+    ) -> Result<(), BackendError> {
+        let (nodes, begun) = match candidates {
+            Candidates::Nodes(nodes, begun) => (nodes, begun),
             Candidates::Wait(wait) => return Box::pin(self.acquire_after(wait)).await,
         };
-        match self.attach_first(nodes).await {
+        match self.attach_first(nodes, begun).await {
             // A write waits for a primary (after a failover, one may come).
-            Err(e) if checkout.route != Route::Replica => Box::pin(self.wait_for_primary(e)).await,
+            Err(e) if route != Route::Replica => Box::pin(self.wait_for_primary(e)).await,
             attached => attached,
         }
     }
@@ -60,7 +89,7 @@ impl Session {
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let mut nodes = spare::take_vec(&SPARE_NODES);
                 nodes.extend(project.primary().cloned());
-                self.attach_first(nodes).await
+                self.attach_first(nodes, None).await
             }
             Wait::ForPrimary(first) => self.wait_for_primary(first).await,
         }
@@ -69,7 +98,7 @@ impl Session {
     /// The nodes to try, in order (a vector from `SPARE_NODES`), or the wait that
     /// must come first: reads try the replicas in strategy order, then the primary, so
     /// a replica that is down costs the client nothing.
-    fn candidates(&mut self, checkout: Checkout) -> Candidates {
+    pub(super) fn candidates(&mut self, checkout: Checkout) -> Candidates {
         let Checkout {
             route,
             hinted,
@@ -94,7 +123,7 @@ impl Session {
             if let Some(primary) = project.primary() {
                 nodes.push(primary.clone());
             }
-            return Candidates::Nodes(nodes);
+            return Candidates::Nodes(nodes, None);
         }
         let paused = project
             .failover
@@ -119,7 +148,7 @@ impl Session {
                 spare::give_back_vec(&SPARE_NODES, nodes, 16);
                 Candidates::Wait(Wait::ForPrimary(first))
             }
-            None => Candidates::Nodes(nodes),
+            None => Candidates::Nodes(nodes, None),
         }
     }
 
@@ -199,11 +228,13 @@ impl Session {
         }
     }
 
-    /// Attaches a server from the first of `nodes` that yields one.
+    /// Attaches a server from the first of `nodes` that yields one; `begun` is the
+    /// checkout from the first already under way, if any.
     /// The vector is kept for the next read (see `SPARE_NODES`).
     pub(super) async fn attach_first(
         &mut self,
         mut nodes: Vec<Arc<Node>>,
+        mut begun: Option<NodeCheckout>,
     ) -> Result<(), BackendError> {
         // The last node's failure; none when there was no node to try. (Boxed: it
         // is rare, and kept across the next checkout it would widen every one.)
@@ -211,7 +242,11 @@ impl Session {
         let mut attached = false;
         for node in &nodes {
             let node = node.clone();
-            match node.checkout(self.core.user()).await {
+            let checkout = match begun.take() {
+                Some(checkout) => checkout,
+                None => node.checkout(self.core.user()),
+            };
+            match checkout.await {
                 Ok(conn) => {
                     self.core.attach(node, conn);
                     attached = true;

@@ -16,7 +16,7 @@ impl Session {
             let project = self.core.project();
             let mut nodes: Vec<Arc<Node>> = project.primary().cloned().into_iter().collect();
             nodes.extend(project.read_candidates(0, false));
-            if let Err(e) = self.attach_first(nodes).await {
+            if let Err(e) = self.attach_first(nodes, None).await {
                 return Err(End::fatal(
                     e.sqlstate(),
                     format!(

@@ -91,7 +91,14 @@ struct Session {
     _login_seat: limits::LoginSeat,
     /// The one timer of the session's timeouts (`core.deadline()` says when it is due).
     timer: Timer,
+    /// Checkouts still to go straight to the pool's queue, without first looking for
+    /// an idle connection: after a look that found none, the next few do not look
+    /// (under load a pool has none, and each look costs a lock and a lookup).
+    skip_idle_looks: u8,
 }
+
+/// Checkouts that do not look for an idle connection after a look found none.
+const SKIPPED_IDLE_LOOKS: u8 = 8;
 
 /// How other parts of the proxy find this session: its cancel key and its entry in
 /// the client registry.
@@ -183,6 +190,7 @@ impl Session {
             key,
             _login_seat: login_seat,
             timer: Timer::default(),
+            skip_idle_looks: 0,
         }
     }
 
@@ -205,12 +213,9 @@ impl Session {
                     let Some(planned) = self.core.dispatch_pending()? else {
                         break;
                     };
-                    // Boxed: checking out (and, on its slow paths, waiting) is a large
-                    // future that the client's task would keep while idle; a box of a
-                    // few hundred bytes per checkout is what a thread's cache serves
-                    // fastest. (The future is built, then copied into the box: its
-                    // size is paid on every transaction, see `acquire`.)
-                    let sending = Box::pin(self.send_with_server(planned));
+                    let Some(sending) = self.send_now_or_later(planned)? else {
+                        continue;
+                    };
                     sending.await?;
                 }
             }
@@ -463,10 +468,50 @@ impl Session {
         }
     }
 
-    /// Checks out a server for a unit that needs one and sends it, or answers it with
-    /// the reason there is none.
-    async fn send_with_server(&mut self, planned: Planned) -> Result<(), End> {
-        match self.acquire(planned.checkout()).await {
+    /// Sends a planned unit at once on an idle connection of the first node to try,
+    /// if it has one; otherwise returns the checkout that may wait, to be awaited.
+    /// (Decided here rather than in `run`: what is decided is not kept in the
+    /// client's task across the wait, which every idle client pays for.)
+    // (The type is an optional boxed future; naming it would mean boxing it as `dyn`.)
+    #[allow(clippy::type_complexity)]
+    fn send_now_or_later(
+        &mut self,
+        planned: Planned,
+    ) -> Result<Option<std::pin::Pin<Box<impl Future<Output = Result<(), End>> + '_>>>, End> {
+        let checkout = planned.checkout();
+        let mut candidates = self.candidates(checkout);
+        if self.skip_idle_looks == 0 {
+            match self.attach_idle(candidates) {
+                Ok(()) => {
+                    self.core.send_unit(planned)?;
+                    return Ok(None);
+                }
+                Err(back) => candidates = back,
+            }
+            self.skip_idle_looks = SKIPPED_IDLE_LOOKS;
+        } else {
+            self.skip_idle_looks -= 1;
+        }
+        // Boxed: checking out when it may wait is a large future that the client's
+        // task would keep while idle; a box of a few hundred bytes per checkout is
+        // what a thread's cache serves fastest. (The future is built, then copied
+        // into the box: its size is paid on every such checkout, see `acquire`.)
+        Ok(Some(Box::pin(self.send_with_server(
+            planned,
+            checkout.route,
+            candidates,
+        ))))
+    }
+
+    /// Checks out a server for a unit that needs one from `candidates` and sends it,
+    /// or answers it with the reason there is none.
+    async fn send_with_server(
+        &mut self,
+        planned: Planned,
+        route: Route,
+        candidates: backend::Candidates,
+    ) -> Result<(), End> {
+        match self.acquire(route, candidates).await {
             Ok(()) => self.core.send_unit(planned),
             Err(e) => {
                 self.core.checkout_failed(planned, &e);
