@@ -135,10 +135,11 @@ impl Node {
     /// Fails as soon as a connection attempt to this node fails, rather than waiting
     /// for the connect timeout.
     ///
-    /// A plain future (see `pool::Checkout`): it is part of every session's checkout.
+    /// A plain future (see `pool::Checkout`), decided when first polled; `now` takes
+    /// an idle connection without waiting.
     pub fn checkout(self: &Arc<Self>, user: &UserEntry) -> NodeCheckout {
-        // An idle connection is taken under the read lock, and the pool handle is
-        // cloned only for a checkout that waits or connects.
+        // The pool is looked up under the read lock; the write lock is taken only to
+        // make a pool.
         let pools = match self.pools.read() {
             Ok(pools) => pools,
             Err(poisoned) => poisoned.into_inner(),

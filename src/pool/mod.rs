@@ -184,6 +184,18 @@ impl PoolState {
         }
         None
     }
+
+    /// Hands `handoff` to the oldest waiter and returns its waker (to wake once the
+    /// lock is let go), or gives `handoff` back if nobody waits.
+    fn hand_to_oldest(&mut self, handoff: Handoff) -> Result<Waker, Handoff> {
+        match self.waiters.pop_front() {
+            Some(waiter) => {
+                self.handed.push((waiter.ticket, handoff));
+                Ok(waiter.waker)
+            }
+            None => Err(handoff),
+        }
+    }
 }
 
 impl PoolInner {
@@ -232,17 +244,6 @@ impl PoolInner {
         })
     }
 
-    /// Hands `handoff` to the oldest waiter, or gives it back if nobody waits.
-    fn hand_to_oldest(&self, state: &mut PoolState, handoff: Handoff) -> Result<Waker, Handoff> {
-        match state.waiters.pop_front() {
-            Some(waiter) => {
-                state.handed.push((waiter.ticket, handoff));
-                Ok(waiter.waker)
-            }
-            None => Err(handoff),
-        }
-    }
-
     /// Opens a connection in a place already counted in `total`.
     async fn connect_reserved(self: Arc<Self>) -> Result<Pooled, BackendError> {
         let reservation = Reservation(Some(self.clone()));
@@ -278,7 +279,7 @@ impl PoolInner {
         }
         conn.reader.release_excess(RETAINED_READ_BUFFER);
         let mut state = self.lock();
-        match self.hand_to_oldest(&mut state, Handoff::Conn(conn)) {
+        match state.hand_to_oldest(Handoff::Conn(conn)) {
             Ok(waker) => {
                 drop(state);
                 waker.wake();
@@ -300,7 +301,7 @@ impl PoolInner {
     /// A place in the pool is free: the oldest waiter takes it, or the pool shrinks.
     fn release_place(&self) {
         let mut state = self.lock();
-        match self.hand_to_oldest(&mut state, Handoff::Slot) {
+        match state.hand_to_oldest(Handoff::Slot) {
             Ok(waker) => {
                 drop(state);
                 waker.wake();
