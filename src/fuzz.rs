@@ -36,6 +36,7 @@ pub fn frontend(data: &[u8]) {
             let _ = crate::session::startup::startup_params(params);
         }
     }
+    frames_in_place_match_frames_split_off(rest);
     let mut reader = MessageReader::with_prefix(tokio::io::empty(), MAX_CLIENT_MESSAGE, rest);
     let mut unit: Vec<BytesMut> = Vec::new();
     loop {
@@ -56,6 +57,42 @@ pub fn frontend(data: &[u8]) {
             unit.clear();
         }
     }
+}
+
+/// Server answers are walked in place (`take_whole_frames` and `Frames`), the rest of
+/// the proxy splits frames off (`next_frame`): both must see the same frames in the
+/// same order, and leave the same bytes unread, whatever the bytes. Each batch is put
+/// back after its first frame, as a session does when its server fails mid-batch.
+fn frames_in_place_match_frames_split_off(bytes: &[u8]) {
+    use crate::protocol::framing::Frames;
+    let empty = tokio::io::empty;
+    let mut split = MessageReader::with_prefix(empty(), MAX_CLIENT_MESSAGE, bytes);
+    let mut walked = MessageReader::with_prefix(empty(), MAX_CLIENT_MESSAGE, bytes);
+    while let Some((mut batch, last_at)) = walked.take_whole_frames(msg::READY_FOR_QUERY) {
+        let mut frames = Frames::new(&batch);
+        let first = frames.next().unwrap_or_default();
+        let expected = split.next_frame();
+        assert!(
+            matches!(&expected, Ok(Some(frame)) if &frame[..] == first),
+            "a frame walked in place differs from the one split off: {first:?}, {expected:?}"
+        );
+        let used = frames.consumed(&batch);
+        assert!(
+            last_at < batch.len(),
+            "the last frame starts inside the batch"
+        );
+        if used < batch.len() {
+            bytes::Buf::advance(&mut batch, used);
+            walked.unread(batch);
+        } else {
+            walked.lend_back(batch);
+        }
+    }
+    assert!(
+        !matches!(split.next_frame(), Ok(Some(_))),
+        "splitting found a whole frame that the walk in place did not"
+    );
+    assert_eq!(split.peek_buffered(), walked.peek_buffered());
 }
 
 /// One message's fields, read as the proxy reads them: as a client's (the session,

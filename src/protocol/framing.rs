@@ -166,6 +166,57 @@ impl<R: AsyncRead + Unpin> MessageReader<R> {
         Ok(self.next_frame()?.map(Piece::Frame))
     }
 
+    /// Takes the whole frames at the front of the buffer as one buffer, up to and
+    /// including the first tagged `last` (ReadyForQuery: what follows it can belong to
+    /// a later owner of the connection, and stays). `None` when the front frame is not
+    /// whole, is being handed out in pieces or has a bad length (`next_piece` deals
+    /// with those). When the frames fill the buffer (the usual case: a read ends on a
+    /// frame boundary) the buffer itself is handed over, so that the caller can walk
+    /// the frames with [`Frames`] without splitting each off, and give it back with
+    /// [`MessageReader::lend_back`]. Also says where the last frame starts.
+    pub fn take_whole_frames(&mut self, last: u8) -> Option<(BytesMut, usize)> {
+        if self.streaming_left > 0 {
+            return None;
+        }
+        let mut end = 0;
+        let mut last_at = 0;
+        while let Some(len) = whole_frame_len(&self.buf[end..], self.max_len) {
+            last_at = end;
+            end += len;
+            if self.buf[last_at] == last {
+                break;
+            }
+        }
+        let batch = match end {
+            0 => return None,
+            _ if end == self.buf.len() => std::mem::take(&mut self.buf),
+            _ => self.buf.split_to(end),
+        };
+        Some((batch, last_at))
+    }
+
+    /// Puts bytes taken by `take_whole_frames` and not used back in front of what
+    /// arrived since.
+    pub fn unread(&mut self, mut rest: BytesMut) {
+        if rest.is_empty() {
+            return self.lend_back(rest);
+        }
+        // Free when `rest` was split off the front of the buffer.
+        rest.unsplit(std::mem::take(&mut self.buf));
+        self.buf = rest;
+    }
+
+    /// Gives back a buffer handed over by `take_whole_frames`, once used, if the
+    /// reader has none (saving the spares a round trip); otherwise to the spares.
+    pub fn lend_back(&mut self, mut buf: BytesMut) {
+        buf.clear();
+        if self.buf.capacity() == 0 {
+            self.buf = buf;
+        } else {
+            super::spare::give_back(&mut buf);
+        }
+    }
+
     /// Gives back a buffer that grew past `keep` bytes for a large message, once it
     /// holds nothing: a connection that carried one big row once should not keep
     /// its memory while it sits in a pool or an idle session.
@@ -261,6 +312,45 @@ impl<R: AsyncRead + Unpin> MessageReader<R> {
                 return Err(ProtocolError::Closed);
             }
         }
+    }
+}
+
+/// The length of the whole frame (tag included) at the front of `bytes`, if it is
+/// all there and its length is valid and within `max_len`.
+fn whole_frame_len(bytes: &[u8], max_len: usize) -> Option<usize> {
+    let header = bytes.get(..5)?;
+    let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
+    if len < 4 || len > max_len || bytes.len() <= len {
+        return None;
+    }
+    Some(len + 1)
+}
+
+/// The frames of a buffer of whole frames (see `take_whole_frames`), in order. Stops
+/// at the first that is not whole, which such a buffer does not have.
+pub struct Frames<'a> {
+    rest: &'a [u8],
+}
+
+impl<'a> Frames<'a> {
+    pub fn new(bytes: &'a [u8]) -> Self {
+        Self { rest: bytes }
+    }
+
+    /// How many bytes the frames handed out so far took.
+    pub fn consumed(&self, of: &[u8]) -> usize {
+        of.len() - self.rest.len()
+    }
+}
+
+impl<'a> Iterator for Frames<'a> {
+    type Item = &'a [u8];
+
+    fn next(&mut self) -> Option<&'a [u8]> {
+        let len = whole_frame_len(self.rest, usize::MAX)?;
+        let (frame, rest) = self.rest.split_at(len);
+        self.rest = rest;
+        Some(frame)
     }
 }
 
@@ -413,6 +503,58 @@ mod tests {
         let frame = reader.read_frame().await.unwrap();
         assert_eq!(&frame[..], b"Z\0\0\0\x05I");
         feeder.await.unwrap();
+    }
+
+    #[test]
+    fn whole_frames_are_taken_up_to_a_ready_for_query_and_walked_in_place() {
+        let data: &[u8] = b"T\0\0\0\x04D\0\0\0\x05xZ\0\0\0\x05IC\0\0\0\x04D\0\0";
+        let mut reader = MessageReader::with_prefix(tokio::io::empty(), 1024, data);
+        let (batch, last_at) = reader.take_whole_frames(b'Z').unwrap();
+        // Up to and including the ReadyForQuery; what follows stays.
+        assert_eq!(&batch[..], &data[..17]);
+        assert_eq!(last_at, 11);
+        let frames: Vec<&[u8]> = Frames::new(&batch).collect();
+        assert_eq!(frames, [&data[..5], &data[5..11], &data[11..17]]);
+        assert_eq!(reader.peek_buffered(), &data[17..]);
+        // Put back after its first frame: in front of what stayed, as if never taken.
+        let mut batch = batch;
+        batch.advance(5);
+        reader.unread(batch);
+        assert_eq!(reader.peek_buffered(), &data[5..]);
+        let (batch, _) = reader.take_whole_frames(b'Z').unwrap();
+        assert_eq!(&batch[..], &data[5..17]);
+        let (batch, last_at) = reader.take_whole_frames(b'Z').unwrap();
+        assert_eq!((&batch[..], last_at), (&data[17..22], 0));
+        // The front frame is not whole: nothing is taken.
+        assert!(reader.take_whole_frames(b'Z').is_none());
+        assert_eq!(reader.peek_buffered(), &data[22..]);
+    }
+
+    #[test]
+    fn a_buffer_of_whole_frames_is_handed_over_and_lent_back() {
+        let data: &[u8] = b"C\0\0\0\x04Z\0\0\0\x05I";
+        let mut reader = MessageReader::with_prefix(tokio::io::empty(), 1024, data);
+        let at = reader.peek_buffered().as_ptr();
+        let (batch, _) = reader.take_whole_frames(b'Z').unwrap();
+        assert_eq!(batch.as_ptr(), at, "the buffer itself, not a copy");
+        assert_eq!(reader.buffered(), 0);
+        reader.lend_back(batch);
+        assert_eq!(reader.buffered(), 0, "lent back empty");
+        assert!(reader.buf.capacity() >= super::super::spare::BUFFER);
+    }
+
+    #[test]
+    fn frames_with_bad_lengths_or_over_the_limit_are_left_to_next_piece() {
+        for data in [&b"Q\0\0\0\x02"[..], b"D\0\0\x10\0", b"D\0\0\0\x05"] {
+            let mut reader = MessageReader::with_prefix(tokio::io::empty(), 64, data);
+            assert!(reader.take_whole_frames(b'Z').is_none(), "{data:?}");
+            assert_eq!(reader.peek_buffered(), data);
+        }
+        // A frame over the limit ends a batch of those before it.
+        let data: &[u8] = b"C\0\0\0\x04D\0\0\0\x50";
+        let mut reader = MessageReader::with_prefix(tokio::io::empty(), 64, data);
+        let (batch, _) = reader.take_whole_frames(b'Z').unwrap();
+        assert_eq!(&batch[..], &data[..5]);
     }
 
     #[tokio::test]

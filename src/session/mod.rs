@@ -22,6 +22,7 @@ pub mod clients;
 pub mod context;
 mod core;
 mod greet;
+mod intake;
 pub mod limits;
 pub mod startup;
 pub mod statements;
@@ -437,35 +438,6 @@ impl Session {
             Ok(_) => "write failed: the server accepts no more data".to_string(),
         };
         self.core.server_write_failed(&reason)
-    }
-
-    fn take_client_frames(&mut self) -> Result<(), End> {
-        loop {
-            let core = &self.core;
-            let piece = self
-                .client
-                .next_piece(STREAM_FRAME_OVER, |tag| core.streams_client(tag))?;
-            match piece {
-                None => return Ok(()),
-                Some(piece) => self.core.client_piece(piece)?,
-            }
-        }
-    }
-
-    fn take_server_frames(&mut self) -> Result<(), End> {
-        loop {
-            let Some(held) = self.core.held_mut() else {
-                return Ok(());
-            };
-            let piece = held.conn.reader.next_piece(STREAM_FRAME_OVER, |tag| {
-                matches!(tag, msg::DATA_ROW | msg::COPY_DATA)
-            });
-            match piece {
-                Ok(Some(piece)) => self.core.server_piece(piece)?,
-                Ok(None) => return Ok(()),
-                Err(e) => return self.core.server_lost(&e.to_string()),
-            }
-        }
     }
 
     /// Sends a planned unit at once on an idle connection of the first node to try,

@@ -7,19 +7,19 @@ use super::*;
 
 impl<H: ServerHandle> Core<H> {
     /// A server message nothing was waiting for: typically a FATAL before shutdown.
-    pub(super) fn unsolicited(&mut self, frame: BytesMut) -> Result<(), End> {
+    pub(super) fn unsolicited(&mut self, frame: &[u8]) -> Result<(), End> {
         let node = self
             .server
             .as_ref()
             .map(|h| h.node.name.clone())
             .unwrap_or_default();
-        if let Backend::Error(report) = Backend::decode(&frame) {
+        if let Backend::Error(report) = Backend::decode(frame) {
             warn!(%node, "server sent an error outside any request: {report}");
             if let Some(held) = self.server.as_mut() {
                 held.conn.state_mut().broken = true;
             }
             if self.is_sticky() {
-                self.client_out.extend_from_slice(&frame);
+                self.client_out.extend_from_slice(frame);
                 return Err(End::fatal("08006", "server connection lost"));
             }
             self.release();

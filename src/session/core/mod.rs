@@ -52,6 +52,7 @@ use super::transaction;
 use crate::cluster::{Node, NodeRole, Project, health};
 use crate::pool::{BackendError, ServerState};
 use crate::protocol::backend::{self, Backend, Report};
+use crate::protocol::framing::Frames;
 use crate::protocol::frontend::{Bind, Frontend, Parse, Target};
 use crate::protocol::messages::{self as msg, TxStatus};
 use crate::protocol::settings::Settings;

@@ -49,19 +49,22 @@ impl<H: ServerHandle> Core<H> {
     /// A server message in session mode (or a piece of a large one): straight on to
     /// the client.
     pub(super) fn pass_server_piece(&mut self, piece: Piece) {
-        let frame = match piece {
-            Piece::Frame(frame) => frame,
+        match piece {
+            Piece::Frame(frame) => self.pass_server_frame(&frame),
             Piece::Head { bytes, .. } | Piece::Body { bytes, .. } => {
                 // A large row or COPY data, passed on as it arrives.
                 self.client_out.extend_from_slice(&bytes);
-                return;
             }
-        };
+        }
+    }
+
+    /// One whole server frame in session pooling.
+    pub(super) fn pass_server_frame(&mut self, frame: &[u8]) {
         let (Some(held), Pooling::Session(passthrough)) = (self.server.as_mut(), &mut self.pooling)
         else {
             return;
         };
-        match Backend::decode(&frame) {
+        match Backend::decode(frame) {
             Backend::ReadyForQuery(status) => {
                 self.tx_status = status;
                 passthrough.awaiting_ready = passthrough.awaiting_ready.saturating_sub(1);
@@ -103,7 +106,7 @@ impl<H: ServerHandle> Core<H> {
             }
             _ => {}
         }
-        self.client_out.extend_from_slice(&frame);
+        self.client_out.extend_from_slice(frame);
     }
 
     /// Nothing is in flight on the session's server: no request unanswered, no COPY.

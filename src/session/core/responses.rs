@@ -10,12 +10,12 @@ impl<H: ServerHandle> Core<H> {
     /// A server message, or a piece of a large one: large rows and COPY data go on in
     /// pieces (the core need not look inside them).
     pub(in crate::session) fn server_piece(&mut self, piece: Piece) -> Result<(), End> {
-        if self.session_mode() {
-            self.pass_server_piece(piece);
-            return Ok(());
-        }
         match piece {
-            Piece::Frame(frame) => self.on_server_frame(frame),
+            Piece::Frame(frame) => self.server_frame(&frame),
+            _ if self.session_mode() => {
+                self.pass_server_piece(piece);
+                Ok(())
+            }
             Piece::Head { tag, bytes } => self.on_large_frame(tag, bytes),
             Piece::Body { bytes, last } => {
                 if self.streamed == Streamed::ToClient {
@@ -29,12 +29,35 @@ impl<H: ServerHandle> Core<H> {
         }
     }
 
+    /// Handles the whole frames of `batch` (see `MessageReader::take_whole_frames`) in
+    /// order, while the server is held. Returns how many bytes it used: what is left
+    /// goes back to the server's reader, as if never taken.
+    pub(in crate::session) fn server_frames(&mut self, batch: &[u8]) -> (usize, Result<(), End>) {
+        let mut frames = Frames::new(batch);
+        while self.server.is_some() {
+            let Some(frame) = frames.next() else { break };
+            if let Err(end) = self.server_frame(frame) {
+                return (frames.consumed(batch), Err(end));
+            }
+        }
+        (frames.consumed(batch), Ok(()))
+    }
+
+    /// One whole server frame.
+    pub(in crate::session) fn server_frame(&mut self, frame: &[u8]) -> Result<(), End> {
+        if self.session_mode() {
+            self.pass_server_frame(frame);
+            return Ok(());
+        }
+        self.on_server_frame(frame)
+    }
+
     /// The start of a row or COPY data too large to hold whole: passed on to the client
     /// as it arrives, unless it answers something the proxy asked itself.
     fn on_large_frame(&mut self, tag: u8, bytes: BytesMut) -> Result<(), End> {
         self.emit_synthetics();
         let Some(front) = self.flight.expect.front() else {
-            return self.unsolicited(bytes);
+            return self.unsolicited(&bytes);
         };
         if front.is_injected() || matches!(front, Expect::CommitLsn | Expect::DeferredBegin) {
             debug!(user = %self.user.name, tag = %crate::protocol::framing::printable_tag(tag), "dropping a large answer to the proxy's own request");
@@ -95,28 +118,28 @@ impl<H: ServerHandle> Core<H> {
         }
     }
 
-    fn on_server_frame(&mut self, frame: BytesMut) -> Result<(), End> {
+    fn on_server_frame(&mut self, frame: &[u8]) -> Result<(), End> {
         let tag = frame[0];
         let injected = self.flight.expect.front().is_some_and(Expect::is_injected);
         match tag {
             msg::NOTIFICATION => {
-                self.client_out.extend_from_slice(&frame);
+                self.client_out.extend_from_slice(frame);
                 return Ok(());
             }
             msg::NOTICE_RESPONSE => {
                 if !injected {
-                    self.client_out.extend_from_slice(&frame);
+                    self.client_out.extend_from_slice(frame);
                 }
                 return Ok(());
             }
             msg::PARAMETER_STATUS => {
                 if let Some(held) = self.server.as_mut()
-                    && let Backend::ParameterStatus { name, value } = Backend::decode(&frame)
+                    && let Backend::ParameterStatus { name, value } = Backend::decode(frame)
                 {
                     held.conn.state_mut().set_parameter(name, value);
                 }
                 if !injected {
-                    self.client_out.extend_from_slice(&frame);
+                    self.client_out.extend_from_slice(frame);
                 }
                 return Ok(());
             }
@@ -126,7 +149,15 @@ impl<H: ServerHandle> Core<H> {
         let Some(front) = self.flight.expect.front() else {
             return self.unsolicited(frame);
         };
-        let message = Backend::decode(&frame);
+        if tag == msg::DATA_ROW && !front.is_injected() {
+            // A row for the client, the bulk of most answers: ends nothing, changes
+            // nothing, and is passed on undecoded. (It answers the unit, so there is
+            // nothing to send again with a Parse.)
+            self.flight.reparse = None;
+            self.client_out.extend_from_slice(frame);
+            return Ok(());
+        }
+        let message = Backend::decode(frame);
         match front {
             Expect::Injected => {
                 match message {
@@ -225,7 +256,7 @@ impl<H: ServerHandle> Core<H> {
                     let message = format!("prepared statement \"{name}\" already exists");
                     msg::error_response(&mut self.client_out, "ERROR", "42P05", &message);
                 }
-                _ => self.forward_error(&frame, &report),
+                _ => self.forward_error(frame, &report),
             }
             self.group_error = true;
             if !survives {
@@ -233,7 +264,7 @@ impl<H: ServerHandle> Core<H> {
             }
             return Ok(());
         }
-        self.client_out.extend_from_slice(&frame);
+        self.client_out.extend_from_slice(frame);
         match message {
             Backend::Other(msg::COPY_IN_RESPONSE) => {
                 self.copy_in = true;
