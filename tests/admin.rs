@@ -101,13 +101,20 @@ async fn console_shows_the_cluster_and_changes_routing() {
             .any(|p| field(p, "user") == "app" && field(p, "node") == "master"),
         "{pools:?}"
     );
-    let clients = table(&admin, "SHOW CLIENTS").await;
-    assert!(
-        clients
+    // The application's client, idle between its statements, each of which counts.
+    let app_statements = |clients: &[Vec<(String, String)>]| -> u64 {
+        let app = clients
             .iter()
-            .any(|c| field(c, "project") == "app" && field(c, "user") == "app"),
-        "{clients:?}"
-    );
+            .find(|c| field(c, "project") == "app" && field(c, "user") == "app")
+            .unwrap_or_else(|| panic!("{clients:?}"));
+        assert_eq!(field(app, "state"), "idle", "{app:?}");
+        field(app, "statements").parse().unwrap()
+    };
+    let before = app_statements(&table(&admin, "SHOW CLIENTS").await);
+    assert!(before >= 5, "{before}");
+    app.simple_query("SELECT 1").await.unwrap();
+    let clients = table(&admin, "SHOW CLIENTS").await;
+    assert_eq!(app_statements(&clients), before + 1);
     assert!(clients.iter().any(|c| field(c, "project") == "replicator"));
     let config = table(&admin, "SHOW CONFIG").await;
     let password = config

@@ -2,7 +2,6 @@
 //! independent of the surface that received them.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::SystemTime;
 
 use super::status::{self, Status};

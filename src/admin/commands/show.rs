@@ -191,7 +191,7 @@ pub(super) fn show_clients(shared: &Shared) -> Reply {
                 c.peer.to_string(),
                 c.state().as_str().to_string(),
                 c.pinned().unwrap_or("").to_string(),
-                c.statements.load(Ordering::Relaxed).to_string(),
+                c.statements().to_string(),
                 now.duration_since(c.connected_at)
                     .map(|d| d.as_secs())
                     .unwrap_or(0)

@@ -403,9 +403,7 @@ impl<H: ServerHandle> Core<H> {
             self.clock.query_started();
         }
         self.info.set_state(ClientState::Active);
-        self.info
-            .statements
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.info.count_statement();
         self.prepare_server();
         self.send_deferred_begin();
         let mut parsed_unnamed = false;

@@ -34,9 +34,7 @@ impl<H: ServerHandle> Core<H> {
             _ => {}
         }
         if matches!(tag, msg::QUERY | msg::EXECUTE) {
-            self.info
-                .statements
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.info.count_statement();
             if self.flight.started.is_none() {
                 self.flight.started = Some(Instant::now());
                 self.clock.query_started();
