@@ -3,7 +3,7 @@
 //! or for a replica to catch up with the client's writes, and bringing the held
 //! server's session state (settings, reset) in line with the client's.
 
-use super::core::{Checkout, ServerHandle};
+use super::core::{Checkout, Planned, ServerHandle};
 use super::*;
 use crate::cluster::NodeCheckout;
 use crate::pool::ServerState;
@@ -12,6 +12,95 @@ use tokio::time::Instant;
 thread_local! {
     /// Vectors of the nodes a read may go to, lent to sessions (see `protocol::spare`).
     static SPARE_NODES: spare::SpareVecs<Arc<Node>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+thread_local! {
+    /// Boxes of checkouts that may wait, lent to sessions (see `protocol::spare`). With
+    /// more clients than pooled connections every checkout waits, and hundreds of
+    /// sessions hold one at once: more than the allocator's per-thread cache keeps, so
+    /// a fresh box each time took its slow path on both ends.
+    #[allow(clippy::vec_box)]
+    static SPARE_WAITS: std::cell::RefCell<Vec<Box<Waiting>>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// A unit whose checkout may wait, and that checkout: the nodes to try in order, and
+/// the checkout from the current one. Polled by the session's task in place of a
+/// boxed future (see `Session::send_after_wait`).
+pub(super) struct Waiting {
+    planned: Option<Planned>,
+    route: Route,
+    nodes: Vec<Arc<Node>>,
+    /// The node that `checkout` is from.
+    current: usize,
+    checkout: Option<NodeCheckout>,
+    /// The last node's failure. (Boxed: it is rare, and large.)
+    last_error: Option<Box<BackendError>>,
+}
+
+impl Waiting {
+    /// A box from the thread's spares, or a new one.
+    pub(super) fn lend(
+        planned: Planned,
+        route: Route,
+        nodes: Vec<Arc<Node>>,
+        begun: Option<NodeCheckout>,
+    ) -> Box<Waiting> {
+        let fill = |waiting: &mut Waiting| {
+            waiting.planned = Some(planned);
+            waiting.route = route;
+            waiting.nodes = nodes;
+            waiting.current = 0;
+            waiting.checkout = begun;
+            waiting.last_error = None;
+        };
+        let spare = SPARE_WAITS
+            .try_with(|spares| spares.borrow_mut().pop())
+            .ok()
+            .flatten();
+        match spare {
+            Some(mut waiting) => {
+                fill(&mut waiting);
+                waiting
+            }
+            None => {
+                let mut waiting = Box::new(Waiting {
+                    planned: None,
+                    route,
+                    nodes: Vec::new(),
+                    current: 0,
+                    checkout: None,
+                    last_error: None,
+                });
+                fill(&mut waiting);
+                waiting
+            }
+        }
+    }
+
+    /// Why the checkout failed: the last node's failure, or that there was none.
+    fn take_error(&mut self) -> BackendError {
+        match self.last_error.take() {
+            Some(e) => *e,
+            None => BackendError::Timeout("no node available".into()),
+        }
+    }
+
+    /// Empties the box and keeps it for the next checkout that waits; its vector of
+    /// nodes goes back to theirs.
+    fn give_back(mut self: Box<Self>) {
+        const KEPT: usize = 64;
+        spare::give_back_vec(&SPARE_NODES, std::mem::take(&mut self.nodes), 16);
+        self.checkout = None;
+        self.last_error = None;
+        self.planned = None;
+        let _ = SPARE_WAITS.try_with(|spares| {
+            let mut spares = spares.borrow_mut();
+            if spares.len() < KEPT {
+                spares.push(self);
+            }
+        });
+    }
 }
 
 /// Where a checkout goes: the nodes to try, or a wait first.
@@ -52,6 +141,67 @@ impl Session {
         nodes.clear();
         spare::give_back_vec(&SPARE_NODES, nodes, 16);
         Ok(())
+    }
+
+    /// Sends a unit whose checkout may wait once a server is attached, or answers it
+    /// with the reason there is none. The session's task keeps only the box across
+    /// the wait (nothing larger: every client's task is as large as what it keeps
+    /// across its largest wait); a write that finds no primary waits for one as
+    /// `acquire` does.
+    pub(super) async fn send_after_wait(&mut self, mut waiting: Box<Waiting>) -> Result<(), End> {
+        let mut attached = std::future::poll_fn(|cx| self.poll_waiting(&mut waiting, cx)).await;
+        if !attached && waiting.route != Route::Replica {
+            // A write waits for a primary (after a failover, one may come).
+            let first = waiting.take_error();
+            if let Err(e) = Box::pin(self.wait_for_primary(first)).await {
+                waiting.last_error = Some(Box::new(e));
+            } else {
+                attached = true;
+            }
+        }
+        let planned = waiting.planned.take();
+        let failed = (!attached).then(|| waiting.take_error());
+        waiting.give_back();
+        let Some(planned) = planned else {
+            return Ok(());
+        };
+        match failed {
+            None => self.core.send_unit(planned),
+            Some(e) => {
+                self.core.checkout_failed(planned, &e);
+                Ok(())
+            }
+        }
+    }
+
+    /// Checks out from the waiting unit's nodes in order and attaches the first server
+    /// that comes. False if none does (the last failure is kept in the box).
+    fn poll_waiting(
+        &mut self,
+        waiting: &mut Waiting,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<bool> {
+        loop {
+            let Some(node) = waiting.nodes.get(waiting.current) else {
+                return Poll::Ready(false);
+            };
+            let checkout = waiting
+                .checkout
+                .get_or_insert_with(|| node.checkout(self.core.user()));
+            let result = std::task::ready!(std::pin::Pin::new(checkout).poll(cx));
+            waiting.checkout = None;
+            match result {
+                Ok(conn) => {
+                    self.core.attach(node.clone(), conn);
+                    return Poll::Ready(true);
+                }
+                Err(e) => {
+                    warn!(node = %node.name, project = %self.core.project().name, "cannot get a server connection: {e}");
+                    waiting.last_error = Some(Box::new(e));
+                    waiting.current += 1;
+                }
+            }
+        }
     }
 
     /// Checks out a server for `route` from `candidates`, waiting for a primary when

@@ -101,6 +101,16 @@ struct Session {
 /// Checkouts that do not look for an idle connection after a look found none.
 const SKIPPED_IDLE_LOOKS: u8 = 8;
 
+/// What became of a unit that needs a server: sent at once on an idle connection; or
+/// a checkout that may wait, the common one (a pool's queue) in a box the thread lends,
+/// or a rare one (a wait for a primary or a caught-up replica first).
+enum Later {
+    Sent,
+    Waiting(Box<backend::Waiting>),
+    /// (Boxed, as it is rare: this is matched in the client's task.)
+    Rare(Box<(Planned, Route, backend::Candidates)>),
+}
+
 /// How other parts of the proxy find this session: its cancel key and its entry in
 /// the client registry.
 struct Registration {
@@ -214,10 +224,18 @@ impl Session {
                     let Some(planned) = self.core.dispatch_pending()? else {
                         break;
                     };
-                    let Some(sending) = self.send_now_or_later(planned)? else {
-                        continue;
+                    let waiting = match self.send_now_or_later(planned)? {
+                        Later::Sent => continue,
+                        Later::Waiting(waiting) => waiting,
+                        // Boxed: the rare waits are large futures that the client's
+                        // task would otherwise keep while idle.
+                        Later::Rare(rare) => {
+                            let (planned, route, wait) = *rare;
+                            Box::pin(self.send_with_server(planned, route, wait)).await?;
+                            continue;
+                        }
                     };
-                    sending.await?;
+                    self.send_after_wait(waiting).await?;
                 }
             }
             self.write_ready()?;
@@ -444,19 +462,14 @@ impl Session {
     /// if it has one; otherwise returns the checkout that may wait, to be awaited.
     /// (Decided here rather than in `run`: what is decided is not kept in the
     /// client's task across the wait, which every idle client pays for.)
-    // (The type is an optional boxed future; naming it would mean boxing it as `dyn`.)
-    #[allow(clippy::type_complexity)]
-    fn send_now_or_later(
-        &mut self,
-        planned: Planned,
-    ) -> Result<Option<std::pin::Pin<Box<impl Future<Output = Result<(), End>> + '_>>>, End> {
+    fn send_now_or_later(&mut self, planned: Planned) -> Result<Later, End> {
         let checkout = planned.checkout();
         let mut candidates = self.candidates(checkout);
         if self.skip_idle_looks == 0 {
             match self.attach_idle(candidates) {
                 Ok(()) => {
                     self.core.send_unit(planned)?;
-                    return Ok(None);
+                    return Ok(Later::Sent);
                 }
                 Err(back) => candidates = back,
             }
@@ -464,15 +477,15 @@ impl Session {
         } else {
             self.skip_idle_looks -= 1;
         }
-        // Boxed: checking out when it may wait is a large future that the client's
-        // task would keep while idle; a box of a few hundred bytes per checkout is
-        // what a thread's cache serves fastest. (The future is built, then copied
-        // into the box: its size is paid on every such checkout, see `acquire`.)
-        Ok(Some(Box::pin(self.send_with_server(
-            planned,
-            checkout.route,
-            candidates,
-        ))))
+        Ok(match candidates {
+            backend::Candidates::Nodes(nodes, begun) => Later::Waiting(backend::Waiting::lend(
+                planned,
+                checkout.route,
+                nodes,
+                begun,
+            )),
+            wait => Later::Rare(Box::new((planned, checkout.route, wait))),
+        })
     }
 
     /// Checks out a server for a unit that needs one from `candidates` and sends it,
