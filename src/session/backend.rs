@@ -28,8 +28,8 @@ thread_local! {
 /// the checkout from the current one. Polled by the session's task in place of a
 /// boxed future (see `Session::send_after_wait`).
 pub(super) struct Waiting {
+    /// None for a checkout of the login (`attach_first`).
     planned: Option<Planned>,
-    route: Route,
     nodes: Vec<Arc<Node>>,
     /// The node that `checkout` is from.
     current: usize,
@@ -41,14 +41,12 @@ pub(super) struct Waiting {
 impl Waiting {
     /// A box from the thread's spares, or a new one.
     pub(super) fn lend(
-        planned: Planned,
-        route: Route,
+        planned: Option<Planned>,
         nodes: Vec<Arc<Node>>,
         begun: Option<NodeCheckout>,
     ) -> Box<Waiting> {
         let fill = |waiting: &mut Waiting| {
-            waiting.planned = Some(planned);
-            waiting.route = route;
+            waiting.planned = planned;
             waiting.nodes = nodes;
             waiting.current = 0;
             waiting.checkout = begun;
@@ -66,7 +64,6 @@ impl Waiting {
             None => {
                 let mut waiting = Box::new(Waiting {
                     planned: None,
-                    route,
                     nodes: Vec::new(),
                     current: 0,
                     checkout: None,
@@ -121,10 +118,11 @@ pub(super) enum Wait {
 
 impl Session {
     /// Attaches an idle connection of the first node to try, if it has one: the
-    /// checkout that needs no waiting is done here, without the boxed future of
-    /// `acquire` (with fewer clients than pooled connections, every checkout). The
-    /// candidates come back otherwise.
-    /// (The checkout begun here goes on in `acquire`: the pool is looked up once.)
+    /// checkout that needs no waiting is done here, without a `Waiting` box (with
+    /// fewer clients than pooled connections, every checkout). The candidates come
+    /// back otherwise.
+    /// (The checkout begun here goes on in `send_after_wait`: the pool is looked up
+    /// once.)
     pub(super) fn attach_idle(&mut self, candidates: Candidates) -> Result<(), Candidates> {
         let Candidates::Nodes(mut nodes, None) = candidates else {
             return Err(candidates);
@@ -146,11 +144,11 @@ impl Session {
     /// Sends a unit whose checkout may wait once a server is attached, or answers it
     /// with the reason there is none. The session's task keeps only the box across
     /// the wait (nothing larger: every client's task is as large as what it keeps
-    /// across its largest wait); a write that finds no primary waits for one as
-    /// `acquire` does.
+    /// across its largest wait); a write that finds no primary waits for one.
     pub(super) async fn send_after_wait(&mut self, mut waiting: Box<Waiting>) -> Result<(), End> {
         let mut attached = std::future::poll_fn(|cx| self.poll_waiting(&mut waiting, cx)).await;
-        if !attached && waiting.route != Route::Replica {
+        let route = |w: &Waiting| w.planned.as_ref().map(|p| p.checkout().route);
+        if !attached && route(&waiting) != Some(Route::Replica) {
             // A write waits for a primary (after a failover, one may come).
             let first = waiting.take_error();
             if let Err(e) = Box::pin(self.wait_for_primary(first)).await {
@@ -204,29 +202,9 @@ impl Session {
         }
     }
 
-    /// Checks out a server for `route` from `candidates`, waiting for a primary when
-    /// a write finds none. Its future is what the session boxes for every checkout
-    /// that may wait (see `send_with_server`): the common path awaits one small
-    /// future, and the waits of the rare paths are boxed apart.
-    pub(super) async fn acquire(
-        &mut self,
-        route: Route,
-        candidates: Candidates,
-    ) -> Result<(), BackendError> {
-        let (nodes, begun) = match candidates {
-            Candidates::Nodes(nodes, begun) => (nodes, begun),
-            Candidates::Wait(wait) => return Box::pin(self.acquire_after(wait)).await,
-        };
-        match self.attach_first(nodes, begun).await {
-            // A write waits for a primary (after a failover, one may come).
-            Err(e) if route != Route::Replica => Box::pin(self.wait_for_primary(e)).await,
-            attached => attached,
-        }
-    }
-
     /// A read that waits for a replica to catch up, or a write that waits for a
     /// primary.
-    async fn acquire_after(&mut self, wait: Wait) -> Result<(), BackendError> {
+    pub(super) async fn acquire_after(&mut self, wait: Wait) -> Result<(), BackendError> {
         match wait {
             Wait::CaughtUpReplica(min_lsn) => {
                 if self.wait_for_replica(min_lsn).await {
@@ -383,38 +361,18 @@ impl Session {
     /// The vector is kept for the next read (see `SPARE_NODES`).
     pub(super) async fn attach_first(
         &mut self,
-        mut nodes: Vec<Arc<Node>>,
-        mut begun: Option<NodeCheckout>,
+        nodes: Vec<Arc<Node>>,
+        begun: Option<NodeCheckout>,
     ) -> Result<(), BackendError> {
-        // The last node's failure; none when there was no node to try. (Boxed: it
-        // is rare, and kept across the next checkout it would widen every one.)
-        let mut last_error: Option<Box<BackendError>> = None;
-        let mut attached = false;
-        for node in &nodes {
-            let node = node.clone();
-            let checkout = match begun.take() {
-                Some(checkout) => checkout,
-                None => node.checkout(self.core.user()),
-            };
-            match checkout.await {
-                Ok(conn) => {
-                    self.core.attach(node, conn);
-                    attached = true;
-                    break;
-                }
-                Err(e) => {
-                    warn!(node = %node.name, project = %self.core.project().name, "cannot get a server connection: {e}");
-                    last_error = Some(Box::new(e));
-                }
-            }
-        }
-        nodes.clear();
-        spare::give_back_vec(&SPARE_NODES, nodes, 16);
-        match (attached, last_error) {
-            (true, _) => Ok(()),
-            (false, Some(e)) => Err(*e),
-            (false, None) => Err(BackendError::Timeout("no node available".into())),
-        }
+        let mut waiting = Waiting::lend(None, nodes, begun);
+        let attached = std::future::poll_fn(|cx| self.poll_waiting(&mut waiting, cx)).await;
+        let result = if attached {
+            Ok(())
+        } else {
+            Err(waiting.take_error())
+        };
+        waiting.give_back();
+        result
     }
 }
 

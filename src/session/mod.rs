@@ -108,7 +108,7 @@ enum Later {
     Sent,
     Waiting(Box<backend::Waiting>),
     /// (Boxed, as it is rare: this is matched in the client's task.)
-    Rare(Box<(Planned, Route, backend::Candidates)>),
+    Rare(Box<(Planned, backend::Wait)>),
 }
 
 /// How other parts of the proxy find this session: its cancel key and its entry in
@@ -230,8 +230,8 @@ impl Session {
                         // Boxed: the rare waits are large futures that the client's
                         // task would otherwise keep while idle.
                         Later::Rare(rare) => {
-                            let (planned, route, wait) = *rare;
-                            Box::pin(self.send_with_server(planned, route, wait)).await?;
+                            let (planned, wait) = *rare;
+                            Box::pin(self.send_with_server(planned, wait)).await?;
                             continue;
                         }
                     };
@@ -478,25 +478,17 @@ impl Session {
             self.skip_idle_looks -= 1;
         }
         Ok(match candidates {
-            backend::Candidates::Nodes(nodes, begun) => Later::Waiting(backend::Waiting::lend(
-                planned,
-                checkout.route,
-                nodes,
-                begun,
-            )),
-            wait => Later::Rare(Box::new((planned, checkout.route, wait))),
+            backend::Candidates::Nodes(nodes, begun) => {
+                Later::Waiting(backend::Waiting::lend(Some(planned), nodes, begun))
+            }
+            backend::Candidates::Wait(wait) => Later::Rare(Box::new((planned, wait))),
         })
     }
 
-    /// Checks out a server for a unit that needs one from `candidates` and sends it,
-    /// or answers it with the reason there is none.
-    async fn send_with_server(
-        &mut self,
-        planned: Planned,
-        route: Route,
-        candidates: backend::Candidates,
-    ) -> Result<(), End> {
-        match self.acquire(route, candidates).await {
+    /// Waits as `wait` says, then sends a unit on the server it found, or answers it
+    /// with the reason there is none.
+    async fn send_with_server(&mut self, planned: Planned, wait: backend::Wait) -> Result<(), End> {
+        match self.acquire_after(wait).await {
             Ok(()) => self.core.send_unit(planned),
             Err(e) => {
                 self.core.checkout_failed(planned, &e);
