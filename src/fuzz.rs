@@ -131,14 +131,18 @@ fn decode_frontend(frame: &[u8]) {
     }
 }
 
-/// Statement texts: the shape scan, the routing decision (parse, cache, the scan for
-/// large statements).
+/// Statement texts: the shape scan (the same with and without its word skip), the
+/// routing decision (parse, cache, the scan for large statements).
 pub fn classifier(data: &[u8]) {
     let cache = crate::router::DecisionCache::new(64);
     let _ = cache.decide_bytes(data);
     let _ = crate::router::large::decide(data);
     let mut shape = Vec::new();
     crate::router::fingerprint::shape_into(data, &mut shape);
+    // The scan that skips words without special bytes finds what the byte loop finds.
+    let mut bytewise = Vec::new();
+    crate::router::fingerprint::shape_with::<false>(data, &mut bytewise);
+    assert_eq!(shape, bytewise, "the word skip changed the shape");
 }
 
 /// What a walsender sends: pgoutput messages, and the text values in them converted
