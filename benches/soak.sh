@@ -182,8 +182,14 @@ if part pgbench; then
   if [ -n "${BOUNCER_PID:-}" ]; then TPS_TARGETS+=("pgbouncer:$BOUNCER_PORT"); fi
   : > "$WORK/tps.tsv"
   for round in $(seq 1 "$PGBENCH_ROUNDS"); do
+    # Every other round takes the targets in reverse order: none always runs first.
+    ORDER=("${TPS_TARGETS[@]}")
+    if [ $((round % 2)) = 0 ]; then
+      ORDER=()
+      for ((i = ${#TPS_TARGETS[@]} - 1; i >= 0; i--)); do ORDER+=("${TPS_TARGETS[i]}"); done
+    fi
     for clients in 64 512; do
-      for target in "${TPS_TARGETS[@]}"; do
+      for target in "${ORDER[@]}"; do
         tps=$("$PGBIN/pgbench" -h 127.0.0.1 -p "${target#*:}" -U app -n -S -M simple -c "$clients" -j 2 \
           -T "$PGBENCH_SECONDS" app 2>>"$WORK/pgbench.err" | awk '/^tps = / {print $3}')
         printf '%s\t%s\t%s\t%s\n' "$round" "$clients" "${target%%:*}" "${tps:-0}" >> "$WORK/tps.tsv"
