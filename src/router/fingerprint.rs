@@ -8,7 +8,8 @@
 
 /// Bytes at which a literal, quoted identifier or comment may begin; everything else
 /// is copied into the shape as it is. Statements are mostly keywords, names and
-/// spaces, so the scan skips over runs of those with one table lookup per byte.
+/// spaces, so the scan passes over runs of those eight bytes at a time
+/// (`may_hold_special`), and over the rest with one table lookup per byte.
 const SPECIAL: [bool; 256] = {
     let mut t = [false; 256];
     let mut d = b'0';
